@@ -1,0 +1,81 @@
+"""What every command line shares: usage errors, the workdir contract, progress, JSON output."""
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+
+
+class ConfigError(ValueError):
+  """Bad user input: the message names the flag or file and says how to fix it (exit code 2)."""
+
+
+def prepare_workdir(workdir: str, config: Any) -> None:
+  """Creates workdir and records config in it, or checks that it matches the recorded one.
+
+  A workdir holds the checkpoints of one configuration; resuming it with another would mix runs,
+  so that is refused before anything is written.
+  """
+  if not workdir:
+    raise ConfigError("--workdir is required: a directory for checkpoints and results.")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} is not a writable directory ({e.strerror}); "
+                      "choose another --workdir.") from e
+  wanted = json.loads(json.dumps(dataclasses.asdict(config)))
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      recorded = json.load(f)
+    diffs = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
+    if diffs:
+      details = ", ".join(f"{k}: recorded {recorded.get(k)!r}, now {wanted.get(k)!r}"
+                          for k in diffs)
+      raise ConfigError(f"--workdir={workdir} holds a run with a different configuration "
+                        f"({details}). Use a new --workdir, or the same flags to resume.")
+  else:
+    write_json(path, wanted)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temp file + rename): a reader never sees half a file."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, allow_nan=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+class Progress:
+  """Prints a progress line with rate and ETA, and appends metrics to a JSON-lines file."""
+
+  def __init__(self, name: str, total_epochs: int, metrics_path: str, start_epoch: int = 0):
+    self.name, self.total = name, total_epochs
+    self.metrics_path = metrics_path
+    self.start_epoch, self.start_time = start_epoch, time.time()
+
+  def update(self, epoch: int, active: int, population: int, score_mean: float,
+             score_min: float, score_max: float) -> None:
+    elapsed = time.time() - self.start_time
+    rate = (epoch - self.start_epoch) / elapsed if elapsed > 0 else float("nan")
+    eta = (self.total - epoch) / rate if rate > 0 else float("nan")
+    print(f"[{self.name}] epoch {epoch}/{self.total}  training {active}/{population}  "
+          f"best ELBO mean {score_mean:.4f} (min {score_min:.4f}, max {score_max:.4f})  "
+          f"{rate:.1f} epochs/s  ETA {eta:.0f}s at most", flush=True)
+    with open(self.metrics_path, "a") as f:
+      f.write(json.dumps({"stage": self.name, "epoch": epoch, "training": active,
+                          "best_elbo_mean": score_mean, "best_elbo_min": score_min,
+                          "best_elbo_max": score_max, "seconds": elapsed}) + "\n")

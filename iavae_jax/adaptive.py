@@ -1,0 +1,34 @@
+"""The instance-adaptive encoder: phi(x) = phi_AVI + h(x; psi), one encoder per example."""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from iavae_jax.blocks import PyTree
+
+# apply(params, x) for one example.
+ApplyFn = Callable[[PyTree, jax.Array], PyTree]
+
+
+def modulate(phi_avi: PyTree, deltas: PyTree) -> PyTree:
+  """phi_l = phi_AVI,l + delta_l for every block (paper eq. 17)."""
+  return jax.tree.map(jnp.add, phi_avi, deltas)
+
+
+def adaptive_encoder_params(hypernet_apply: ApplyFn, phi_avi: PyTree, psi: PyTree,
+                            x: jax.Array) -> PyTree:
+  """The encoder parameters phi(x; psi) for one example x."""
+  return modulate(phi_avi, hypernet_apply(psi, x))
+
+
+def instance_adaptive_encode(encoder_apply: ApplyFn, hypernet_apply: ApplyFn, phi_avi: PyTree,
+                             psi: PyTree, x: jax.Array):
+  """Encode a batch x: [B, ...], each example with its own parameters phi(x_i; psi).
+
+  The per-example call is vmapped; jit the caller (the train step), not this function.
+  Returns whatever ``encoder_apply`` returns, with a leading batch axis.
+  """
+  def encode_one(x_i):
+    return encoder_apply(adaptive_encoder_params(hypernet_apply, phi_avi, psi, x_i), x_i)
+  return jax.vmap(encode_one)(x)

@@ -1,0 +1,43 @@
+"""Orbax checkpoints of training states (stage 1 VAEs, stage 2 IA-VAEs, any population).
+
+Orbax writes each step to a temporary directory and renames it when complete, so a run killed
+mid-save leaves no checkpoint that reads as valid; ``latest_step`` only sees finished ones.
+Resume state is kept by step (the latest is always kept); best-model selection lives inside the
+state (``TrainState.best_params``), never in which checkpoints survive (see STACK.md's pitfall).
+"""
+
+import os
+from typing import Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from iavae_jax.blocks import PyTree
+
+
+class Checkpointer:
+  """Saves and restores one PyTree per step under ``directory``, keeping the newest few."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2):
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def save(self, step: int, tree: PyTree) -> None:
+    """Saves and waits until the checkpoint is complete on disk."""
+    self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, like: PyTree, step: Optional[int] = None) -> PyTree:
+    """Restores ``step`` (default: the latest) into a tree with the structure of ``like``."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self._manager.directory}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def close(self) -> None:
+    self._manager.close()

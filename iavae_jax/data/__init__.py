@@ -1,0 +1,1 @@
+"""Data sets: the synthetic oracle model (image sets follow)."""

@@ -1,0 +1,1 @@
+"""Encoders and decoders. Modules return distribution parameters; losses live in objectives."""

@@ -1,0 +1,54 @@
+"""The synthetic experiment's true generative model (paper section 4.1, after Kim et al. 2018).
+
+z ~ N(0, I_2), x = f(z) + eps, eps ~ N(0, sigma^2 I_3), f(z) = A z + g(z),
+A = [[1, 0], [0, 1], [1, 1]], g(z) = [0, 0, z1 z2].
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iavae_jax import distributions
+
+A = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)
+LATENT_DIM = 2
+DATA_DIM = 3
+
+
+def decoder(z: jax.Array) -> jax.Array:
+  """f(z) = A z + g(z). z: [..., 2] -> [..., 3]."""
+  z1, z2 = z[..., 0], z[..., 1]
+  return jnp.stack([z1, z2, z1 + z2 + z1 * z2], axis=-1)
+
+
+def log_likelihood(x: jax.Array, z: jax.Array, sigma: float) -> jax.Array:
+  """log p(x | z) = log N(x; f(z), sigma^2 I). x: [..., 3], z: [..., 2] -> [...]."""
+  return distributions.gaussian_log_likelihood(x, decoder(z), sigma)
+
+
+def log_joint(z: jax.Array, x: jax.Array, sigma: float) -> jax.Array:
+  """log p(x, z) = log p(z) + log p(x | z): the unnormalised log posterior of z given x."""
+  return distributions.standard_normal_log_prob(z) + log_likelihood(x, z, sigma)
+
+
+def expected_log_likelihood(x: jax.Array, mean: jax.Array, log_var: jax.Array,
+                            sigma: float) -> jax.Array:
+  """E_{z ~ N(mean, diag(exp(log_var)))}[log p(x | z)] in closed form: no Monte Carlo noise.
+
+  With a = 1 + m1, b = 1 + m2 and independent z1, z2, the third output is (1+z1)(1+z2) - 1, so
+  E[(x3 + 1 - (1+z1)(1+z2))^2] = (x3+1)^2 - 2(x3+1) a b + (a^2 + v1)(b^2 + v2).
+  x: [..., 3], mean, log_var: [..., 2] -> [...].
+  """
+  v = jnp.exp(log_var)
+  m1, m2, v1, v2 = mean[..., 0], mean[..., 1], v[..., 0], v[..., 1]
+  a, b, c = 1.0 + m1, 1.0 + m2, x[..., 2] + 1.0
+  squared_error = ((x[..., 0] - m1) ** 2 + v1 + (x[..., 1] - m2) ** 2 + v2
+                   + c**2 - 2.0 * c * a * b + (a**2 + v1) * (b**2 + v2))
+  return (-0.5 * squared_error / sigma**2 - DATA_DIM * jnp.log(sigma)
+          - 0.5 * DATA_DIM * distributions.LOG_2PI)
+
+
+def exact_elbo(x: jax.Array, mean: jax.Array, log_var: jax.Array, sigma: float) -> jax.Array:
+  """The ELBO of q = N(mean, diag(exp(log_var))) for the oracle decoder, exactly. [...]."""
+  return (expected_log_likelihood(x, mean, log_var, sigma)
+          - distributions.kl_to_standard_normal(mean, log_var))

@@ -1,0 +1,43 @@
+"""Variational objectives, batched by broadcasting.
+
+q = N(mean, diag(exp(log_var))) with mean, log_var: [..., k] (any leading batch shape). A
+likelihood is a function ``log_likelihood_fn(z) -> log p(x | z)`` taking samples z: [S, ..., k]
+and returning [S, ...] (close over x and the decoder parameters). The noise eps: [S, ..., k] of
+standard normal draws is an argument, so callers draw it in bulk (one draw per epoch is much
+cheaper than one per step) or reuse it (common random numbers).
+"""
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from iavae_jax import distributions
+
+LogLikelihoodFn = Callable[[jax.Array], jax.Array]
+
+
+class ElboTerms(NamedTuple):
+  elbo: jax.Array                     # [...] E_q[log p(x|z)] - KL(q || p(z))
+  expected_log_likelihood: jax.Array  # [...] Monte Carlo estimate of E_q[log p(x|z)]
+  kl: jax.Array                       # [...] closed-form KL(q || N(0, I))
+
+
+def elbo(eps: jax.Array, mean: jax.Array, log_var: jax.Array,
+         log_likelihood_fn: LogLikelihoodFn) -> ElboTerms:
+  """The ELBO with S = eps.shape[0] reparameterised samples per example (paper Algorithm 1)."""
+  z = distributions.reparameterize(eps, mean, log_var)  # [S, ..., k]
+  expected_ll = jnp.mean(log_likelihood_fn(z), axis=0)
+  kl = distributions.kl_to_standard_normal(mean, log_var)
+  return ElboTerms(expected_ll - kl, expected_ll, kl)
+
+
+def iwae_bound(eps: jax.Array, mean: jax.Array, log_var: jax.Array,
+               log_likelihood_fn: LogLikelihoodFn) -> jax.Array:
+  """log (1/K) sum_k p(x, z_k) / q(z_k), z_k ~ q, K = eps.shape[0]: a bound on log p(x) that
+  tightens as K grows (K = 1: a one-sample ELBO). Returns [...]."""
+  z = distributions.reparameterize(eps, mean, log_var)  # [K, ..., k]
+  num_samples = eps.shape[0]
+  log_weights = (log_likelihood_fn(z) + distributions.standard_normal_log_prob(z)
+                 - distributions.diag_gaussian_log_prob(z, mean, log_var))
+  return jax.nn.logsumexp(log_weights, axis=0) - jnp.log(num_samples)

@@ -1,0 +1,99 @@
+"""Block layout, the linear hypernetwork, modulation and the instance-adaptive encoder."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iavae_jax import adaptive, blocks, hypernets
+from iavae_jax.models import encoders
+
+
+def _setup(width=2):
+  encoder = encoders.MLPEncoder(width)
+  x = jax.random.normal(jax.random.PRNGKey(0), (7, 3))
+  phi = encoder.init(jax.random.PRNGKey(1), x[0])["params"]
+  layout = blocks.BlockLayout.from_tree(phi)
+  hypernet = hypernets.LinearHypernet(layout)
+  psi = hypernet.init(jax.random.PRNGKey(2), x[0])["params"]
+  encoder_apply = lambda p, xi: encoder.apply({"params": p}, xi)
+  hypernet_apply = lambda p, xi: hypernet.apply({"params": p}, xi)
+  return x, phi, psi, layout, encoder_apply, hypernet_apply
+
+
+class BlocksTest(chex.TestCase):
+
+  def test_paper_parameter_counts(self):
+    _, phi, psi, layout, _, _ = _setup()
+    self.assertEqual(layout.num_blocks, 4)                  # W1, b1, W2, b2
+    self.assertEqual(sorted(layout.sizes), [2, 4, 6, 8])
+    self.assertEqual(layout.d_max, 8)
+    self.assertEqual(layout.num_params, 20)                 # the base encoder
+    chex.assert_shape(psi["W"], (8, 3 + 2))
+    chex.assert_shape(psi["b"], (8,))
+    chex.assert_shape(psi["block_embeddings"], (4, 2))
+    self.assertEqual(psi["W"].size + psi["b"].size, 48)      # 20 + 48 = the paper's 68
+    for h in range(2, 21, 2):
+      params = encoders.MLPEncoder(h).init(jax.random.PRNGKey(0), jnp.zeros(3))["params"]
+      self.assertEqual(blocks.BlockLayout.from_tree(params).num_params, 8 * h + 4)
+
+  def test_flatten_unflatten_round_trip(self):
+    _, phi, _, layout, _, _ = _setup()
+    rows = layout.flatten(phi)
+    chex.assert_shape(rows, (4, 8))
+    chex.assert_trees_all_equal(layout.unflatten(rows), phi)
+    with self.assertRaisesRegex(ValueError, r"expected rows of shape \[4, >=8\]"):
+      layout.unflatten(jnp.zeros((3, 8)))
+
+  def test_hypernet_rejects_a_batch(self):
+    x, _, psi, _, _, hypernet_apply = _setup()
+    with self.assertRaisesRegex(ValueError, "one example"):
+      hypernet_apply(psi, x)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_hypernet_is_w_times_concatenation(self):
+    x, phi, psi, layout, _, hypernet_apply = _setup()
+    deltas = self.variant(hypernet_apply)(psi, x[0])
+    chex.assert_trees_all_equal_shapes(deltas, phi)
+    inputs = jnp.concatenate([jnp.tile(x[0], (4, 1)), psi["block_embeddings"]], 1)
+    rows = inputs @ psi["W"].T + psi["b"]
+    chex.assert_trees_all_close(deltas, layout.unflatten(rows), atol=1e-7)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_proposition_1_zero_output_layer_gives_base_encoder(self):
+    x, phi, psi, _, encoder_apply, hypernet_apply = _setup()
+    psi_zero = dict(psi, W=jnp.zeros_like(psi["W"]), b=jnp.zeros_like(psi["b"]))
+    encode = self.variant(lambda p, x: adaptive.instance_adaptive_encode(
+        encoder_apply, hypernet_apply, phi, p, x))
+    mean, log_var = encode(psi_zero, x)
+    base_mean, base_log_var = encoder_apply(phi, x)
+    chex.assert_shape((mean, log_var), ((7, 2), (7, 2)))
+    chex.assert_trees_all_equal((mean, log_var), (base_mean, base_log_var))
+    # At the paper's initialisation (W ~ N(0, 1e-3^2), b = 0) the encoder is near, not at, it.
+    mean_init, _ = encode(psi, x)
+    self.assertGreater(float(jnp.abs(mean_init - base_mean).max()), 0.0)
+    self.assertLess(float(jnp.abs(mean_init - base_mean).max()), 0.05)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_vmapped_encoder_equals_python_loop(self):
+    x, phi, psi, _, encoder_apply, hypernet_apply = _setup()
+    psi = dict(psi, W=psi["W"] * 300.0)   # deltas large enough to matter
+    mean, log_var = self.variant(lambda x: adaptive.instance_adaptive_encode(
+        encoder_apply, hypernet_apply, phi, psi, x))(x)
+    for i in range(x.shape[0]):
+      phi_i = adaptive.modulate(phi, hypernet_apply(psi, x[i]))
+      m_i, lv_i = encoder_apply(phi_i, x[i])
+      chex.assert_trees_all_close((mean[i], log_var[i]), (m_i, lv_i), atol=1e-5)
+    # And a different example really gets a different encoder.
+    phi_0 = adaptive.adaptive_encoder_params(hypernet_apply, phi, psi, x[0])
+    phi_1 = adaptive.adaptive_encoder_params(hypernet_apply, phi, psi, x[1])
+    self.assertFalse(np.allclose(phi_0["Dense_0"]["kernel"], phi_1["Dense_0"]["kernel"]))
+
+  def test_pad_hidden_is_the_same_function(self):
+    x, phi, _, _, encoder_apply, _ = _setup()
+    wide = encoders.pad_hidden(phi, 6)
+    chex.assert_shape(wide["Dense_0"]["kernel"], (3, 6))
+    wide_apply = lambda p, xi: encoders.MLPEncoder(6).apply({"params": p}, xi)
+    chex.assert_trees_all_close(wide_apply(wide, x), encoder_apply(phi, x), atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "smaller"):
+      encoders.pad_hidden(phi, 1)

@@ -1,0 +1,116 @@
+"""The synthetic command line end to end: outputs, schema, resume, and bad input (exit 2)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--quick", "--num_examples=256", "--max_epochs=4", "--patience=2", "--epochs_per_call=2",
+        "--checkpoint_every=2", "--num_vae_seeds=2", "--num_iavae_seeds=2",
+        "--sweep_widths=2,4"]
+
+
+def run(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.synthetic", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("synthetic"))
+  result = run(f"--workdir={workdir}", *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_outputs_and_schema(tiny_run):
+  workdir, _ = tiny_run
+  for name in ("results.json", "results.md", "figure6_posterior.png", "figure7_efficiency.png",
+               "metrics.jsonl", "config.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  with open(os.path.join(workdir, "results.json")) as f:
+    r = json.load(f)
+  assert len(r["table2"]) == 2
+  for row in r["table2"]:
+    assert {"elbo", "kl"} <= set(row["vae"])
+    assert {"elbo_mean", "elbo_std", "kl_mean"} <= set(row["iavae"])
+    assert len(row["iavae"]["elbo_per_seed"]) == 2
+  for model in ("vae", "iavae"):
+    assert {"elbo", "kl", "d_map", "r_map"} <= set(r["table3"][model])
+    assert 0.0 < r["table3"][model]["r_map"] <= 1.0
+    assert r["table3"][model]["d_map"] >= 0.0
+  eff = r["efficiency"]
+  assert eff["iavae_params"] == 68
+  assert [c["params"] for c in eff["vae_curve"]] == [20, 36]
+  assert {"params", "elbo"} <= set(eff["vae_curve"][0])
+  gaps = r["gaps"]
+  assert gaps["elbo_qstar"] <= gaps["log_px"]
+  for model in ("vae", "iavae"):
+    g = gaps[model]
+    assert g["amortization_gap"] >= 0.0 and g["approximation_gap"] >= 0.0
+    assert g["total_gap"] == pytest.approx(g["amortization_gap"] + g["approximation_gap"],
+                                           abs=1e-3)
+  assert r["wall_seconds"] > 0
+  assert "Table 2" in open(os.path.join(workdir, "results.md")).read()
+
+
+def test_second_run_resumes_instead_of_retraining(tiny_run):
+  workdir, _ = tiny_run
+  with open(os.path.join(workdir, "results.json")) as f:
+    first = json.load(f)
+  result = run(f"--workdir={workdir}", *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for stage in ("vae", "iavae", "sweep"):
+    assert f"[{stage}] resumed from the checkpoint at epoch 4" in result.stdout
+  assert "[vae] epoch" not in result.stdout   # no training epoch ran
+  with open(os.path.join(workdir, "results.json")) as f:
+    second = json.load(f)
+  assert second["table2"] == first["table2"]
+  assert second["table3"] == first["table3"]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--sigma=0", "--sigma must be positive"),
+    ("--sigma=-0.1", "--sigma must be positive"),
+    ("--num_vae_seeds=0", "--num_vae_seeds must be a positive integer"),
+    ("--encoder_width=-2", "--encoder_width must be a positive integer"),
+    ("--sweep_widths=2,0", "--sweep_widths must be positive"),
+    ("--sweep_widths=2,x", "--sweep_widths must be a comma-separated list of integers"),
+    ("--seed=-1", "--seed must be a non-negative integer"),
+    ("--batch_size=99999", "--batch_size=99999 exceeds --num_examples"),
+])
+def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
+  workdir = tmp_path / "w"
+  result = run(f"--workdir={workdir}", "--quick", flag)
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  assert message in result.stderr
+  assert not workdir.exists()   # nothing was written
+
+
+def test_missing_or_unwritable_workdir_exits_2(tmp_path):
+  result = run("--quick")
+  assert result.returncode == 2 and "--workdir is required" in result.stderr
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  result = run(f"--workdir={blocker}/sub", "--quick")
+  assert result.returncode == 2 and "is not a writable directory" in result.stderr
+  assert blocker.read_text() == "not a directory"
+
+
+def test_different_configuration_in_same_workdir_is_refused(tiny_run):
+  workdir, _ = tiny_run
+  before = {name: os.path.getmtime(os.path.join(workdir, name))
+            for name in ("results.json", "config.json")}
+  result = run(f"--workdir={workdir}", *TINY, "--learning_rate=0.01")
+  assert result.returncode == 2
+  assert "different configuration" in result.stderr and "learning_rate" in result.stderr
+  after = {name: os.path.getmtime(os.path.join(workdir, name)) for name in before}
+  assert after == before
+
+
+def test_unexpected_positional_argument_exits_2(tmp_path):
+  result = run(f"--workdir={tmp_path}", "--quick", "extra")
+  assert result.returncode == 2
