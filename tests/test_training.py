@@ -1,5 +1,7 @@
 """Population training: early stopping, masking, determinism, resume, checkpoints."""
 
+import tempfile
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -90,7 +92,7 @@ class TrainingTest(chex.TestCase):
     straight = training.train_population(epoch_fn, _states(2), jnp.zeros(2), DATA, seeds,
                                          schedule, epochs_per_call=3)
     saved = []
-    ckpt_dir = self.create_tempdir().full_path
+    ckpt_dir = tempfile.mkdtemp()
     ckpt = checkpoints.Checkpointer(ckpt_dir)
 
     def stop_after_first_chunk(states, metrics):
@@ -108,7 +110,7 @@ class TrainingTest(chex.TestCase):
     chex.assert_trees_all_equal(resumed, straight)
 
   def test_checkpointer_errors_and_round_trip(self):
-    ckpt = checkpoints.Checkpointer(self.create_tempdir().full_path)
+    ckpt = checkpoints.Checkpointer(tempfile.mkdtemp())
     self.assertIsNone(ckpt.latest_step())
     with self.assertRaises(FileNotFoundError):
       ckpt.restore(like=_states(2))

@@ -35,15 +35,17 @@ def expected_log_likelihood(x: jax.Array, mean: jax.Array, log_var: jax.Array,
                             sigma: float) -> jax.Array:
   """E_{z ~ N(mean, diag(exp(log_var)))}[log p(x | z)] in closed form: no Monte Carlo noise.
 
-  With a = 1 + m1, b = 1 + m2 and independent z1, z2, the third output is (1+z1)(1+z2) - 1, so
-  E[(x3 + 1 - (1+z1)(1+z2))^2] = (x3+1)^2 - 2(x3+1) a b + (a^2 + v1)(b^2 + v2).
+  The third output is P - 1 with P = (1+z1)(1+z2), a product of independent Gaussians with means
+  a = 1 + m1, b = 1 + m2: E[P] = ab, Var[P] = a^2 v2 + b^2 v1 + v1 v2, so
+  E[(x3 + 1 - P)^2] = (x3 + 1 - ab)^2 + a^2 v2 + b^2 v1 + v1 v2 (written this way, not by
+  expanding the square, to avoid cancellation in float32).
   x: [..., 3], mean, log_var: [..., 2] -> [...].
   """
   v = jnp.exp(log_var)
   m1, m2, v1, v2 = mean[..., 0], mean[..., 1], v[..., 0], v[..., 1]
-  a, b, c = 1.0 + m1, 1.0 + m2, x[..., 2] + 1.0
+  a, b = 1.0 + m1, 1.0 + m2
   squared_error = ((x[..., 0] - m1) ** 2 + v1 + (x[..., 1] - m2) ** 2 + v2
-                   + c**2 - 2.0 * c * a * b + (a**2 + v1) * (b**2 + v2))
+                   + (x[..., 2] + 1.0 - a * b) ** 2 + a**2 * v2 + b**2 * v1 + v1 * v2)
   return (-0.5 * squared_error / sigma**2 - DATA_DIM * jnp.log(sigma)
           - 0.5 * DATA_DIM * distributions.LOG_2PI)
 
