@@ -39,8 +39,17 @@ def prepare_workdir(workdir: str, config: Any) -> None:
                           for k in diffs)
       raise ConfigError(f"--workdir={workdir} holds a run with a different configuration "
                         f"({details}). Use a new --workdir, or the same flags to resume.")
-  else:
+  elif not os.path.exists(os.path.join(workdir, "checkpoints")):
     write_json(path, wanted)
+  # Checkpoints without a config.json: restoring them checks their structure and shapes, and the
+  # run records its config only once it has finished (see record_config).
+
+
+def record_config(workdir: str, config: Any) -> None:
+  """Writes workdir/config.json if it is missing (after a run has validated its checkpoints)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    write_json(path, json.loads(json.dumps(dataclasses.asdict(config))))
 
 
 def write_json(path: str, obj: Any) -> None:

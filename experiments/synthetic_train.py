@@ -96,6 +96,7 @@ def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: Encode
     try:
       states = ckpt.restore(like=states)
     except Exception as e:  # orbax raises several types for structure and shape mismatches
+      ckpt.close()
       raise common.ConfigError(
           f"the checkpoint in {workdir}/checkpoints/{name} does not match this configuration "
           f"({type(e).__name__}: {str(e)[:300]}); use a new --workdir.") from e
@@ -327,6 +328,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str) -> dict:
                       "devices": jax.device_count(), "python": platform.python_version(),
                       "iavae_jax": iavae_jax.__version__},
   }
+  common.record_config(workdir, config)
   common.write_json(os.path.join(workdir, "results.json"), results)
   common.write_text(os.path.join(workdir, "results.md"), render_markdown(results))
   print(f"wrote {workdir}/results.json, results.md and figures in "

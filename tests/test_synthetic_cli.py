@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -114,3 +115,15 @@ def test_different_configuration_in_same_workdir_is_refused(tiny_run):
 def test_unexpected_positional_argument_exits_2(tmp_path):
   result = run(f"--workdir={tmp_path}", "--quick", "extra")
   assert result.returncode == 2
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny_run, tmp_path):
+  source, _ = tiny_run
+  workdir = tmp_path / "copy"
+  shutil.copytree(source, workdir)
+  os.remove(workdir / "config.json")   # only the checkpoint itself can tell now
+  listing = sorted(str(p) for p in workdir.rglob("*"))
+  result = run(f"--workdir={workdir}", *TINY, "--encoder_width=3")
+  assert result.returncode == 2
+  assert "checkpoints/vae does not match this configuration" in result.stderr
+  assert sorted(str(p) for p in workdir.rglob("*")) == listing   # nothing written
