@@ -28,7 +28,7 @@ def prepare_workdir(workdir: str, config: Any) -> None:
   except OSError as e:
     raise ConfigError(f"--workdir={workdir} is not a writable directory ({e.strerror}); "
                       "choose another --workdir.") from e
-  wanted = json.loads(json.dumps(dataclasses.asdict(config)))
+  wanted = _as_json(config)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -49,7 +49,12 @@ def record_config(workdir: str, config: Any) -> None:
   """Writes workdir/config.json if it is missing (after a run has validated its checkpoints)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    write_json(path, json.loads(json.dumps(dataclasses.asdict(config))))
+    write_json(path, _as_json(config))
+
+
+def _as_json(config: Any) -> dict:
+  """The config as it reads back from JSON (tuples become lists), for comparisons."""
+  return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def write_json(path: str, obj: Any) -> None:
