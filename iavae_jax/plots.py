@@ -50,3 +50,22 @@ def efficiency_figure(params: list[int], elbo_mean: list[float], elbo_std: list[
   ax.grid(alpha=0.3)
   fig.tight_layout()
   return fig
+
+
+def reconstruction_figure(originals: np.ndarray, reconstructions: dict, title: str):
+  """Figure 8: originals [n, H, W] in the top row, then one row per model of reconstructions
+  (reconstructions: {model name: [n, H, W]})."""
+  rows = [("original", originals)] + list(reconstructions.items())
+  n = originals.shape[0]
+  fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n + 1.2, 1.1 * len(rows) + 0.4),
+                           squeeze=False)
+  for r, (name, imgs) in enumerate(rows):
+    for c in range(n):
+      ax = axes[r, c]
+      ax.imshow(np.asarray(imgs[c]), cmap="gray_r", vmin=0, vmax=1)
+      ax.set_xticks([])
+      ax.set_yticks([])
+    axes[r, 0].set_ylabel(name, fontsize=8)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  return fig

@@ -6,12 +6,17 @@ jitted call advances all of them. Early stopping is per model, by masking: once 
 its state is carried through unchanged while the others train on.
 
 A model is described by functions of (params, frozen, ...):
-  noise_fn(key, num_steps) -> the epoch's random inputs, leading axis num_steps (drawn in one
-      call per epoch: one big draw is several times cheaper on CPU than one per step);
+  noise_fn(key, num_steps, epoch) -> the epoch's random inputs (and any per-step schedule
+      values, such as a KL warm-up weight), leading axis num_steps; ``epoch`` counts completed
+      epochs. Drawn in one call per epoch: one big draw is several times cheaper on CPU than one
+      per step;
   loss_fn(params, frozen, x_batch [B, ...], noise) -> scalar to minimise (the negative ELBO);
   score_fn(params, frozen, data [N, ...]) -> scalar to maximise, monitored once per epoch on the
       full data, for early stopping and best-model selection.
-``frozen`` holds what the model uses but does not train (e.g. phi_AVI in stage 2).
+``frozen`` holds what the model uses but does not train (e.g. phi_AVI in stage 2, or held-out
+data for the score). With ``merge_aux``, loss_fn returns (loss, aux) and the step sets
+params = merge_aux(updated params, aux): for state that is computed, not trained (batch-norm
+running statistics), and that the optimiser must leave alone.
 
 Data order: epoch e of a model whose order seed is the integer tuple s visits the examples in
 the order of ``numpy.random.default_rng([*s, e]).permutation(N)`` (the last N mod B are
@@ -21,6 +26,7 @@ the batches an uninterrupted one would.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -30,7 +36,7 @@ import optax
 
 from iavae_jax.blocks import PyTree
 
-NoiseFn = Callable[[jax.Array, int], PyTree]
+NoiseFn = Callable[[jax.Array, int, jax.Array], PyTree]
 LossFn = Callable[[PyTree, PyTree, jax.Array, PyTree], jax.Array]
 ScoreFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
 
@@ -81,27 +87,50 @@ def _tree_select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+def make_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                 merge_aux: Optional[Callable[[PyTree, PyTree], PyTree]] = None):
+  """One optimiser step: step(frozen, (params, opt_state), (x_batch, noise)) ->
+  ((params, opt_state), loss). See the module docstring for merge_aux."""
+  def step(frozen, carry, inputs):
+    params, opt_state = carry
+    x_batch, noise = inputs
+    if merge_aux is None:
+      loss, grads = jax.value_and_grad(loss_fn)(params, frozen, x_batch, noise)
+    else:
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, frozen, x_batch, noise)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if merge_aux is not None:
+      params = merge_aux(params, aux)
+    return (params, opt_state), loss
+  return step
+
+
 def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
-                  optimizer: optax.GradientTransformation, schedule: Schedule):
+                  optimizer: optax.GradientTransformation, schedule: Schedule,
+                  merge_aux: Optional[Callable[[PyTree, PyTree], PyTree]] = None,
+                  python_steps: bool = False):
   """Returns epoch(state, frozen, data, order) -> (state, EpochMetrics) for one model.
 
   order: [num_steps * batch_size] example indices for this epoch. A model that is done passes
   through unchanged.
+
+  By default the epoch is one pure function (steps under lax.scan) to be jitted, vmapped over a
+  population and scanned over epochs: the fast form for small models. With ``python_steps`` the
+  epoch is a Python loop over a jitted step (not itself jittable; drive it with ``train_model``):
+  XLA:CPU runs convolution gradients inside a loop ~8x slower than outside one (measured in
+  DESIGN.md), so convolutional models take this form.
   """
-  def epoch(state: TrainState, frozen: PyTree, data: jax.Array, order: jax.Array):
+  def begin(state: TrainState, data: jax.Array, order: jax.Array):
     num_steps = order.shape[0] // schedule.batch_size
     key, noise_key = jax.random.split(state.key)
     batches = data[order.reshape(num_steps, schedule.batch_size)]
+    return key, batches, noise_fn(noise_key, num_steps, state.epoch)
 
-    def step(carry, inputs):
-      params, opt_state = carry
-      x_batch, noise = inputs
-      loss, grads = jax.value_and_grad(loss_fn)(params, frozen, x_batch, noise)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss
+  step = make_step_fn(loss_fn, optimizer, merge_aux)
 
-    (params, opt_state), losses = jax.lax.scan(
-        step, (state.params, state.opt_state), (batches, noise_fn(noise_key, num_steps)))
+  def finish(state: TrainState, frozen, data, key, params, opt_state, losses):
     score = score_fn(params, frozen, data)
     improved = score > state.best_score
     num_epochs = state.epoch + 1
@@ -116,9 +145,47 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
             _tree_select(done, EpochMetrics(jnp.nan, state.best_score),
                          EpochMetrics(jnp.mean(losses), score)))
 
-  return epoch
+  if not python_steps:
+    def epoch(state: TrainState, frozen: PyTree, data: jax.Array, order: jax.Array):
+      key, batches, noise = begin(state, data, order)
+      (params, opt_state), losses = jax.lax.scan(
+          functools.partial(step, frozen), (state.params, state.opt_state), (batches, noise))
+      return finish(state, frozen, data, key, params, opt_state, losses)
+    return epoch
+
+  begin, step, finish = jax.jit(begin), jax.jit(step), jax.jit(finish)
+
+  def python_epoch(state: TrainState, frozen: PyTree, data: jax.Array, order: jax.Array):
+    if bool(is_done(state, schedule)):
+      return state, EpochMetrics(jnp.nan, state.best_score)
+    key, batches, noise = begin(state, data, order)
+    carry, losses = (state.params, state.opt_state), []
+    for i in range(batches.shape[0]):
+      carry, loss = step(frozen, carry, (batches[i], jax.tree.map(lambda a: a[i], noise)))
+      losses.append(loss)
+    return finish(state, frozen, data, key, *carry, jnp.stack(losses))
+  return python_epoch
 
 
+def train_model(epoch_fn, state: TrainState, frozen: PyTree, data: jax.Array, order_seed,
+                schedule: Schedule, on_epoch: Optional[Callable[[TrainState, EpochMetrics], Any]]
+                = None) -> TrainState:
+  """Runs one model (no population axis) until it stops early or reaches max_epochs, calling
+  ``on_epoch(state, metrics)`` after every epoch. For ``python_steps`` epochs; the data order is
+  that of ``data_orders`` with the same seed, so it matches a population run's."""
+  if data.shape[0] < schedule.batch_size:
+    raise ValueError(f"train_model: {data.shape[0]} examples are fewer than one batch of "
+                     f"{schedule.batch_size}.")
+  order_seed = np.asarray(order_seed).reshape(1, -1)
+  while not bool(is_done(state, schedule)):
+    order = data_orders(order_seed, int(state.epoch), 1, data.shape[0], schedule.batch_size)
+    state, metrics = epoch_fn(state, frozen, data, order[0, 0])
+    if on_epoch is not None:
+      on_epoch(state, metrics)
+  return state
+
+
+@functools.lru_cache(maxsize=None)  # one jitted function per epoch_fn: compiled once
 def make_population_step(epoch_fn):
   """jit(states, frozen, data, orders [E, M, n]) -> (states, metrics [E, M]): E epochs of a
   population of M models, vmapped over models (data shared), scanned over epochs."""

@@ -14,15 +14,16 @@ from iavae_jax import checkpoints, training
 DATA = jnp.linspace(-1.0, 1.0, 40)[:, None]
 
 
-def _epoch_fn(schedule, score_fn):
+def _epoch_fn(schedule, score_fn, python_steps=False):
   """A toy model: params {'w': scalar}; loss (w - mean(x))^2 + noise * 0."""
-  def noise_fn(key, num_steps):
+  def noise_fn(key, num_steps, unused_epoch):
     return jax.random.normal(key, (num_steps,))
 
   def loss_fn(params, frozen, x, noise):
     return (params["w"] - frozen - jnp.mean(x)) ** 2 + 0.0 * noise
 
-  return training.make_epoch_fn(noise_fn, loss_fn, score_fn, optax.sgd(0.1), schedule)
+  return training.make_epoch_fn(noise_fn, loss_fn, score_fn, optax.sgd(0.1), schedule,
+                                python_steps=python_steps)
 
 
 def _states(num_models):
@@ -44,8 +45,8 @@ class TrainingTest(chex.TestCase):
     def loss_fn(params, frozen, x, noise):
       return -params["w"] + 0.0 * noise    # sgd(0.1): w grows by 0.1 a step, 0.5 an epoch
 
-    epoch_fn = training.make_epoch_fn(lambda key, n: jnp.zeros((n,)), loss_fn, score_fn,
-                                      optax.sgd(0.1), schedule)
+    epoch_fn = training.make_epoch_fn(lambda key, n, unused_epoch: jnp.zeros((n,)), loss_fn,
+                                      score_fn, optax.sgd(0.1), schedule)
     params = {"w": jnp.zeros(2)}
     states = jax.vmap(lambda p, k: training.init_state(p, optax.sgd(0.1), k))(
         params, jax.random.split(jax.random.PRNGKey(0), 2))
@@ -108,6 +109,37 @@ class TrainingTest(chex.TestCase):
     resumed = training.train_population(epoch_fn, restored, jnp.zeros(2), DATA, seeds, schedule,
                                         epochs_per_call=3)
     chex.assert_trees_all_equal(resumed, straight)
+
+  def test_python_steps_train_the_same_model_as_a_population_of_one(self):
+    # The convolutional models' driver (a Python loop over jitted steps, one model) and the
+    # scanned, vmapped population driver see the same batches and noise: same result.
+    schedule = training.Schedule(batch_size=8, max_epochs=7, patience=3)
+    score_fn = lambda p, f, d: -(p["w"] - 2.0 - f) ** 2
+    population = training.train_population(_epoch_fn(schedule, score_fn), _states(1),
+                                           jnp.zeros(1), DATA, np.array([[4]]), schedule,
+                                           epochs_per_call=2)
+    epochs_seen = []
+    single = training.train_model(_epoch_fn(schedule, score_fn, python_steps=True),
+                                  jax.tree.map(lambda a: a[0], _states(1)), jnp.zeros(()), DATA,
+                                  np.array([4]), schedule,
+                                  lambda state, metrics: epochs_seen.append(int(state.epoch)))
+    chex.assert_trees_all_close(single, jax.tree.map(lambda a: a[0], population), atol=1e-6)
+    self.assertEqual(epochs_seen, list(range(1, int(single.epoch) + 1)))
+
+  def test_merge_aux_sets_state_the_optimiser_does_not_train(self):
+    # A running mean kept in params["stat"]: the loss returns its new value as aux, the
+    # optimiser's update for it is zeroed, and merge_aux writes it back.
+    def loss_fn(params, frozen, x, noise):
+      return (params["w"] - jnp.mean(x)) ** 2, 0.5 * params["stat"] + 0.5 * jnp.mean(x)
+    optimizer = optax.multi_transform({"w": optax.sgd(0.1), "stat": optax.set_to_zero()},
+                                      {"w": "w", "stat": "stat"})
+    step = training.make_step_fn(loss_fn, optimizer,
+                                 lambda params, stat: {**params, "stat": stat})
+    params = {"w": jnp.array(0.0), "stat": jnp.array(0.0)}
+    (params, _), loss = step(None, (params, optimizer.init(params)), (jnp.full(4, 2.0), None))
+    self.assertAlmostEqual(float(loss), 4.0)
+    self.assertAlmostEqual(float(params["stat"]), 1.0)
+    self.assertAlmostEqual(float(params["w"]), 0.4, places=6)
 
   def test_checkpointer_errors_and_round_trip(self):
     ckpt = checkpoints.Checkpointer(tempfile.mkdtemp())

@@ -1,1 +1,1 @@
-"""Data sets: the synthetic oracle model (image sets follow)."""
+"""Data sets: the synthetic oracle model; MNIST, Fashion-MNIST and Omniglot from TFDS or local files."""

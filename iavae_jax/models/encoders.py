@@ -41,3 +41,99 @@ def pad_hidden(params: PyTree, width: int) -> PyTree:
       "Dense_1": {"kernel": jnp.pad(params["Dense_1"]["kernel"], ((0, pad), (0, 0))),
                   "bias": params["Dense_1"]["bias"]},
   }
+
+
+# The SA-VAE image encoder (Kim et al. 2018, the paper's [20]) -----------------------------------
+
+def conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                   padding: str | tuple) -> jax.Array:
+  """The convolution of x [N, H, W, C_in] with kernel [kh, kw, C_in, C_out], as patches @ kernel.
+
+  Same result as ``lax.conv_general_dilated`` (NHWC/HWIO), but vmapping it over a batch of
+  kernels gives a batched matmul rather than a grouped convolution, whose backward pass is ~80x
+  slower on CPU (DESIGN.md). The patches are strided slices of the padded input, so their
+  gradient is slicing and padding too (``lax.conv_general_dilated_patches`` has a convolution
+  as its gradient, and made the vmapped encoder's backward pass ~15x slower). The
+  instance-adaptive encoder uses this form.
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
+  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  (sh, sw), (h, w) = strides, x.shape[1:3]
+  out_h, out_w = (h - kh) // sh + 1, (w - kw) // sw + 1
+  patches = jnp.concatenate(
+      [x[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
+       for i in range(kh) for j in range(kw)], axis=-1)   # [N, out_h, out_w, kh * kw * C_in]
+  return patches @ kernel.reshape(kh * kw * c_in, c_out)
+
+
+# PyTorch's default init, as in the reference code: kernel ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+_torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# The reference code's He init for its dense layers: N(0, 2 / fan_in).
+_he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+class Conv(nn.Module):
+  """A 2-D convolution with nn.Conv's parameters (kernel [kh, kw, C_in, C_out], bias [C_out]).
+
+  ``as_matmul`` selects the implementation: XLA's convolution (fast for shared weights) or
+  ``conv_as_matmul`` (fast when vmapped over per-example weights). Same parameters, same result.
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: str | tuple = "SAME"
+  as_matmul: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", _torch_conv_init,
+                        (*self.kernel_size, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    if self.as_matmul:
+      y = conv_as_matmul(x, kernel, self.strides, self.padding)
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias
+
+
+class ResidualBlock(nn.Module):
+  """relu(BN(conv3x3(relu(BN(conv3x3(x))))) + shortcut(x)); the shortcut is a 1x1 conv when the
+  channel count changes, else the identity."""
+  features: int
+  as_matmul: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    conv = lambda k: Conv(self.features, (k, k), padding="SAME", as_matmul=self.as_matmul)
+    h = nn.relu(norm()(conv(3)(x)))
+    h = norm()(conv(3)(h))
+    shortcut = x if x.shape[-1] == self.features else conv(1)(x)
+    return nn.relu(h + shortcut)
+
+
+class ResNetEncoder(nn.Module):
+  """SA-VAE's image encoder: for each width c in ``channels``, a residual block then a 2x2
+  stride-2 convolution (28 -> 14 -> 7 -> 3); then dense maps to the mean and log-variance.
+
+  x: [B, H, W, 1] -> (mean [B, k], log_var [B, k]). ``train`` uses batch statistics and updates
+  the running averages (call with ``mutable=["batch_stats"]``); ``train=False`` uses the running
+  averages, which is how stage 2 freezes them.
+  """
+  channels: tuple[int, ...] = (64, 64, 64)
+  latent_dim: int = 32
+  as_matmul: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    h = x
+    for c in self.channels:
+      h = ResidualBlock(c, self.as_matmul)(h, train)
+      h = Conv(c, (2, 2), strides=(2, 2), padding="VALID", as_matmul=self.as_matmul)(h)
+    h = h.reshape(h.shape[0], -1)
+    mean = nn.Dense(self.latent_dim, kernel_init=_he_normal, name="mean")(h)
+    log_var = nn.Dense(self.latent_dim, kernel_init=_he_normal, name="log_var")(h)
+    return mean, log_var

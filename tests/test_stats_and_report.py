@@ -1,0 +1,292 @@
+"""The paired test against independent computations, and the Table 4 report end to end."""
+
+import itertools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+from scipy import stats as sp_stats
+
+from experiments import common, report
+from iavae_jax import stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def brute_force_signed_rank_p(d):
+  """One-sided (greater) signed-rank p by enumerating every sign flip; zeros dropped, midranks."""
+  d = np.asarray([x for x in d if x != 0.0])
+  ranks = sp_stats.rankdata(np.abs(d))
+  observed = ranks[d > 0].sum()
+  totals = [sum(r for r, s in zip(ranks, signs) if s)
+            for signs in itertools.product([False, True], repeat=d.size)]
+  return sum(t >= observed - 1e-9 for t in totals) / len(totals)
+
+
+# ---------------------------------------------------------------------------------------------
+# iavae_jax.stats.paired_one_sided
+
+
+def test_t_test_matches_hand_computation():
+  b = np.array([-79.40, -79.45, -79.41, -79.44, -79.38, -79.47, -79.43, -79.40])
+  a = b + 0.75 + 0.03 * np.array([-1.5, 0.5, -0.9, 0.15, 1.5, -0.5, 0.9, -0.15])
+  result = stats.paired_one_sided(a, b)
+  d = a - b
+  assert result.shapiro_p == pytest.approx(sp_stats.shapiro(d).pvalue)
+  assert result.shapiro_p >= 0.05
+  assert result.test == "t-test"
+  t = d.mean() / (d.std(ddof=1) / math.sqrt(d.size))
+  assert result.p_value == pytest.approx(sp_stats.t.sf(t, d.size - 1), rel=1e-10)
+  assert result.n == 8
+  assert result.mean_difference == pytest.approx(d.mean())
+
+
+def test_t_test_direction_is_one_sided():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=10), rng.normal(size=10)
+  forward, backward = stats.paired_one_sided(a, b), stats.paired_one_sided(b, a)
+  assert forward.test == backward.test == "t-test"
+  assert forward.p_value + backward.p_value == pytest.approx(1.0)
+
+
+def test_wilcoxon_when_normality_is_rejected_matches_enumeration():
+  d = np.array([0.1, 0.2, -0.15, 0.3, 0.25, 0.35, 0.05, 9.0])  # one large outlier
+  b = np.linspace(-80.0, -79.0, d.size)
+  result = stats.paired_one_sided(b + d, b)
+  assert result.shapiro_p == pytest.approx(sp_stats.shapiro(d).pvalue, rel=1e-6)
+  assert result.shapiro_p < 0.05
+  assert result.test == "wilcoxon"
+  assert result.p_value == pytest.approx(brute_force_signed_rank_p(d), rel=1e-6)
+  assert result.p_value == pytest.approx(5 / 256)  # negative rank 3: 5 subsets of ranks sum to <= 3
+
+
+def test_wilcoxon_with_ties_and_zeros_matches_enumeration():
+  d = np.array([1.0, 1.0, 1.0, 2.0, 0.0, -1.0, 30.0])
+  result = stats.paired_one_sided(d, np.zeros_like(d))
+  assert result.test == "wilcoxon"
+  assert result.p_value == pytest.approx(brute_force_signed_rank_p(d), rel=1e-6)
+
+
+def test_alpha_decides_the_test():
+  rng = np.random.default_rng(1)
+  d = rng.normal(size=12) + 0.5
+  shapiro_p = sp_stats.shapiro(d).pvalue
+  assert stats.paired_one_sided(d, np.zeros(12), alpha=shapiro_p * 0.99).test == "t-test"
+  assert stats.paired_one_sided(d, np.zeros(12), alpha=shapiro_p * 1.01).test == "wilcoxon"
+
+
+@pytest.mark.parametrize("d, expected", [([1.0, 2.0], 0.25), ([-1.0, 2.0], 0.5),
+                                         ([2.0, -1.0], 0.5)])
+def test_two_seeds_use_wilcoxon_without_shapiro(d, expected):
+  result = stats.paired_one_sided(d, [0.0, 0.0])
+  assert (result.test, result.shapiro_p, result.n) == ("wilcoxon", None, 2)
+  assert result.p_value == pytest.approx(expected)
+  assert result.p_value == pytest.approx(brute_force_signed_rank_p(d))
+
+
+@pytest.mark.parametrize("c, expected", [(0.0, 1.0), (0.3, 1 / 16), (-0.3, 1.0)])
+def test_identical_differences(c, expected):
+  b = np.array([-80.0, -79.5, -79.0, -78.0])
+  result = stats.paired_one_sided(b + c, b) if c else stats.paired_one_sided(b, b)
+  assert (result.test, result.shapiro_p) == ("wilcoxon", None)
+  assert result.p_value == pytest.approx(expected)
+  if c:
+    assert result.p_value == pytest.approx(brute_force_signed_rank_p(np.full(4, c)))
+
+
+@pytest.mark.parametrize("a, b, message", [
+    ([1.0, 2.0, 3.0], [1.0, 2.0], "3 and 2 values"),
+    ([1.0], [0.0], "at least 2 seeds"),
+    ([], [], "at least 2 seeds"),
+    ([1.0, float("nan"), 2.0], [0.0, 0.0, 0.0], "non-finite"),
+    ([1.0, 2.0, 3.0], [0.0, float("inf"), 0.0], "non-finite"),
+    ([[1.0, 2.0]], [[0.0, 0.0]], "1-D"),
+])
+def test_bad_input_raises(a, b, message):
+  with pytest.raises(ValueError, match=message):
+    stats.paired_one_sided(a, b)
+
+
+def test_bad_alpha_raises():
+  with pytest.raises(ValueError, match="alpha"):
+    stats.paired_one_sided([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], alpha=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments.report
+
+
+def fake_results(dataset, seeds, offset, rng, **extra):
+  n = len(seeds)
+  vae = offset + rng.normal(0.0, 0.05, n)
+  models = {"vae": vae, "iavae": vae + 0.7 + rng.normal(0.0, 0.02, n),
+            "control": vae + 0.05 + rng.normal(0.0, 0.05, n)}
+  out = {"experiment": "images", "dataset": dataset, "tier": "cpu", "seeds": list(seeds),
+         "wall_seconds": 812.3, "config": {"ignored": True}, "models": {}}
+  for name, elbo in models.items():
+    out["models"][name] = {"test_elbo": elbo.tolist(), "test_kl": (20 + elbo * 0).tolist(),
+                           "test_iwae": (elbo + 1.0).tolist(), "valid_elbo": elbo.tolist(),
+                           "best_epoch": [10] * n}
+  out.update(extra)
+  return out
+
+
+def write(path, obj):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f)
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.report", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def workdir():
+  with tempfile.TemporaryDirectory() as d:
+    rng = np.random.default_rng(0)
+    write(os.path.join(d, "mnist", "results.json"), fake_results("mnist", range(5), -79.4, rng))
+    write(os.path.join(d, "nested", "omni", "results.json"),
+          fake_results("omniglot", [3, 4, 5, 6], -90.3, rng))
+    # Another experiment's results.json is not part of Table 4.
+    write(os.path.join(d, "synthetic", "results.json"), {"experiment": "synthetic"})
+    write(os.path.join(d, "other", "results.json"), {"table2": []})
+    yield d
+
+
+def test_report_end_to_end(workdir):
+  result = run_cli(f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr
+  with open(os.path.join(workdir, "table4.json")) as f:
+    table = json.load(f)
+  assert list(table) == ["omniglot", "mnist"]  # the paper's order
+  for name, sub in (("mnist", "mnist"), ("omniglot", os.path.join("nested", "omni"))):
+    with open(os.path.join(workdir, sub, "results.json")) as f:
+      source = json.load(f)
+    row = table[name]
+    assert row["source"] == os.path.join(sub, "results.json")
+    assert row["seeds"] == source["seeds"] and row["tier"] == "cpu"
+    assert row["wall_seconds"] == 812.3
+    for model in ("vae", "iavae", "control"):
+      values = source["models"][model]
+      assert row[model]["per_seed"] == values["test_elbo"]
+      assert row[model]["mean"] == pytest.approx(statistics.fmean(values["test_elbo"]))
+      assert row[model]["std"] == pytest.approx(statistics.stdev(values["test_elbo"]))
+      assert row[model]["kl"]["mean"] == pytest.approx(20.0)
+      assert row[model]["kl"]["std"] == pytest.approx(0.0)
+      assert row[model]["iwae"]["mean"] == pytest.approx(statistics.fmean(values["test_iwae"]))
+      assert row[model]["iwae"]["std"] == pytest.approx(statistics.stdev(values["test_iwae"]))
+    for key, other in (("iavae_vs_vae", "vae"), ("iavae_vs_control", "control")):
+      expected = stats.paired_one_sided(source["models"]["iavae"]["test_elbo"],
+                                        source["models"][other]["test_elbo"])
+      assert row[key] == {"test": expected.test, "p_value": expected.p_value,
+                          "shapiro_p": expected.shapiro_p,
+                          "mean_difference": expected.mean_difference, "n": expected.n}
+    assert row["iavae_vs_vae"]["p_value"] < 0.05
+  with open(os.path.join(workdir, "table4.md")) as f:
+    md = f.read()
+  assert md == report.render_markdown(table)
+  assert "| Data set | VAE | IA-VAE | control | p (IA-VAE > VAE) |" in md
+  m = table["mnist"]
+  assert (f"| MNIST | {m['vae']['mean']:.2f} ± {m['vae']['std']:.2f} | "
+          f"{m['iavae']['mean']:.2f} ± {m['iavae']['std']:.2f} | ") in md
+  assert md.index("| OMNIGLOT |") < md.index("| MNIST |")
+  assert "| 5 | 13.5 min |" in md and "| 4 | 13.5 min |" in md
+  assert "Shapiro-Wilk" in md and "ddof = 1" in md
+  assert "| MNIST | 20.00 ± 0.00 |" in md  # the KL/IWAE table
+  assert "wrote" in result.stdout
+  assert not [n for n in os.listdir(workdir) if n.endswith(".tmp")]
+
+
+def test_render_markdown_marks_significance_and_single_seed():
+  def summary(mean, std):
+    return {"mean": mean, "std": std, "per_seed": [],
+            "kl": {"mean": 1.0, "std": std, "per_seed": []},
+            "iwae": {"mean": None, "std": None, "per_seed": []}}
+  table = {
+      "cifar": {"source": "c/results.json", "tier": "cpu", "seeds": [0], "wall_seconds": None,
+                "vae": summary(-1.0, None), "iavae": summary(-0.5, None),
+                "control": summary(-0.9, None),
+                "iavae_vs_vae": {"test": None, "p_value": None, "shapiro_p": None,
+                                 "mean_difference": 0.5, "n": 1},
+                "iavae_vs_control": {"test": None, "p_value": None, "shapiro_p": None,
+                                     "mean_difference": 0.4, "n": 1}},
+      "fashion_mnist": {"source": "f/results.json", "tier": "gpu", "seeds": [0, 1, 2],
+                        "wall_seconds": 7200.0, "vae": summary(-225.871, 0.071),
+                        "iavae": summary(-224.79, 0.012), "control": summary(-225.5, 0.05),
+                        "iavae_vs_vae": {"test": "t-test", "p_value": 0.00123,
+                                         "shapiro_p": 0.5, "mean_difference": 1.0, "n": 3},
+                        "iavae_vs_control": {"test": "wilcoxon", "p_value": 0.125,
+                                             "shapiro_p": 0.01, "mean_difference": 0.7,
+                                             "n": 3}}}
+  md = report.render_markdown(table)
+  assert ("| Fashion MNIST | -225.87 ± 0.07 | -224.79 ± 0.01 | -225.50 ± 0.05 | 0.0012* | "
+          "t-test (SW p=0.5) | 0.1250 | wilcoxon (SW p=0.01) | 3 | 2.0 h |") in md
+  assert ("| cifar | -1.00 | -0.50 | -0.90 | — | none (1 seed) | — | none (1 seed) | 1 | — |"
+          in md)
+  assert "| cifar | 1.00 | 1.00 | 1.00 | n/a | n/a | n/a |" in md
+
+
+def test_single_seed_has_no_test(workdir):
+  rng = np.random.default_rng(3)
+  write(os.path.join(workdir, "mnist", "results.json"), fake_results("mnist", [0], -79.4, rng))
+  table = report.write_report(workdir)
+  assert table["mnist"]["iavae_vs_vae"]["test"] is None
+  assert table["mnist"]["vae"]["std"] is None
+
+
+def test_no_results_exits_2():
+  with tempfile.TemporaryDirectory() as d:
+    write(os.path.join(d, "synthetic", "results.json"), {"experiment": "synthetic"})
+    result = run_cli(f"--workdir={d}")
+  assert result.returncode == 2
+  assert "error: no results.json from experiments.images under" in result.stderr
+  assert "python -m experiments.images" in result.stderr
+
+
+def test_duplicate_dataset_exits_2_naming_both(workdir):
+  rng = np.random.default_rng(1)
+  write(os.path.join(workdir, "mnist_again", "results.json"),
+        fake_results("mnist", range(5), -79.4, rng))
+  result = run_cli(f"--workdir={workdir}")
+  assert result.returncode == 2
+  assert os.path.join(workdir, "mnist", "results.json") in result.stderr
+  assert os.path.join(workdir, "mnist_again", "results.json") in result.stderr
+  assert not os.path.exists(os.path.join(workdir, "table4.json"))
+
+
+def test_missing_workdir_exits_2():
+  result = run_cli()
+  assert result.returncode == 2 and "--workdir is required" in result.stderr
+
+
+def test_seeds_differing_between_models_is_an_error(workdir):
+  path = os.path.join(workdir, "mnist", "results.json")
+  with open(path) as f:
+    data = json.load(f)
+  data["models"]["control"]["test_elbo"] = data["models"]["control"]["test_elbo"][:4]
+  write(path, data)
+  with pytest.raises(common.ConfigError, match="control.test_elbo has 4 values"):
+    report.write_report(workdir)
+  data["models"]["control"]["test_elbo"].append(-79.0)
+  data["models"]["iavae"]["seeds"] = [0, 1, 2, 3, 9]
+  write(path, data)
+  with pytest.raises(common.ConfigError, match="'iavae' was run with seeds"):
+    report.write_report(workdir)
+
+
+def test_nan_test_elbo_is_an_error(workdir):
+  path = os.path.join(workdir, "mnist", "results.json")
+  with open(path) as f:
+    data = json.load(f)
+  data["models"]["vae"]["test_elbo"][2] = float("nan")
+  write(path, data)
+  with pytest.raises(common.ConfigError, match="vae.test_elbo is nan for seed 2"):
+    report.write_report(workdir)
