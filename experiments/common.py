@@ -3,14 +3,32 @@
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
+
+from absl import app, flags, logging
 
 
 
 class ConfigError(ValueError):
   """Bad user input: the message names the flag or file and says how to fix it (exit code 2)."""
+
+
+def run_command(argv: list[str], body: Callable[[], Any]) -> None:
+  """An absl main: refuses stray arguments, quiets Orbax's INFO logs (unless --verbosity is
+  given), runs body(), and turns a ConfigError into "error: ..." on stderr and exit code 2."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}", exitcode=2)
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  try:
+    body()
+  except ConfigError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def prepare_workdir(workdir: str, config: Any) -> None:
@@ -28,7 +46,7 @@ def prepare_workdir(workdir: str, config: Any) -> None:
   except OSError as e:
     raise ConfigError(f"--workdir={workdir} is not a writable directory ({e.strerror}); "
                       "choose another --workdir.") from e
-  wanted = _as_json(config)
+  wanted = as_json(config)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -49,10 +67,10 @@ def record_config(workdir: str, config: Any) -> None:
   """Writes workdir/config.json if it is missing (after a run has validated its checkpoints)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    write_json(path, _as_json(config))
+    write_json(path, as_json(config))
 
 
-def _as_json(config: Any) -> dict:
+def as_json(config: Any) -> dict:
   """The config as it reads back from JSON (tuples become lists), for comparisons."""
   return json.loads(json.dumps(dataclasses.asdict(config)))
 

@@ -10,9 +10,8 @@ Bad input exits with code 2 and a message naming the flag.
 """
 
 import dataclasses
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments import common, configs
 
@@ -45,18 +44,11 @@ def config_from_flags() -> configs.SyntheticConfig:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}", exitcode=2)
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  from experiments import synthetic_train  # imports JAX: after flags are known to be sound
-  try:
+  def body():
     config = config_from_flags()
+    from experiments import synthetic_train  # imports JAX: after the flags are known to be sound
     synthetic_train.train_and_evaluate(config, FLAGS.workdir)
-  except common.ConfigError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  common.run_command(argv, body)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,11 @@ import numpy as np
 import optax
 
 import iavae_jax
-from iavae_jax import adaptive, blocks, checkpoints, distributions, hypernets, objectives, plots
+from iavae_jax import adaptive, blocks, distributions, hypernets, objectives, plots
 from iavae_jax import posterior, training
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders, oracle
-from experiments import common
+from experiments import common, stages
 from experiments.configs import SyntheticConfig
 
 STAGE_IDS = {"vae": 1, "iavae": 2, "sweep": 3}
@@ -52,7 +52,7 @@ def iavae_encode(config: SyntheticConfig, layout: blocks.BlockLayout) -> EncodeF
 
 def make_epoch_fn(config: SyntheticConfig, encode: EncodeFn):
   """The training epoch: S-sample Monte Carlo ELBO for the gradient, exact ELBO monitored."""
-  def noise_fn(key, num_steps):
+  def noise_fn(key, num_steps, unused_epoch):
     return jax.random.normal(
         key, (num_steps, config.num_samples, config.batch_size, oracle.LATENT_DIM))
 
@@ -91,34 +91,8 @@ def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: Encode
   epoch_fn, optimizer = make_epoch_fn(config, encode)
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   states = jax.vmap(lambda p, k: training.init_state(p, optimizer, k))(params, train_keys)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints", name))
-  if ckpt.latest_step() is not None:
-    try:
-      states = ckpt.restore(like=states)
-    except Exception as e:  # orbax raises several types for structure and shape mismatches
-      ckpt.close()
-      raise common.ConfigError(
-          f"the checkpoint in {workdir}/checkpoints/{name} does not match this configuration "
-          f"({type(e).__name__}: {str(e)[:300]}); use a new --workdir.") from e
-    print(f"[{name}] resumed from the checkpoint at epoch {ckpt.latest_step()}", flush=True)
-  progress = common.Progress(name, config.max_epochs, os.path.join(workdir, "metrics.jsonl"),
-                             start_epoch=int(jnp.max(states.epoch)))
-  last_saved = [ckpt.latest_step() or 0]
-
-  def on_chunk(states, metrics):
-    epoch = int(jnp.max(states.epoch))
-    done = np.asarray(training.is_done(states, schedule))
-    best = np.asarray(states.best_score)
-    progress.update(epoch, int((~done).sum()), done.size, float(best.mean()), float(best.min()),
-                    float(best.max()))
-    if done.all() or epoch // config.checkpoint_every > last_saved[0] // config.checkpoint_every:
-      ckpt.save(epoch, states)
-      last_saved[0] = epoch
-
-  states = training.train_population(epoch_fn, states, frozen, data, order_seeds, schedule,
-                                     config.epochs_per_call, on_chunk)
-  ckpt.close()
-  return states
+  return stages.run_stage(name, workdir, epoch_fn, states, frozen, data, order_seeds, schedule,
+                          config.epochs_per_call, config.checkpoint_every)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -1,0 +1,81 @@
+r"""The cost of one IA-VAE training step relative to one VAE step, measured side by side.
+
+  python -m benchmarks.step_cost                    # the paper architecture, batch 50
+  python -m benchmarks.step_cost --tier=cpu         # the cpu tier's smaller models
+
+Builds the real stage-1 (VAE) and stage-2 (IA-VAE) steps of experiments.images_train, plus the
+control's, on random data; compiles them; then times them interleaved (VAE, IA-VAE, control,
+VAE, ...) so that machine noise hits all alike. Prints a line per model and, last, a JSON object
+with vae_step_s, iavae_step_s, control_step_s (medians), ratio = iavae_step_s / vae_step_s and
+examples per second. Timings are wall-clock on whatever device JAX uses.
+"""
+
+import json
+import statistics
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("tier", "paper", ["paper", "cpu", "smoke"], "Which tier's architecture.")
+flags.DEFINE_integer("repeats", 5, "Timed steps per model (after one compiling step).")
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  from iavae_jax import blocks, training
+  from experiments import configs, images_train
+
+  config = configs.image_config("mnist", FLAGS.tier)
+  model = images_train.Model(config)
+  x0 = jnp.zeros((1, 28, 28, 1))
+  enc_vars = model.encoder.init(jax.random.PRNGKey(0), x0)
+  dec_params = model.decoder.init(jax.random.PRNGKey(1), x0,
+                                  jnp.zeros((1, config.latent_dim)))["params"]
+  layout = blocks.BlockLayout.from_tree(enc_vars["params"])
+  psi = model.hypernet(layout).init(jax.random.PRNGKey(2), jnp.zeros(28 * 28))["params"]
+  frozen = {"phi_avi": enc_vars["params"], "batch_stats": enc_vars["batch_stats"]}
+  setups = {
+      "vae": ({"encoder": enc_vars["params"], "decoder": dec_params,
+               "batch_stats": enc_vars["batch_stats"]}, None),
+      "iavae": ({"hypernet": psi, "decoder": dec_params}, layout),
+      "control": ({"encoder": enc_vars["params"], "decoder": dec_params}, None),
+  }
+  x = jax.random.uniform(jax.random.PRNGKey(3), (config.batch_size, 28, 28))
+  noise = (jax.random.PRNGKey(4), jnp.array(1.0))
+  steps, carries = {}, {}
+  for name, (params, stage_layout) in setups.items():
+    loss_fn, optimizer, merge_aux = images_train.stage_objective(model, name, stage_layout)
+    steps[name] = jax.jit(training.make_step_fn(loss_fn, optimizer, merge_aux))
+    carries[name] = (params, optimizer.init(params))
+    t0 = time.perf_counter()
+    carries[name], loss = steps[name](frozen, carries[name], (x, noise))
+    jax.block_until_ready(loss)
+    print(f"{name}: compiled and ran one step in {time.perf_counter() - t0:.1f} s", flush=True)
+
+  times = {name: [] for name in setups}
+  for _ in range(FLAGS.repeats):
+    for name in setups:
+      t0 = time.perf_counter()
+      carries[name], loss = steps[name](frozen, carries[name], (x, noise))
+      jax.block_until_ready((carries[name], loss))
+      times[name].append(time.perf_counter() - t0)
+  result = {f"{name}_step_s": statistics.median(t) for name, t in times.items()}
+  for name, t in times.items():
+    print(f"{name}: median {statistics.median(t):.4f} s per step of {config.batch_size} "
+          f"(min {min(t):.4f}, max {max(t):.4f}), "
+          f"{config.batch_size / statistics.median(t):.1f} examples/s", flush=True)
+  result.update({
+      "ratio": result["iavae_step_s"] / result["vae_step_s"],
+      "control_ratio": result["control_step_s"] / result["vae_step_s"],
+      "examples_per_s": {name: config.batch_size / result[f"{name}_step_s"] for name in setups},
+      "tier": FLAGS.tier, "batch_size": config.batch_size, "repeats": FLAGS.repeats,
+      "backend": jax.default_backend(), "device": str(jax.devices()[0]),
+  })
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,417 @@
+"""The image experiments: stage 1 VAE, stage 2 IA-VAE, the compute-matched control, evaluation.
+
+For each seed, three models are trained one after the other, each alone with a Python loop over
+jitted steps (XLA:CPU is slow on convolution gradients inside lax.scan), through the shared
+``training`` and ``stages`` machinery (early stopping, Orbax checkpoints, resume):
+  vae     : SA-VAE's model (ResNet encoder with batch norm, gated PixelCNN decoder), KL warm-up;
+  iavae   : the VAE's encoder frozen as phi_AVI, batch-norm statistics frozen; the structured
+            hypernetwork, its embeddings and the decoder trained (paper section 4.2);
+  control : the VAE trained on from its best parameters for as many epochs as stage 2 with the
+            same optimiser, learning rates, weight decay and frozen batch-norm statistics, the
+            encoder itself in the hypernetwork's place: so a gain of IA-VAE over the control is
+            not just extra training.
+Every model is selected on the validation ELBO and evaluated on the test split: ELBO and KL with
+``test_samples`` samples per example, and an importance-weighted estimate of log p(x) with
+``iwae_samples`` samples.
+
+The hypernetwork sees the flattened binarised image (the paper's x). Its x-part W_x x is one
+[d_max, 784] matvec per example, shared by every block and slice, so the flattened image costs
+less than a learned feature extractor would.
+"""
+
+import dataclasses
+import functools
+import os
+import platform
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import iavae_jax
+from iavae_jax import adaptive, blocks, distributions, hypernets, objectives, plots, training
+from iavae_jax.data import images
+from iavae_jax.models import encoders, pixelcnn
+from experiments import common, stages
+from experiments.configs import ImageConfig
+
+STAGES = ("vae", "iavae", "control")
+STAGE_IDS = {"vae": 1, "iavae": 2, "control": 3, "eval": 4}
+# encode(params, frozen, x [B, 28, 28, 1]) -> (mean [B, k], log_var [B, k]), batch norm frozen.
+EncodeFn = Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """The modules of one configuration (hashable: closed over by jitted functions)."""
+  config: ImageConfig
+
+  @property
+  def encoder(self) -> encoders.ResNetEncoder:
+    return encoders.ResNetEncoder(self.config.encoder_channels, self.config.latent_dim)
+
+  @property
+  def per_example_encoder(self) -> encoders.ResNetEncoder:
+    return encoders.ResNetEncoder(self.config.encoder_channels, self.config.latent_dim,
+                                  as_matmul=True)
+
+  @property
+  def decoder(self) -> pixelcnn.GatedPixelCNN:
+    return pixelcnn.GatedPixelCNN(self.config.decoder_features, self.config.decoder_kernel_sizes,
+                                  self.config.latent_feature_maps)
+
+  def hypernet(self, layout: blocks.BlockLayout) -> hypernets.StructuredHypernet:
+    return hypernets.StructuredHypernet(layout, self.config.block_embed_dim,
+                                        self.config.input_embed_dim,
+                                        self.config.hypernet_init_std)
+
+  @functools.lru_cache(maxsize=None)  # one function per stage: jitted callers compile once
+  def encode_fn(self, stage: str, layout: blocks.BlockLayout | None = None) -> EncodeFn:
+    """The encoder of a stage's model with frozen (running-average) batch-norm statistics."""
+    if stage == "iavae":
+      encoder, hypernet = self.per_example_encoder, self.hypernet(layout)
+
+      def encode(params, frozen, x):
+        def encoder_apply(phi, x_i):
+          mean, log_var = encoder.apply({"params": phi, "batch_stats": frozen["batch_stats"]},
+                                        x_i[None], train=False)
+          return mean[0], log_var[0]
+        hypernet_apply = lambda psi, x_i: hypernet.apply({"params": psi}, x_i.reshape(-1))
+        return adaptive.instance_adaptive_encode(encoder_apply, hypernet_apply,
+                                                 frozen["phi_avi"], params["hypernet"], x)
+      return encode
+
+    def encode(params, frozen, x):
+      stats = params["batch_stats"] if stage == "vae" else frozen["batch_stats"]
+      return self.encoder.apply({"params": params["encoder"], "batch_stats": stats}, x,
+                                train=False)
+    return encode
+
+  def log_likelihood_fn(self, decoder_params, x: jax.Array):
+    """z [S, B, k] -> log p(x | z) [S, B] for images x [B, 28, 28, 1] in {0, 1}."""
+    def log_likelihood(z):
+      num_samples, batch = z.shape[:2]
+      xs = jnp.broadcast_to(x, (num_samples, *x.shape)).reshape(-1, *x.shape[1:])
+      logits = self.decoder.apply({"params": decoder_params}, xs, z.reshape(-1, z.shape[-1]))
+      return distributions.bernoulli_log_likelihood(xs, logits, event_ndim=3).reshape(
+          num_samples, batch)
+    return log_likelihood
+
+
+def _as_images(x: jax.Array) -> jax.Array:
+  return x[..., None]
+
+
+def stage_objective(model: Model, stage: str, layout: blocks.BlockLayout | None):
+  """A stage's loss_fn(params, frozen, x_grey [B, 28, 28], (key, kl_weight)), its optimiser and
+  merge_aux (see ``training``): the pieces of one training step."""
+  config = model.config
+  if stage == "vae":
+    def loss_fn(params, frozen, x_grey, noise):
+      key, beta = noise
+      binarize_key, eps_key = jax.random.split(key)
+      x = _as_images(images.binarize(binarize_key, x_grey))
+      (mean, log_var), updates = model.encoder.apply(
+          {"params": params["encoder"], "batch_stats": params["batch_stats"]}, x, train=True,
+          mutable=["batch_stats"])
+      eps = jax.random.normal(eps_key, (config.num_samples, *mean.shape))
+      terms = objectives.elbo(eps, mean, log_var, model.log_likelihood_fn(params["decoder"], x))
+      return -jnp.mean(terms.expected_log_likelihood - beta * terms.kl), updates["batch_stats"]
+    merge_aux = lambda params, batch_stats: {**params, "batch_stats": batch_stats}
+    labels = lambda params: {k: ("state" if k == "batch_stats" else "train") for k in params}
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.multi_transform({"train": optax.adam(config.vae_learning_rate),
+                               "state": optax.set_to_zero()}, labels))
+    return loss_fn, optimizer, merge_aux
+
+  encode = model.encode_fn(stage, layout)
+
+  def loss_fn(params, frozen, x_grey, noise):
+    key, _ = noise
+    binarize_key, eps_key = jax.random.split(key)
+    x = _as_images(images.binarize(binarize_key, x_grey))
+    mean, log_var = encode(params, frozen, x)
+    eps = jax.random.normal(eps_key, (config.num_samples, *mean.shape))
+    terms = objectives.elbo(eps, mean, log_var, model.log_likelihood_fn(params["decoder"], x))
+    return -jnp.mean(terms.elbo)
+  # The hypernetwork (IA-VAE) or the encoder (control) at one rate, the decoder at another.
+  labels = lambda params: {k: ("decoder" if k == "decoder" else "inference") for k in params}
+  optimizer = optax.chain(
+      optax.clip_by_global_norm(config.max_grad_norm),
+      optax.multi_transform(
+          {"inference": optax.adamw(config.hypernet_learning_rate,
+                                    weight_decay=config.weight_decay),
+           "decoder": optax.adamw(config.decoder_learning_rate,
+                                  weight_decay=config.weight_decay)}, labels))
+  return loss_fn, optimizer, None
+
+
+@functools.lru_cache(maxsize=None)  # the same function for every seed: compiled once
+def make_epoch_fn(model: Model, stage: str, layout: blocks.BlockLayout | None, train_size: int):
+  """The training epoch of one stage (a ``training.make_epoch_fn``), its optimiser and
+  schedule."""
+  config = model.config
+  steps_per_epoch = train_size // config.batch_size
+
+  def noise_fn(key, num_steps, epoch):
+    """Per-step keys, and the KL weight: [20]'s warm-up from warmup_start to 1, linear per step
+    over warmup_epochs (stage 1 only)."""
+    steps = epoch * steps_per_epoch + jnp.arange(num_steps)
+    if stage == "vae" and config.warmup_epochs > 0:
+      warmup_steps = config.warmup_epochs * steps_per_epoch
+      beta = jnp.minimum(1.0, config.warmup_start
+                         + (1.0 - config.warmup_start) * (steps + 1) / warmup_steps)
+    else:
+      beta = jnp.ones(num_steps)
+    return jax.random.split(key, num_steps), beta
+
+  loss_fn, optimizer, merge_aux = stage_objective(model, stage, layout)
+  score_encode = model.encode_fn(stage, layout)
+
+  def score_fn(params, frozen, unused_train_data):
+    return dataset_elbo(model, score_encode, params, frozen, frozen["valid"],
+                        config.valid_samples, jax.random.PRNGKey(0))
+
+  schedule = training.Schedule(config.batch_size,
+                               config.vae_epochs if stage == "vae" else config.iavae_epochs,
+                               config.patience)
+  epoch_fn = training.make_epoch_fn(noise_fn, loss_fn, score_fn, optimizer, schedule, merge_aux,
+                                    python_steps=True)
+  return epoch_fn, optimizer, schedule
+
+
+def _chunks(data: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """[N, ...] -> ([ceil(N / size), size, ...] zero-padded, weights [ceil(N / size), size])."""
+  num_chunks = -(-data.shape[0] // size)
+  pad = num_chunks * size - data.shape[0]
+  padded = jnp.concatenate([data, jnp.zeros((pad, *data.shape[1:]), data.dtype)])
+  weights = jnp.concatenate([jnp.ones(data.shape[0]), jnp.zeros(pad)])
+  return padded.reshape(num_chunks, size, *data.shape[1:]), weights.reshape(num_chunks, size)
+
+
+def dataset_elbo(model: Model, encode: EncodeFn, params, frozen, data: jax.Array,
+                 num_samples: int, key: jax.Array) -> jax.Array:
+  """The mean ELBO over binary images data [N, 28, 28] (chunks of eval_batch_size examples)."""
+  chunks, weights = _chunks(data, model.config.eval_batch_size)
+  keys = jax.random.split(key, chunks.shape[0])
+
+  def chunk_elbo(inputs):
+    x, key = inputs
+    x = _as_images(x)
+    mean, log_var = encode(params, frozen, x)
+    eps = jax.random.normal(key, (num_samples, *mean.shape))
+    return objectives.elbo(eps, mean, log_var,
+                           model.log_likelihood_fn(params["decoder"], x)).elbo
+  elbos = jax.lax.map(chunk_elbo, (chunks, keys))
+  return jnp.sum(elbos * weights) / jnp.sum(weights)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def evaluate(model: Model, encode: EncodeFn, params, frozen, data: jax.Array,
+             key: jax.Array) -> dict:
+  """Per-example test metrics for binary images data [N, 28, 28]: ELBO and KL (test_samples
+  samples), and the IWAE estimate of log p(x) (iwae_samples samples, iwae_chunk at a time)."""
+  config = model.config
+  chunks, _ = _chunks(data, config.eval_batch_size)
+  num_iwae_chunks = -(-config.iwae_samples // config.iwae_chunk)
+  keys = jax.random.split(key, chunks.shape[0])
+
+  def chunk_metrics(inputs):
+    x, key = inputs
+    x = _as_images(x)
+    elbo_key, iwae_key = jax.random.split(key)
+    mean, log_var = encode(params, frozen, x)
+    log_likelihood = model.log_likelihood_fn(params["decoder"], x)
+    eps = jax.random.normal(elbo_key, (config.test_samples, *mean.shape))
+    terms = objectives.elbo(eps, mean, log_var, log_likelihood)
+
+    def log_weights(key):
+      z = distributions.reparameterize(
+          jax.random.normal(key, (config.iwae_chunk, *mean.shape)), mean, log_var)
+      return (log_likelihood(z) + distributions.standard_normal_log_prob(z)
+              - distributions.diag_gaussian_log_prob(z, mean, log_var))
+    all_weights = jax.lax.map(log_weights, jax.random.split(iwae_key, num_iwae_chunks))
+    all_weights = all_weights.reshape(-1, x.shape[0])[:config.iwae_samples]
+    iwae = jax.nn.logsumexp(all_weights, axis=0) - jnp.log(config.iwae_samples)
+    return terms.elbo, terms.kl, iwae
+  elbo, kl, iwae = jax.lax.map(chunk_metrics, (chunks, keys))
+  n = data.shape[0]  # the padding is at the end
+  return {"elbo": elbo.reshape(-1)[:n], "kl": kl.reshape(-1)[:n], "iwae": iwae.reshape(-1)[:n]}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def reconstruct(model: Model, encode: EncodeFn, params, frozen, x: jax.Array,
+                key: jax.Array) -> jax.Array:
+  """Figure 8: z = the posterior mean of q(z|x), then x' ~ p(x|z) drawn pixel by pixel in
+  raster order (the decoder is autoregressive). x: [n, 28, 28] -> [n, 28, 28] in {0, 1}."""
+  mean, _ = encode(params, frozen, _as_images(x))
+  height, width = x.shape[1:]
+  keys = jax.random.split(key, height * width)
+
+  def draw_pixel(i, canvas):
+    logits = model.decoder.apply({"params": params["decoder"]}, canvas, mean)
+    r, c = i // width, i % width
+    pixel = jax.random.bernoulli(keys[i], jax.nn.sigmoid(logits[:, r, c, 0]))
+    return canvas.at[:, r, c, 0].set(pixel.astype(canvas.dtype))
+  return jax.lax.fori_loop(0, height * width, draw_pixel, jnp.zeros_like(_as_images(x)))[..., 0]
+
+
+def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
+               timings: dict) -> dict:
+  """Trains the three models of one seed (resuming what is in workdir); returns their
+  selected parameters and frozen inputs, {stage: (params, frozen, best_epoch, best_score)},
+  and the IA-VAE's validation ELBO before training under "iavae_valid_elbo_at_start".
+  Each model is trained alone (a Python loop over jitted steps, see training.make_epoch_fn)."""
+  config = model.config
+  root = jax.random.PRNGKey(seed)
+  train = jnp.asarray(data.train)
+  valid = jnp.asarray(data.valid)
+  x0 = jnp.zeros((1, 28, 28, 1))
+  results = {}
+
+  def run(stage, params, frozen):
+    layout = (blocks.BlockLayout.from_tree(frozen["phi_avi"]) if stage == "iavae" else None)
+    epoch_fn, optimizer, schedule = make_epoch_fn(model, stage, layout, train.shape[0])
+    key = jax.random.fold_in(jax.random.fold_in(root, STAGE_IDS[stage]), 1)
+    t0 = time.time()
+    state = stages.run_stage(f"{stage}_seed{seed}", workdir, epoch_fn,
+                             training.init_state(params, optimizer, key), frozen, train,
+                             np.array([seed, STAGE_IDS[stage]]), schedule,
+                             config.epochs_per_call, config.checkpoint_every, population=False)
+    timings[f"{stage}_seed{seed}"] = time.time() - t0
+    results[stage] = (state.best_params, frozen, int(state.best_epoch), float(state.best_score))
+    return state.best_params
+
+  init_key = lambda stage: jax.random.fold_in(jax.random.fold_in(root, STAGE_IDS[stage]), 0)
+  enc_key, dec_key = jax.random.split(init_key("vae"))
+  enc_vars = model.encoder.init(enc_key, x0)
+  dec_params = model.decoder.init(dec_key, x0, jnp.zeros((1, config.latent_dim)))["params"]
+  vae = run("vae", {"encoder": enc_vars["params"], "decoder": dec_params,
+                    "batch_stats": enc_vars["batch_stats"]}, {"valid": valid})
+
+  frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"], "valid": valid}
+  layout = blocks.BlockLayout.from_tree(vae["encoder"])
+  psi = model.hypernet(layout).init(init_key("iavae"), jnp.zeros(28 * 28))["params"]
+  # Proposition 1 in practice: the IA-VAE's validation ELBO before any stage-2 step.
+  start = dataset_elbo(model, model.encode_fn("iavae", layout),
+                       {"hypernet": psi, "decoder": vae["decoder"]}, frozen, valid,
+                       config.valid_samples, jax.random.PRNGKey(0))
+  run("iavae", {"hypernet": psi, "decoder": vae["decoder"]}, frozen)
+  results["iavae_valid_elbo_at_start"] = float(start)
+  run("control", {"encoder": vae["encoder"], "decoder": vae["decoder"]},
+      {"batch_stats": vae["batch_stats"], "valid": valid})
+  return results
+
+
+def param_counts(model: Model) -> dict:
+  x0 = jnp.zeros((1, 28, 28, 1))
+  count = lambda tree: int(sum(np.size(l) for l in jax.tree.leaves(tree)))
+  enc = jax.eval_shape(model.encoder.init, jax.random.PRNGKey(0), x0)
+  dec = jax.eval_shape(model.decoder.init, jax.random.PRNGKey(0), x0,
+                       jnp.zeros((1, model.config.latent_dim)))
+  layout = blocks.BlockLayout.from_tree(enc["params"])
+  psi = jax.eval_shape(model.hypernet(layout).init, jax.random.PRNGKey(0), jnp.zeros(784))
+  return {"encoder": count(enc["params"]), "decoder": count(dec["params"]),
+          "hypernetwork": count(psi["params"]), "encoder_blocks": layout.num_blocks}
+
+
+def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None = None,
+                       source: str = "auto") -> dict:
+  """Runs the whole protocol for one data set in workdir and writes results.json, results.md,
+  figure8_reconstructions.png and metrics.jsonl."""
+  config.validate()
+  try:
+    data = images.load(config.dataset, data_dir=data_dir, source=source,
+                       split_seed=config.split_seed)
+  except images.DataError as e:
+    raise common.ConfigError(str(e)) from e
+  data = subset(data, config)
+  if data.train.shape[0] < config.batch_size:
+    raise common.ConfigError(f"--batch_size={config.batch_size} exceeds the {data.train.shape[0]}"
+                             " training examples: no full batch can be formed.")
+  common.prepare_workdir(workdir, config)
+  start = time.time()
+  model = Model(config)
+  print(f"config: {config}", flush=True)
+  print(f"data: {data.info}; train {data.train.shape[0]}, valid {data.valid.shape[0]}, "
+        f"test {data.test.shape[0]}", flush=True)
+  timings, per_seed, recon = {}, {stage: [] for stage in STAGES}, {}
+  test = jnp.asarray(data.test)
+  seeds = list(range(config.seed, config.seed + config.num_seeds))
+  for seed in seeds:
+    trained = train_seed(model, workdir, seed, data, timings)
+    t0 = time.time()
+    eval_key = jax.random.fold_in(jax.random.PRNGKey(seed), STAGE_IDS["eval"])
+    layout = blocks.BlockLayout.from_tree(trained["iavae"][1]["phi_avi"])
+    for stage in STAGES:
+      params, frozen, best_epoch, best_score = trained[stage]
+      encode = model.encode_fn(stage, layout if stage == "iavae" else None)
+      metrics = jax.device_get(evaluate(model, encode, params, frozen, test, eval_key))
+      per_seed[stage].append({
+          "test_elbo": float(np.mean(metrics["elbo"])), "test_kl": float(np.mean(metrics["kl"])),
+          "test_iwae": float(np.mean(metrics["iwae"])), "valid_elbo": best_score,
+          "best_epoch": best_epoch})
+      if seed == seeds[0] and config.num_reconstructions:
+        recon[stage] = np.asarray(reconstruct(
+            model, encode, params, frozen, test[:config.num_reconstructions],
+            jax.random.fold_in(eval_key, 1)))
+    per_seed["iavae"][-1]["valid_elbo_at_start"] = trained["iavae_valid_elbo_at_start"]
+    timings[f"eval_seed{seed}"] = time.time() - t0
+    line = "  ".join(f"{stage} {per_seed[stage][-1]['test_elbo']:.2f}" for stage in STAGES)
+    print(f"[seed {seed}] test ELBO: {line}", flush=True)
+
+  results = {
+      "experiment": "images",
+      "dataset": config.dataset,
+      "tier": config.tier,
+      "seeds": seeds,
+      "wall_seconds": time.time() - start,
+      "stage_seconds": timings,
+      "models": {stage: {key: [row[key] for row in per_seed[stage]]
+                         for key in per_seed[stage][0]} for stage in STAGES},
+      "data": {**data.info, "train": int(data.train.shape[0]), "valid": int(data.valid.shape[0]),
+               "test": int(data.test.shape[0])},
+      "parameters": param_counts(model),
+      "config": common.as_json(config),
+      "environment": {"iavae_jax": iavae_jax.__version__, "jax": jax.__version__,
+                      "backend": jax.default_backend(), "devices": len(jax.devices()),
+                      "machine": platform.machine(), "cpu_count": os.cpu_count()},
+  }
+  common.write_json(os.path.join(workdir, "results.json"), results)
+  common.write_text(os.path.join(workdir, "results.md"), render_markdown(results))
+  if recon:
+    fig8 = plots.reconstruction_figure(
+        np.asarray(data.test[:config.num_reconstructions]), recon,
+        f"{config.dataset} ({config.tier} tier, seed {seeds[0]}): test images and x' ~ p(x | z = "
+        "mean of q(z | x)), drawn pixel by pixel")
+    fig8.savefig(os.path.join(workdir, "figure8_reconstructions.png"), dpi=120)
+  common.record_config(workdir, config)
+  print(f"wrote {workdir}/results.json ({results['wall_seconds']:.1f} s)", flush=True)
+  return results
+
+
+def subset(data: images.ImageSplits, config: ImageConfig) -> images.ImageSplits:
+  """The first max_* examples of each split (the loader's splits are already shuffled)."""
+  cap = lambda x, n: x[:n] if n else x
+  return dataclasses.replace(data, train=cap(data.train, config.max_train),
+                             valid=cap(data.valid, config.max_valid),
+                             test=cap(data.test, config.max_test))
+
+
+def render_markdown(results: dict) -> str:
+  lines = [f"# {results['dataset']} ({results['tier']} tier): test metrics per seed", "",
+           "| seed | model | test ELBO | test KL | IWAE log p(x) | valid ELBO | best epoch |",
+           "|---|---|---|---|---|---|---|"]
+  for i, seed in enumerate(results["seeds"]):
+    for stage in STAGES:
+      m = results["models"][stage]
+      lines.append(f"| {seed} | {stage} | {m['test_elbo'][i]:.3f} | {m['test_kl'][i]:.3f} | "
+                   f"{m['test_iwae'][i]:.3f} | {m['valid_elbo'][i]:.3f} | "
+                   f"{m['best_epoch'][i]} |")
+  lines += ["", f"Wall time {results['wall_seconds']:.1f} s. Data: {results['data']}.",
+            f"Parameters: {results['parameters']}.", ""]
+  return "\n".join(lines)

@@ -1,0 +1,267 @@
+r"""Table 4 of the paper from the results of experiments.images.
+
+  python -m experiments.report --workdir=runs
+
+Finds every results.json under DIR (recursively) whose top-level "experiment" is "images" (one
+per data set) and writes DIR/table4.json and DIR/table4.md. Nothing is trained or recomputed:
+the numbers are the per-seed test metrics those runs recorded.
+
+table4.json maps each data set, in the paper's order (omniglot, mnist, fashion_mnist, then
+others alphabetically), to
+
+  {"source": "<results.json, relative to DIR>", "tier": ..., "seeds": [...],
+   "wall_seconds": ... or null,
+   "vae":     {"mean", "std", "per_seed",                # test ELBO
+               "kl": {"mean", "std", "per_seed"},        # test KL
+               "iwae": {"mean", "std", "per_seed"}},     # test IWAE bound
+   "iavae":   {... same ...},
+   "control": {... same ...},
+   "iavae_vs_vae":     {"test", "p_value", "shapiro_p", "mean_difference", "n"},
+   "iavae_vs_control": {... same ...}}
+
+std is the sample standard deviation over seeds (ddof=1); null with a single seed. The paired
+tests are iavae_jax.stats.paired_one_sided on test ELBO (H1: IA-VAE > the other model): Shapiro-
+Wilk on the per-seed differences, then a one-sided paired t-test if normality is not rejected at
+0.05, else a one-sided Wilcoxon signed-rank test. With a single seed no test is possible and
+"test", "p_value" and "shapiro_p" are null. Non-finite KL or IWAE values are written as null.
+
+table4.md renders that dictionary (render_markdown is a pure function of it). Bad input (no
+results, two results for one data set, a malformed results file) exits with code 2.
+"""
+
+import glob
+import json
+import math
+import os
+
+from absl import app, flags
+
+from experiments import common
+from iavae_jax import stats
+
+FLAGS = flags.FLAGS
+
+EXPERIMENT = "images"
+MODELS = ("vae", "iavae", "control")
+METRICS = ("test_elbo", "test_kl", "test_iwae")
+COMPARISONS = (("iavae_vs_vae", "vae"), ("iavae_vs_control", "control"))
+PAPER_ORDER = ("omniglot", "mnist", "fashion_mnist")
+DISPLAY_NAMES = {"omniglot": "OMNIGLOT", "mnist": "MNIST", "fashion_mnist": "Fashion MNIST"}
+MODEL_NAMES = {"vae": "VAE", "iavae": "IA-VAE", "control": "control"}
+ALPHA = 0.05
+
+
+def find_results(workdir: str) -> list[str]:
+  """Paths of every results.json under workdir written by experiments.images, sorted."""
+  found = []
+  for path in sorted(glob.glob(os.path.join(workdir, "**", "results.json"), recursive=True)):
+    try:
+      with open(path) as f:
+        data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise common.ConfigError(f"{path} is not valid JSON ({e}); rerun the experiment that "
+                               "wrote it or remove it.") from e
+    if isinstance(data, dict) and data.get("experiment") == EXPERIMENT:
+      found.append(path)
+  return found
+
+
+def load_results(path: str) -> dict:
+  """Reads one images results.json and checks the fields Table 4 needs."""
+  with open(path) as f:
+    data = json.load(f)
+  for key in ("dataset", "seeds", "models"):
+    if key not in data:
+      raise common.ConfigError(f"{path} has no {key!r}; it is not a complete results.json of "
+                               "experiments.images (rerun it).")
+  if not isinstance(data["dataset"], str) or not isinstance(data["models"], dict):
+    raise common.ConfigError(f"{path}: 'dataset' must be a name and 'models' a mapping of model "
+                             "to per-seed metrics.")
+  seeds = data["seeds"]
+  if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds):
+    raise common.ConfigError(f"{path}: 'seeds' must be a non-empty list of distinct seeds, got "
+                             f"{seeds!r}.")
+  for model in MODELS:
+    entry = data["models"].get(model)
+    if not isinstance(entry, dict):
+      raise common.ConfigError(f"{path} has no results for model {model!r} under 'models'.")
+    if "seeds" in entry and entry["seeds"] != seeds:
+      raise common.ConfigError(f"{path}: model {model!r} was run with seeds {entry['seeds']}, "
+                               f"but the file's seeds are {seeds}; the paired test needs the "
+                               "same seeds for every model.")
+    for metric in METRICS:
+      values = entry.get(metric)
+      if not isinstance(values, list):
+        raise common.ConfigError(f"{path}: models.{model}.{metric} is missing or not a list.")
+      if len(values) != len(seeds):
+        raise common.ConfigError(f"{path}: models.{model}.{metric} has {len(values)} values "
+                                 f"but the file has {len(seeds)} seeds {seeds}; the seeds "
+                                 "differ between models.")
+    # The tests run on test ELBO: a missing or diverged seed there would make them meaningless.
+    for seed, value in zip(seeds, entry["test_elbo"]):
+      if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise common.ConfigError(f"{path}: models.{model}.test_elbo is {value!r} for seed "
+                                 f"{seed}; Table 4 needs a finite test ELBO for every seed.")
+  return data
+
+
+def _finite_or_none(x: float) -> float | None:
+  return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _summary(values: list) -> dict:
+  """Mean and sample std (ddof=1) of per-seed values; None where undefined or non-finite."""
+  vals = [float("nan") if v is None else float(v) for v in values]
+  n = len(vals)
+  mean = sum(vals) / n
+  std = (math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else float("nan"))
+  return {"mean": _finite_or_none(mean), "std": _finite_or_none(std),
+          "per_seed": [_finite_or_none(v) for v in vals]}
+
+
+def _comparison(a: list, b: list) -> dict:
+  diffs = [x - y for x, y in zip(a, b)]
+  if len(a) < 2:
+    return {"test": None, "p_value": None, "shapiro_p": None,
+            "mean_difference": sum(diffs) / len(diffs), "n": len(a)}
+  result = stats.paired_one_sided(a, b, alpha=ALPHA)
+  return {"test": result.test, "p_value": result.p_value, "shapiro_p": result.shapiro_p,
+          "mean_difference": result.mean_difference, "n": result.n}
+
+
+def dataset_order(names) -> list[str]:
+  """The paper's order (omniglot, mnist, fashion_mnist), then any others alphabetically."""
+  known = [name for name in PAPER_ORDER if name in names]
+  return known + sorted(name for name in names if name not in PAPER_ORDER)
+
+
+def build_table4(workdir: str, paths: list[str]) -> dict:
+  """The table4.json dictionary from the given results files (see the module docstring)."""
+  by_dataset = {}
+  for path in paths:
+    data = load_results(path)
+    name = data["dataset"]
+    if name in by_dataset:
+      raise common.ConfigError(f"two results for data set {name!r}: {by_dataset[name][0]} and "
+                               f"{path}; move one of them out of --workdir={workdir}.")
+    by_dataset[name] = (path, data)
+
+  table = {}
+  for name in dataset_order(by_dataset):
+    path, data = by_dataset[name]
+    models = data["models"]
+    row = {"source": os.path.relpath(path, workdir), "tier": data.get("tier"),
+           "seeds": data["seeds"], "wall_seconds": data.get("wall_seconds")}
+    for model in MODELS:
+      summary = _summary(models[model]["test_elbo"])
+      summary["kl"] = _summary(models[model]["test_kl"])
+      summary["iwae"] = _summary(models[model]["test_iwae"])
+      row[model] = summary
+    for key, other in COMPARISONS:
+      row[key] = _comparison(models["iavae"]["test_elbo"], models[other]["test_elbo"])
+    table[name] = row
+  return table
+
+
+def _mean_std(summary: dict) -> str:
+  mean, std = summary["mean"], summary["std"]
+  if mean is None:
+    return "n/a"
+  return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def _p_value(comparison: dict) -> str:
+  p = comparison["p_value"]
+  if p is None:
+    return "—"
+  text = "<0.0001" if p < 1e-4 else f"{p:.4f}"
+  return text + ("*" if p < ALPHA else "")
+
+
+def _test_name(comparison: dict) -> str:
+  if comparison["test"] is None:
+    return f"none ({comparison['n']} seed)"
+  if comparison["shapiro_p"] is None:
+    return f"{comparison['test']} (SW n/a)"
+  return f"{comparison['test']} (SW p={comparison['shapiro_p']:.2g})"
+
+
+def _wall_time(seconds) -> str:
+  if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+    return "—"
+  if seconds < 60:
+    return f"{seconds:.0f} s"
+  if seconds < 3600:
+    return f"{seconds / 60:.1f} min"
+  return f"{seconds / 3600:.1f} h"
+
+
+def render_markdown(table: dict) -> str:
+  """table4.md from the table4.json dictionary; a pure function, so it can be tested alone."""
+  lines = ["# Table 4: test ELBO (mean ± std over seeds, higher is better)", "",
+           "| Data set | VAE | IA-VAE | control | p (IA-VAE > VAE) | test | "
+           "p (IA-VAE > control) | test | seeds | wall time |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for name, row in table.items():
+    cells = [DISPLAY_NAMES.get(name, name)]
+    cells += [_mean_std(row[model]) for model in MODELS]
+    for key, _ in COMPARISONS:
+      cells += [_p_value(row[key]), _test_name(row[key])]
+    cells += [str(len(row["seeds"])), _wall_time(row["wall_seconds"])]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", "## Test KL and IWAE bound (mean ± std over seeds)", "",
+            "| Data set | " + " | ".join(f"KL {MODEL_NAMES[m]}" for m in MODELS) + " | "
+            + " | ".join(f"IWAE {MODEL_NAMES[m]}" for m in MODELS) + " |",
+            "|---|" + "---|" * (2 * len(MODELS))]
+  for name, row in table.items():
+    cells = [DISPLAY_NAMES.get(name, name)]
+    cells += [_mean_std(row[model]["kl"]) for model in MODELS]
+    cells += [_mean_std(row[model]["iwae"]) for model in MODELS]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["",
+            "Tests on test ELBO, paired by seed, H1: IA-VAE > the other model. Shapiro-Wilk "
+            f"(SW) on the per-seed differences; if normality is not rejected at {ALPHA} a "
+            "one-sided paired Student t-test, otherwise (or with fewer than 3 seeds, or "
+            "identical differences, where SW is undefined) a one-sided Wilcoxon signed-rank "
+            f"test. `*`: p < {ALPHA}. std: sample standard deviation (ddof = 1).", ""]
+  return "\n".join(lines)
+
+
+def write_report(workdir: str) -> dict:
+  """Writes workdir/table4.json and workdir/table4.md; returns the table."""
+  if not workdir:
+    raise common.ConfigError("--workdir is required: the directory holding the results of "
+                             "experiments.images.")
+  if not os.path.isdir(workdir):
+    raise common.ConfigError(f"--workdir={workdir} is not a directory.")
+  paths = find_results(workdir)
+  if not paths:
+    raise common.ConfigError(f"no results.json from experiments.images under {workdir}; run "
+                             f"python -m experiments.images --workdir={workdir}/<dataset> ... "
+                             "first.")
+  table = build_table4(workdir, paths)
+  common.write_json(os.path.join(workdir, "table4.json"), table)
+  common.write_text(os.path.join(workdir, "table4.md"), render_markdown(table))
+  return table
+
+
+def _define_flags() -> None:
+  # Defined only when run as a program: other experiment modules define --workdir too, and
+  # importing them together (as the tests do) would otherwise be a duplicate-flag error.
+  flags.DEFINE_string("workdir", None, "Directory searched recursively for results.json of "
+                      "experiments.images; table4.json and table4.md are written there.")
+
+
+def main(argv: list[str]) -> None:
+  def body():
+    write_report(FLAGS.workdir)
+    with open(os.path.join(FLAGS.workdir, "table4.md")) as f:
+      print(f.read(), end="")
+    print(f"wrote {os.path.join(FLAGS.workdir, 'table4.json')} and "
+          f"{os.path.join(FLAGS.workdir, 'table4.md')}")
+  common.run_command(argv, body)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,175 @@
+"""The image experiments end to end (smoke tier on the real MNIST subset), the report over them,
+resume, bad input (exit 2), and a few steps of the paper tier."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iavae_jax import blocks, checkpoints, training
+from experiments import configs, images_train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST_5K = os.path.join(ROOT, "..", "shared", "data", "mnist-5k")
+needs_mnist = pytest.mark.skipif(not os.path.isdir(MNIST_5K),
+                                 reason=f"the MNIST subset is not at {MNIST_5K}")
+SMOKE = ["--dataset=mnist", "--tier=smoke", f"--data_dir={MNIST_5K}"]
+
+
+def run(module, *args):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  if not os.path.isdir(MNIST_5K):
+    pytest.skip(f"the MNIST subset is not at {MNIST_5K}")
+  root = str(tmp_path_factory.mktemp("images"))
+  workdir = os.path.join(root, "mnist")
+  result = run("experiments.images", f"--workdir={workdir}", *SMOKE)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return root, workdir, result
+
+
+def _results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+def test_outputs_and_schema(smoke_run):
+  _, workdir, _ = smoke_run
+  for name in ("results.json", "results.md", "figure8_reconstructions.png", "metrics.jsonl",
+               "config.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  r = _results(workdir)
+  assert (r["experiment"], r["dataset"], r["tier"]) == ("images", "mnist", "smoke")
+  assert r["seeds"] == [0, 1]
+  assert r["data"]["train"] == 100 and r["data"]["test"] == 40
+  for model in ("vae", "iavae", "control"):
+    m = r["models"][model]
+    extra = {"valid_elbo_at_start"} if model == "iavae" else set()
+    assert set(m) == {"test_elbo", "test_kl", "test_iwae", "valid_elbo", "best_epoch"} | extra
+    assert all(len(v) == 2 for v in m.values())
+    assert all(math.isfinite(v) and v < 0 for v in m["test_elbo"] + m["test_iwae"])
+    assert all(v >= 0 for v in m["test_kl"])
+    assert all(1 <= e <= 2 for e in m["best_epoch"])
+  assert r["parameters"]["encoder_blocks"] == 26
+  assert r["wall_seconds"] > 0
+
+
+def test_report_gathers_the_run(smoke_run):
+  root, _, _ = smoke_run
+  result = run("experiments.report", f"--workdir={root}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(root, "table4.json")) as f:
+    table = json.load(f)
+  r = _results(os.path.join(root, "mnist"))
+  row = table["mnist"]
+  assert row["iavae"]["per_seed"] == r["models"]["iavae"]["test_elbo"]
+  assert row["vae"]["mean"] == pytest.approx(np.mean(r["models"]["vae"]["test_elbo"]))
+  assert row["iavae_vs_control"]["test"] in ("t-test", "wilcoxon")
+  assert "MNIST" in open(os.path.join(root, "table4.md")).read()
+
+
+def test_second_run_resumes_and_reproduces_the_numbers(smoke_run):
+  _, workdir, _ = smoke_run
+  before = _results(workdir)
+  result = run("experiments.images", f"--workdir={workdir}", *SMOKE)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count("resumed from the checkpoint") == 6   # 3 models x 2 seeds
+  assert _results(workdir)["models"] == before["models"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset=cifar10", "--tier=smoke"], "--dataset=cifar10 is not known"),
+    (["--dataset=mnist", "--tier=huge"], "--tier=huge is not known"),
+    (["--tier=smoke"], "--dataset is required"),
+    (SMOKE + ["--batch_size=0"], "--batch_size must be a positive integer"),
+    (SMOKE + ["--decoder_learning_rate=-1"], "--decoder_learning_rate must be positive"),
+    (SMOKE + ["--decoder_kernel_sizes=4"], "--decoder_kernel_sizes must be odd"),
+    (SMOKE + ["--encoder_channels=8,x"], "--encoder_channels must be a comma-separated list"),
+    (SMOKE + ["--batch_size=500"], "no full batch"),
+    (["--dataset=mnist", "--tier=smoke", "--data_dir=/nonexistent/mnist"], "/nonexistent/mnist"),
+])
+def test_bad_input_exits_2_and_writes_nothing(flags, message):
+  with tempfile.TemporaryDirectory() as root:
+    workdir = os.path.join(root, "run")
+    result = run("experiments.images", f"--workdir={workdir}", *flags)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not os.path.exists(workdir) or not os.listdir(workdir)
+
+
+def test_workdir_of_another_configuration_is_refused(smoke_run):
+  _, workdir, _ = smoke_run
+  before = open(os.path.join(workdir, "results.json")).read()
+  result = run("experiments.images", f"--workdir={workdir}", *SMOKE, "--vae_epochs=3")
+  assert result.returncode == 2
+  assert "different configuration" in result.stderr and "vae_epochs" in result.stderr
+  assert open(os.path.join(workdir, "results.json")).read() == before
+
+
+def _initial(model, stage, layout=None):
+  x0 = jnp.zeros((1, 28, 28, 1))
+  enc = model.encoder.init(jax.random.PRNGKey(0), x0)
+  dec = model.decoder.init(jax.random.PRNGKey(1), x0,
+                           jnp.zeros((1, model.config.latent_dim)))["params"]
+  frozen = {"phi_avi": enc["params"], "batch_stats": enc["batch_stats"]}
+  if stage == "vae":
+    return {"encoder": enc["params"], "decoder": dec, "batch_stats": enc["batch_stats"]}, frozen
+  layout = blocks.BlockLayout.from_tree(enc["params"])
+  psi = model.hypernet(layout).init(jax.random.PRNGKey(2), jnp.zeros(784))["params"]
+  return {"hypernet": psi, "decoder": dec}, frozen
+
+
+def test_stage_2_starts_at_the_stage_1_elbo():
+  # Proposition 1 on the image model: with the hypernetwork's output layers zero, the IA-VAE's
+  # ELBO is the VAE's (same noise), and at the N(0, 1e-3) initialisation it is close to it.
+  model = images_train.Model(configs.image_config("mnist", "smoke"))
+  vae_params, frozen = _initial(model, "vae")
+  iavae_params, _ = _initial(model, "iavae")
+  layout = blocks.BlockLayout.from_tree(frozen["phi_avi"])
+  data = (jax.random.uniform(jax.random.PRNGKey(3), (60, 28, 28)) < 0.2).astype(jnp.float32)
+  elbo = lambda stage, params: float(images_train.dataset_elbo(
+      model, model.encode_fn(stage, layout if stage == "iavae" else None), params, frozen, data,
+      2, jax.random.PRNGKey(4)))
+  zero = {**iavae_params, "hypernet": {
+      k: (jnp.zeros_like(v) if k.startswith(("W_", "b_")) else v)
+      for k, v in iavae_params["hypernet"].items()}}
+  vae = elbo("vae", vae_params)
+  assert elbo("iavae", zero) == pytest.approx(vae, abs=1e-3)
+  assert elbo("iavae", iavae_params) == pytest.approx(vae, rel=1e-2)
+
+
+def test_paper_tier_steps_on_cpu():
+  # The paper architecture (ResNet 64, 12-layer PixelCNN 32) at batch 50: one step of each
+  # stage gives finite losses and changes the parameters; the state survives an Orbax round trip.
+  config = configs.image_config("mnist", "paper")
+  model = images_train.Model(config)
+  x = jax.random.uniform(jax.random.PRNGKey(5), (config.batch_size, 28, 28))
+  for stage in ("vae", "iavae"):
+    params, frozen = _initial(model, stage)
+    layout = blocks.BlockLayout.from_tree(frozen["phi_avi"]) if stage == "iavae" else None
+    loss_fn, optimizer, merge_aux = images_train.stage_objective(model, stage, layout)
+    step = jax.jit(training.make_step_fn(loss_fn, optimizer, merge_aux))
+    (new_params, opt_state), loss = step(frozen, (params, optimizer.init(params)),
+                                         (x, (jax.random.PRNGKey(6), jnp.array(0.1))))
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    chex.assert_trees_all_equal_shapes(new_params, params)
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_params["decoder"],
+                           params["decoder"])
+    assert all(jax.tree.leaves(changed))
+    state = training.init_state(new_params, optimizer, jax.random.PRNGKey(7))
+    ckpt = checkpoints.Checkpointer(tempfile.mkdtemp())
+    ckpt.save(1, state)
+    chex.assert_trees_all_equal(ckpt.restore(like=state), state)
+    ckpt.close()
