@@ -124,7 +124,8 @@ class ImageConfig:
                         f"{', '.join(IMAGE_DATASETS)}.")
     if self.tier not in IMAGE_TIERS:
       raise ConfigError(f"--tier={self.tier} is not known; choose one of {', '.join(IMAGE_TIERS)}.")
-    positive = ["num_seeds", "latent_dim", "decoder_features", "block_embed_dim",
+    positive = ["num_seeds", "latent_dim", "decoder_features", "latent_feature_maps",
+                "block_embed_dim",
                 "input_embed_dim", "batch_size", "vae_epochs", "iavae_epochs", "patience",
                 "num_samples", "valid_samples", "test_samples", "iwae_samples",
                 "eval_batch_size", "iwae_chunk", "epochs_per_call", "checkpoint_every"]
@@ -133,14 +134,15 @@ class ImageConfig:
         raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
     for name in ("vae_learning_rate", "hypernet_learning_rate", "decoder_learning_rate",
                  "hypernet_init_std", "max_grad_norm", "warmup_start"):
-      if not getattr(self, name) > 0:
-        raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}.")
+      if not 0 < getattr(self, name) < float("inf"):
+        raise ConfigError(f"--{name} must be positive and finite, got {getattr(self, name)}.")
     for name in ("split_seed", "max_train", "max_valid", "max_test", "seed", "warmup_epochs",
                  "num_reconstructions"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name} must be a non-negative integer, got {getattr(self, name)}.")
-    if not self.weight_decay >= 0:
-      raise ConfigError(f"--weight_decay must be non-negative, got {self.weight_decay}.")
+    if not 0 <= self.weight_decay < float("inf"):
+      raise ConfigError(f"--weight_decay must be non-negative and finite, got "
+                        f"{self.weight_decay}.")
     if self.warmup_start > 1:
       raise ConfigError(f"--warmup_start is a KL weight in (0, 1], got {self.warmup_start}.")
     if not self.encoder_channels or min(self.encoder_channels) <= 0:

@@ -1,4 +1,4 @@
-"""The image experiments: stage 1 VAE, stage 2 IA-VAE, the compute-matched control, evaluation.
+"""The image experiments: stage 1 VAE, stage 2 IA-VAE, the epoch-matched control, evaluation.
 
 For each seed, three models are trained one after the other, each alone with a Python loop over
 jitted steps (XLA:CPU is slow on convolution gradients inside lax.scan), through the shared
@@ -9,7 +9,10 @@ jitted steps (XLA:CPU is slow on convolution gradients inside lax.scan), through
   control : the VAE trained on from its best parameters for as many epochs as stage 2 with the
             same optimiser, learning rates, weight decay and frozen batch-norm statistics, the
             encoder itself in the hypernetwork's place: so a gain of IA-VAE over the control is
-            not just extra training.
+            not just extra training. (Matched in epochs, not FLOPs: an IA-VAE step costs more.
+            Decoupled weight decay pulls the control's encoder toward 0 and the IA-VAE's
+            hypernetwork toward phi_AVI; at lr x wd = 1e-4 x 5e-4 per step the pull is ~5e-8 of
+            a weight per step, negligible over these runs.)
 Every model is selected on the validation ELBO and evaluated on the test split: ELBO and KL with
 ``test_samples`` samples per example, and an importance-weighted estimate of log p(x) with
 ``iwae_samples`` samples.
@@ -21,6 +24,7 @@ less than a learned feature extractor would.
 
 import dataclasses
 import functools
+import json
 import os
 import platform
 import time
@@ -261,11 +265,12 @@ def reconstruct(model: Model, encode: EncodeFn, params, frozen, x: jax.Array,
 
 
 def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
-               timings: dict) -> dict:
+               timings: dict, resumed: list) -> dict:
   """Trains the three models of one seed (resuming what is in workdir); returns their
   selected parameters and frozen inputs, {stage: (params, frozen, best_epoch, best_score)},
   and the IA-VAE's validation ELBO before training under "iavae_valid_elbo_at_start".
-  Each model is trained alone (a Python loop over jitted steps, see training.make_epoch_fn)."""
+  Each model is trained alone (a Python loop over jitted steps, see training.make_epoch_fn).
+  Stages that start from a checkpoint are appended to ``resumed``."""
   config = model.config
   root = jax.random.PRNGKey(seed)
   train = jnp.asarray(data.train)
@@ -278,6 +283,8 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
     epoch_fn, optimizer, schedule = make_epoch_fn(model, stage, layout, train.shape[0])
     key = jax.random.fold_in(jax.random.fold_in(root, STAGE_IDS[stage]), 1)
     t0 = time.time()
+    if os.path.isdir(os.path.join(workdir, "checkpoints", f"{stage}_seed{seed}")):
+      resumed.append(f"{stage}_seed{seed}")
     state = stages.run_stage(f"{stage}_seed{seed}", workdir, epoch_fn,
                              training.init_state(params, optimizer, key), frozen, train,
                              np.array([seed, STAGE_IDS[stage]]), schedule,
@@ -332,18 +339,20 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
   data = subset(data, config)
   if data.train.shape[0] < config.batch_size:
     raise common.ConfigError(f"--batch_size={config.batch_size} exceeds the {data.train.shape[0]}"
-                             " training examples: no full batch can be formed.")
+                             " training examples (after --max_train): no full batch can be "
+                             "formed.")
   common.prepare_workdir(workdir, config)
+  check_data(workdir, data.info)
   start = time.time()
   model = Model(config)
   print(f"config: {config}", flush=True)
   print(f"data: {data.info}; train {data.train.shape[0]}, valid {data.valid.shape[0]}, "
         f"test {data.test.shape[0]}", flush=True)
-  timings, per_seed, recon = {}, {stage: [] for stage in STAGES}, {}
+  timings, per_seed, recon, resumed = {}, {stage: [] for stage in STAGES}, {}, []
   test = jnp.asarray(data.test)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   for seed in seeds:
-    trained = train_seed(model, workdir, seed, data, timings)
+    trained = train_seed(model, workdir, seed, data, timings, resumed)
     t0 = time.time()
     eval_key = jax.random.fold_in(jax.random.PRNGKey(seed), STAGE_IDS["eval"])
     layout = blocks.BlockLayout.from_tree(trained["iavae"][1]["phi_avi"])
@@ -363,14 +372,20 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
     timings[f"eval_seed{seed}"] = time.time() - t0
     line = "  ".join(f"{stage} {per_seed[stage][-1]['test_elbo']:.2f}" for stage in STAGES)
     print(f"[seed {seed}] test ELBO: {line}", flush=True)
+    for stage in STAGES:
+      if not np.isfinite(per_seed[stage][-1]["valid_elbo"]):
+        print(f"[seed {seed}] WARNING: {stage} never reached a finite validation ELBO (its "
+              "training diverged); its test numbers are those of its initial parameters.",
+              flush=True)
 
   results = {
       "experiment": "images",
       "dataset": config.dataset,
       "tier": config.tier,
       "seeds": seeds,
-      "wall_seconds": time.time() - start,
+      "wall_seconds": time.time() - start,   # this invocation (see resumed_stages)
       "stage_seconds": timings,
+      "resumed_stages": resumed,
       "models": {stage: {key: [row[key] for row in per_seed[stage]]
                          for key in per_seed[stage][0]} for stage in STAGES},
       "data": {**data.info, "train": int(data.train.shape[0]), "valid": int(data.valid.shape[0]),
@@ -394,6 +409,22 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
   return results
 
 
+def check_data(workdir: str, info: dict) -> None:
+  """Records the data's description in workdir/data.json, or refuses data other than the
+  recorded (another --data_dir or --source would resume checkpoints trained on other data)."""
+  path = os.path.join(workdir, "data.json")
+  wanted = json.loads(json.dumps(info))
+  if os.path.exists(path):
+    with open(path) as f:
+      recorded = json.load(f)
+    if recorded != wanted:
+      raise common.ConfigError(
+          f"--workdir={workdir} holds a run on other data (recorded {recorded}, now {wanted}); "
+          "use the same --data_dir and --source to resume, or a new --workdir.")
+  else:
+    common.write_json(path, wanted)
+
+
 def subset(data: images.ImageSplits, config: ImageConfig) -> images.ImageSplits:
   """The first max_* examples of each split (the loader's splits are already shuffled)."""
   cap = lambda x, n: x[:n] if n else x
@@ -404,7 +435,8 @@ def subset(data: images.ImageSplits, config: ImageConfig) -> images.ImageSplits:
 
 def render_markdown(results: dict) -> str:
   lines = [f"# {results['dataset']} ({results['tier']} tier): test metrics per seed", "",
-           "| seed | model | test ELBO | test KL | IWAE log p(x) | valid ELBO | best epoch |",
+           f"| seed | model | test ELBO | test KL | IWAE bound (K={results['config']['iwae_samples']})"
+           " | valid ELBO (selection score) | best epoch |",
            "|---|---|---|---|---|---|---|"]
   for i, seed in enumerate(results["seeds"]):
     for stage in STAGES:
@@ -412,6 +444,9 @@ def render_markdown(results: dict) -> str:
       lines.append(f"| {seed} | {stage} | {m['test_elbo'][i]:.3f} | {m['test_kl'][i]:.3f} | "
                    f"{m['test_iwae'][i]:.3f} | {m['valid_elbo'][i]:.3f} | "
                    f"{m['best_epoch'][i]} |")
-  lines += ["", f"Wall time {results['wall_seconds']:.1f} s. Data: {results['data']}.",
+  resumed = results["resumed_stages"]
+  lines += ["", f"Wall time {results['wall_seconds']:.1f} s"
+            + (f" (this invocation; resumed from checkpoints: {', '.join(resumed)})"
+               if resumed else "") + f". Data: {results['data']}.",
             f"Parameters: {results['parameters']}.", ""]
   return "\n".join(lines)

@@ -13,7 +13,8 @@ others alphabetically), to
    "wall_seconds": ... or null,
    "vae":     {"mean", "std", "per_seed",                # test ELBO
                "kl": {"mean", "std", "per_seed"},        # test KL
-               "iwae": {"mean", "std", "per_seed"}},     # test IWAE bound
+               "iwae": {"mean", "std", "per_seed"},      # test IWAE bound
+               "diverged_seeds": [...]},                 # no finite validation ELBO
    "iavae":   {... same ...},
    "control": {... same ...},
    "iavae_vs_vae":     {"test", "p_value", "shapiro_p", "mean_difference", "n"},
@@ -58,8 +59,8 @@ def find_results(workdir: str) -> list[str]:
     try:
       with open(path) as f:
         data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise common.ConfigError(f"{path} is not valid JSON ({e}); rerun the experiment that "
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise common.ConfigError(f"{path} cannot be read as JSON ({e}); rerun the experiment that "
                                "wrote it or remove it.") from e
     if isinstance(data, dict) and data.get("experiment") == EXPERIMENT:
       found.append(path)
@@ -156,11 +157,21 @@ def build_table4(workdir: str, paths: list[str]) -> dict:
       summary = _summary(models[model]["test_elbo"])
       summary["kl"] = _summary(models[model]["test_kl"])
       summary["iwae"] = _summary(models[model]["test_iwae"])
+      summary["diverged_seeds"] = _diverged_seeds(data["seeds"], models[model])
       row[model] = summary
     for key, other in COMPARISONS:
       row[key] = _comparison(models["iavae"]["test_elbo"], models[other]["test_elbo"])
     table[name] = row
   return table
+
+
+def _diverged_seeds(seeds: list, model: dict) -> list:
+  """Seeds whose training never reached a finite validation ELBO (NaN or inf from the first
+  epoch on): their selected parameters are the initial ones, so their test numbers measure the
+  starting point, not a trained model."""
+  valid = model.get("valid_elbo", [0.0] * len(seeds))
+  return [seed for seed, v in zip(seeds, valid)
+          if v is None or not math.isfinite(float(v))]
 
 
 def _mean_std(summary: dict) -> str:
@@ -218,6 +229,13 @@ def render_markdown(table: dict) -> str:
     cells += [_mean_std(row[model]["kl"]) for model in MODELS]
     cells += [_mean_std(row[model]["iwae"]) for model in MODELS]
     lines.append("| " + " | ".join(cells) + " |")
+  diverged = [f"{DISPLAY_NAMES.get(name, name)} {MODEL_NAMES[m]} seeds "
+              f"{row[m]['diverged_seeds']}" for name, row in table.items() for m in MODELS
+              if row[m].get("diverged_seeds")]
+  if diverged:
+    lines += ["", "**Diverged** (no finite validation ELBO in any epoch, so the selected "
+              "parameters are the initial ones and the test numbers are the starting point's): "
+              + "; ".join(diverged) + "."]
   lines += ["",
             "Tests on test ELBO, paired by seed, H1: IA-VAE > the other model. Shapiro-Wilk "
             f"(SW) on the per-seed differences; if normality is not rejected at {ALPHA} a "

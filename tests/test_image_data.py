@@ -238,7 +238,7 @@ def test_bad_flags_are_refused(tmp_path):
   with pytest.raises(images.DataError, match="mnist, fashion_mnist, omniglot, binarized_mnist"):
     images.load("cifar10")
   _write_idx(str(tmp_path / "images-idx3-ubyte.gz"), np.zeros((10, 28, 28), np.uint8))
-  with pytest.raises(images.DataError, match="--test_fraction 0.0 of 10 images holds out 0"):
+  with pytest.raises(images.DataError, match="test_fraction=0.0 of 10 images holds out 0"):
     images.load("mnist", data_dir=str(tmp_path), test_fraction=0.0)
   with pytest.raises(images.DataError, match="--source"):
     images.load("mnist", data_dir=str(tmp_path), source="web")

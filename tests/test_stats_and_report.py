@@ -242,6 +242,18 @@ def test_single_seed_has_no_test(workdir):
   assert table["mnist"]["vae"]["std"] is None
 
 
+def test_diverged_seeds_are_listed(workdir):
+  rng = np.random.default_rng(4)
+  results = fake_results("mnist", range(4), -79.4, rng)
+  results["models"]["iavae"]["valid_elbo"][2] = float("-inf")   # written as -Infinity
+  write(os.path.join(workdir, "mnist", "results.json"), results)
+  table = report.write_report(workdir)
+  assert table["mnist"]["iavae"]["diverged_seeds"] == [2]
+  assert table["mnist"]["vae"]["diverged_seeds"] == []
+  markdown = open(os.path.join(workdir, "table4.md")).read()
+  assert "**Diverged**" in markdown and "MNIST IA-VAE seeds [2]" in markdown
+
+
 def test_no_results_exits_2():
   with tempfile.TemporaryDirectory() as d:
     write(os.path.join(d, "synthetic", "results.json"), {"experiment": "synthetic"})

@@ -126,6 +126,30 @@ class TrainingTest(chex.TestCase):
     chex.assert_trees_all_close(single, jax.tree.map(lambda a: a[0], population), atol=1e-6)
     self.assertEqual(epochs_seen, list(range(1, int(single.epoch) + 1)))
 
+  def test_single_model_resume_from_checkpoint_is_bitwise_identical(self):
+    # The image experiments' path: a run that dies after an epoch's checkpoint and restarts from
+    # it ends exactly where an uninterrupted run does.
+    schedule = training.Schedule(batch_size=8, max_epochs=5, patience=100)
+    epoch_fn = _epoch_fn(schedule, lambda p, f, d: -(p["w"] - f) ** 2, python_steps=True)
+    start = jax.tree.map(lambda a: a[0], _states(1))
+    straight = training.train_model(epoch_fn, start, jnp.zeros(()), DATA, np.array([3]),
+                                    schedule)
+    ckpt = checkpoints.Checkpointer(tempfile.mkdtemp())
+
+    def die_after_epoch_2(state, metrics):
+      ckpt.save(int(state.epoch), state)
+      if int(state.epoch) == 2:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+      training.train_model(epoch_fn, start, jnp.zeros(()), DATA, np.array([3]), schedule,
+                           die_after_epoch_2)
+    restored = ckpt.restore(like=start)
+    self.assertEqual(int(restored.epoch), 2)
+    resumed = training.train_model(epoch_fn, restored, jnp.zeros(()), DATA, np.array([3]),
+                                   schedule)
+    chex.assert_trees_all_equal(resumed, straight)
+
   def test_merge_aux_sets_state_the_optimiser_does_not_train(self):
     # A running mean kept in params["stat"]: the loss returns its new value as aux, the
     # optimiser's update for it is zeroed, and merge_aux writes it back.

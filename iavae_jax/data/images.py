@@ -35,6 +35,7 @@ import io
 import os
 import struct
 import zipfile
+import zlib
 from typing import NamedTuple, Optional
 
 import jax
@@ -187,8 +188,8 @@ def _hold_out(images: np.ndarray, fraction: float, seed: list,
   """Splits images [N, ...] into (rest, held out) by a seeded permutation."""
   num_held = int(round(fraction * len(images)))
   if not 0 < num_held < len(images):
-    raise DataError(f"--{flag} {fraction} of {len(images)} images holds out {num_held}: "
-                    "both parts must be non-empty.")
+    raise DataError(f"{flag}={fraction} of {len(images)} images holds out {num_held}: "
+                    "both parts must be non-empty; use a --data_dir with more images.")
   order = np.random.default_rng(seed).permutation(len(images))
   return images[order[num_held:]], images[order[:num_held]]
 
@@ -304,7 +305,7 @@ def _read_idx(path: str) -> np.ndarray:
   try:
     with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
       data = f.read()
-  except (OSError, EOFError) as e:
+  except (OSError, EOFError, zlib.error) as e:
     raise DataError(f"{path}: cannot be read ({e}); the file is corrupt or truncated: get it "
                     "again.") from e
   if len(data) < 16:
@@ -325,7 +326,7 @@ def _read_chardata(path: str) -> tuple[np.ndarray, np.ndarray]:
   """Burda et al.'s chardata.mat -> (train, test), float32 [N, 28, 28] in [0, 1]."""
   try:
     mat = scipy.io.loadmat(path)
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, scipy.io.matlab.MatReadError) as e:
     raise DataError(f"{path}: cannot be read as a MATLAB file ({e}).") from e
   splits = []
   for name in ("data", "testdata"):
