@@ -115,8 +115,7 @@ class ImageConfig:
   eval_batch_size: int = 50         # examples per evaluation chunk
   iwae_chunk: int = 100             # importance samples per decoder call
   num_reconstructions: int = 8      # Figure 8 columns
-  epochs_per_call: int = 1
-  checkpoint_every: int = 1
+  checkpoint_every: int = 1         # epochs between resume checkpoints
 
   def validate(self) -> "ImageConfig":
     if self.dataset not in IMAGE_DATASETS:
@@ -128,7 +127,7 @@ class ImageConfig:
                 "block_embed_dim",
                 "input_embed_dim", "batch_size", "vae_epochs", "iavae_epochs", "patience",
                 "num_samples", "valid_samples", "test_samples", "iwae_samples",
-                "eval_batch_size", "iwae_chunk", "epochs_per_call", "checkpoint_every"]
+                "eval_batch_size", "iwae_chunk", "checkpoint_every"]
     for name in positive:
       if getattr(self, name) <= 0:
         raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")

@@ -288,7 +288,7 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
     state = stages.run_stage(f"{stage}_seed{seed}", workdir, epoch_fn,
                              training.init_state(params, optimizer, key), frozen, train,
                              np.array([seed, STAGE_IDS[stage]]), schedule,
-                             config.epochs_per_call, config.checkpoint_every, population=False)
+                             config.checkpoint_every)
     timings[f"{stage}_seed{seed}"] = time.time() - t0
     results[stage] = (state.best_params, frozen, int(state.best_epoch), float(state.best_score))
     return state.best_params

@@ -10,10 +10,11 @@ from experiments import common
 
 
 def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, frozen, data,
-              order_seeds, schedule: training.Schedule, epochs_per_call: int,
-              checkpoint_every: int, population: bool = True) -> training.TrainState:
-  """Trains (or resumes, or just loads) the population ``states`` under DIR/checkpoints/NAME
-  (with ``population=False``, one model's state, trained by ``training.train_model``).
+              order_seeds, schedule: training.Schedule, checkpoint_every: int,
+              epochs_per_call: int | None = None) -> training.TrainState:
+  """Trains (or resumes, or just loads) the population ``states`` under DIR/checkpoints/NAME,
+  ``epochs_per_call`` epochs per jitted call (``training.train_population``); without
+  ``epochs_per_call``, ``states`` is one model's, trained by ``training.train_model``.
 
   A checkpoint that does not match ``states`` (another architecture or configuration) raises
   ConfigError before anything is written. A checkpoint is saved every ``checkpoint_every`` epochs
@@ -43,7 +44,7 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, fr
       ckpt.save(epoch, states)
       last_saved[0] = epoch
 
-  if population:
+  if epochs_per_call is not None:
     states = training.train_population(epoch_fn, states, frozen, data, order_seeds, schedule,
                                        epochs_per_call, on_chunk)
   else:

@@ -92,7 +92,7 @@ def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: Encode
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   states = jax.vmap(lambda p, k: training.init_state(p, optimizer, k))(params, train_keys)
   return stages.run_stage(name, workdir, epoch_fn, states, frozen, data, order_seeds, schedule,
-                          config.epochs_per_call, config.checkpoint_every)
+                          config.checkpoint_every, config.epochs_per_call)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
