@@ -109,21 +109,32 @@ def _as_images(x: jax.Array) -> jax.Array:
   return x[..., None]
 
 
+def _negative_elbo(model: Model, encode_with_aux):
+  """loss_fn(params, frozen, x_grey, (key, kl_weight)) -> (-mean(E[log p(x|z)] - kl_weight KL),
+  aux): x binarised afresh, num_samples z per example. encode_with_aux(params, frozen, x) ->
+  ((mean, log_var), aux)."""
+  def loss_fn(params, frozen, x_grey, noise):
+    key, beta = noise
+    binarize_key, eps_key = jax.random.split(key)
+    x = _as_images(images.binarize(binarize_key, x_grey))
+    (mean, log_var), aux = encode_with_aux(params, frozen, x)
+    eps = jax.random.normal(eps_key, (model.config.num_samples, *mean.shape))
+    terms = objectives.elbo(eps, mean, log_var, model.log_likelihood_fn(params["decoder"], x))
+    return -jnp.mean(terms.expected_log_likelihood - beta * terms.kl), aux
+  return loss_fn
+
+
 def stage_objective(model: Model, stage: str, layout: blocks.BlockLayout | None):
   """A stage's loss_fn(params, frozen, x_grey [B, 28, 28], (key, kl_weight)), its optimiser and
   merge_aux (see ``training``): the pieces of one training step."""
   config = model.config
   if stage == "vae":
-    def loss_fn(params, frozen, x_grey, noise):
-      key, beta = noise
-      binarize_key, eps_key = jax.random.split(key)
-      x = _as_images(images.binarize(binarize_key, x_grey))
-      (mean, log_var), updates = model.encoder.apply(
+    def train_mode_encode(params, unused_frozen, x):
+      outputs, updates = model.encoder.apply(
           {"params": params["encoder"], "batch_stats": params["batch_stats"]}, x, train=True,
           mutable=["batch_stats"])
-      eps = jax.random.normal(eps_key, (config.num_samples, *mean.shape))
-      terms = objectives.elbo(eps, mean, log_var, model.log_likelihood_fn(params["decoder"], x))
-      return -jnp.mean(terms.expected_log_likelihood - beta * terms.kl), updates["batch_stats"]
+      return outputs, updates["batch_stats"]
+    loss_fn = _negative_elbo(model, train_mode_encode)
     merge_aux = lambda params, batch_stats: {**params, "batch_stats": batch_stats}
     labels = lambda params: {k: ("state" if k == "batch_stats" else "train") for k in params}
     optimizer = optax.chain(
@@ -133,15 +144,8 @@ def stage_objective(model: Model, stage: str, layout: blocks.BlockLayout | None)
     return loss_fn, optimizer, merge_aux
 
   encode = model.encode_fn(stage, layout)
-
-  def loss_fn(params, frozen, x_grey, noise):
-    key, _ = noise
-    binarize_key, eps_key = jax.random.split(key)
-    x = _as_images(images.binarize(binarize_key, x_grey))
-    mean, log_var = encode(params, frozen, x)
-    eps = jax.random.normal(eps_key, (config.num_samples, *mean.shape))
-    terms = objectives.elbo(eps, mean, log_var, model.log_likelihood_fn(params["decoder"], x))
-    return -jnp.mean(terms.elbo)
+  with_aux = _negative_elbo(model, lambda params, frozen, x: (encode(params, frozen, x), None))
+  loss_fn = lambda *args: with_aux(*args)[0]   # the KL weight is 1 after stage 1
   # The hypernetwork (IA-VAE) or the encoder (control) at one rate, the decoder at another.
   labels = lambda params: {k: ("decoder" if k == "decoder" else "inference") for k in params}
   optimizer = optax.chain(
@@ -233,11 +237,8 @@ def evaluate(model: Model, encode: EncodeFn, params, frozen, data: jax.Array,
     eps = jax.random.normal(elbo_key, (config.test_samples, *mean.shape))
     terms = objectives.elbo(eps, mean, log_var, log_likelihood)
 
-    def log_weights(key):
-      z = distributions.reparameterize(
-          jax.random.normal(key, (config.iwae_chunk, *mean.shape)), mean, log_var)
-      return (log_likelihood(z) + distributions.standard_normal_log_prob(z)
-              - distributions.diag_gaussian_log_prob(z, mean, log_var))
+    log_weights = lambda key: objectives.importance_log_weights(
+        jax.random.normal(key, (config.iwae_chunk, *mean.shape)), mean, log_var, log_likelihood)
     all_weights = jax.lax.map(log_weights, jax.random.split(iwae_key, num_iwae_chunks))
     all_weights = all_weights.reshape(-1, x.shape[0])[:config.iwae_samples]
     iwae = jax.nn.logsumexp(all_weights, axis=0) - jnp.log(config.iwae_samples)

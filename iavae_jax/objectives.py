@@ -32,12 +32,18 @@ def elbo(eps: jax.Array, mean: jax.Array, log_var: jax.Array,
   return ElboTerms(expected_ll - kl, expected_ll, kl)
 
 
+def importance_log_weights(eps: jax.Array, mean: jax.Array, log_var: jax.Array,
+                           log_likelihood_fn: LogLikelihoodFn) -> jax.Array:
+  """log p(x, z_k) - log q(z_k) for the samples z_k = mean + exp(log_var / 2) eps_k. Returns
+  [K, ...]; callers that draw K in chunks concatenate these before the logsumexp."""
+  z = distributions.reparameterize(eps, mean, log_var)  # [K, ..., k]
+  return (log_likelihood_fn(z) + distributions.standard_normal_log_prob(z)
+          - distributions.diag_gaussian_log_prob(z, mean, log_var))
+
+
 def iwae_bound(eps: jax.Array, mean: jax.Array, log_var: jax.Array,
                log_likelihood_fn: LogLikelihoodFn) -> jax.Array:
   """log (1/K) sum_k p(x, z_k) / q(z_k), z_k ~ q, K = eps.shape[0]: a bound on log p(x) that
   tightens as K grows (K = 1: a one-sample ELBO). Returns [...]."""
-  z = distributions.reparameterize(eps, mean, log_var)  # [K, ..., k]
-  num_samples = eps.shape[0]
-  log_weights = (log_likelihood_fn(z) + distributions.standard_normal_log_prob(z)
-                 - distributions.diag_gaussian_log_prob(z, mean, log_var))
-  return jax.nn.logsumexp(log_weights, axis=0) - jnp.log(num_samples)
+  log_weights = importance_log_weights(eps, mean, log_var, log_likelihood_fn)
+  return jax.nn.logsumexp(log_weights, axis=0) - jnp.log(eps.shape[0])

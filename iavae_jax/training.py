@@ -167,15 +167,19 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
   return python_epoch
 
 
+def _check_one_batch(caller: str, data: jax.Array, schedule: Schedule) -> None:
+  if data.shape[0] < schedule.batch_size:
+    raise ValueError(f"{caller}: {data.shape[0]} examples are fewer than one batch of "
+                     f"{schedule.batch_size}.")
+
+
 def train_model(epoch_fn, state: TrainState, frozen: PyTree, data: jax.Array, order_seed,
                 schedule: Schedule, on_epoch: Optional[Callable[[TrainState, EpochMetrics], Any]]
                 = None) -> TrainState:
   """Runs one model (no population axis) until it stops early or reaches max_epochs, calling
   ``on_epoch(state, metrics)`` after every epoch. For ``python_steps`` epochs; the data order is
   that of ``data_orders`` with the same seed, so it matches a population run's."""
-  if data.shape[0] < schedule.batch_size:
-    raise ValueError(f"train_model: {data.shape[0]} examples are fewer than one batch of "
-                     f"{schedule.batch_size}.")
+  _check_one_batch("train_model", data, schedule)
   order_seed = np.asarray(order_seed).reshape(1, -1)
   while not bool(is_done(state, schedule)):
     order = data_orders(order_seed, int(state.epoch), 1, data.shape[0], schedule.batch_size)
@@ -223,9 +227,7 @@ def train_population(epoch_fn, states: TrainState, frozen: PyTree, data: jax.Arr
   """
   if epochs_per_call <= 0:
     raise ValueError(f"train_population: epochs_per_call must be positive, got {epochs_per_call}.")
-  if data.shape[0] < schedule.batch_size:
-    raise ValueError(f"train_population: {data.shape[0]} examples are fewer than one batch of "
-                     f"{schedule.batch_size}.")
+  _check_one_batch("train_population", data, schedule)
   order_seeds = np.asarray(order_seeds).reshape(len(order_seeds), -1)
   run = make_population_step(epoch_fn)
   epoch = int(jnp.max(states.epoch))
