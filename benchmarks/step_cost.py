@@ -35,7 +35,7 @@ def main(argv):
   dec_params = model.decoder.init(jax.random.PRNGKey(1), x0,
                                   jnp.zeros((1, config.latent_dim)))["params"]
   layout = blocks.BlockLayout.from_tree(enc_vars["params"])
-  psi = model.hypernet(layout).init(jax.random.PRNGKey(2), jnp.zeros(28 * 28))["params"]
+  psi = model.init_hypernet(jax.random.PRNGKey(2), layout)
   frozen = {"phi_avi": enc_vars["params"], "batch_stats": enc_vars["batch_stats"]}
   setups = {
       "vae": ({"encoder": enc_vars["params"], "decoder": dec_params,

@@ -35,6 +35,8 @@ for _name, _field in _FIELDS.items():
     flags.DEFINE_integer(_name, None, f"Override the configuration's {_name}.")
   elif _field.type is float:
     flags.DEFINE_float(_name, None, f"Override the configuration's {_name}.")
+  elif _field.type is str:
+    flags.DEFINE_string(_name, None, f"Override the configuration's {_name}.")
   else:
     flags.DEFINE_list(_name, None, f"Override the configuration's {_name} (comma-separated).")
 

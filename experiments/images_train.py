@@ -72,6 +72,32 @@ class Model:
                                         self.config.input_embed_dim,
                                         self.config.hypernet_init_std)
 
+  @property
+  def context_size(self) -> int:
+    """The size of what the hypernetwork sees of one example (see ``hypernet_context``)."""
+    return 2 * self.config.latent_dim if self.config.hypernet_input == "encoder" else 28 * 28
+
+  def init_hypernet(self, key: jax.Array, layout: blocks.BlockLayout):
+    return self.hypernet(layout).init(key, jnp.zeros(self.context_size))["params"]
+
+  def hypernet_context(self, frozen, x: jax.Array) -> jax.Array:
+    """What the hypernetwork sees of each image x [B, 28, 28, 1]: [B, context_size].
+
+    image   : the flattened image (the paper's x);
+    image_l2: the flattened image over its Euclidean norm (0 for a blank image);
+    encoder : the frozen stage-1 encoder's [mean; log-variance], a learned feature of x.
+    """
+    kind = self.config.hypernet_input
+    if kind == "encoder":
+      mean, log_var = self.encoder.apply(
+          {"params": frozen["phi_avi"], "batch_stats": frozen["batch_stats"]}, x, train=False)
+      return jnp.concatenate([mean, log_var], axis=-1)
+    flat = x.reshape(x.shape[0], -1)
+    if kind == "image_l2":
+      norm = jnp.linalg.norm(flat, axis=-1, keepdims=True)
+      return flat / jnp.where(norm > 0, norm, 1.0)
+    return flat
+
   @functools.lru_cache(maxsize=None)  # one function per stage: jitted callers compile once
   def encode_fn(self, stage: str, layout: blocks.BlockLayout | None = None) -> EncodeFn:
     """The encoder of a stage's model with frozen (running-average) batch-norm statistics."""
@@ -83,9 +109,10 @@ class Model:
           mean, log_var = encoder.apply({"params": phi, "batch_stats": frozen["batch_stats"]},
                                         x_i[None], train=False)
           return mean[0], log_var[0]
-        hypernet_apply = lambda psi, x_i: hypernet.apply({"params": psi}, x_i.reshape(-1))
+        hypernet_apply = lambda psi, c_i: hypernet.apply({"params": psi}, c_i)
         return adaptive.instance_adaptive_encode(encoder_apply, hypernet_apply,
-                                                 frozen["phi_avi"], params["hypernet"], x)
+                                                 frozen["phi_avi"], params["hypernet"], x,
+                                                 context=self.hypernet_context(frozen, x))
       return encode
 
     def encode(params, frozen, x):
@@ -303,7 +330,7 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
 
   frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"], "valid": valid}
   layout = blocks.BlockLayout.from_tree(vae["encoder"])
-  psi = model.hypernet(layout).init(init_key("iavae"), jnp.zeros(28 * 28))["params"]
+  psi = model.init_hypernet(init_key("iavae"), layout)
   # Proposition 1 in practice: the IA-VAE's validation ELBO before any stage-2 step.
   start = dataset_elbo(model, model.encode_fn("iavae", layout),
                        {"hypernet": psi, "decoder": vae["decoder"]}, frozen, valid,
@@ -322,9 +349,9 @@ def param_counts(model: Model) -> dict:
   dec = jax.eval_shape(model.decoder.init, jax.random.PRNGKey(0), x0,
                        jnp.zeros((1, model.config.latent_dim)))
   layout = blocks.BlockLayout.from_tree(enc["params"])
-  psi = jax.eval_shape(model.hypernet(layout).init, jax.random.PRNGKey(0), jnp.zeros(784))
+  psi = jax.eval_shape(lambda key: model.init_hypernet(key, layout), jax.random.PRNGKey(0))
   return {"encoder": count(enc["params"]), "decoder": count(dec["params"]),
-          "hypernetwork": count(psi["params"]), "encoder_blocks": layout.num_blocks}
+          "hypernetwork": count(psi), "encoder_blocks": layout.num_blocks}
 
 
 def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None = None,

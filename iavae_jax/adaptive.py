@@ -23,12 +23,14 @@ def adaptive_encoder_params(hypernet_apply: ApplyFn, phi_avi: PyTree, psi: PyTre
 
 
 def instance_adaptive_encode(encoder_apply: ApplyFn, hypernet_apply: ApplyFn, phi_avi: PyTree,
-                             psi: PyTree, x: jax.Array):
-  """Encode a batch x: [B, ...], each example with its own parameters phi(x_i; psi).
+                             psi: PyTree, x: jax.Array, context: jax.Array | None = None):
+  """Encode a batch x: [B, ...], each example with its own parameters phi(c_i; psi).
 
+  c_i is what the hypernetwork sees of example i: ``context[i]`` (any per-example representation
+  of x_i, e.g. a normalised or learned feature of it), or x_i itself when ``context`` is None.
   The per-example call is vmapped; jit the caller (the train step), not this function.
   Returns whatever ``encoder_apply`` returns, with a leading batch axis.
   """
-  def encode_one(x_i):
-    return encoder_apply(adaptive_encoder_params(hypernet_apply, phi_avi, psi, x_i), x_i)
-  return jax.vmap(encode_one)(x)
+  def encode_one(x_i, c_i):
+    return encoder_apply(adaptive_encoder_params(hypernet_apply, phi_avi, psi, c_i), x_i)
+  return jax.vmap(encode_one)(x, x if context is None else context)

@@ -1,6 +1,7 @@
 """The image experiments end to end (smoke tier on the real MNIST subset), the report over them,
 resume, bad input (exit 2), and a few steps of the paper tier."""
 
+import dataclasses
 import json
 import math
 import os
@@ -140,14 +141,20 @@ def _initial(model, stage, layout=None):
   if stage == "vae":
     return {"encoder": enc["params"], "decoder": dec, "batch_stats": enc["batch_stats"]}, frozen
   layout = blocks.BlockLayout.from_tree(enc["params"])
-  psi = model.hypernet(layout).init(jax.random.PRNGKey(2), jnp.zeros(784))["params"]
+  psi = model.init_hypernet(jax.random.PRNGKey(2), layout)
   return {"hypernet": psi, "decoder": dec}, frozen
 
 
-def test_stage_2_starts_at_the_stage_1_elbo():
+def _smoke_model(**overrides):
+  config = dataclasses.replace(configs.image_config("mnist", "smoke"), **overrides)
+  return images_train.Model(config.validate())
+
+
+@pytest.mark.parametrize("kind", configs.HYPERNET_INPUTS)
+def test_stage_2_starts_at_the_stage_1_elbo(kind):
   # Proposition 1 on the image model: with the hypernetwork's output layers zero, the IA-VAE's
   # ELBO is the VAE's (same noise); at the default N(0, 1e-5^2) initialisation it is close.
-  model = images_train.Model(configs.image_config("mnist", "smoke"))
+  model = _smoke_model(hypernet_input=kind)
   vae_params, frozen = _initial(model, "vae")
   iavae_params, _ = _initial(model, "iavae")
   layout = blocks.BlockLayout.from_tree(frozen["phi_avi"])
@@ -161,6 +168,47 @@ def test_stage_2_starts_at_the_stage_1_elbo():
   vae = elbo("vae", vae_params)
   assert elbo("iavae", zero) == pytest.approx(vae, abs=1e-3)
   assert elbo("iavae", iavae_params) == pytest.approx(vae, rel=1e-2)
+
+
+def test_hypernet_contexts():
+  x = (jax.random.uniform(jax.random.PRNGKey(0), (3, 28, 28, 1)) < 0.3).astype(jnp.float32)
+  x = x.at[1].set(0.0)                                     # a blank image
+  _, frozen = _initial(_smoke_model(), "vae")
+  contexts = {kind: _smoke_model(hypernet_input=kind).hypernet_context(frozen, x)
+              for kind in configs.HYPERNET_INPUTS}
+  chex.assert_trees_all_close(contexts["image"], x.reshape(3, 784))
+  chex.assert_trees_all_close(jnp.linalg.norm(contexts["image_l2"], axis=-1),
+                              jnp.array([1.0, 0.0, 1.0]), atol=1e-6)
+  chex.assert_trees_all_close(contexts["image_l2"][0] * jnp.linalg.norm(x[0]),
+                              x[0].reshape(-1), atol=1e-5)
+  model = _smoke_model(hypernet_input="encoder")
+  mean, log_var = model.encoder.apply(
+      {"params": frozen["phi_avi"], "batch_stats": frozen["batch_stats"]}, x, train=False)
+  chex.assert_shape(contexts["encoder"], (3, model.context_size))
+  chex.assert_trees_all_close(contexts["encoder"], jnp.concatenate([mean, log_var], -1))
+
+
+def _first_step_move(kind, x_grey):
+  """How far one stage-2 step moves the encoder's mean on x_grey (relative to its norm)."""
+  model = _smoke_model(hypernet_input=kind)
+  params, frozen = _initial(model, "iavae")
+  layout = blocks.BlockLayout.from_tree(frozen["phi_avi"])
+  loss_fn, optimizer, _ = images_train.stage_objective(model, "iavae", layout)
+  step = jax.jit(training.make_step_fn(loss_fn, optimizer))
+  (new_params, _), _ = step(frozen, (params, optimizer.init(params)),
+                            (x_grey, (jax.random.PRNGKey(6), jnp.array(1.0))))
+  encode = model.encode_fn("iavae", layout)
+  x = (x_grey > 0.5).astype(jnp.float32)[..., None]
+  before, after = encode(params, frozen, x)[0], encode(new_params, frozen, x)[0]
+  return float(jnp.linalg.norm(after - before) / jnp.linalg.norm(before))
+
+
+def test_normalised_image_input_keeps_the_first_step_small():
+  # The Fashion-MNIST divergence: with the raw image as the hypernetwork's x, Adam's first step
+  # moves every conv delta by ~lr x (ink pixels) coherently; over its norm, ~lr x sqrt(ink).
+  x_grey = jnp.where(jax.random.uniform(jax.random.PRNGKey(8), (20, 28, 28)) < 0.5, 1.0, 0.0)
+  raw, normalised = (_first_step_move(kind, x_grey) for kind in ("image", "image_l2"))
+  assert raw > 5 * normalised, (raw, normalised)
 
 
 def test_paper_tier_steps_on_cpu():
