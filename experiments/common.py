@@ -12,23 +12,36 @@ from absl import app, flags, logging
 
 
 
+flags.DEFINE_bool("debug_nans", False, "Stop at the first operation that produces a NaN "
+                  "(jax_debug_nans: slow; for diagnosing a run that diverged).")
+
+
 class ConfigError(ValueError):
   """Bad user input: the message names the flag or file and says how to fix it (exit code 2)."""
 
 
+class RunError(RuntimeError):
+  """A run that cannot go on (it diverged, the disk is full): what happened, what was kept, what
+  to do (exit code 1)."""
+
+
 def run_command(argv: list[str], body: Callable[[], Any]) -> None:
   """An absl main: refuses stray arguments, quiets Orbax's INFO logs (unless --verbosity is
-  given), runs body(), and turns a ConfigError into "error: ..." on stderr and exit code 2."""
+  given), applies --debug_nans, runs body(), and turns a ConfigError into "error: ..." on stderr
+  and exit code 2, a RunError into the same with exit code 1."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}", exitcode=2)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  if flags.FLAGS.debug_nans:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_debug_nans", True)
   try:
     body()
-  except ConfigError as e:
+  except (ConfigError, RunError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(2 if isinstance(e, ConfigError) else 1)
 
 
 def prepare_workdir(workdir: str, config: Any) -> None:

@@ -5,6 +5,9 @@ import dataclasses
 from experiments.common import ConfigError
 
 
+MAX_SEED = 2**31 - 1   # seeds are folded into JAX keys as 32-bit integers
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
   """The synthetic oracle experiment (paper section 4.1 and Table 1)."""
@@ -38,8 +41,9 @@ class SyntheticConfig:
       if not getattr(self, name) > 0:
         raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}.")
     for name in ("seed", "data_seed"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"--{name} must be a non-negative integer, got {getattr(self, name)}.")
+      if not 0 <= getattr(self, name) <= MAX_SEED:
+        raise ConfigError(f"--{name} must be an integer in [0, {MAX_SEED}], got "
+                          f"{getattr(self, name)}.")
     if not self.sweep_widths or min(self.sweep_widths) <= 0:
       raise ConfigError(f"--sweep_widths must be positive integers, got {list(self.sweep_widths)}.")
     if self.batch_size > self.num_examples:
@@ -151,6 +155,10 @@ class ImageConfig:
     if not 0 <= self.weight_decay < float("inf"):
       raise ConfigError(f"--weight_decay must be non-negative and finite, got "
                         f"{self.weight_decay}.")
+    if self.seed + self.num_seeds > MAX_SEED + 1:
+      raise ConfigError(f"--seed + --num_seeds must be at most {MAX_SEED + 1} (the seeds are "
+                        f"{self.seed}, {self.seed} + 1, ..., and JAX names seeds with 32-bit "
+                        f"integers); got {self.seed} + {self.num_seeds}.")
     if self.warmup_start > 1:
       raise ConfigError(f"--warmup_start is a KL weight in (0, 1], got {self.warmup_start}.")
     if not self.encoder_channels or min(self.encoder_channels) <= 0:

@@ -1,54 +1,114 @@
-"""Running one training stage with Orbax checkpoints, resume and progress (shared by experiments)."""
+"""Running one training stage with Orbax checkpoints, resume, progress and fault checks (shared by
+experiments)."""
 
 import os
+import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from iavae_jax import checkpoints, training
 from experiments import common
 
+KEPT_CHECKPOINTS = 2
+
 
 def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, frozen, data,
               order_seeds, schedule: training.Schedule, checkpoint_every: int,
-              epochs_per_call: int | None = None) -> training.TrainState:
+              epochs_per_call: int | None = None,
+              model_names: list[str] | None = None) -> training.TrainState:
   """Trains (or resumes, or just loads) the population ``states`` under DIR/checkpoints/NAME,
   ``epochs_per_call`` epochs per jitted call (``training.train_population``); without
   ``epochs_per_call``, ``states`` is one model's, trained by ``training.train_model``.
 
-  A checkpoint that does not match ``states`` (another architecture or configuration) raises
-  ConfigError before anything is written. A checkpoint is saved every ``checkpoint_every`` epochs
-  and when every model is done; the final state is returned.
+  A checkpoint that cannot be restored into ``states`` (another architecture or configuration,
+  or a damaged file) raises ConfigError before anything is written. A checkpoint is saved every
+  ``checkpoint_every`` epochs and when every model is done; the final state is returned.
+
+  Faults raise RunError and leave the last good checkpoint as it was: a NaN or Inf in a model's
+  loss or parameters (the message names the stage, the model from ``model_names``, the epoch and
+  the step), too little free disk for the checkpoints, or a failed checkpoint write.
   """
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints", name))
-  if ckpt.latest_step() is not None:
+  directory = os.path.join(workdir, "checkpoints", name)
+  ckpt = checkpoints.Checkpointer(directory, max_to_keep=KEPT_CHECKPOINTS)
+  latest = ckpt.latest_step()
+  if latest is not None:
     try:
       states = ckpt.restore(like=states)
-    except Exception as e:  # orbax raises several types for structure and shape mismatches
+    except Exception as e:  # orbax raises several types for structure, shape and read errors
       ckpt.close()
       raise common.ConfigError(
-          f"the checkpoint in {workdir}/checkpoints/{name} does not match this configuration "
-          f"({type(e).__name__}: {str(e)[:300]}); use a new --workdir.") from e
+          f"the checkpoint in {directory} cannot be restored into this configuration's stage "
+          f"'{name}': it was written by another configuration or is damaged "
+          f"({type(e).__name__}: {str(e)[:300]}). Use a new --workdir; if it is damaged, delete "
+          f"{os.path.join(directory, str(latest))} to resume from the previous checkpoint, or "
+          f"{directory} to retrain this stage.") from e
     print(f"[{name}] resumed from the checkpoint at epoch {ckpt.latest_step()}", flush=True)
+  _check_free_space(name, directory, states)
+  num_models = int(np.size(states.epoch))
+  names = model_names or ([name] if num_models == 1 else
+                          [f"{name} model {i}" for i in range(num_models)])
   progress = common.Progress(name, schedule.max_epochs, os.path.join(workdir, "metrics.jsonl"),
                              start_epoch=int(jnp.max(states.epoch)))
   last_saved = [ckpt.latest_step() or 0]
+  epochs_before = [np.asarray(states.epoch).reshape(-1)]
 
   def on_chunk(states, metrics):
+    _check_finite(name, names, epochs_before[0], metrics, directory, last_saved[0])
+    epochs_before[0] = np.asarray(states.epoch).reshape(-1)
     epoch = int(jnp.max(states.epoch))
     done = np.asarray(training.is_done(states, schedule))
     best = np.asarray(states.best_score)
     progress.update(epoch, int((~done).sum()), done.size, float(best.mean()), float(best.min()),
                     float(best.max()))
     if done.all() or epoch // checkpoint_every > last_saved[0] // checkpoint_every:
-      ckpt.save(epoch, states)
+      try:
+        ckpt.save(epoch, states)
+      except Exception as e:
+        raise common.RunError(
+            f"[{name}] could not write the checkpoint of epoch {epoch} in {directory} "
+            f"({type(e).__name__}: {str(e)[:300]}). Free disk space or fix the directory's "
+            "permissions, then rerun the same command: it resumes from the last checkpoint "
+            f"(epoch {last_saved[0]}).") from e
       last_saved[0] = epoch
 
-  if epochs_per_call is not None:
-    states = training.train_population(epoch_fn, states, frozen, data, order_seeds, schedule,
-                                       epochs_per_call, on_chunk)
-  else:
-    states = training.train_model(epoch_fn, states, frozen, data, order_seeds, schedule,
-                                  on_chunk)
-  ckpt.close()
+  try:
+    if epochs_per_call is not None:
+      states = training.train_population(epoch_fn, states, frozen, data, order_seeds, schedule,
+                                         epochs_per_call, on_chunk)
+    else:
+      states = training.train_model(epoch_fn, states, frozen, data, order_seeds, schedule,
+                                    on_chunk)
+  finally:
+    ckpt.close()
   return states
+
+
+def _check_finite(name, model_names, epochs_before, metrics: training.EpochMetrics, directory,
+                  last_saved):
+  """Raises RunError naming the first (epoch, model) whose loss or parameters went non-finite."""
+  bad = np.asarray(training.diverged(metrics)).reshape(-1, len(model_names))  # [epochs, models]
+  if not bad.any():
+    return
+  epoch_index, model = map(int, np.argwhere(bad)[0])
+  bad_step = int(np.asarray(metrics.bad_step).reshape(bad.shape)[epoch_index, model])
+  what = (f"the training loss was NaN or Inf at step {bad_step + 1} of the epoch"
+          if bad_step >= 0 else "the parameters became NaN or Inf (the loss stayed finite)")
+  raise common.RunError(
+      f"[{name}] {model_names[model]} diverged in epoch {int(epochs_before[model]) + epoch_index + 1}"
+      f": {what}. Nothing of that epoch was saved; the last good checkpoint (epoch {last_saved}) "
+      f"is intact in {directory}. Rerun with --debug_nans to stop at the operation that "
+      "produced it, or lower the learning rate.")
+
+
+def _check_free_space(name: str, directory: str, states) -> None:
+  """Fails fast when the disk cannot hold this stage's checkpoints."""
+  size = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(states))
+  needed = (KEPT_CHECKPOINTS + 1) * size   # the kept ones and the one being written
+  free = shutil.disk_usage(directory).free
+  if free < needed:
+    raise common.RunError(
+        f"[{name}] {directory} has {free / 2**20:.1f} MiB free; this stage's checkpoints need "
+        f"about {needed / 2**20:.1f} MiB ({KEPT_CHECKPOINTS} kept + 1 being written, "
+        f"{size / 2**20:.1f} MiB each). Free disk space or choose another --workdir.")

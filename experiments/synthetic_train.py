@@ -33,6 +33,9 @@ from experiments import common, stages
 from experiments.configs import SyntheticConfig
 
 STAGE_IDS = {"vae": 1, "iavae": 2, "sweep": 3}
+# How errors name a model of a stage, from its index tuple (see model_keys).
+MODEL_NAMES = {"vae": "VAE seed {}", "iavae": "IA-VAE seed {1} on VAE seed {0}",
+               "sweep": "sweep VAE of width {} (seed {})"}
 EncodeFn = Callable  # encode(params, frozen, x [B, 3]) -> (mean [B, 2], log_var [B, 2])
 
 
@@ -91,8 +94,9 @@ def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: Encode
   epoch_fn, optimizer = make_epoch_fn(config, encode)
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   states = jax.vmap(lambda p, k: training.init_state(p, optimizer, k))(params, train_keys)
+  names = [MODEL_NAMES[name].format(*map(int, row[2:])) for row in order_seeds]
   return stages.run_stage(name, workdir, epoch_fn, states, frozen, data, order_seeds, schedule,
-                          config.checkpoint_every, config.epochs_per_call)
+                          config.checkpoint_every, config.epochs_per_call, names)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -54,8 +54,15 @@ class TrainState(NamedTuple):
 
 
 class EpochMetrics(NamedTuple):
-  loss: jax.Array   # mean training loss over the epoch's steps (NaN once a model is done)
-  score: jax.Array  # full-data score after the epoch (the best score once a model is done)
+  loss: jax.Array          # mean training loss over the epoch's steps (NaN once a model is done)
+  score: jax.Array         # full-data score after the epoch (the best score once a model is done)
+  bad_step: jax.Array      # the first step (0-based) whose loss was NaN or Inf; -1 if none
+  params_finite: jax.Array  # every parameter is finite after the epoch (bool)
+
+
+def diverged(metrics: EpochMetrics) -> jax.Array:
+  """Which epochs (of which models) produced a non-finite loss or non-finite parameters."""
+  return (metrics.bad_step >= 0) | ~metrics.params_finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +92,16 @@ def is_done(state: TrainState, schedule: Schedule) -> jax.Array:
 
 def _tree_select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def _idle_metrics(state: TrainState) -> EpochMetrics:
+  """The metrics of an epoch that a finished model skips."""
+  return EpochMetrics(jnp.array(jnp.nan, jnp.float32), state.best_score,
+                      jnp.array(-1, jnp.int32), jnp.array(True))
 
 
 def make_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation,
@@ -141,9 +158,12 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
         best_score=jnp.where(improved, score, state.best_score), best_epoch=best_epoch,
         stopped=num_epochs - best_epoch >= schedule.patience)
     done = is_done(state, schedule)
+    bad = ~jnp.isfinite(losses)
+    metrics = EpochMetrics(jnp.mean(losses), score,
+                           jnp.where(jnp.any(bad), jnp.argmax(bad), -1).astype(jnp.int32),
+                           _all_finite(params))
     return (_tree_select(done, state, new_state),
-            _tree_select(done, EpochMetrics(jnp.nan, state.best_score),
-                         EpochMetrics(jnp.mean(losses), score)))
+            _tree_select(done, _idle_metrics(state), metrics))
 
   if not python_steps:
     def epoch(state: TrainState, frozen: PyTree, data: jax.Array, order: jax.Array):
@@ -157,7 +177,7 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
 
   def python_epoch(state: TrainState, frozen: PyTree, data: jax.Array, order: jax.Array):
     if bool(is_done(state, schedule)):
-      return state, EpochMetrics(jnp.nan, state.best_score)
+      return state, _idle_metrics(state)
     key, batches, noise = begin(state, data, order)
     carry, losses = (state.params, state.opt_state), []
     for i in range(batches.shape[0]):

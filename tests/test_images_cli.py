@@ -91,8 +91,39 @@ def test_second_run_resumes_and_reproduces_the_numbers(smoke_run):
   assert _results(workdir)["models"] == before["models"]
 
 
+def test_same_command_twice_gives_identical_numbers(smoke_run, tmp_path):
+  result = run("experiments.images", f"--workdir={tmp_path}", *SMOKE)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _results(tmp_path)["models"] == _results(smoke_run[1])["models"]   # bitwise
+
+
+@pytest.mark.parametrize("line", ["[vae_seed0] epoch 1/", "[iavae_seed1] epoch 1/"])
+def test_sigkill_then_rerun_gives_the_uninterrupted_numbers(smoke_run, tmp_path,
+                                                            kill_after_line, line):
+  # Killed in stage 1 of seed 0 or stage 2 of seed 1, while that epoch's checkpoint is written.
+  kill_after_line("experiments.images", [f"--workdir={tmp_path}", *SMOKE], line)
+  assert not (tmp_path / "results.json").exists()
+  result = run("experiments.images", f"--workdir={tmp_path}", *SMOKE)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _results(tmp_path)["models"] == _results(smoke_run[1])["models"]   # bitwise
+
+
+def test_stage_2_on_a_stage_1_checkpoint_of_another_architecture_is_refused(smoke_run,
+                                                                           tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(smoke_run[1], workdir)
+  os.remove(workdir / "config.json")   # only the checkpoints themselves can tell now
+  listing = {str(p): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  result = run("experiments.images", f"--workdir={workdir}", *SMOKE, "--encoder_channels=4,8")
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  assert "checkpoints/vae_seed0 cannot be restored" in result.stderr
+  assert {str(p): p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == listing
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--dataset=cifar10", "--tier=smoke"], "--dataset=cifar10 is not known"),
+    (SMOKE + ["--seed=2147483600", "--num_seeds=100"], "--seed + --num_seeds"),
+    (SMOKE + ["--hypernet_input=pixels"], "--hypernet_input=pixels is not known"),
     (["--dataset=mnist", "--tier=huge"], "--tier=huge is not known"),
     (["--tier=smoke"], "--dataset is required"),
     (SMOKE + ["--batch_size=0"], "--batch_size must be a positive integer"),

@@ -1,4 +1,5 @@
-"""The synthetic command line end to end: outputs, schema, resume, and bad input (exit 2)."""
+"""The synthetic command line end to end: outputs, schema, resume after SIGKILL, determinism,
+divergence (exit 1) and bad input (exit 2)."""
 
 import json
 import os
@@ -80,7 +81,8 @@ def test_second_run_resumes_instead_of_retraining(tiny_run):
     ("--encoder_width=-2", "--encoder_width must be a positive integer"),
     ("--sweep_widths=2,0", "--sweep_widths must be positive"),
     ("--sweep_widths=2,x", "--sweep_widths must be a comma-separated list of integers"),
-    ("--seed=-1", "--seed must be a non-negative integer"),
+    ("--seed=-1", "--seed must be an integer in [0, 2147483647]"),
+    ("--data_seed=4294967296", "--data_seed must be an integer in [0, 2147483647]"),
     ("--batch_size=99999", "--batch_size=99999 exceeds --num_examples"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
@@ -125,5 +127,54 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_run, tmp_path):
   listing = sorted(str(p) for p in workdir.rglob("*"))
   result = run(f"--workdir={workdir}", *TINY, "--encoder_width=3")
   assert result.returncode == 2
-  assert "checkpoints/vae does not match this configuration" in result.stderr
+  assert "checkpoints/vae cannot be restored" in result.stderr
   assert sorted(str(p) for p in workdir.rglob("*")) == listing   # nothing written
+
+
+NUMBERS = ("table2", "table3", "efficiency", "gaps", "figure6_examples")
+
+
+def _numbers(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  return {k: results[k] for k in NUMBERS}
+
+
+def test_same_command_twice_gives_identical_numbers(tiny_run, tmp_path):
+  result = run(f"--workdir={tmp_path}", *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _numbers(tmp_path) == _numbers(tiny_run[0])    # bitwise: JSON floats compared exactly
+
+
+@pytest.mark.parametrize("stage", ["vae", "iavae"])
+def test_sigkill_then_rerun_gives_the_uninterrupted_numbers(tiny_run, tmp_path, kill_after_line,
+                                                            stage):
+  # Killed right after the epoch-2 progress line of a stage, while its checkpoint is written.
+  kill_after_line("experiments.synthetic", [f"--workdir={tmp_path}", *TINY], f"[{stage}] epoch 2/")
+  assert not (tmp_path / "results.json").exists()
+  result = run(f"--workdir={tmp_path}", *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  if stage == "iavae":
+    assert "[vae] resumed from the checkpoint at epoch 4" in result.stdout
+  assert _numbers(tmp_path) == _numbers(tiny_run[0])
+
+
+def test_divergence_stops_with_exit_1_naming_stage_model_epoch_and_step(tmp_path):
+  result = run(f"--workdir={tmp_path}", *TINY, "--learning_rate=1e30")
+  assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+  assert "error: [vae] VAE seed 0 diverged in epoch 1: the training loss was NaN or Inf at " \
+         "step 2 of the epoch" in result.stderr, result.stderr[-2000:]
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_corrupted_checkpoint_is_refused_and_left_alone(tiny_run, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(tiny_run[0], workdir)
+  for chunk in (workdir / "checkpoints" / "iavae" / "4" / "default" / "d").iterdir():
+    chunk.write_bytes(b"\0" * chunk.stat().st_size)      # the latest checkpoint's data, zeroed
+  listing = {str(p): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  result = run(f"--workdir={workdir}", *TINY)
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  assert "checkpoints/iavae cannot be restored" in result.stderr and "damaged" in result.stderr
+  assert "checkpoints/iavae/4 to resume from the previous checkpoint" in result.stderr
+  assert {str(p): p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == listing
