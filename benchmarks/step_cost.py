@@ -2,6 +2,7 @@ r"""The cost of one IA-VAE training step relative to one VAE step, measured side
 
   python -m benchmarks.step_cost                    # the paper architecture, batch 50
   python -m benchmarks.step_cost --tier=cpu         # the cpu tier's smaller models
+  python -m benchmarks.step_cost --hypernet_input=encoder   # what the hypernetwork sees
 
 Builds the real stage-1 (VAE) and stage-2 (IA-VAE) steps of experiments.images_train, plus the
 control's, on random data; compiles them; then times them interleaved (VAE, IA-VAE, control,
@@ -10,15 +11,20 @@ with vae_step_s, iavae_step_s, control_step_s (medians), ratio = iavae_step_s / 
 examples per second. Timings are wall-clock on whatever device JAX uses.
 """
 
+import dataclasses
 import json
 import statistics
 import time
 
 from absl import app, flags
 
+from experiments import configs
+
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("tier", "paper", ["paper", "cpu", "smoke"], "Which tier's architecture.")
+flags.DEFINE_enum("tier", "paper", list(configs.IMAGE_TIERS), "Which tier's architecture.")
 flags.DEFINE_integer("repeats", 5, "Timed steps per model (after one compiling step).")
+flags.DEFINE_enum("hypernet_input", None, list(configs.HYPERNET_INPUTS),
+                  "What the IA-VAE's hypernetwork sees (default: the configuration's).")
 
 
 def main(argv):
@@ -26,9 +32,11 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   from iavae_jax import blocks, training
-  from experiments import configs, images_train
+  from experiments import images_train
 
   config = configs.image_config("mnist", FLAGS.tier)
+  if FLAGS.hypernet_input:
+    config = dataclasses.replace(config, hypernet_input=FLAGS.hypernet_input)
   model = images_train.Model(config)
   x0 = jnp.zeros((1, 28, 28, 1))
   enc_vars = model.encoder.init(jax.random.PRNGKey(0), x0)
@@ -71,7 +79,7 @@ def main(argv):
       "ratio": result["iavae_step_s"] / result["vae_step_s"],
       "control_ratio": result["control_step_s"] / result["vae_step_s"],
       "examples_per_s": {name: config.batch_size / result[f"{name}_step_s"] for name in setups},
-      "tier": FLAGS.tier, "batch_size": config.batch_size, "repeats": FLAGS.repeats,
+      "tier": FLAGS.tier, "hypernet_input": config.hypernet_input, "batch_size": config.batch_size, "repeats": FLAGS.repeats,
       "backend": jax.default_backend(), "device": str(jax.devices()[0]),
   })
   print(json.dumps(result))

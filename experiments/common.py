@@ -12,8 +12,28 @@ from absl import app, flags, logging
 
 
 
-flags.DEFINE_bool("debug_nans", False, "Stop at the first operation that produces a NaN "
-                  "(jax_debug_nans: slow; for diagnosing a run that diverged).")
+PARALLEL_MODES = ("none", "seeds", "data")   # iavae_jax.parallel.MODES (no JAX import here)
+
+
+def define_run_flags() -> None:
+  """The flags of every training command: how it uses the devices, and NaN diagnosis."""
+  flags.DEFINE_enum("parallel", "none", list(PARALLEL_MODES),
+                    "Devices: 'seeds' splits the models being trained over all devices, 'data' "
+                    "splits every batch over them (parameters replicated), 'none' uses one.")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first: for runs "
+                    "over several hosts, one process per host. TPU pod slices, SLURM and Open "
+                    "MPI need nothing more; elsewhere give the three flags below.")
+  flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0.")
+  flags.DEFINE_integer("num_processes", None, "With --distributed: the number of processes.")
+  flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0, 1, ...")
+  flags.DEFINE_bool("debug_nans", False, "Stop at the first operation that produces a NaN "
+                    "(jax_debug_nans: slow; for diagnosing a run that diverged).")
+
+
+def parallel_from_flags():
+  """The iavae_jax.parallel.Parallel the run flags ask for (after --distributed is applied)."""
+  from iavae_jax import parallel  # pylint: disable=g-import-not-at-top  (imports JAX)
+  return parallel.Parallel.create(flags.FLAGS.parallel)
 
 
 class ConfigError(ValueError):
@@ -27,15 +47,18 @@ class RunError(RuntimeError):
 
 def run_command(argv: list[str], body: Callable[[], Any]) -> None:
   """An absl main: refuses stray arguments, quiets Orbax's INFO logs (unless --verbosity is
-  given), applies --debug_nans, runs body(), and turns a ConfigError into "error: ..." on stderr
+  given), applies --debug_nans and --distributed (if the command defines them), runs body(), and turns a ConfigError into "error: ..." on stderr
   and exit code 2, a RunError into the same with exit code 1."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}", exitcode=2)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  if flags.FLAGS.debug_nans:
+  if "debug_nans" in flags.FLAGS and (flags.FLAGS.debug_nans or flags.FLAGS.distributed):
     import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update("jax_debug_nans", True)
+    jax.config.update("jax_debug_nans", flags.FLAGS.debug_nans)
+    if flags.FLAGS.distributed:
+      jax.distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                                 flags.FLAGS.process_id)
   try:
     body()
   except (ConfigError, RunError) as e:
@@ -88,8 +111,18 @@ def as_json(config: Any) -> dict:
   return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def is_primary() -> bool:
+  """Whether this process writes the run's files: process 0 of a multi-host run (JAX numbers
+  the processes after jax.distributed.initialize), or the only process."""
+  jax = sys.modules.get("jax")
+  return jax is None or jax.process_index() == 0
+
+
 def write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temp file + rename): a reader never sees half a file."""
+  """Writes JSON atomically (temp file + rename): a reader never sees half a file. Only the
+  primary process writes."""
+  if not is_primary():
+    return
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, allow_nan=True)
@@ -98,10 +131,18 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def write_text(path: str, text: str) -> None:
+  if not is_primary():
+    return
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def save_figure(figure, path: str) -> None:
+  """Saves a matplotlib figure (primary process only)."""
+  if is_primary():
+    figure.savefig(path, dpi=120)
 
 
 class Progress:
@@ -114,6 +155,8 @@ class Progress:
 
   def update(self, epoch: int, active: int, population: int, score_mean: float,
              score_min: float, score_max: float) -> None:
+    if not is_primary():
+      return
     elapsed = time.time() - self.start_time
     rate = (epoch - self.start_epoch) / elapsed if elapsed > 0 else float("nan")
     eta = (self.total - epoch) / rate if rate > 0 else float("nan")

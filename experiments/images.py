@@ -27,6 +27,7 @@ flags.DEFINE_string("data_dir", None, "Directory of local data files or of prepa
                     "(default: the data set's usual place, e.g. /usr/share/datasets/fashion-mnist).")
 flags.DEFINE_enum("source", "auto", ["auto", "local", "tfds"],
                   "Where to read the data: local files, TFDS, or local when present.")
+common.define_run_flags()
 
 _FIELDS = {f.name: f for f in dataclasses.fields(configs.ImageConfig)
            if f.name not in ("dataset", "tier")}
@@ -69,10 +70,15 @@ def config_from_flags() -> configs.ImageConfig:
 def main(argv):
   def body():
     config = config_from_flags()
+    if FLAGS.parallel == "seeds":
+      raise common.ConfigError("--parallel=seeds splits a population of models over the "
+                               "devices; the image experiment trains one model at a time: use "
+                               "--parallel=data.")
     if not FLAGS.workdir:
       raise common.ConfigError("--workdir is required: a directory for checkpoints and results.")
     from experiments import images_train  # imports JAX: after the flags are known to be sound
-    images_train.train_and_evaluate(config, FLAGS.workdir, FLAGS.data_dir, FLAGS.source)
+    images_train.train_and_evaluate(config, FLAGS.workdir, FLAGS.data_dir, FLAGS.source,
+                                    common.parallel_from_flags())
   common.run_command(argv, body)
 
 

@@ -17,9 +17,10 @@ Every model is selected on the validation ELBO and evaluated on the test split: 
 ``test_samples`` samples per example, and an importance-weighted estimate of log p(x) with
 ``iwae_samples`` samples.
 
-The hypernetwork sees the flattened binarised image (the paper's x). Its x-part W_x x is one
-[d_max, 784] matvec per example, shared by every block and slice, so the flattened image costs
-less than a learned feature extractor would.
+What the hypernetwork sees of x is ``config.hypernet_input`` (``Model.hypernet_context``): the
+flattened binarised image (the paper's x), the same over its Euclidean norm (the default), or
+the frozen stage-1 encoder's mean and log-variance. Its x-part W_x x is one [d_max, m] matvec per
+example, shared by every block and slice.
 """
 
 import dataclasses
@@ -37,6 +38,7 @@ import optax
 
 import iavae_jax
 from iavae_jax import adaptive, blocks, distributions, hypernets, objectives, plots, training
+from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import images
 from iavae_jax.models import encoders, pixelcnn
 from experiments import common, stages
@@ -186,7 +188,8 @@ def stage_objective(model: Model, stage: str, layout: blocks.BlockLayout | None)
 
 
 @functools.lru_cache(maxsize=None)  # the same function for every seed: compiled once
-def make_epoch_fn(model: Model, stage: str, layout: blocks.BlockLayout | None, train_size: int):
+def make_epoch_fn(model: Model, stage: str, layout: blocks.BlockLayout | None, train_size: int,
+                  parallel: parallel_lib.Parallel | None = None):
   """The training epoch of one stage (a ``training.make_epoch_fn``), its optimiser and
   schedule."""
   config = model.config
@@ -215,7 +218,7 @@ def make_epoch_fn(model: Model, stage: str, layout: blocks.BlockLayout | None, t
                                config.vae_epochs if stage == "vae" else config.iavae_epochs,
                                config.patience)
   epoch_fn = training.make_epoch_fn(noise_fn, loss_fn, score_fn, optimizer, schedule, merge_aux,
-                                    python_steps=True)
+                                    python_steps=True, parallel=parallel)
   return epoch_fn, optimizer, schedule
 
 
@@ -293,7 +296,8 @@ def reconstruct(model: Model, encode: EncodeFn, params, frozen, x: jax.Array,
 
 
 def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
-               timings: dict, resumed: list) -> dict:
+               timings: dict, resumed: list, parallel: parallel_lib.Parallel | None = None
+               ) -> dict:
   """Trains the three models of one seed (resuming what is in workdir); returns their
   selected parameters and frozen inputs, {stage: (params, frozen, best_epoch, best_score)},
   and the IA-VAE's validation ELBO before training under "iavae_valid_elbo_at_start".
@@ -308,7 +312,7 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
 
   def run(stage, params, frozen):
     layout = (blocks.BlockLayout.from_tree(frozen["phi_avi"]) if stage == "iavae" else None)
-    epoch_fn, optimizer, schedule = make_epoch_fn(model, stage, layout, train.shape[0])
+    epoch_fn, optimizer, schedule = make_epoch_fn(model, stage, layout, train.shape[0], parallel)
     key = jax.random.fold_in(jax.random.fold_in(root, STAGE_IDS[stage]), 1)
     t0 = time.time()
     if os.path.isdir(os.path.join(workdir, "checkpoints", f"{stage}_seed{seed}")):
@@ -316,7 +320,7 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
     state = stages.run_stage(f"{stage}_seed{seed}", workdir, epoch_fn,
                              training.init_state(params, optimizer, key), frozen, train,
                              np.array([seed, STAGE_IDS[stage]]), schedule,
-                             config.checkpoint_every)
+                             config.checkpoint_every, parallel=parallel)
     timings[f"{stage}_seed{seed}"] = time.time() - t0
     results[stage] = (state.best_params, frozen, int(state.best_epoch), float(state.best_score))
     return state.best_params
@@ -355,9 +359,12 @@ def param_counts(model: Model) -> dict:
 
 
 def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None = None,
-                       source: str = "auto") -> dict:
+                       source: str = "auto", parallel: parallel_lib.Parallel | None = None
+                       ) -> dict:
   """Runs the whole protocol for one data set in workdir and writes results.json, results.md,
-  figure8_reconstructions.png and metrics.jsonl."""
+  figure8_reconstructions.png and metrics.jsonl. With a ``parallel`` in ``data`` mode, every
+  training batch is split over its devices (the image seeds train one after another, so
+  ``seeds`` mode does not apply: ``training.train_model`` refuses it)."""
   config.validate()
   try:
     data = images.load(config.dataset, data_dir=data_dir, source=source,
@@ -380,7 +387,7 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
   test = jnp.asarray(data.test)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   for seed in seeds:
-    trained = train_seed(model, workdir, seed, data, timings, resumed)
+    trained = train_seed(model, workdir, seed, data, timings, resumed, parallel)
     t0 = time.time()
     eval_key = jax.random.fold_in(jax.random.PRNGKey(seed), STAGE_IDS["eval"])
     layout = blocks.BlockLayout.from_tree(trained["iavae"][1]["phi_avi"])
@@ -422,6 +429,7 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
       "config": common.as_json(config),
       "environment": {"iavae_jax": iavae_jax.__version__, "jax": jax.__version__,
                       "backend": jax.default_backend(), "devices": len(jax.devices()),
+                      "parallel": "none" if parallel is None else parallel.mode,
                       "machine": platform.machine(), "cpu_count": os.cpu_count()},
   }
   common.write_json(os.path.join(workdir, "results.json"), results)
@@ -431,7 +439,7 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
         np.asarray(data.test[:config.num_reconstructions]), recon,
         f"{config.dataset} ({config.tier} tier, seed {seeds[0]}): test images and x' ~ p(x | z = "
         "mean of q(z | x)), drawn pixel by pixel")
-    fig8.savefig(os.path.join(workdir, "figure8_reconstructions.png"), dpi=120)
+    common.save_figure(fig8, os.path.join(workdir, "figure8_reconstructions.png"))
   common.record_config(workdir, config)
   print(f"wrote {workdir}/results.json ({results['wall_seconds']:.1f} s)", flush=True)
   return results

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import checkpoints, training
+from iavae_jax import checkpoints, parallel as parallel_lib, training
 from experiments import common
 
 KEPT_CHECKPOINTS = 2
@@ -17,7 +17,8 @@ KEPT_CHECKPOINTS = 2
 def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, frozen, data,
               order_seeds, schedule: training.Schedule, checkpoint_every: int,
               epochs_per_call: int | None = None,
-              model_names: list[str] | None = None) -> training.TrainState:
+              model_names: list[str] | None = None,
+              parallel: parallel_lib.Parallel | None = None) -> training.TrainState:
   """Trains (or resumes, or just loads) the population ``states`` under DIR/checkpoints/NAME,
   ``epochs_per_call`` epochs per jitted call (``training.train_population``); without
   ``epochs_per_call``, ``states`` is one model's, trained by ``training.train_model``.
@@ -29,6 +30,9 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, fr
   Faults raise RunError and leave the last good checkpoint as it was: a NaN or Inf in a model's
   loss or parameters (the message names the stage, the model from ``model_names``, the epoch and
   the step), too little free disk for the checkpoints, or a failed checkpoint write.
+
+  With a ``parallel``, training uses its devices (see ``iavae_jax.parallel``); checkpoints and
+  the returned state are host copies, so a run may resume on another number of devices.
   """
   directory = os.path.join(workdir, "checkpoints", name)
   ckpt = checkpoints.Checkpointer(directory, max_to_keep=KEPT_CHECKPOINTS)
@@ -55,11 +59,13 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, fr
   epochs_before = [np.asarray(states.epoch).reshape(-1)]
 
   def on_chunk(states, metrics):
+    states = parallel_lib.to_host(states)   # NumPy: gathered if spread over hosts
+    metrics = parallel_lib.to_host(metrics)
     _check_finite(name, names, epochs_before[0], metrics, directory, last_saved[0])
-    epochs_before[0] = np.asarray(states.epoch).reshape(-1)
-    epoch = int(jnp.max(states.epoch))
+    epochs_before[0] = states.epoch.reshape(-1)
+    epoch = int(states.epoch.max())
     done = np.asarray(training.is_done(states, schedule))
-    best = np.asarray(states.best_score)
+    best = states.best_score
     progress.update(epoch, int((~done).sum()), done.size, float(best.mean()), float(best.min()),
                     float(best.max()))
     if done.all() or epoch // checkpoint_every > last_saved[0] // checkpoint_every:
@@ -76,13 +82,13 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, fr
   try:
     if epochs_per_call is not None:
       states = training.train_population(epoch_fn, states, frozen, data, order_seeds, schedule,
-                                         epochs_per_call, on_chunk)
+                                         epochs_per_call, on_chunk, parallel)
     else:
       states = training.train_model(epoch_fn, states, frozen, data, order_seeds, schedule,
-                                    on_chunk)
+                                    on_chunk, parallel)
   finally:
     ckpt.close()
-  return states
+  return states if parallel is None else parallel_lib.to_host(states)
 
 
 def _check_finite(name, model_names, epochs_before, metrics: training.EpochMetrics, directory,
@@ -95,11 +101,12 @@ def _check_finite(name, model_names, epochs_before, metrics: training.EpochMetri
   bad_step = int(np.asarray(metrics.bad_step).reshape(bad.shape)[epoch_index, model])
   what = (f"the training loss was NaN or Inf at step {bad_step + 1} of the epoch"
           if bad_step >= 0 else "the parameters became NaN or Inf (the loss stayed finite)")
+  kept = (f"the last good checkpoint (epoch {last_saved}) is intact in {directory}" if last_saved
+          else "no checkpoint of this stage had been saved yet")
   raise common.RunError(
       f"[{name}] {model_names[model]} diverged in epoch {int(epochs_before[model]) + epoch_index + 1}"
-      f": {what}. Nothing of that epoch was saved; the last good checkpoint (epoch {last_saved}) "
-      f"is intact in {directory}. Rerun with --debug_nans to stop at the operation that "
-      "produced it, or lower the learning rate.")
+      f": {what}. Nothing of that epoch was saved; {kept}. Rerun with --debug_nans to stop at "
+      "the operation that produced it, or lower the learning rate.")
 
 
 def _check_free_space(name: str, directory: str, states) -> None:

@@ -18,6 +18,7 @@ from experiments import common, configs
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and results (created if absent).")
 flags.DEFINE_bool("quick", False, "Run the reduced protocol (fewer seeds and epochs).")
+common.define_run_flags()
 
 _INT_FIELDS = ["num_examples", "data_seed", "seed", "encoder_width", "embed_dim", "batch_size",
                "max_epochs", "patience", "num_samples", "num_vae_seeds", "num_iavae_seeds",
@@ -47,7 +48,7 @@ def main(argv):
   def body():
     config = config_from_flags()
     from experiments import synthetic_train  # imports JAX: after the flags are known to be sound
-    synthetic_train.train_and_evaluate(config, FLAGS.workdir)
+    synthetic_train.train_and_evaluate(config, FLAGS.workdir, common.parallel_from_flags())
   common.run_command(argv, body)
 
 

@@ -26,7 +26,7 @@ import optax
 
 import iavae_jax
 from iavae_jax import adaptive, blocks, distributions, hypernets, objectives, plots
-from iavae_jax import posterior, training
+from iavae_jax import parallel as parallel_lib, posterior, training
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders, oracle
 from experiments import common, stages
@@ -53,7 +53,8 @@ def iavae_encode(config: SyntheticConfig, layout: blocks.BlockLayout) -> EncodeF
       encoder_apply, hypernet_apply, phi_avi, psi, x)
 
 
-def make_epoch_fn(config: SyntheticConfig, encode: EncodeFn):
+def make_epoch_fn(config: SyntheticConfig, encode: EncodeFn,
+                  parallel: parallel_lib.Parallel | None = None):
   """The training epoch: S-sample Monte Carlo ELBO for the gradient, exact ELBO monitored."""
   def noise_fn(key, num_steps, unused_epoch):
     return jax.random.normal(
@@ -71,7 +72,8 @@ def make_epoch_fn(config: SyntheticConfig, encode: EncodeFn):
 
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   optimizer = optax.adam(config.learning_rate)
-  return training.make_epoch_fn(noise_fn, loss_fn, score_fn, optimizer, schedule), optimizer
+  return training.make_epoch_fn(noise_fn, loss_fn, score_fn, optimizer, schedule,
+                                parallel=parallel), optimizer
 
 
 def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...]]):
@@ -89,14 +91,15 @@ def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...
 
 
 def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: EncodeFn,
-                params, frozen, train_keys, order_seeds, data) -> training.TrainState:
+                params, frozen, train_keys, order_seeds, data,
+                parallel: parallel_lib.Parallel | None = None) -> training.TrainState:
   """Trains (or resumes, or just loads) one population; returns its final states."""
-  epoch_fn, optimizer = make_epoch_fn(config, encode)
+  epoch_fn, optimizer = make_epoch_fn(config, encode, parallel)
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   states = jax.vmap(lambda p, k: training.init_state(p, optimizer, k))(params, train_keys)
   names = [MODEL_NAMES[name].format(*map(int, row[2:])) for row in order_seeds]
   return stages.run_stage(name, workdir, epoch_fn, states, frozen, data, order_seeds, schedule,
-                          config.checkpoint_every, config.epochs_per_call, names)
+                          config.checkpoint_every, config.epochs_per_call, names, parallel)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -120,8 +123,10 @@ def _stats(values) -> dict:
           else 0.0}
 
 
-def train_and_evaluate(config: SyntheticConfig, workdir: str) -> dict:
-  """Runs the whole protocol in workdir (resuming what is there) and writes every output."""
+def train_and_evaluate(config: SyntheticConfig, workdir: str,
+                       parallel: parallel_lib.Parallel | None = None) -> dict:
+  """Runs the whole protocol in workdir (resuming what is there) and writes every output; with a
+  ``parallel``, the populations train on its devices (``iavae_jax.parallel``)."""
   config.validate()
   common.prepare_workdir(workdir, config)
   start = time.time()
@@ -138,7 +143,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str) -> dict:
   init_keys, train_keys, order_seeds = model_keys(config, "vae", vae_indices)
   vae_params0 = jax.vmap(lambda k: encoder.init(k, x[0])["params"])(init_keys)
   vae_states = train_stage("vae", workdir, config, vae_encode(config.encoder_width), vae_params0,
-                           jnp.zeros(len(vae_indices)), train_keys, order_seeds, x)
+                           jnp.zeros(len(vae_indices)), train_keys, order_seeds, x, parallel)
   phi_avi = vae_states.best_params
   timings["vae"] = time.time() - t0
 
@@ -153,7 +158,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str) -> dict:
   frozen_phi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi_avi)
   iavae_fn = iavae_encode(config, layout)
   iavae_states = train_stage("iavae", workdir, config, iavae_fn, psi0, frozen_phi, train_keys,
-                             order_seeds, x)
+                             order_seeds, x, parallel)
   timings["iavae"] = time.time() - t0
 
   # Stage 3: the width sweep, zero-padded to the widest encoder.
@@ -167,7 +172,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str) -> dict:
   sweep_params0 = jax.tree.map(lambda *a: jnp.stack(a), *sweep_params0)
   sweep_fn = vae_encode(max_width)
   sweep_states = train_stage("sweep", workdir, config, sweep_fn, sweep_params0,
-                             jnp.zeros(len(sweep_indices)), train_keys, order_seeds, x)
+                             jnp.zeros(len(sweep_indices)), train_keys, order_seeds, x, parallel)
   timings["sweep"] = time.time() - t0
 
   # The true posterior, log p(x) and q*.
@@ -287,11 +292,11 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str) -> dict:
         "mu_iavae": np.asarray(iavae_means[0, i]), "precision": np.asarray(summary.precision[i]),
         "title": f"example {i}: x = ({', '.join(f'{v:.2f}' for v in np.asarray(x[i]))})"})
   fig6 = plots.posterior_figure(panels)
-  fig6.savefig(os.path.join(workdir, "figure6_posterior.png"), dpi=120)
+  common.save_figure(fig6, os.path.join(workdir, "figure6_posterior.png"))
   fig7 = plots.efficiency_figure([c["params"] for c in curve], [c["elbo"] for c in curve],
                                  [c["elbo_std"] for c in curve], efficiency["iavae_params"],
                                  iavae_elbo["mean"], iavae_elbo["std"])
-  fig7.savefig(os.path.join(workdir, "figure7_efficiency.png"), dpi=120)
+  common.save_figure(fig7, os.path.join(workdir, "figure7_efficiency.png"))
 
   results = {
       "config": dataclasses.asdict(config),
@@ -304,6 +309,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str) -> dict:
       "wall_seconds": time.time() - start,
       "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                       "devices": jax.device_count(), "python": platform.python_version(),
+                      "parallel": "none" if parallel is None else parallel.mode,
                       "iavae_jax": iavae_jax.__version__},
   }
   common.record_config(workdir, config)

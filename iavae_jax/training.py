@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from iavae_jax import parallel as parallel_lib
 from iavae_jax.blocks import PyTree
 
 NoiseFn = Callable[[jax.Array, int, jax.Array], PyTree]
@@ -127,7 +128,8 @@ def make_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
                   optimizer: optax.GradientTransformation, schedule: Schedule,
                   merge_aux: Optional[Callable[[PyTree, PyTree], PyTree]] = None,
-                  python_steps: bool = False):
+                  python_steps: bool = False,
+                  parallel: Optional[parallel_lib.Parallel] = None):
   """Returns epoch(state, frozen, data, order) -> (state, EpochMetrics) for one model.
 
   order: [num_steps * batch_size] example indices for this epoch. A model that is done passes
@@ -138,11 +140,18 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
   epoch is a Python loop over a jitted step (not itself jittable; drive it with ``train_model``):
   XLA:CPU runs convolution gradients inside a loop ~8x slower than outside one (measured in
   DESIGN.md), so convolutional models take this form.
+
+  With a ``parallel`` in ``data`` mode, every batch is split over its devices (the caller
+  places states, frozen and data with ``parallel.shared``; ``train_model`` and
+  ``train_population`` do).
   """
   def begin(state: TrainState, data: jax.Array, order: jax.Array):
     num_steps = order.shape[0] // schedule.batch_size
     key, noise_key = jax.random.split(state.key)
     batches = data[order.reshape(num_steps, schedule.batch_size)]
+    if parallel is not None and parallel.mode == "data":   # [steps, batch, ...]: split batch
+      batches = jax.lax.with_sharding_constraint(
+          batches, parallel.batch_sharding(1, batches.ndim))
     return key, batches, noise_fn(noise_key, num_steps, state.epoch)
 
   step = make_step_fn(loss_fn, optimizer, merge_aux)
@@ -195,11 +204,18 @@ def _check_one_batch(caller: str, data: jax.Array, schedule: Schedule) -> None:
 
 def train_model(epoch_fn, state: TrainState, frozen: PyTree, data: jax.Array, order_seed,
                 schedule: Schedule, on_epoch: Optional[Callable[[TrainState, EpochMetrics], Any]]
-                = None) -> TrainState:
+                = None, parallel: Optional[parallel_lib.Parallel] = None) -> TrainState:
   """Runs one model (no population axis) until it stops early or reaches max_epochs, calling
   ``on_epoch(state, metrics)`` after every epoch. For ``python_steps`` epochs; the data order is
-  that of ``data_orders`` with the same seed, so it matches a population run's."""
+  that of ``data_orders`` with the same seed, so it matches a population run's. With a
+  ``parallel`` (``data`` mode: the epoch_fn's), the state, frozen inputs and data are replicated
+  over its devices."""
   _check_one_batch("train_model", data, schedule)
+  if parallel is not None:
+    if parallel.mode == "seeds":
+      raise ValueError("train_model trains one model: seed-parallel training needs a "
+                       "population (train_population).")
+    state, frozen, data = parallel.shared((state, frozen, data))
   order_seed = np.asarray(order_seed).reshape(1, -1)
   while not bool(is_done(state, schedule)):
     order = data_orders(order_seed, int(state.epoch), 1, data.shape[0], schedule.batch_size)
@@ -236,26 +252,40 @@ def data_orders(order_seeds: np.ndarray, first_epoch: int, num_epochs: int, num_
 
 def train_population(epoch_fn, states: TrainState, frozen: PyTree, data: jax.Array,
                      order_seeds: np.ndarray, schedule: Schedule, epochs_per_call: int,
-                     on_chunk: Optional[Callable[[TrainState, EpochMetrics], Any]] = None
-                     ) -> TrainState:
+                     on_chunk: Optional[Callable[[TrainState, EpochMetrics], Any]] = None,
+                     parallel: Optional[parallel_lib.Parallel] = None) -> TrainState:
   """Runs a population until every model has stopped early or reached max_epochs.
 
   Each jitted call runs ``epochs_per_call`` epochs (epochs past a model's end are no-ops), then
   ``on_chunk(states, metrics)`` is called: the caller's hook for progress, metrics and
   checkpoints. ``states`` may come from a checkpoint: training resumes where it stopped (models
   still training are in lockstep, at the population's largest epoch count).
+
+  With a ``parallel``, the population is placed on its devices (``seeds``: split, padded to a
+  multiple of the device count; ``data``: replicated, batches split by the epoch_fn); on_chunk
+  and the caller then get host (NumPy) copies of the population as given, without padding.
   """
   if epochs_per_call <= 0:
     raise ValueError(f"train_population: epochs_per_call must be positive, got {epochs_per_call}.")
   _check_one_batch("train_population", data, schedule)
   order_seeds = np.asarray(order_seeds).reshape(len(order_seeds), -1)
+  num_models = len(order_seeds)
+  place_orders = unplace = lambda tree, axis=0: tree
+  if parallel is not None and parallel.mesh is not None:
+    size = parallel.padded_size(num_models)
+    states, frozen, order_seeds = parallel_lib.pad_models((states, frozen, order_seeds), size)
+    states, frozen = parallel.models((states, frozen))
+    data = parallel.shared(data)
+    place_orders = lambda orders: parallel.models(orders, axis=1)
+    unplace = lambda tree, axis=0: jax.tree.map(
+        lambda a: np.take(a, np.arange(num_models), axis=axis), parallel_lib.to_host(tree))
   run = make_population_step(epoch_fn)
-  epoch = int(jnp.max(states.epoch))
+  epoch = int(jnp.max(parallel_lib.to_host(states.epoch)))
   orders = data_orders(order_seeds, epoch, epochs_per_call, data.shape[0], schedule.batch_size)
-  while not bool(jnp.all(is_done(states, schedule))):
-    states, metrics = run(states, frozen, data, orders)   # dispatched asynchronously
+  while not bool(np.all(parallel_lib.to_host(is_done(states, schedule)))):
+    states, metrics = run(states, frozen, data, place_orders(orders))   # dispatched async
     epoch += epochs_per_call
     orders = data_orders(order_seeds, epoch, epochs_per_call, data.shape[0], schedule.batch_size)
     if on_chunk is not None:
-      on_chunk(states, metrics)
-  return states
+      on_chunk(unplace(states), unplace(metrics, axis=1))   # metrics: [epochs, models]
+  return unplace(states)

@@ -1,4 +1,5 @@
-"""Shared test set-up: 64-bit off (the library's default), fixed keys, command-line runs."""
+"""Shared test set-up: 64-bit off (the library's default), fixed keys, and command-line runs
+shared by the test modules (one tiny synthetic run, one smoke image run per session)."""
 
 import os
 import signal
@@ -9,11 +10,44 @@ import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST_5K = os.path.join(ROOT, "..", "shared", "data", "mnist-5k")
+# The synthetic protocol in seconds: 2 VAEs x 2 IA-VAEs, widths 2 and 4, 4 epochs.
+TINY = ["--quick", "--num_examples=256", "--max_epochs=4", "--patience=2", "--epochs_per_call=2",
+        "--checkpoint_every=2", "--num_vae_seeds=2", "--num_iavae_seeds=2",
+        "--sweep_widths=2,4"]
+SMOKE = ["--dataset=mnist", "--tier=smoke", f"--data_dir={MNIST_5K}"]
 
 
 @pytest.fixture
 def key():
   return jax.random.PRNGKey(0)
+
+
+def run_module(module: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+  """``python -m module *args`` in the repository root, output captured."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=900, env=env)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """(workdir, result) of the TINY synthetic run."""
+  workdir = str(tmp_path_factory.mktemp("synthetic"))
+  result = run_module("experiments.synthetic", f"--workdir={workdir}", *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+  """(root, workdir = root/mnist, result) of the smoke-tier image run on the MNIST subset."""
+  if not os.path.isdir(MNIST_5K):
+    pytest.skip(f"the MNIST subset is not at {MNIST_5K}")
+  root = str(tmp_path_factory.mktemp("images"))
+  workdir = os.path.join(root, "mnist")
+  result = run_module("experiments.images", f"--workdir={workdir}", *SMOKE)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return root, workdir, result
 
 
 def _kill_after_line(module: str, args: list, prefix: str) -> str:

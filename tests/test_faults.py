@@ -65,11 +65,12 @@ def test_nan_in_a_single_model_run_is_caught_after_its_epoch(tmp_path):
   epoch_fn = _poisoned_epoch_fn(bad_epoch=0, bad_step=2, python_steps=True)
   state = jax.tree.map(lambda a: a[1], _states(2))
   with pytest.raises(common.RunError, match=r"\[iavae_seed3\] iavae_seed3 diverged in epoch 1: "
-                     r"the training loss was NaN or Inf at step 3"):
+                     r"the training loss was NaN or Inf at step 3 .* no checkpoint of this "
+                     r"stage had been saved yet"):
     stages.run_stage("iavae_seed3", str(tmp_path), epoch_fn, state, jnp.array(1), DATA,
                      np.array([3]), SCHEDULE, checkpoint_every=1)
   ckpt = checkpoints.Checkpointer(os.path.join(tmp_path, "checkpoints", "iavae_seed3"))
-  assert ckpt.latest_step() is None      # nothing was good enough to save
+  assert ckpt.latest_step() is None      # nothing was good enough to save, and the error says so
   ckpt.close()
 
 
@@ -113,4 +114,26 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(tmp_
   ckpt = checkpoints.Checkpointer(os.path.join(tmp_path, "checkpoints", "vae"))
   assert ckpt.latest_step() == 2
   chex.assert_tree_all_finite(ckpt.restore(like=_states(3)).params)
+  ckpt.close()
+
+
+def test_a_half_written_checkpoint_is_never_read(tmp_path):
+  # What a kill during a save leaves: Orbax writes step 4 into "4.orbax-checkpoint-tmp-<time>"
+  # and renames it to "4" only when complete.
+  directory = tmp_path / "vae"
+  states = _states(3)
+  ckpt = checkpoints.Checkpointer(str(directory))
+  ckpt.save(2, states)
+  ckpt.close()
+  partial = directory / "4.orbax-checkpoint-tmp-1764000000"
+  shutil.copytree(directory / "2", partial)
+  for path in partial.rglob("*"):
+    if path.is_file():
+      path.write_bytes(path.read_bytes()[:3])          # truncated mid-write
+  ckpt = checkpoints.Checkpointer(str(directory))
+  assert ckpt.latest_step() == 2
+  chex.assert_trees_all_equal(ckpt.restore(like=states), states)
+  ckpt.save(4, states)                                  # the resumed run saves step 4 for real
+  assert ckpt.latest_step() == 4
+  chex.assert_trees_all_equal(ckpt.restore(like=states), states)
   ckpt.close()

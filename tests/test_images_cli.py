@@ -6,8 +6,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import chex
@@ -19,27 +17,7 @@ import pytest
 from iavae_jax import blocks, checkpoints, training
 from experiments import configs, images_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MNIST_5K = os.path.join(ROOT, "..", "shared", "data", "mnist-5k")
-needs_mnist = pytest.mark.skipif(not os.path.isdir(MNIST_5K),
-                                 reason=f"the MNIST subset is not at {MNIST_5K}")
-SMOKE = ["--dataset=mnist", "--tier=smoke", f"--data_dir={MNIST_5K}"]
-
-
-def run(module, *args):
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-  if not os.path.isdir(MNIST_5K):
-    pytest.skip(f"the MNIST subset is not at {MNIST_5K}")
-  root = str(tmp_path_factory.mktemp("images"))
-  workdir = os.path.join(root, "mnist")
-  result = run("experiments.images", f"--workdir={workdir}", *SMOKE)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return root, workdir, result
+from conftest import MNIST_5K, SMOKE, run_module as run
 
 
 def _results(workdir):

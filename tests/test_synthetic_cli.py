@@ -4,28 +4,14 @@ divergence (exit 1) and bad input (exit 2)."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--quick", "--num_examples=256", "--max_epochs=4", "--patience=2", "--epochs_per_call=2",
-        "--checkpoint_every=2", "--num_vae_seeds=2", "--num_iavae_seeds=2",
-        "--sweep_widths=2,4"]
+from conftest import TINY, run_module
 
 
 def run(*args):
-  return subprocess.run([sys.executable, "-m", "experiments.synthetic", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("synthetic"))
-  result = run(f"--workdir={workdir}", *TINY)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result
+  return run_module("experiments.synthetic", *args)
 
 
 def test_outputs_and_schema(tiny_run):
