@@ -14,6 +14,7 @@ import pytest
 
 from iavae_jax import checkpoints, training
 from experiments import common, stages
+from test_training import _states
 
 DATA = jnp.linspace(-1.0, 1.0, 40)[:, None]
 SCHEDULE = training.Schedule(batch_size=8, max_epochs=8, patience=8)   # 5 steps an epoch
@@ -33,12 +34,6 @@ def _poisoned_epoch_fn(bad_epoch: int, bad_step: int, python_steps: bool = False
   score_fn = lambda params, frozen, data: -params["w"] ** 2
   return training.make_epoch_fn(noise_fn, loss_fn, score_fn, optax.sgd(0.1), SCHEDULE,
                                 python_steps=python_steps)
-
-
-def _states(num_models):
-  params = {"w": jnp.arange(num_models, dtype=jnp.float32) + 1.0}
-  keys = jax.random.split(jax.random.PRNGKey(0), num_models)
-  return jax.vmap(lambda p, k: training.init_state(p, optax.sgd(0.1), k))(params, keys)
 
 
 def test_nan_in_a_population_names_model_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path):
