@@ -164,3 +164,9 @@ def test_corrupted_checkpoint_is_refused_and_left_alone(tiny_run, tmp_path):
   assert "checkpoints/iavae cannot be restored" in result.stderr and "damaged" in result.stderr
   assert "checkpoints/iavae/4 to resume from the previous checkpoint" in result.stderr
   assert {str(p): p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == listing
+
+
+def test_debug_nans_stops_at_the_operation(tmp_path):
+  result = run(f"--workdir={tmp_path}", *TINY, "--learning_rate=1e30", "--debug_nans")
+  assert result.returncode != 0
+  assert "FloatingPointError" in result.stderr and "nan" in result.stderr.lower()
