@@ -59,18 +59,17 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, fr
   epochs_before = [np.asarray(states.epoch).reshape(-1)]
 
   def on_chunk(states, metrics):
-    states = parallel_lib.to_host(states)   # NumPy: gathered if spread over hosts
-    metrics = parallel_lib.to_host(metrics)
+    # NumPy copies (gathered if spread over hosts); the whole state only when it is saved.
+    metrics, epochs, best, done = parallel_lib.to_host(
+        (metrics, states.epoch, states.best_score, training.is_done(states, schedule)))
     _check_finite(name, names, epochs_before[0], metrics, directory, last_saved[0])
-    epochs_before[0] = states.epoch.reshape(-1)
-    epoch = int(states.epoch.max())
-    done = np.asarray(training.is_done(states, schedule))
-    best = states.best_score
+    epochs_before[0] = epochs.reshape(-1)
+    epoch = int(epochs.max())
     progress.update(epoch, int((~done).sum()), done.size, float(best.mean()), float(best.min()),
                     float(best.max()))
     if done.all() or epoch // checkpoint_every > last_saved[0] // checkpoint_every:
       try:
-        ckpt.save(epoch, states)
+        ckpt.save(epoch, parallel_lib.to_host(states))
       except Exception as e:
         raise common.RunError(
             f"[{name}] could not write the checkpoint of epoch {epoch} in {directory} "
