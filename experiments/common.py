@@ -1,12 +1,15 @@
 """What every command line shares: usage errors, the workdir contract, progress, JSON output."""
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from absl import app, flags, logging
 
@@ -73,15 +76,13 @@ def prepare_workdir(workdir: str, config: Any) -> None:
   A workdir holds the checkpoints of one configuration; resuming it with another would mix runs,
   so that is refused before anything is written.
   """
-  if not workdir:
-    raise ConfigError("--workdir is required: a directory for checkpoints and results.")
+  _require_workdir(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir):
       pass
   except OSError as e:
-    raise ConfigError(f"--workdir={workdir} is not a writable directory ({e.strerror}); "
-                      "choose another --workdir.") from e
+    raise _not_writable(workdir, e) from e
   wanted = as_json(config)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
@@ -97,6 +98,95 @@ def prepare_workdir(workdir: str, config: Any) -> None:
     write_json(path, wanted)
   # Checkpoints without a config.json: restoring them checks their structure and shapes, and the
   # run records its config only once it has finished (see record_config).
+
+
+def _require_workdir(workdir: str) -> None:
+  if not workdir:
+    raise ConfigError("--workdir is required: a directory for checkpoints and results.")
+
+
+def _not_writable(workdir: str, e: OSError) -> ConfigError:
+  return ConfigError(f"--workdir={workdir} is not a writable directory ({e.strerror}); "
+                     "choose another --workdir.")
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds workdir for one run while the block runs: every command that writes into a workdir
+  wraps its work in ``with workdir_lock(workdir):``, after its flags are checked and before it
+  reads or writes anything there.
+
+  Creates workdir if absent and takes an exclusive flock(2) on workdir/.lock, which reads
+  "pid P on HOST" while held and is removed on release (with workdir too, if this call created
+  it and nothing was written into it: bad input found inside the block leaves nothing behind).
+  If another process holds it, raises ConfigError naming the workdir and the holder, having
+  created and changed nothing. The OS drops the lock when its holder exits in any way (kill -9
+  included), so it is never stale: the next run takes over the file a killed one left.
+  In a multi-process run (--distributed) only the primary process takes the lock, and every
+  process learns whether it did, so that all of them stop together when it is refused.
+  """
+  fd, created, error = None, False, None
+  if is_primary():
+    try:
+      fd, created = _lock(workdir)
+    except ConfigError as e:
+      error = e
+  if _primary_says(error is not None):
+    raise error or ConfigError(f"--workdir={workdir}: process 0 could not take the workdir "
+                               "(see its error).")
+  try:
+    yield
+  finally:
+    if fd is not None:
+      # Removed while still locked: a process that opened it meanwhile finds it gone once it
+      # gets the lock, and starts again (see _lock).
+      os.remove(os.path.join(workdir, LOCK_FILE))
+      os.close(fd)
+      if created:
+        with contextlib.suppress(OSError):   # not empty: the run wrote into it
+          os.rmdir(workdir)
+
+
+def _lock(workdir: str) -> tuple[int, bool]:
+  """workdir/.lock's descriptor, exclusively locked and naming this process, and whether this
+  call created workdir."""
+  _require_workdir(workdir)
+  path = os.path.join(workdir, LOCK_FILE)
+  created = not os.path.exists(workdir)
+  while True:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)   # no O_TRUNC: a holder's pid stays
+    except OSError as e:
+      raise _not_writable(workdir, e) from e
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 256).decode(errors="replace").strip() or "pid not yet written"
+      os.close(fd)
+      raise ConfigError(f"--workdir={workdir} is in use by another run ({holder}, holding "
+                        f"{path}). Wait for it to finish or stop it, or choose another "
+                        "--workdir.") from None
+    try:
+      if os.path.samestat(os.fstat(fd), os.stat(path)):
+        break
+    except FileNotFoundError:
+      pass
+    os.close(fd)   # its last holder removed it between our open and our lock: open the new one
+  os.ftruncate(fd, 0)
+  os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+  return fd, created
+
+
+def _primary_says(flag: bool) -> bool:
+  """flag as the primary process has it, in every process of a multi-process run."""
+  if "jax" not in sys.modules:   # --distributed imports JAX first: without it, one process
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(int(flag)))
 
 
 def record_config(workdir: str, config: Any) -> None:
