@@ -10,7 +10,8 @@ families, smaller, 5 seeds: the whole comparison on a 2-core CPU), ``smoke`` (se
 Writes DIR/results.json (per-seed test metrics of vae, iavae and control), DIR/results.md,
 DIR/figure8_reconstructions.png, DIR/metrics.jsonl and Orbax checkpoints under DIR/checkpoints;
 the same command again resumes. Any configuration field can be overridden by the flag of its
-name. Bad input exits with code 2 and a message naming the flag or file.
+name. Bad input exits with code 2 and a message naming the flag or file; so does a second
+command on a DIR that a running one holds (DIR/.lock), naming that one's pid.
 """
 
 import dataclasses
@@ -74,11 +75,10 @@ def main(argv):
       raise common.ConfigError("--parallel=seeds splits a population of models over the "
                                "devices; the image experiment trains one model at a time: use "
                                "--parallel=data.")
-    if not FLAGS.workdir:
-      raise common.ConfigError("--workdir is required: a directory for checkpoints and results.")
-    from experiments import images_train  # imports JAX: after the flags are known to be sound
-    images_train.train_and_evaluate(config, FLAGS.workdir, FLAGS.data_dir, FLAGS.source,
-                                    common.parallel_from_flags())
+    with common.workdir_lock(FLAGS.workdir):
+      from experiments import images_train  # imports JAX: after the flags are known to be sound
+      images_train.train_and_evaluate(config, FLAGS.workdir, FLAGS.data_dir, FLAGS.source,
+                                      common.parallel_from_flags())
   common.run_command(argv, body)
 
 

@@ -3,8 +3,9 @@ r"""Table 4 of the paper from the results of experiments.images.
   python -m experiments.report --workdir=runs
 
 Finds every results.json under DIR (recursively) whose top-level "experiment" is "images" (one
-per data set) and writes DIR/table4.json and DIR/table4.md. Nothing is trained or recomputed:
-the numbers are the per-seed test metrics those runs recorded.
+per data set) and writes DIR/table4.json and DIR/table4.md (exit code 2 while another command
+holds DIR; the runs under DIR may be training meanwhile). Nothing is trained or recomputed: the
+numbers are the per-seed test metrics those runs recorded.
 
 table4.json maps each data set, in the paper's order (omniglot, mnist, fashion_mnist, then
 others alphabetically), to
@@ -258,8 +259,11 @@ def write_report(workdir: str) -> dict:
                              f"python -m experiments.images --workdir={workdir}/<dataset> ... "
                              "first.")
   table = build_table4(workdir, paths)
-  common.write_json(os.path.join(workdir, "table4.json"), table)
-  common.write_text(os.path.join(workdir, "table4.md"), render_markdown(table))
+  # Only workdir itself is locked: the runs under it may still be training, as their
+  # results.json is replaced whole, never half-written.
+  with common.workdir_lock(workdir):
+    common.write_json(os.path.join(workdir, "table4.json"), table)
+    common.write_text(os.path.join(workdir, "table4.md"), render_markdown(table))
   return table
 
 
@@ -272,9 +276,7 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   def body():
-    write_report(FLAGS.workdir)
-    with open(os.path.join(FLAGS.workdir, "table4.md")) as f:
-      print(f.read(), end="")
+    print(render_markdown(write_report(FLAGS.workdir)), end="")
     print(f"wrote {os.path.join(FLAGS.workdir, 'table4.json')} and "
           f"{os.path.join(FLAGS.workdir, 'table4.md')}")
   common.run_command(argv, body)

@@ -6,7 +6,8 @@ r"""The synthetic oracle experiment from the command line.
 Writes DIR/results.json, DIR/results.md, DIR/figure6_posterior.png, DIR/figure7_efficiency.png,
 DIR/metrics.jsonl and Orbax checkpoints under DIR/checkpoints; a second run with the same flags
 resumes from them. Any field of the configuration can be overridden by the flag of its name.
-Bad input exits with code 2 and a message naming the flag.
+Bad input exits with code 2 and a message naming the flag; so does a second command on a DIR
+that a running one holds (DIR/.lock), naming that one's pid.
 """
 
 import dataclasses
@@ -47,8 +48,9 @@ def config_from_flags() -> configs.SyntheticConfig:
 def main(argv):
   def body():
     config = config_from_flags()
-    from experiments import synthetic_train  # imports JAX: after the flags are known to be sound
-    synthetic_train.train_and_evaluate(config, FLAGS.workdir, common.parallel_from_flags())
+    with common.workdir_lock(FLAGS.workdir):
+      from experiments import synthetic_train  # imports JAX: after the flags are checked
+      synthetic_train.train_and_evaluate(config, FLAGS.workdir, common.parallel_from_flags())
   common.run_command(argv, body)
 
 
