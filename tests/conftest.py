@@ -3,6 +3,7 @@ shared by the test modules (one tiny synthetic run, one smoke image run per sess
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -27,6 +28,21 @@ def run_module(module: str, *args, env: dict | None = None) -> subprocess.Comple
   """``python -m module *args`` in the repository root, output captured."""
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=900, env=env)
+
+
+def start_distributed(module: str, *args) -> list[subprocess.Popen]:
+  """Starts ``python -m module *args`` as 2 processes of 2 CPU devices each on this machine,
+  joined by jax.distributed (--distributed with an explicit coordinator on a free port): multi-
+  host in miniature. Each process's stdout and stderr are merged into its stdout pipe."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return [subprocess.Popen(
+      [sys.executable, "-m", module, *args, "--distributed",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
 
 
 @pytest.fixture(scope="session")

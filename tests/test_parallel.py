@@ -12,9 +12,6 @@ amplify the last-bit differences; measured: 0.0035 nats at most).
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import chex
 import jax
@@ -23,7 +20,7 @@ import pytest
 
 from iavae_jax import parallel
 from experiments import common
-from conftest import ROOT, SMOKE, TINY, run_module
+from conftest import SMOKE, TINY, run_module, start_distributed
 
 
 def test_modes_match_the_command_line_choices():
@@ -121,15 +118,8 @@ def test_two_processes_of_two_devices_match_1_device(tiny_run, tmp_path):
   # Multi-host in miniature: 2 processes on this machine, each with 2 CPU devices, joined by
   # jax.distributed (--distributed with an explicit coordinator), training seed-parallel over
   # the 4 global devices into one workdir (process 0 writes the files).
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.synthetic", f"--workdir={tmp_path}", *TINY,
-       "--parallel=seeds", "--distributed", f"--coordinator_address=127.0.0.1:{port}",
-       "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  procs = start_distributed("experiments.synthetic", f"--workdir={tmp_path}", *TINY,
+                            "--parallel=seeds")
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
   four = _load(tmp_path)
