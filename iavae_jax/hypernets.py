@@ -1,14 +1,22 @@
 """Hypernetworks that emit per-block deltas for a frozen encoder's parameter tree.
 
-``LinearHypernet`` is the synthetic experiment's (paper section 4.1); ``StructuredHypernet`` the
-image experiments' (section 4.2), which cuts every block into slices, one per input feature
-(``blocks.slicings``).
+``LinearHypernet`` is the synthetic experiment's (paper section 4.1). The image designs cut every
+block into slices, one per input feature (``blocks.slicings``), and differ in how a slice's delta
+depends on the example's context c [m] (what the hypernetwork sees of x):
+  paper  ``StructuredHypernet``: the paper's section 4.2, linear in [c; e_l; e_in_j];
+  ha     ``HaHypernet``: Ha et al.'s static hypernetwork, a first layer per slice index;
+  mlp    ``MLPHypernet``: a one-hidden-layer generator on [c; e_l; e_in_j].
+``make_hypernet`` builds one by name, ``num_params`` counts its parameters, and
+``ProjectedContext`` puts one on a learned projection of the context.
 """
 
-from typing import Mapping, Sequence
+import dataclasses
+import math
+from typing import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from iavae_jax import blocks
 from iavae_jax.blocks import BlockLayout, PyTree
@@ -118,3 +126,171 @@ class StructuredHypernet(_Hypernet):
       n, d = cut.num_slices, cut.slice_size
       slices.append((x_part[:d] + block_part[index, :d])[None, :] + input_part[:n, :d])
     return self._assemble(cuts, slices)
+
+
+class HaHypernet(_Hypernet):
+  """Ha et al.'s static hypernetwork (HyperNetworks, 2016, section 3.1) on [c; e_l]: design "ha".
+
+  Slice j of block l, in group g (``blocks.Slicing``), gets a code of ``hidden_dim`` numbers and
+  then its delta:
+      a_{l,j} = W_{g,j} [c; e_l] + B_{g,j},        W_{g,j}: [hidden_dim, m + l] (``W_g[j]``),
+      delta_{l,j} = (W_out,g a_{l,j} + b_out,g)[:d_l],   W_out,g: [d_max_g, hidden_dim].
+  As in Ha et al., the first layer (W_{g,j}, B_{g,j}) is one per slice index j, shared by every
+  block of the group (a block enters only through its embedding e_l), and the output layer is
+  shared by all slices and blocks of the group (one per group, as slice sizes differ).
+  Initialisation: W_{g,j} ~ N(0, 1 / (m + l)), B = 0, e_l ~ ``embedding_init``; W_out,g ~
+  N(0, init_std^2), b_out,g = 0, so the deltas start near 0 (Proposition 1).
+
+  The x-dependent part of delta_{l,j} is W_out,g W_{g,j,c} c: different for every slice index j,
+  the same for every block of the group at a given j. It is computed once per example for all
+  blocks ([n_max_g, d_max_g] per group); the rest, W_out,g (W_{g,j,e} e_l + B_{g,j}) + b_out,g,
+  once per call (vmap leaves it unbatched).
+
+  ``block_gains`` (not in Ha et al.'s static form) scales block l's code by its own gains
+  s_l [hidden_dim] (initialised to 1): a_{l,j} = s_l * (W_{g,j,c} c) + W_{g,j,e} e_l + B_{g,j}, so
+  the x-dependent part W_out,g diag(s_l) W_{g,j,c} c differs across blocks too: a multiplicative
+  block-input interaction like the weight scaling of Ha et al.'s dynamic hypernetworks. Its
+  x-part is then computed per block (sum_l n_l d_l hidden_dim multiply-adds per example).
+
+  Call on one example's context c: [m]; returns a tree shaped like the encoder's parameters.
+  """
+  block_embed_dim: int = 16
+  hidden_dim: int = 16
+  init_std: float = 1e-5
+  block_gains: bool = False
+  embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
+  input_axes: InputAxes = None
+
+  @nn.compact
+  def __call__(self, c: jax.Array) -> PyTree:
+    self._check_example(c)
+    cuts = blocks.slicings(self.layout, self.input_axes)
+    block_embeddings = self._block_embeddings(self.block_embed_dim, self.embedding_init)
+    gains = (self.param("block_gains", nn.initializers.ones,
+                        (self.layout.num_blocks, self.hidden_dim)) if self.block_gains else None)
+    m, l = c.shape[0], self.block_embed_dim
+    first_layer_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-1,
+                                                        out_axis=-2, batch_axis=0)
+    layers = {}
+    for group, (n_max, d_max) in _groups(cuts).items():
+      w = self.param(f"W_{group}", first_layer_init, (n_max, self.hidden_dim, m + l))
+      b = self.param(f"B_{group}", nn.initializers.zeros, (n_max, self.hidden_dim))
+      w_out = self.param(f"W_out_{group}", nn.initializers.normal(self.init_std),
+                         (d_max, self.hidden_dim))
+      b_out = self.param(f"b_out_{group}", nn.initializers.zeros, (d_max,))
+      code_x = jnp.einsum("jhm,m->jh", w[..., :m], c)           # W_{g,j,c} c, every j
+      layers[group] = (code_x, code_x @ w_out.T, w[..., m:], b, w_out, b_out)
+    slices = []
+    for index, cut in enumerate(cuts):
+      code_x, delta_x, w_e, b, w_out, b_out = layers[cut.group]
+      n, d = cut.num_slices, cut.slice_size
+      code_e = w_e[:n] @ block_embeddings[index] + b[:n]       # [n, hidden_dim]
+      if gains is None:
+        x_part = delta_x[:n, :d]
+      else:
+        x_part = (code_x[:n] * gains[index]) @ w_out[:d].T
+      slices.append(x_part + code_e @ w_out[:d].T + b_out[:d])
+    return self._assemble(cuts, slices)
+
+
+class MLPHypernet(_Hypernet):
+  """A nonlinear generator: design "mlp".
+
+  Slice j of block l, in group g (``blocks.Slicing``), gets
+      delta_{l,j} = (W_out,g act(U [c; e_l; e_in_{g,j}] + b) + b_out,g)[:d_l],
+  U: [hidden_dim, m + l + n] and b shared by every group; e_in_{g,j} (size ``input_embed_dim``)
+  the embedding of input index j in group g; W_out,g: [d_max_g, hidden_dim] one per group.
+  Initialisation: U ~ N(0, 1 / (m + l + n)), b = 0, embeddings ~ ``embedding_init``; W_out,g ~
+  N(0, init_std^2), b_out,g = 0, so the deltas start near 0 (Proposition 1).
+
+  Through the nonlinearity, the x-dependent part of delta_{l,j} differs across blocks and slices.
+  U [c; e_l; e_in_j] is computed as U_c c (once per example) + U_e e_l + U_in e_in_j (once per
+  call); one nonlinearity then covers the [S, hidden_dim] pre-activations of all S slices of all
+  blocks (S = sum_l n_l), and block l's output layer only its own n_l slices and d_l outputs, so
+  an example costs S hidden_dim + sum_l n_l d_l hidden_dim multiply-adds and [S, hidden_dim] of
+  memory.
+
+  Call on one example's context c: [m]; returns a tree shaped like the encoder's parameters.
+  """
+  block_embed_dim: int = 16
+  input_embed_dim: int = 8
+  hidden_dim: int = 64
+  init_std: float = 1e-5
+  activation: Callable[[jax.Array], jax.Array] = nn.gelu
+  embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
+  input_axes: InputAxes = None
+
+  @nn.compact
+  def __call__(self, c: jax.Array) -> PyTree:
+    self._check_example(c)
+    cuts = blocks.slicings(self.layout, self.input_axes)
+    block_embeddings = self._block_embeddings(self.block_embed_dim, self.embedding_init)
+    m, l = c.shape[0], self.block_embed_dim
+    u = self.param("U", nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-1,
+                                                         out_axis=-2),
+                   (self.hidden_dim, m + l + self.input_embed_dim))
+    b = self.param("b", nn.initializers.zeros, (self.hidden_dim,))
+    u_c, u_e, u_in = u[:, :m], u[:, m:m + l], u[:, m + l:]
+    block_part = block_embeddings @ u_e.T                        # [L, hidden_dim]
+    layers = {}
+    for group, (n_max, d_max) in _groups(cuts).items():
+      input_embeddings = self.param(f"input_embeddings_{group}", self.embedding_init,
+                                    (n_max, self.input_embed_dim))
+      w_out = self.param(f"W_out_{group}", nn.initializers.normal(self.init_std),
+                         (d_max, self.hidden_dim))
+      b_out = self.param(f"b_out_{group}", nn.initializers.zeros, (d_max,))
+      layers[group] = (input_embeddings @ u_in.T, w_out, b_out)
+    pre_e = jnp.concatenate([block_part[index] + layers[cut.group][0][:cut.num_slices]
+                             for index, cut in enumerate(cuts)])  # [S, hidden_dim]
+    hidden = self.activation(pre_e + (u_c @ c + b))
+    slices, start = [], 0
+    for cut in cuts:
+      _, w_out, b_out = layers[cut.group]
+      n, d = cut.num_slices, cut.slice_size
+      slices.append(hidden[start:start + n] @ w_out[:d].T + b_out[:d])
+      start += n
+    return self._assemble(cuts, slices)
+
+
+class ProjectedContext(nn.Module):
+  """``hypernet`` on a learned linear projection of the context: c [m] -> hypernet(P c).
+
+  P: [dim, m] (N(0, 1 / m) at initialisation) is trained with the hypernetwork: a small learned
+  feature of x for designs whose size grows with m (ha's first layers hold n_max_g x hidden_dim
+  x m numbers per group). The parameters are {"projection": {"kernel": P^T}, "hypernet": ...}.
+  """
+  hypernet: nn.Module
+  dim: int
+
+  @nn.compact
+  def __call__(self, c: jax.Array) -> PyTree:
+    return self.hypernet(nn.Dense(self.dim, use_bias=False, name="projection")(c))
+
+
+HYPERNETS = {"paper": StructuredHypernet, "ha": HaHypernet, "mlp": MLPHypernet}
+
+
+def make_hypernet(name: str, layout: BlockLayout, **fields) -> nn.Module:
+  """The image hypernetwork design ``name`` (a key of HYPERNETS) for ``layout``.
+
+  ``fields`` set the design's own fields (e.g. init_std=1e-5, hidden_dim=64; see its class);
+  the others keep their defaults.
+  """
+  if name not in HYPERNETS:
+    raise ValueError(f"make_hypernet: name={name!r} is not a design; choose one of "
+                     f"{', '.join(HYPERNETS)}.")
+  design = HYPERNETS[name]
+  known = {f.name for f in dataclasses.fields(design)} - {"layout", "parent", "name"}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"make_hypernet: the {name!r} design has no field {', '.join(unknown)}; its "
+                     f"fields are {', '.join(sorted(known))}.")
+  return design(layout, **fields)
+
+
+def num_params(hypernet: nn.Module, context_size: int) -> int:
+  """How many parameters ``hypernet`` has for contexts of ``context_size`` numbers (from the
+  shapes alone: nothing is initialised)."""
+  shapes = jax.eval_shape(hypernet.init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((context_size,), jnp.float32))
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
