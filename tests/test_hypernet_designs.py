@@ -1,6 +1,7 @@
 """The image hypernetwork designs (paper, ha, mlp) and the slicing rule they share: the slicing of
 Flax blocks of every rank, each design's equations, Proposition 1 on the project's encoder and on
-a foreign one, and where each design's x-dependent part varies (across blocks, across slices)."""
+a foreign one, where each design's x-dependent part varies (across blocks, across slices), and
+an encoder's penultimate feature as a context (adaptive.submodule_input)."""
 
 import functools
 
@@ -347,3 +348,26 @@ class DesignTest(chex.TestCase, parameterized.TestCase):
     hypernet = hypernets.make_hypernet(design, blocks.BlockLayout.from_tree({"w": jnp.zeros(3)}))
     with self.assertRaisesRegex(ValueError, "one example"):
       hypernet.init(jax.random.PRNGKey(0), jnp.zeros((2, 5)))
+
+
+class SubmoduleInputTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_the_resnet_encoders_penultimate_feature(self):
+    encoder = encoders.ResNetEncoder((4, 6), 3)
+    x, variables, _, (mean, _) = _resnet()
+    feature = self.variant(lambda v, x: adaptive.submodule_input(encoder, v, "mean", x,
+                                                                 train=False))(variables, x)
+    chex.assert_shape(feature, (3, 7 * 7 * 6))   # 28 -> 14 -> 7
+    # The output layer reads it: mean = feature W + b.
+    head = variables["params"]["mean"]
+    chex.assert_trees_all_close(feature @ head["kernel"] + head["bias"], mean, atol=1e-5)
+
+  def test_nested_path_and_unknown_path(self):
+    _, x, phi, _ = _foreign()
+    encoder = ForeignEncoder()
+    feature = adaptive.submodule_input(encoder, {"params": phi}, "DenseGeneral_1", x)
+    chex.assert_shape(feature, (3, 2, 4))
+    self.assertGreaterEqual(float(feature.min()), -0.2)   # after a GELU
+    with self.assertRaisesRegex(ValueError, "called no submodule at path 'Dense_7'"):
+      adaptive.submodule_input(encoder, {"params": phi}, "Dense_7", x)
