@@ -205,8 +205,8 @@ class MLPHypernet(_Hypernet):
   U [c; e_l; e_in_j] is computed as U_c c (once per example) + U_e e_l + U_in e_in_j (once per
   call); one nonlinearity then covers the [S, hidden_dim] pre-activations of all S slices of all
   blocks (S = sum_l n_l), and block l's output layer only its own n_l slices and d_l outputs, so
-  an example costs S hidden_dim + sum_l n_l d_l hidden_dim multiply-adds and [S, hidden_dim] of
-  memory.
+  an example costs (m + sum_l n_l d_l) hidden_dim multiply-adds, S hidden_dim activations and
+  [S, hidden_dim] of memory.
 
   Call on one example's context c: [m]; returns a tree shaped like the encoder's parameters.
   """
