@@ -2,6 +2,7 @@
 
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -34,3 +35,28 @@ def instance_adaptive_encode(encoder_apply: ApplyFn, hypernet_apply: ApplyFn, ph
   def encode_one(x_i, c_i):
     return encoder_apply(adaptive_encoder_params(hypernet_apply, phi_avi, psi, c_i), x_i)
   return jax.vmap(encode_one)(x, x if context is None else context)
+
+
+def submodule_input(module: nn.Module, variables: PyTree, path: str, *args, **kwargs) -> jax.Array:
+  """The input of ``module``'s submodule at ``path`` when ``module.apply(variables, *args,
+  **kwargs)`` runs (its first positional argument, at its first call).
+
+  ``path`` is the submodule's names joined by "/", as in the parameter tree. The input of an
+  encoder's output layer is its penultimate feature, a learned per-example context for the
+  hypernetwork: for the ResNetEncoder, ``submodule_input(encoder, variables, "mean", x,
+  train=False)`` is [B, (spatial size) x channels[-1]] (3 x 3 x 64 = 576 on 28 x 28 images).
+  """
+  captured = []
+
+  def capture(call, call_args, call_kwargs, context):
+    if (not captured and context.method_name == "__call__"
+        and "/".join(context.module.path) == path):
+      captured.append(call_args[0])
+    return call(*call_args, **call_kwargs)
+  with nn.intercept_methods(capture):
+    module.apply(variables, *args, **kwargs)
+  if not captured:
+    raise ValueError(f"submodule_input: {type(module).__name__} called no submodule at path "
+                     f"{path!r}; give its names joined by '/' as in the parameter tree (e.g. "
+                     "'mean' or 'Block_0/Dense_1').")
+  return captured[0]

@@ -1,12 +1,57 @@
-"""Hypernetworks that emit per-block deltas for a frozen encoder's parameter tree."""
+"""Hypernetworks that emit per-block deltas for a frozen encoder's parameter tree.
+
+``LinearHypernet`` is the synthetic experiment's (paper section 4.1). The image designs cut every
+block into slices, one per input feature (``blocks.slicings``), and differ in how a slice's delta
+depends on the example's context c [m] (what the hypernetwork sees of x):
+  paper  ``StructuredHypernet``: the paper's section 4.2, linear in [c; e_l; e_in_j];
+  ha     ``HaHypernet``: Ha et al.'s static hypernetwork, a first layer per slice index;
+  mlp    ``MLPHypernet``: a one-hidden-layer generator on [c; e_l; e_in_j].
+``make_hypernet`` builds one by name, ``num_params`` counts its parameters, and
+``ProjectedContext`` puts one on a learned projection of the context.
+"""
+
+import dataclasses
+import math
+from typing import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from iavae_jax import blocks
 from iavae_jax.blocks import BlockLayout, PyTree
 
+# Per-block input-feature axes by block path (see ``blocks.slicings``); None: Flax's layout.
+InputAxes = Mapping[str, Sequence[int]] | None
 
-class LinearHypernet(nn.Module):
+
+class _Hypernet(nn.Module):
+  """What every hypernetwork has: the layout of the blocks it emits deltas for."""
+  layout: BlockLayout
+
+  def _check_example(self, c: jax.Array):
+    if c.ndim != 1:
+      raise ValueError(f"{type(self).__name__}: expected one example's input of shape [m], got "
+                       f"{c.shape}; flatten it and vmap over the batch (see iavae_jax.adaptive).")
+
+  def _block_embeddings(self, dim: int, init: nn.initializers.Initializer) -> jax.Array:
+    """e_l for every block: [num_blocks, dim]."""
+    return self.param("block_embeddings", init, (self.layout.num_blocks, dim))
+
+  def _assemble(self, cuts: tuple[blocks.Slicing, ...], slices: list[jax.Array]) -> PyTree:
+    """Every block's slices [n_l, d_l] -> a tree shaped like the encoder's parameters."""
+    return jax.tree.unflatten(self.layout.treedef,
+                              [cut.assemble(s) for cut, s in zip(cuts, slices)])
+
+
+def _groups(cuts: tuple[blocks.Slicing, ...]) -> dict[str, tuple[int, int]]:
+  """group -> (most slices of a block in it, largest slice in it), groups in sorted order."""
+  return {group: (max(c.num_slices for c in cuts if c.group == group),
+                  max(c.slice_size for c in cuts if c.group == group))
+          for group in sorted({c.group for c in cuts})}
+
+
+class LinearHypernet(_Hypernet):
   """The synthetic experiment's hypernetwork (paper section 4.1).
 
   For block l with embedding e_l: h(x, e_l) = W [x; e_l] + b, W: [d_max, d + l], b: [d_max];
@@ -15,19 +60,15 @@ class LinearHypernet(nn.Module):
 
   Call on one example x: [d]; returns a tree shaped like the encoder's parameters.
   """
-  layout: BlockLayout
   embed_dim: int = 2
   init_std: float = 1e-3
   embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> PyTree:
-    if x.ndim != 1:
-      raise ValueError(f"LinearHypernet: expected one example x of shape [d], got {x.shape}; "
-                       "vmap over the batch (see iavae_jax.adaptive).")
-    num_blocks, d_max = self.layout.num_blocks, self.layout.d_max
-    block_embeddings = self.param("block_embeddings", self.embedding_init,
-                                  (num_blocks, self.embed_dim))
+    self._check_example(x)
+    d_max = self.layout.d_max
+    block_embeddings = self._block_embeddings(self.embed_dim, self.embedding_init)
     w = self.param("W", nn.initializers.normal(self.init_std),
                    (d_max, x.shape[0] + self.embed_dim))
     b = self.param("b", nn.initializers.zeros, (d_max,))
@@ -38,78 +79,216 @@ class LinearHypernet(nn.Module):
     return self.layout.unflatten(rows)
 
 
-def block_slices(shape: tuple[int, ...]) -> tuple[str, int, int]:
-  """How StructuredHypernet cuts a block of this shape: (group, number of slices, slice size).
+class StructuredHypernet(_Hypernet):
+  """The image experiments' hypernetwork (paper section 4.2): design "paper".
 
-  conv kernel [kh, kw, C_in, C_out]: C_in slices of kh*kw*C_out (along the input channel, as in
-  Ha et al.); dense kernel [d_in, d_out] (Flax layout): d_in slices of d_out, i.e. the paper's
-  columns dW[:, j] of the [d_out, d_in] matrix; a vector (bias, batch-norm scale) [d]: one slice.
-  """
-  if len(shape) == 4:
-    kh, kw, c_in, c_out = shape
-    return "conv", c_in, kh * kw * c_out
-  if len(shape) == 2:
-    return "dense", shape[0], shape[1]
-  if len(shape) == 1:
-    return "dense", 1, shape[0]
-  raise ValueError(f"StructuredHypernet: no slicing rule for a block of shape {shape}; "
-                   "expected a conv kernel (4-D), a dense kernel (2-D) or a vector (1-D).")
-
-
-def slices_to_block(slices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """[num_slices, slice_size] -> the block's shape (the inverse of the cut in block_slices)."""
-  if len(shape) == 4:
-    kh, kw, c_in, c_out = shape
-    return slices.reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3)
-  return slices.reshape(shape)
-
-
-class StructuredHypernet(nn.Module):
-  """The image experiments' hypernetwork (paper section 4.2).
-
-  Every block is cut into slices (``block_slices``); slice j of block l gets
-      delta_{l,j} = (W_g [x; e_l; e_in_{g,j}] + b_g)[:d_l],
+  Every block is cut into slices (``blocks.Slicing``); slice j of block l gets
+      delta_{l,j} = (W_g [c; e_l; e_in_{g,j}] + b_g)[:d_l],
   with one output layer (W_g, b_g) per group g in {conv, dense}: W_g: [d_max_g, m + l + n], where
   d_max_g is the largest slice in the group. e_l (size ``block_embed_dim``, paper 16) is block l's
   embedding; e_in_{g,j} (size ``input_embed_dim``, paper 8) is the embedding of input index j,
   shared by the group's blocks. W_g ~ N(0, init_std^2), b_g = 0 (Proposition 1: the deltas start
   at ~init_std). Biases and batch-norm scales/offsets are blocks too (one slice each).
 
-  As in LinearHypernet, W_g [x; e_l; e_in_j] is computed as W_x x + W_e e_l + W_in e_in_j: the
-  x-part once per example, the rest once per call (vmap leaves it unbatched).
+  As in LinearHypernet, W_g [c; e_l; e_in_j] is computed as W_x c + W_e e_l + W_in e_in_j: the
+  c-part once per example, the rest once per call (vmap leaves it unbatched). So the
+  x-dependent part of the delta, W_x c, is one vector per group: every slice of every block of
+  the group gets its first d_l numbers.
 
-  Call on one example x: [m] (e.g. the flattened image); returns a tree shaped like the encoder's
-  parameters.
+  Call on one example's context c: [m] (e.g. the flattened image); returns a tree shaped like the
+  encoder's parameters. ``input_axes`` names a block's input-feature axes where Flax's layout
+  does not (``blocks.slicings``).
   """
-  layout: BlockLayout
   block_embed_dim: int = 16
   input_embed_dim: int = 8
   init_std: float = 1e-3
   embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
+  input_axes: InputAxes = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> PyTree:
-    if x.ndim != 1:
-      raise ValueError(f"StructuredHypernet: expected one example x of shape [m], got {x.shape}; "
-                       "flatten it and vmap over the batch (see iavae_jax.adaptive).")
-    cuts = [block_slices(shape) for shape in self.layout.shapes]
-    block_embeddings = self.param("block_embeddings", self.embedding_init,
-                                  (self.layout.num_blocks, self.block_embed_dim))
-    m, l = x.shape[0], self.block_embed_dim
+  def __call__(self, c: jax.Array) -> PyTree:
+    self._check_example(c)
+    cuts = blocks.slicings(self.layout, self.input_axes)
+    block_embeddings = self._block_embeddings(self.block_embed_dim, self.embedding_init)
+    m, l = c.shape[0], self.block_embed_dim
     out = {}
-    for group in sorted({g for g, _, _ in cuts}):
-      d_max = max(d for g, _, d in cuts if g == group)
-      n_max = max(n for g, n, _ in cuts if g == group)
+    for group, (n_max, d_max) in _groups(cuts).items():
       w = self.param(f"W_{group}", nn.initializers.normal(self.init_std),
                      (d_max, m + l + self.input_embed_dim))
       b = self.param(f"b_{group}", nn.initializers.zeros, (d_max,))
       input_embeddings = self.param(f"input_embeddings_{group}", self.embedding_init,
                                     (n_max, self.input_embed_dim))
       w_x, w_e, w_in = w[:, :m], w[:, m:m + l], w[:, m + l:]
-      out[group] = (w_x @ x + b, block_embeddings @ w_e.T, input_embeddings @ w_in.T)
-    leaves = []
-    for index, ((group, n, d), shape) in enumerate(zip(cuts, self.layout.shapes)):
-      x_part, block_part, input_part = out[group]
-      slices = (x_part[:d] + block_part[index, :d])[None, :] + input_part[:n, :d]
-      leaves.append(slices_to_block(slices, shape))
-    return jax.tree.unflatten(self.layout.treedef, leaves)
+      out[group] = (w_x @ c + b, block_embeddings @ w_e.T, input_embeddings @ w_in.T)
+    slices = []
+    for index, cut in enumerate(cuts):
+      x_part, block_part, input_part = out[cut.group]
+      n, d = cut.num_slices, cut.slice_size
+      slices.append((x_part[:d] + block_part[index, :d])[None, :] + input_part[:n, :d])
+    return self._assemble(cuts, slices)
+
+
+class HaHypernet(_Hypernet):
+  """Ha et al.'s static hypernetwork (HyperNetworks, 2016, section 3.1) on [c; e_l]: design "ha".
+
+  Slice j of block l, in group g (``blocks.Slicing``), gets a code of ``hidden_dim`` numbers and
+  then its delta:
+      a_{l,j} = W_{g,j} [c; e_l] + B_{g,j},        W_{g,j}: [hidden_dim, m + l] (``W_g[j]``),
+      delta_{l,j} = (W_out,g a_{l,j} + b_out,g)[:d_l],   W_out,g: [d_max_g, hidden_dim].
+  As in Ha et al., the first layer (W_{g,j}, B_{g,j}) is one per slice index j, shared by every
+  block of the group (a block enters only through its embedding e_l), and the output layer is
+  shared by all slices and blocks of the group (one per group, as slice sizes differ).
+  Initialisation: W_{g,j} ~ N(0, 1 / (m + l)), B = 0, e_l ~ ``embedding_init``; W_out,g ~
+  N(0, init_std^2), b_out,g = 0, so the deltas start near 0 (Proposition 1).
+
+  The x-dependent part of delta_{l,j} is W_out,g W_{g,j,c} c: different for every slice index j,
+  the same for every block of the group at a given j. W_{g,j,c} c is computed once per example
+  for every j, its product with W_out,g per block (sum_l n_l d_l hidden_dim multiply-adds; on
+  CPU faster than one [n_max_g, d_max_g] product per group cut to each block, whose gradient
+  sums the blocks' padded cuts); the rest, W_out,g (W_{g,j,e} e_l + B_{g,j}) + b_out,g, once per
+  call (vmap leaves it unbatched).
+
+  ``block_gains`` (not in Ha et al.'s static form) scales block l's code by its own gains
+  s_l [hidden_dim] (initialised to 1): a_{l,j} = s_l * (W_{g,j,c} c) + W_{g,j,e} e_l + B_{g,j}, so
+  the x-dependent part W_out,g diag(s_l) W_{g,j,c} c differs across blocks too: a multiplicative
+  block-input interaction like the weight scaling of Ha et al.'s dynamic hypernetworks.
+
+  Call on one example's context c: [m]; returns a tree shaped like the encoder's parameters.
+  """
+  block_embed_dim: int = 16
+  hidden_dim: int = 16
+  init_std: float = 1e-5
+  block_gains: bool = False
+  embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
+  input_axes: InputAxes = None
+
+  @nn.compact
+  def __call__(self, c: jax.Array) -> PyTree:
+    self._check_example(c)
+    cuts = blocks.slicings(self.layout, self.input_axes)
+    block_embeddings = self._block_embeddings(self.block_embed_dim, self.embedding_init)
+    gains = (self.param("block_gains", nn.initializers.ones,
+                        (self.layout.num_blocks, self.hidden_dim)) if self.block_gains else None)
+    m, l = c.shape[0], self.block_embed_dim
+    first_layer_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-1,
+                                                        out_axis=-2, batch_axis=0)
+    layers = {}
+    for group, (n_max, d_max) in _groups(cuts).items():
+      w = self.param(f"W_{group}", first_layer_init, (n_max, self.hidden_dim, m + l))
+      b = self.param(f"B_{group}", nn.initializers.zeros, (n_max, self.hidden_dim))
+      w_out = self.param(f"W_out_{group}", nn.initializers.normal(self.init_std),
+                         (d_max, self.hidden_dim))
+      b_out = self.param(f"b_out_{group}", nn.initializers.zeros, (d_max,))
+      code_x = jnp.einsum("jhm,m->jh", w[..., :m], c)           # W_{g,j,c} c, every j
+      layers[group] = (code_x, w[..., m:], b, w_out, b_out)
+    slices = []
+    for index, cut in enumerate(cuts):
+      code_x, w_e, b, w_out, b_out = layers[cut.group]
+      n, d = cut.num_slices, cut.slice_size
+      code_x = code_x[:n] if gains is None else code_x[:n] * gains[index]
+      code_e = w_e[:n] @ block_embeddings[index] + b[:n]       # [n, hidden_dim], x-independent
+      slices.append(code_x @ w_out[:d].T + (code_e @ w_out[:d].T + b_out[:d]))
+    return self._assemble(cuts, slices)
+
+
+class MLPHypernet(_Hypernet):
+  """A nonlinear generator: design "mlp".
+
+  Slice j of block l, in group g (``blocks.Slicing``), gets
+      delta_{l,j} = (W_out,g act(U [c; e_l; e_in_{g,j}] + b) + b_out,g)[:d_l],
+  U: [hidden_dim, m + l + n] and b shared by every group; e_in_{g,j} (size ``input_embed_dim``)
+  the embedding of input index j in group g; W_out,g: [d_max_g, hidden_dim] one per group.
+  Initialisation: U ~ N(0, 1 / (m + l + n)), b = 0, embeddings ~ ``embedding_init``; W_out,g ~
+  N(0, init_std^2), b_out,g = 0, so the deltas start near 0 (Proposition 1).
+
+  Through the nonlinearity, the x-dependent part of delta_{l,j} differs across blocks and slices.
+  U [c; e_l; e_in_j] is computed as U_c c (once per example) + U_e e_l + U_in e_in_j (once per
+  call); one nonlinearity then covers the [S, hidden_dim] pre-activations of all S slices of all
+  blocks (S = sum_l n_l), and block l's output layer only its own n_l slices and d_l outputs, so
+  an example costs (m + sum_l n_l d_l) hidden_dim multiply-adds, S hidden_dim activations and
+  [S, hidden_dim] of memory.
+
+  Call on one example's context c: [m]; returns a tree shaped like the encoder's parameters.
+  """
+  block_embed_dim: int = 16
+  input_embed_dim: int = 8
+  hidden_dim: int = 64
+  init_std: float = 1e-5
+  activation: Callable[[jax.Array], jax.Array] = nn.gelu
+  embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
+  input_axes: InputAxes = None
+
+  @nn.compact
+  def __call__(self, c: jax.Array) -> PyTree:
+    self._check_example(c)
+    cuts = blocks.slicings(self.layout, self.input_axes)
+    block_embeddings = self._block_embeddings(self.block_embed_dim, self.embedding_init)
+    m, l = c.shape[0], self.block_embed_dim
+    u = self.param("U", nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-1,
+                                                         out_axis=-2),
+                   (self.hidden_dim, m + l + self.input_embed_dim))
+    b = self.param("b", nn.initializers.zeros, (self.hidden_dim,))
+    u_c, u_e, u_in = u[:, :m], u[:, m:m + l], u[:, m + l:]
+    block_part = block_embeddings @ u_e.T                        # [L, hidden_dim]
+    layers = {}
+    for group, (n_max, d_max) in _groups(cuts).items():
+      input_embeddings = self.param(f"input_embeddings_{group}", self.embedding_init,
+                                    (n_max, self.input_embed_dim))
+      w_out = self.param(f"W_out_{group}", nn.initializers.normal(self.init_std),
+                         (d_max, self.hidden_dim))
+      b_out = self.param(f"b_out_{group}", nn.initializers.zeros, (d_max,))
+      layers[group] = (input_embeddings @ u_in.T, w_out, b_out)
+    pre_e = jnp.concatenate([block_part[index] + layers[cut.group][0][:cut.num_slices]
+                             for index, cut in enumerate(cuts)])  # [S, hidden_dim]
+    hidden = self.activation(pre_e + (u_c @ c + b))
+    slices, start = [], 0
+    for cut in cuts:
+      _, w_out, b_out = layers[cut.group]
+      n, d = cut.num_slices, cut.slice_size
+      slices.append(hidden[start:start + n] @ w_out[:d].T + b_out[:d])
+      start += n
+    return self._assemble(cuts, slices)
+
+
+class ProjectedContext(nn.Module):
+  """``hypernet`` on a learned linear projection of the context: c [m] -> hypernet(P c).
+
+  P: [dim, m] (N(0, 1 / m) at initialisation) is trained with the hypernetwork: a small learned
+  feature of x for designs whose size grows with m (ha's first layers hold n_max_g x hidden_dim
+  x m numbers per group). The parameters are {"projection": {"kernel": P^T}, "hypernet": ...}.
+  """
+  hypernet: nn.Module
+  dim: int
+
+  @nn.compact
+  def __call__(self, c: jax.Array) -> PyTree:
+    return self.hypernet(nn.Dense(self.dim, use_bias=False, name="projection")(c))
+
+
+HYPERNETS = {"paper": StructuredHypernet, "ha": HaHypernet, "mlp": MLPHypernet}
+
+
+def make_hypernet(name: str, layout: BlockLayout, **fields) -> nn.Module:
+  """The image hypernetwork design ``name`` (a key of HYPERNETS) for ``layout``.
+
+  ``fields`` set the design's own fields (e.g. init_std=1e-5, hidden_dim=64; see its class);
+  the others keep their defaults.
+  """
+  if name not in HYPERNETS:
+    raise ValueError(f"make_hypernet: name={name!r} is not a design; choose one of "
+                     f"{', '.join(HYPERNETS)}.")
+  design = HYPERNETS[name]
+  known = {f.name for f in dataclasses.fields(design)} - {"layout", "parent", "name"}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"make_hypernet: the {name!r} design has no field {', '.join(unknown)}; its "
+                     f"fields are {', '.join(sorted(known))}.")
+  return design(layout, **fields)
+
+
+def num_params(hypernet: nn.Module, context_size: int) -> int:
+  """How many parameters ``hypernet`` has for contexts of ``context_size`` numbers (from the
+  shapes alone: nothing is initialised)."""
+  shapes = jax.eval_shape(hypernet.init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((context_size,), jnp.float32))
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))

@@ -77,13 +77,12 @@ class ResNetEncoderTest(chex.TestCase):
 def _literal_deltas(layout, psi, x):
   """delta_{l,j} = (W_g [x; e_l; e_in_j] + b_g)[:d_l], with the concatenation written out."""
   leaves = []
-  for l, shape in enumerate(layout.shapes):
-    group, n, d = hypernets.block_slices(shape)
-    w, b = psi[f"W_{group}"], psi[f"b_{group}"]
+  for l, cut in enumerate(blocks.slicings(layout)):
+    w, b = psi[f"W_{cut.group}"], psi[f"b_{cut.group}"]
     rows = [(w @ jnp.concatenate([x, psi["block_embeddings"][l],
-                                  psi[f"input_embeddings_{group}"][j]]) + b)[:d]
-            for j in range(n)]
-    leaves.append(hypernets.slices_to_block(jnp.stack(rows), shape))
+                                  psi[f"input_embeddings_{cut.group}"][j]]) + b)[:cut.slice_size]
+            for j in range(cut.num_slices)]
+    leaves.append(cut.assemble(jnp.stack(rows)))
   return jax.tree.unflatten(layout.treedef, leaves)
 
 
@@ -98,14 +97,14 @@ class StructuredHypernetTest(chex.TestCase):
     self.psi = self.hypernet.init(jax.random.PRNGKey(3), jnp.zeros(784))["params"]
 
   def test_slicing_rules(self):
-    self.assertEqual(hypernets.block_slices((3, 3, 4, 6)), ("conv", 4, 54))
-    self.assertEqual(hypernets.block_slices((20, 3)), ("dense", 20, 3))
-    self.assertEqual(hypernets.block_slices((6,)), ("dense", 1, 6))
-    with self.assertRaisesRegex(ValueError, "no slicing rule"):
-      hypernets.block_slices((2, 2, 2))
-    # slices_to_block puts input channel j's slice at kernel[:, :, j, :].
+    cut = lambda shape: blocks.Slicing(shape, blocks.input_feature_axes(shape))
+    describe = lambda c: (c.group, c.num_slices, c.slice_size)
+    self.assertEqual(describe(cut((3, 3, 4, 6))), ("conv", 4, 54))
+    self.assertEqual(describe(cut((20, 3))), ("dense", 20, 3))
+    self.assertEqual(describe(cut((6,))), ("dense", 1, 6))
+    # assemble puts input channel j's slice at kernel[:, :, j, :].
     slices = jnp.arange(4 * 54.0).reshape(4, 54)
-    kernel = hypernets.slices_to_block(slices, (3, 3, 4, 6))
+    kernel = cut((3, 3, 4, 6)).assemble(slices)
     chex.assert_trees_all_close(kernel[:, :, 2, :].reshape(-1), slices[2])
 
   def test_parameter_shapes(self):
