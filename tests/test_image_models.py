@@ -125,15 +125,20 @@ class StructuredHypernetTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, "one example"):
       self.hypernet.apply({"params": self.psi}, jnp.zeros((2, 784)))
 
-  def _adaptive_encode(self, psi, x):
+  def _adaptive_encode(self, psi, x, hypernet=None, context=None):
+    """The instance-adaptive encoder on x [B, 28, 28, 1]: ``hypernet`` (default self.hypernet)
+    sees ``context`` [B, m] (default: the flattened image)."""
     matmul = encoders.ResNetEncoder(**SMALL, as_matmul=True)
+    hypernet = hypernet or self.hypernet
 
     def encoder_apply(phi, x_i):
       mean, log_var = matmul.apply({"params": phi, "batch_stats": self.stats}, x_i[None],
                                    train=False)
       return mean[0], log_var[0]
-    hypernet_apply = lambda psi, x_i: self.hypernet.apply({"params": psi}, x_i.reshape(-1))
-    return adaptive.instance_adaptive_encode(encoder_apply, hypernet_apply, self.params, psi, x)
+    hypernet_apply = lambda psi, c_i: hypernet.apply({"params": psi}, c_i)
+    context = x.reshape(x.shape[0], -1) if context is None else context
+    return adaptive.instance_adaptive_encode(encoder_apply, hypernet_apply, self.params, psi, x,
+                                             context)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_proposition_1_zero_output_layer_is_the_base_encoder(self):
@@ -159,3 +164,29 @@ class StructuredHypernetTest(chex.TestCase):
     phi_0, phi_1 = (self.hypernet.apply({"params": self.psi}, x[i].reshape(-1)) for i in (0, 1))
     self.assertGreater(float(jnp.abs(phi_0["mean"]["kernel"] - phi_1["mean"]["kernel"]).max()),
                        0.0)
+
+  def test_defaults_start_far_closer_to_the_base_encoder_than_the_papers_settings(self):
+    # The library's defaults for images (init_std 1e-5, the normalised image as the context)
+    # against the paper's (1e-3, the raw image): how far the untrained IA-VAE's mean is from the
+    # base encoder's, relative to its norm (measured here: 0.30 against 50).
+    x = _images(8)
+    base, _ = self.encoder.apply({"params": self.params, "batch_stats": self.stats}, x,
+                                 train=False)
+
+    def moved(hypernet, context):
+      psi = hypernet.init(jax.random.PRNGKey(4), jnp.zeros(784))["params"]
+      mean, _ = self._adaptive_encode(psi, x, hypernet, context)
+      return float(jnp.linalg.norm(mean - base) / jnp.linalg.norm(base))
+
+    defaults = moved(hypernets.StructuredHypernet(self.layout), adaptive.normalized_context(x))
+    paper = moved(hypernets.StructuredHypernet(self.layout, init_std=1e-3), x.reshape(8, -1))
+    self.assertLess(defaults, paper / 100)
+
+
+def test_normalized_context_is_the_flattened_image_over_its_norm():
+  x = _images(3).at[1].set(0.0)                            # example 1 is blank
+  context = adaptive.normalized_context(x)
+  chex.assert_shape(context, (3, 784))
+  chex.assert_trees_all_close(jnp.linalg.norm(context, axis=-1), jnp.array([1.0, 0.0, 1.0]),
+                              atol=1e-6)
+  chex.assert_trees_all_close(context[2] * jnp.linalg.norm(x[2]), x[2].reshape(-1), atol=1e-5)
