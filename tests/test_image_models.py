@@ -174,8 +174,8 @@ class StructuredHypernetTest(chex.TestCase):
                                  train=False)
 
     def moved(hypernet, context):
-      psi = hypernet.init(jax.random.PRNGKey(4), jnp.zeros(784))["params"]
-      mean, _ = self._adaptive_encode(psi, x, hypernet, context)
+      psi = jax.jit(hypernet.init)(jax.random.PRNGKey(4), jnp.zeros(784))["params"]
+      mean, _ = jax.jit(lambda psi: self._adaptive_encode(psi, x, hypernet, context))(psi)
       return float(jnp.linalg.norm(mean - base) / jnp.linalg.norm(base))
 
     defaults = moved(hypernets.StructuredHypernet(self.layout), adaptive.normalized_context(x))
