@@ -100,9 +100,9 @@ class ImageConfig:
   input_embed_dim: int = 8
   hypernet_init_std: float = 1e-5
   # What the hypernetwork sees of x (HYPERNET_INPUTS; docs/results.md, "The structured
-  # hypernetwork"). The paper's raw image diverged on Fashion-MNIST in every cpu-tier seed: Adam's first step moves
-  # each W_x entry by ~lr, so every delta moves by ~lr x (ink pixels), coherently. Over its
-  # Euclidean norm the move is ~lr x sqrt(ink pixels).
+  # hypernetwork"). The paper's raw image diverged on Fashion-MNIST in every cpu-tier seed:
+  # Adam's first step moves each W_x entry by ~lr, so every delta moves by ~lr x (ink pixels),
+  # coherently. Over its Euclidean norm the move is ~lr x sqrt(ink pixels).
   hypernet_input: str = "image_l2"
   # Stage 1 as in [20]: Adam 1e-3, batch 50, KL weight 0.1 -> 1 over 10 epochs, clip 5.
   batch_size: int = 50
