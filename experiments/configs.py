@@ -95,14 +95,14 @@ class ImageConfig:
   # conv slice's delta is the same vector, so it adds up coherently over the (non-negative)
   # input channels. Measured on real MNIST at initialisation, the encoder's mean moves by
   # 1.6e3 x its norm (paper architecture; 2.6x for the cpu tier) at 1e-3, 0.73x / 0.16x at 1e-4,
-  # 0.074x / 0.017x at 1e-5. 1e-5 keeps the start close, as the paper intends (README).
+  # 0.074x / 0.017x at 1e-5. 1e-5 keeps the start close, as the paper intends (docs/results.md).
   block_embed_dim: int = 16
   input_embed_dim: int = 8
   hypernet_init_std: float = 1e-5
-  # What the hypernetwork sees of x (HYPERNET_INPUTS; README "The structured hypernetwork"). The
-  # paper's raw image diverged on Fashion-MNIST in every cpu-tier seed: Adam's first step moves
-  # each W_x entry by ~lr, so every delta moves by ~lr x (ink pixels), coherently. Over its
-  # Euclidean norm the move is ~lr x sqrt(ink pixels).
+  # What the hypernetwork sees of x (HYPERNET_INPUTS; docs/results.md, "The structured
+  # hypernetwork"). The paper's raw image diverged on Fashion-MNIST in every cpu-tier seed:
+  # Adam's first step moves each W_x entry by ~lr, so every delta moves by ~lr x (ink pixels),
+  # coherently. Over its Euclidean norm the move is ~lr x sqrt(ink pixels).
   hypernet_input: str = "image_l2"
   # Stage 1 as in [20]: Adam 1e-3, batch 50, KL weight 0.1 -> 1 over 10 epochs, clip 5.
   batch_size: int = 50
@@ -183,7 +183,7 @@ def image_config(dataset: str, tier: str) -> ImageConfig:
   if tier == "cpu":
     # Same families, smaller: a narrower ResNet, a 3-layer PixelCNN of 16 features, subsets of
     # the data and fewer epochs, so that 3 data sets x 5 seeds x both stages and the control
-    # finish within an hour on a 2-core CPU (see README for the measured time).
+    # finish within an hour on a 2-core CPU (see docs/results.md for the measured time).
     return dataclasses.replace(
         base, num_seeds=5, encoder_channels=(16, 16, 16), decoder_features=16,
         decoder_kernel_sizes=(5, 3, 3), max_train=1500, max_valid=500, max_test=500,

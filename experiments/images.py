@@ -1,7 +1,7 @@
 r"""The image experiments (paper section 4.2, Table 4, Figure 8) from the command line.
 
   python -m experiments.images --dataset=mnist --tier=cpu --workdir=runs/cpu/mnist \
-      --data_dir=../shared/data/mnist-5k
+      --data_dir=data/mnist-5k
   python -m experiments.images --dataset=omniglot --tier=paper --workdir=runs/paper/omniglot
   python -m experiments.report --workdir=runs/cpu        # Table 4 over every data set
 

@@ -94,11 +94,9 @@ class Model:
       mean, log_var = self.encoder.apply(
           {"params": frozen["phi_avi"], "batch_stats": frozen["batch_stats"]}, x, train=False)
       return jnp.concatenate([mean, log_var], axis=-1)
-    flat = x.reshape(x.shape[0], -1)
     if kind == "image_l2":
-      norm = jnp.linalg.norm(flat, axis=-1, keepdims=True)
-      return flat / jnp.where(norm > 0, norm, 1.0)
-    return flat
+      return adaptive.normalized_context(x)
+    return x.reshape(x.shape[0], -1)
 
   @functools.lru_cache(maxsize=None)  # one function per stage: jitted callers compile once
   def encode_fn(self, stage: str, layout: blocks.BlockLayout | None = None) -> EncodeFn:

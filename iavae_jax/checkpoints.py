@@ -3,7 +3,8 @@
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
 mid-save leaves no checkpoint that reads as valid; ``latest_step`` only sees finished ones.
 Resume state is kept by step (the latest is always kept); best-model selection lives inside the
-state (``TrainState.best_params``), never in which checkpoints survive (see STACK.md's pitfall).
+state (``TrainState.best_params``), never in which checkpoints survive: a manager that keeps the
+best by a metric deletes the latest checkpoint when its metric is worse, and resume would go back.
 """
 
 import os

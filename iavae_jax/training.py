@@ -138,8 +138,8 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
   By default the epoch is one pure function (steps under lax.scan) to be jitted, vmapped over a
   population and scanned over epochs: the fast form for small models. With ``python_steps`` the
   epoch is a Python loop over a jitted step (not itself jittable; drive it with ``train_model``):
-  XLA:CPU runs convolution gradients inside a loop ~8x slower than outside one (measured in
-  DESIGN.md), so convolutional models take this form.
+  XLA:CPU runs convolution gradients inside a loop ~8x slower than outside one (measured), so
+  convolutional models take this form.
 
   With a ``parallel`` in ``data`` mode, every batch is split over its devices (the caller
   places states, frozen and data with ``parallel.shared``; ``train_model`` and

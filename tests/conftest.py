@@ -1,22 +1,87 @@
-"""Shared test set-up: 64-bit off (the library's default), fixed keys, and command-line runs
-shared by the test modules (one tiny synthetic run, one smoke image run per session)."""
+"""Shared test set-up: fixed keys, tiny data files written to temporary directories, and the
+command-line runs shared by the test modules (one tiny synthetic run, one smoke image run).
 
+Two tiers: ``python -m pytest`` runs the fast one (setup.cfg deselects ``slow``);
+``python -m pytest -m slow`` runs whole commands in subprocesses (training end to end, kill and
+resume, several devices) and the paper architecture's steps. Tests of the real data sets run
+when IAVAE_TEST_DATA names a directory holding them (``mnist-5k/``, ``omniglot/``) and skip
+otherwise; every other test makes its own data.
+"""
+
+import gzip
+import io
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import zipfile
 
 import jax
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MNIST_5K = os.path.join(ROOT, "..", "shared", "data", "mnist-5k")
+REAL_DATA = os.environ.get("IAVAE_TEST_DATA")
 # The synthetic protocol in seconds: 2 VAEs x 2 IA-VAEs, widths 2 and 4, 4 epochs.
 TINY = ["--quick", "--num_examples=256", "--max_epochs=4", "--patience=2", "--epochs_per_call=2",
         "--checkpoint_every=2", "--num_vae_seeds=2", "--num_iavae_seeds=2",
         "--sweep_widths=2,4"]
-SMOKE = ["--dataset=mnist", "--tier=smoke", f"--data_dir={MNIST_5K}"]
+# The image smoke tier; runs that read data add --data_dir (the smoke_flags fixture).
+SMOKE = ["--dataset=mnist", "--tier=smoke"]
+
+
+def real_data(name: str) -> str:
+  """The path of real data set ``name`` under IAVAE_TEST_DATA; skips the test if it is absent."""
+  path = os.path.join(REAL_DATA or "", name)
+  if not REAL_DATA or not os.path.isdir(path):
+    pytest.skip(f"needs the real data set {name}/ in the directory named by IAVAE_TEST_DATA")
+  return path
+
+
+def write_idx(path: str, pixels: np.ndarray, magic: int = 2051):
+  """pixels uint8 [N, rows, cols] as an IDX image file, gzipped when path ends in .gz."""
+  data = struct.pack(">4I", magic, *pixels.shape) + pixels.astype(np.uint8).tobytes()
+  with (gzip.open(path, "wb") if path.endswith(".gz") else open(path, "wb")) as f:
+    f.write(data)
+
+
+def png(image: np.ndarray) -> bytes:
+  """A 1-bit PNG of image [H, W] bool (True = white background), as Omniglot's drawings are."""
+  buffer = io.BytesIO()
+  Image.fromarray(image).convert("1").save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def write_omniglot_zip(path: str, top: str, drawings: dict):
+  """A zip of <top>/<alphabet>/<character>/<drawing>.png from {relative path: bool image}."""
+  with zipfile.ZipFile(path, "w") as zf:
+    for name, image in drawings.items():
+      zf.writestr(f"{top}/{name}", png(image))
+
+
+def toy_images(num: int, seed: int = 0) -> np.ndarray:
+  """uint8 [num, 28, 28]: grey strokes along a few random rows and columns, digit-like in size."""
+  rng = np.random.default_rng(seed)
+  rows, cols = rng.random((2, num, 28)) < 0.08
+  level = rng.integers(128, 256, (num, 1, 1))
+  return ((rows[:, :, None] | cols[:, None, :]) * level).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def smoke_data_dir(tmp_path_factory) -> str:
+  """A directory holding images-idx3-ubyte.gz of 400 toy images: a pool with no test split that
+  the smoke tier cuts to 100 training, 40 validation and 40 test images."""
+  directory = tmp_path_factory.mktemp("smoke_data")
+  write_idx(str(directory / "images-idx3-ubyte.gz"), toy_images(400))
+  return str(directory)
+
+
+@pytest.fixture(scope="session")
+def smoke_flags(smoke_data_dir) -> list:
+  return SMOKE + [f"--data_dir={smoke_data_dir}"]
 
 
 @pytest.fixture
@@ -55,13 +120,11 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-  """(root, workdir = root/mnist, result) of the smoke-tier image run on the MNIST subset."""
-  if not os.path.isdir(MNIST_5K):
-    pytest.skip(f"the MNIST subset is not at {MNIST_5K}")
+def smoke_run(tmp_path_factory, smoke_flags):
+  """(root, workdir = root/mnist, result) of the smoke-tier image run on the toy images."""
   root = str(tmp_path_factory.mktemp("images"))
   workdir = os.path.join(root, "mnist")
-  result = run_module("experiments.images", f"--workdir={workdir}", *SMOKE)
+  result = run_module("experiments.images", f"--workdir={workdir}", *smoke_flags)
   assert result.returncode == 0, result.stderr[-3000:]
   return root, workdir, result
 

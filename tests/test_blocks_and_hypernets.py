@@ -34,7 +34,8 @@ class BlocksTest(chex.TestCase):
     chex.assert_shape(psi["block_embeddings"], (4, 2))
     self.assertEqual(psi["W"].size + psi["b"].size, 48)      # 20 + 48 = the paper's 68
     for h in range(2, 21, 2):
-      params = encoders.MLPEncoder(h).init(jax.random.PRNGKey(0), jnp.zeros(3))["params"]
+      params = jax.eval_shape(encoders.MLPEncoder(h).init, jax.random.PRNGKey(0),
+                              jnp.zeros(3))["params"]
       self.assertEqual(blocks.BlockLayout.from_tree(params).num_params, 8 * h + 4)
 
   def test_flatten_unflatten_round_trip(self):

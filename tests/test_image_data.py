@@ -1,31 +1,18 @@
 """The image data sets: local files, TFDS (mocked), splits, refusals with advice, binarisation."""
 
 import gzip
-import io
 import json
 import os
-import struct
-import zipfile
+import sys
 
 import chex
 import jax
 import numpy as np
 import pytest
 import scipy.io
-import tensorflow_datasets as tfds
-from PIL import Image
 
 from iavae_jax.data import images
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(REPO_ROOT, "..", "shared", "data")
-MNIST_5K = os.path.join(SHARED_DATA, "mnist-5k")
-OMNIGLOT_SMALL = os.path.join(SHARED_DATA, "omniglot")
-
-
-def _need(directory: str):
-  if not os.path.isdir(directory):
-    pytest.skip(f"{directory} is absent (see shared/data/README.md for how to get it)")
+from conftest import real_data, write_idx, write_omniglot_zip
 
 
 def _assert_splits(splits: images.ImageSplits, num_train: int, num_valid: int, num_test: int):
@@ -42,13 +29,6 @@ def _assert_splits(splits: images.ImageSplits, num_train: int, num_valid: int, n
       "train": num_train, "valid": num_valid, "test": num_test}
 
 
-def _write_idx(path: str, pixels: np.ndarray, magic: int = 2051):
-  """pixels uint8 [N, rows, cols] as an IDX image file, gzipped when path ends in .gz."""
-  data = struct.pack(">4I", magic, *pixels.shape) + pixels.astype(np.uint8).tobytes()
-  with (gzip.open(path, "wb") if path.endswith(".gz") else open(path, "wb")) as f:
-    f.write(data)
-
-
 def _read_idx_pool(path: str) -> np.ndarray:
   """The raw uint8 pixels [N, 28, 28] of an IDX file, read independently of the module."""
   with gzip.open(path, "rb") as f:
@@ -56,24 +36,16 @@ def _read_idx_pool(path: str) -> np.ndarray:
   return np.frombuffer(data, np.uint8, offset=16).reshape(-1, 28, 28)
 
 
-def _png(image: np.ndarray) -> bytes:
-  """A 1-bit PNG of image [H, W] bool (True = white background), as Omniglot's drawings are."""
-  buffer = io.BytesIO()
-  Image.fromarray(image).convert("1").save(buffer, format="PNG")
-  return buffer.getvalue()
+# TFDS, mocked offline (tensorflow-datasets is an optional extra).
 
 
-def _write_omniglot_zip(path: str, top: str, drawings: dict):
-  """A zip of <top>/<alphabet>/<character>/<drawing>.png from {relative path: bool image}."""
-  with zipfile.ZipFile(path, "w") as zf:
-    for name, image in drawings.items():
-      zf.writestr(f"{top}/{name}", _png(image))
-
-
-# TFDS, mocked offline.
+def _tfds():
+  return pytest.importorskip("tensorflow_datasets",
+                             reason="tensorflow-datasets is not installed (the tfds extra)")
 
 
 def test_tfds_mnist_mock_shapes_ranges_and_valid_fraction():
+  tfds = _tfds()
   with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
     splits = images.load("mnist", source="tfds", valid_fraction=0.25)
   _assert_splits(splits, 30, 10, 40)
@@ -81,12 +53,14 @@ def test_tfds_mnist_mock_shapes_ranges_and_valid_fraction():
 
 
 def test_tfds_omniglot_mock_is_resized_to_28x28():
+  tfds = _tfds()
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
     splits = images.load("omniglot", source="tfds")
   _assert_splits(splits, 10, 2, 12)
 
 
 def test_tfds_binarized_mnist_keeps_the_shipped_validation_split():
+  tfds = _tfds()
   rng = np.random.default_rng(0)
 
   def data_source(builder, split, **kwargs):
@@ -105,23 +79,36 @@ def test_tfds_binarized_mnist_keeps_the_shipped_validation_split():
 
 def test_tfds_binarized_mnist_refuses_grey_levels():
   # TFDS's mock fills images with 0..254, which a binarised set must not hold.
+  tfds = _tfds()
   with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
     with pytest.raises(images.DataError, match=r"expected \[0, 1\]"):
       images.load("binarized_mnist", source="tfds")
 
 
 def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
+  _tfds()
   with pytest.raises(images.DataError, match="tfds build mnist") as error:
     images.load("mnist", source="tfds", data_dir=str(tmp_path))
   assert str(tmp_path) in str(error.value)
+
+
+@pytest.mark.parametrize("source", ["tfds", "auto"])
+def test_tfds_missing_says_how_to_install_it(tmp_path, monkeypatch, source):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)   # importing it raises
+  with pytest.raises(images.DataError) as error:
+    images.load("mnist", data_dir=str(tmp_path), source=source)
+  message = str(error.value)
+  assert "needs tensorflow-datasets" in message and "pip install 'iavae-jax[tfds]'" in message
+  assert "yann.lecun.com/exdb/mnist" in message               # the local files, the other way
+  assert ("no local files" in message) == (source == "auto")
 
 
 # The real local data sets.
 
 
 def test_fashion_mnist_local_uses_the_shipped_test_split():
-  data_dir = images.default_data_dir("fashion_mnist")
-  _need(data_dir)
+  if not os.path.isdir(images.default_data_dir("fashion_mnist")):
+    pytest.skip("needs Fashion-MNIST: apt-get install -y dataset-fashion-mnist")
   splits = images.load("fashion_mnist")
   _assert_splits(splits, 51_000, 9_000, 10_000)
   assert splits.info["source"] == "local"
@@ -129,11 +116,11 @@ def test_fashion_mnist_local_uses_the_shipped_test_split():
 
 
 def test_mnist_5k_split_sizes_and_determinism():
-  _need(MNIST_5K)
-  first = images.load("mnist", data_dir=MNIST_5K, split_seed=0)
+  mnist_5k = real_data("mnist-5k")
+  first = images.load("mnist", data_dir=mnist_5k, split_seed=0)
   _assert_splits(first, 3_612, 638, 750)  # test round(0.15 * 5000), valid round(0.15 * 4250)
-  again = images.load("mnist", data_dir=MNIST_5K, split_seed=0)
-  other = images.load("mnist", data_dir=MNIST_5K, split_seed=1)
+  again = images.load("mnist", data_dir=mnist_5k, split_seed=0)
+  other = images.load("mnist", data_dir=mnist_5k, split_seed=1)
   for name in ("train", "valid", "test"):
     np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
     assert not np.array_equal(getattr(first, name), getattr(other, name))
@@ -141,9 +128,9 @@ def test_mnist_5k_split_sizes_and_determinism():
 
 
 def test_mnist_5k_splits_partition_the_pool():
-  _need(MNIST_5K)
-  pool = _read_idx_pool(os.path.join(MNIST_5K, "images-idx3-ubyte.gz"))
-  splits = images.load("mnist", data_dir=MNIST_5K)
+  mnist_5k = real_data("mnist-5k")
+  pool = _read_idx_pool(os.path.join(mnist_5k, "images-idx3-ubyte.gz"))
+  splits = images.load("mnist", data_dir=mnist_5k)
   flat_pool = pool.reshape(len(pool), -1).astype(np.float32) / 255
   by_bytes = {image.tobytes(): i for i, image in enumerate(pool)}
   assert len(by_bytes) == len(pool)
@@ -161,8 +148,7 @@ def test_mnist_5k_splits_partition_the_pool():
 
 
 def test_omniglot_small_sets_pool_4840_distinct_drawings():
-  _need(OMNIGLOT_SMALL)
-  splits = images.load("omniglot", data_dir=OMNIGLOT_SMALL)
+  splits = images.load("omniglot", data_dir=real_data("omniglot"))
   _assert_splits(splits, 3_497, 617, 726)
   assert sum(splits.info["sizes"].values()) == 4_840
   assert "1000 drawings present in more than one zip" in splits.info["preprocessing"]
@@ -177,8 +163,8 @@ def test_idx_pair_uncompressed_scales_by_1_over_255(tmp_path):
   rng = np.random.default_rng(0)
   train = rng.integers(0, 256, (20, 28, 28), np.uint8)
   test = rng.integers(0, 256, (6, 28, 28), np.uint8)
-  _write_idx(str(tmp_path / "train-images-idx3-ubyte"), train)
-  _write_idx(str(tmp_path / "t10k-images-idx3-ubyte"), test)
+  write_idx(str(tmp_path / "train-images-idx3-ubyte"), train)
+  write_idx(str(tmp_path / "t10k-images-idx3-ubyte"), test)
   splits = images.load("mnist", data_dir=str(tmp_path), source="local", valid_fraction=0.25)
   _assert_splits(splits, 15, 5, 6)
   assert "test: the shipped test split" in splits.info["split"]
@@ -189,7 +175,7 @@ def test_idx_pair_uncompressed_scales_by_1_over_255(tmp_path):
 
 
 def test_idx_of_32x32_images_is_refused(tmp_path):
-  _write_idx(str(tmp_path / "images-idx3-ubyte.gz"), np.zeros((10, 32, 32), np.uint8))
+  write_idx(str(tmp_path / "images-idx3-ubyte.gz"), np.zeros((10, 32, 32), np.uint8))
   with pytest.raises(images.DataError, match=r"\[10, 32, 32\].*expected \[N, 28, 28\]"):
     images.load("mnist", data_dir=str(tmp_path))
 
@@ -199,9 +185,9 @@ def test_corrupt_idx_names_the_file(tmp_path, damage):
   path = str(tmp_path / "images-idx3-ubyte.gz")
   pixels = np.zeros((10, 28, 28), np.uint8)
   if damage == "magic":
-    _write_idx(path, pixels, magic=2049)
+    write_idx(path, pixels, magic=2049)
   elif damage == "truncated":
-    _write_idx(path, pixels)
+    write_idx(path, pixels)
     with gzip.open(path, "rb") as f:
       data = f.read()
     with gzip.open(path, "wb") as f:
@@ -226,8 +212,10 @@ def test_missing_files_are_named_with_how_to_get_them(tmp_path, dataset, advice)
   with pytest.raises(images.DataError) as error:
     images.load(dataset, data_dir=str(tmp_path), source="local")
   assert str(tmp_path) in str(error.value) and advice in str(error.value)
-  # auto falls back to TFDS, and says what it looked for locally as well.
-  with pytest.raises(images.DataError, match=f"(?s)no local files.*tfds build {dataset}"):
+  # auto falls back to TFDS, and says what it looked for locally as well (and how to prepare the
+  # TFDS set, or, without tensorflow-datasets, how to install it).
+  with pytest.raises(images.DataError,
+                     match=rf"(?s)no local files.*(tfds build {dataset}|iavae-jax\[tfds\])"):
     images.load(dataset, data_dir=str(tmp_path))
 
 
@@ -237,7 +225,7 @@ def test_bad_flags_are_refused(tmp_path):
     images.load("mnist", data_dir=missing)
   with pytest.raises(images.DataError, match="mnist, fashion_mnist, omniglot, binarized_mnist"):
     images.load("cifar10")
-  _write_idx(str(tmp_path / "images-idx3-ubyte.gz"), np.zeros((10, 28, 28), np.uint8))
+  write_idx(str(tmp_path / "images-idx3-ubyte.gz"), np.zeros((10, 28, 28), np.uint8))
   with pytest.raises(images.DataError, match="test_fraction=0.0 of 10 images holds out 0"):
     images.load("mnist", data_dir=str(tmp_path), test_fraction=0.0)
   with pytest.raises(images.DataError, match="--source"):
@@ -307,9 +295,9 @@ def test_omniglot_full_zips_train_on_background_test_on_evaluation(tmp_path):
   page = np.ones((105, 105), bool)
   stroke = page.copy()
   stroke[:30, :30] = False  # black ink in the top-left corner
-  _write_omniglot_zip(str(tmp_path / "images_background.zip"), "images_background",
+  write_omniglot_zip(str(tmp_path / "images_background.zip"), "images_background",
                       {f"Latin/character{i:02d}/{i}_01.png": stroke for i in range(4)})
-  _write_omniglot_zip(str(tmp_path / "images_evaluation.zip"), "images_evaluation",
+  write_omniglot_zip(str(tmp_path / "images_evaluation.zip"), "images_evaluation",
                       {"Atlantean/character01/1_01.png": page})
   splits = images.load("omniglot", data_dir=str(tmp_path), valid_fraction=0.25)
   _assert_splits(splits, 3, 1, 1)
@@ -320,7 +308,7 @@ def test_omniglot_full_zips_train_on_background_test_on_evaluation(tmp_path):
 
 
 def test_omniglot_drawing_of_the_wrong_size_is_refused(tmp_path):
-  _write_omniglot_zip(str(tmp_path / "images_background_small1.zip"), "images_background_small1",
+  write_omniglot_zip(str(tmp_path / "images_background_small1.zip"), "images_background_small1",
                       {"Latin/character01/1_01.png": np.ones((64, 64), bool)})
   with pytest.raises(images.DataError, match=r"1_01.png is 64x64; expected 105x105"):
     images.load("omniglot", data_dir=str(tmp_path))

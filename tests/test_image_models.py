@@ -1,6 +1,8 @@
 """The image model pieces: conv as matmul, the ResNet encoder, the structured hypernetwork,
 and the instance-adaptive encoder built from them (Proposition 1 on the image model)."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,9 +15,10 @@ from iavae_jax.models import encoders
 SMALL = dict(channels=(4, 6), latent_dim=3)
 
 
-def _encoder_and_vars(as_matmul=False, **kwargs):
-  encoder = encoders.ResNetEncoder(**{**SMALL, **kwargs}, as_matmul=as_matmul)
-  variables = encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+@functools.lru_cache(maxsize=None)   # one (jitted: eager Flax init is slow) init per process
+def _encoder_and_vars():
+  encoder = encoders.ResNetEncoder(**SMALL)
+  variables = jax.jit(encoder.init)(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
   # Non-trivial batch-norm statistics, so that frozen statistics are visibly used.
   stats = jax.tree.map(lambda a: a + 0.3 * jax.random.uniform(jax.random.PRNGKey(1), a.shape),
                        variables["batch_stats"])
@@ -88,13 +91,14 @@ def _literal_deltas(layout, psi, x):
 
 class StructuredHypernetTest(chex.TestCase):
 
-  def setUp(self):
-    super().setUp()
-    self.encoder, self.params, self.stats = _encoder_and_vars()
-    self.layout = blocks.BlockLayout.from_tree(self.params)
-    self.hypernet = hypernets.StructuredHypernet(self.layout, block_embed_dim=5,
-                                                 input_embed_dim=3, init_std=0.01)
-    self.psi = self.hypernet.init(jax.random.PRNGKey(3), jnp.zeros(784))["params"]
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.encoder, cls.params, cls.stats = _encoder_and_vars()
+    cls.layout = blocks.BlockLayout.from_tree(cls.params)
+    cls.hypernet = hypernets.StructuredHypernet(cls.layout, block_embed_dim=5, input_embed_dim=3,
+                                                init_std=0.01)
+    cls.psi = jax.jit(cls.hypernet.init)(jax.random.PRNGKey(3), jnp.zeros(784))["params"]
 
   def test_slicing_rules(self):
     cut = lambda shape: blocks.Slicing(shape, blocks.input_feature_axes(shape))
@@ -124,15 +128,20 @@ class StructuredHypernetTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, "one example"):
       self.hypernet.apply({"params": self.psi}, jnp.zeros((2, 784)))
 
-  def _adaptive_encode(self, psi, x):
+  def _adaptive_encode(self, psi, x, hypernet=None, context=None):
+    """The instance-adaptive encoder on x [B, 28, 28, 1]: ``hypernet`` (default self.hypernet)
+    sees ``context`` [B, m] (default: the flattened image)."""
     matmul = encoders.ResNetEncoder(**SMALL, as_matmul=True)
+    hypernet = hypernet or self.hypernet
 
     def encoder_apply(phi, x_i):
       mean, log_var = matmul.apply({"params": phi, "batch_stats": self.stats}, x_i[None],
                                    train=False)
       return mean[0], log_var[0]
-    hypernet_apply = lambda psi, x_i: self.hypernet.apply({"params": psi}, x_i.reshape(-1))
-    return adaptive.instance_adaptive_encode(encoder_apply, hypernet_apply, self.params, psi, x)
+    hypernet_apply = lambda psi, c_i: hypernet.apply({"params": psi}, c_i)
+    context = x.reshape(x.shape[0], -1) if context is None else context
+    return adaptive.instance_adaptive_encode(encoder_apply, hypernet_apply, self.params, psi, x,
+                                             context)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_proposition_1_zero_output_layer_is_the_base_encoder(self):
@@ -158,3 +167,30 @@ class StructuredHypernetTest(chex.TestCase):
     phi_0, phi_1 = (self.hypernet.apply({"params": self.psi}, x[i].reshape(-1)) for i in (0, 1))
     self.assertGreater(float(jnp.abs(phi_0["mean"]["kernel"] - phi_1["mean"]["kernel"]).max()),
                        0.0)
+
+  def test_defaults_start_far_closer_to_the_base_encoder_than_the_papers_settings(self):
+    # The library's defaults for images (its init_std, the normalised image as the context)
+    # against the paper's (1e-3, the raw image): how far the untrained IA-VAE's mean is from the
+    # base encoder's, relative to its norm (measured here: 0.30 against 50).
+    x = _images(8)
+    base, _ = self.encoder.apply({"params": self.params, "batch_stats": self.stats}, x,
+                                 train=False)
+    hypernet = hypernets.StructuredHypernet(self.layout)
+    defaults = jax.jit(hypernet.init)(jax.random.PRNGKey(4), jnp.zeros(784))["params"]
+    # The same draw at std 1e-3: W ~ N(0, std^2) scales with std, b = 0, embeddings unchanged.
+    paper = {k: v * (1e-3 / hypernet.init_std) if k.startswith("W_") else v
+             for k, v in defaults.items()}
+    mean = jax.jit(lambda psi, context: self._adaptive_encode(psi, x, hypernet, context)[0])
+    moved = lambda psi, context: float(jnp.linalg.norm(mean(psi, context) - base)
+                                       / jnp.linalg.norm(base))
+    self.assertLess(moved(defaults, adaptive.normalized_context(x)),
+                    moved(paper, x.reshape(8, -1)) / 100)
+
+
+def test_normalized_context_is_the_flattened_image_over_its_norm():
+  x = _images(3).at[1].set(0.0)                            # example 1 is blank
+  context = adaptive.normalized_context(x)
+  chex.assert_shape(context, (3, 784))
+  chex.assert_trees_all_close(jnp.linalg.norm(context, axis=-1), jnp.array([1.0, 0.0, 1.0]),
+                              atol=1e-6)
+  chex.assert_trees_all_close(context[2] * jnp.linalg.norm(x[2]), x[2].reshape(-1), atol=1e-5)

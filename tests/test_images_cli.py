@@ -1,10 +1,12 @@
-"""The image experiments end to end (smoke tier on the real MNIST subset), the report over them,
-resume, bad input (exit 2), and a few steps of the paper tier."""
+"""The image experiments: bad input (exit 2, nothing written); slow: end to end (the smoke tier on
+toy images), the report over them, resume, Proposition 1 and the first step of stage 2 on the
+image model, and a few steps of the paper tier."""
 
 import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -15,9 +17,9 @@ import numpy as np
 import pytest
 
 from iavae_jax import blocks, checkpoints, training
-from experiments import configs, images_train
+from experiments import common, configs, images_train
 
-from conftest import MNIST_5K, SMOKE, run_module as run
+from conftest import SMOKE, run_module as run
 
 
 def _results(workdir):
@@ -25,6 +27,7 @@ def _results(workdir):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_outputs_and_schema(smoke_run):
   _, workdir, _ = smoke_run
   for name in ("results.json", "results.md", "figure8_reconstructions.png", "metrics.jsonl",
@@ -46,6 +49,7 @@ def test_outputs_and_schema(smoke_run):
   assert r["wall_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_report_gathers_the_run(smoke_run):
   root, _, _ = smoke_run
   result = run("experiments.report", f"--workdir={root}")
@@ -60,53 +64,56 @@ def test_report_gathers_the_run(smoke_run):
   assert "MNIST" in open(os.path.join(root, "table4.md")).read()
 
 
-def test_second_run_resumes_and_reproduces_the_numbers(smoke_run):
+@pytest.mark.slow
+def test_second_run_resumes_and_reproduces_the_numbers(smoke_run, smoke_flags):
   _, workdir, _ = smoke_run
   before = _results(workdir)
-  result = run("experiments.images", f"--workdir={workdir}", *SMOKE)
+  result = run("experiments.images", f"--workdir={workdir}", *smoke_flags)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.count("resumed from the checkpoint") == 6   # 3 models x 2 seeds
   assert _results(workdir)["models"] == before["models"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line", ["[vae_seed0] epoch 1/", "[iavae_seed1] epoch 1/"])
-def test_sigkill_then_rerun_gives_the_uninterrupted_numbers(smoke_run, tmp_path,
+def test_sigkill_then_rerun_gives_the_uninterrupted_numbers(smoke_run, smoke_flags, tmp_path,
                                                             kill_after_line, line):
   # Killed in stage 1 of seed 0 or stage 2 of seed 1, while that epoch's checkpoint is written.
   # Equal to smoke_run, a separate process: this is also the determinism test of this tier.
-  kill_after_line("experiments.images", [f"--workdir={tmp_path}", *SMOKE], line)
+  kill_after_line("experiments.images", [f"--workdir={tmp_path}", *smoke_flags], line)
   assert not (tmp_path / "results.json").exists()
-  result = run("experiments.images", f"--workdir={tmp_path}", *SMOKE)
+  result = run("experiments.images", f"--workdir={tmp_path}", *smoke_flags)
   assert result.returncode == 0, result.stderr[-3000:]
   assert _results(tmp_path)["models"] == _results(smoke_run[1])["models"]   # bitwise
 
 
+@pytest.mark.slow
 def test_stage_2_on_a_stage_1_checkpoint_of_another_architecture_is_refused(smoke_run,
-                                                                           tmp_path):
+                                                                           smoke_flags, tmp_path):
   workdir = tmp_path / "copy"
   shutil.copytree(smoke_run[1], workdir)
   os.remove(workdir / "config.json")   # only the checkpoints themselves can tell now
   listing = {str(p): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-  result = run("experiments.images", f"--workdir={workdir}", *SMOKE, "--encoder_channels=4,8")
+  result = run("experiments.images", f"--workdir={workdir}", *smoke_flags,
+               "--encoder_channels=4,8")
   assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
   assert "checkpoints/vae_seed0 cannot be restored" in result.stderr
   assert {str(p): p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == listing
 
 
+# Bad input: the command line's own checks, and one of the configuration's, in a subprocess (its
+# flags cannot be defined next to the synthetic command's in one process); the configuration's
+# and the data's checks in-process.
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--dataset=cifar10", "--tier=smoke"], "--dataset=cifar10 is not known"),
-    (SMOKE + ["--seed=2147483600", "--num_seeds=100"], "--seed + --num_seeds"),
-    (SMOKE + ["--hypernet_input=pixels"], "--hypernet_input=pixels is not known"),
     (["--dataset=mnist", "--tier=huge"], "--tier=huge is not known"),
     (["--tier=smoke"], "--dataset is required"),
-    (SMOKE + ["--batch_size=0"], "--batch_size must be a positive integer"),
-    (SMOKE + ["--decoder_learning_rate=-1"], "--decoder_learning_rate must be positive"),
-    (SMOKE + ["--decoder_kernel_sizes=4"], "--decoder_kernel_sizes must be odd"),
     (SMOKE + ["--encoder_channels=8,x"], "--encoder_channels must be a comma-separated list"),
-    (SMOKE + ["--batch_size=500"], "no full batch"),
-    (["--dataset=mnist", "--tier=smoke", "--data_dir=/nonexistent/mnist"], "/nonexistent/mnist"),
+    (SMOKE + ["--batch_size=0"], "--batch_size must be a positive integer"),
 ])
-def test_bad_input_exits_2_and_writes_nothing(flags, message):
+def test_bad_flags_exit_2_and_write_nothing(flags, message):
   with tempfile.TemporaryDirectory() as root:
     workdir = os.path.join(root, "run")
     result = run("experiments.images", f"--workdir={workdir}", *flags)
@@ -115,22 +122,47 @@ def test_bad_input_exits_2_and_writes_nothing(flags, message):
     assert not os.path.exists(workdir) or not os.listdir(workdir)
 
 
-def test_workdir_of_another_configuration_is_refused(smoke_run):
+@pytest.mark.parametrize("overrides, message", [
+    ({"seed": 2147483600, "num_seeds": 100}, "--seed + --num_seeds"),
+    ({"hypernet_input": "pixels"}, "--hypernet_input=pixels is not known"),
+    ({"batch_size": 0}, "--batch_size must be a positive integer"),
+    ({"decoder_learning_rate": -1.0}, "--decoder_learning_rate must be positive"),
+    ({"decoder_kernel_sizes": (4,)}, "--decoder_kernel_sizes must be odd"),
+])
+def test_bad_settings_are_refused(overrides, message):
+  with pytest.raises(common.ConfigError, match=re.escape(message)):
+    dataclasses.replace(configs.image_config("mnist", "smoke"), **overrides).validate()
+
+
+@pytest.mark.parametrize("overrides, data_dir, message", [
+    ({"batch_size": 500}, None, "no full batch"),
+    ({}, "/nonexistent/mnist", "/nonexistent/mnist"),
+])
+def test_bad_data_is_refused_before_anything_is_written(tmp_path, smoke_data_dir, overrides,
+                                                       data_dir, message):
+  config = dataclasses.replace(configs.image_config("mnist", "smoke"), **overrides)
+  with pytest.raises(common.ConfigError, match=re.escape(message)):
+    images_train.train_and_evaluate(config, str(tmp_path / "run"), data_dir or smoke_data_dir)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_workdir_of_another_configuration_is_refused(smoke_run, smoke_flags):
   _, workdir, _ = smoke_run
   before = open(os.path.join(workdir, "results.json")).read()
-  result = run("experiments.images", f"--workdir={workdir}", *SMOKE, "--vae_epochs=3")
+  result = run("experiments.images", f"--workdir={workdir}", *smoke_flags, "--vae_epochs=3")
   assert result.returncode == 2
   assert "different configuration" in result.stderr and "vae_epochs" in result.stderr
   assert open(os.path.join(workdir, "results.json")).read() == before
 
 
-def test_workdir_of_other_data_is_refused(smoke_run):
+@pytest.mark.slow
+def test_workdir_of_other_data_is_refused(smoke_run, smoke_data_dir):
   _, workdir, _ = smoke_run
   before = open(os.path.join(workdir, "results.json")).read()
   with tempfile.TemporaryDirectory() as copy:
-    shutil.copy(os.path.join(MNIST_5K, "images-idx3-ubyte.gz"), copy)
-    flags = [f for f in SMOKE if not f.startswith("--data_dir")] + [f"--data_dir={copy}"]
-    result = run("experiments.images", f"--workdir={workdir}", *flags)
+    shutil.copy(os.path.join(smoke_data_dir, "images-idx3-ubyte.gz"), copy)
+    result = run("experiments.images", f"--workdir={workdir}", *SMOKE, f"--data_dir={copy}")
   assert result.returncode == 2
   assert "holds a run on other data" in result.stderr
   assert open(os.path.join(workdir, "results.json")).read() == before
@@ -154,6 +186,7 @@ def _smoke_model(**overrides):
   return images_train.Model(config.validate())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", configs.HYPERNET_INPUTS)
 def test_stage_2_starts_at_the_stage_1_elbo(kind):
   # Proposition 1 on the image model: with the hypernetwork's output layers zero, the IA-VAE's
@@ -207,6 +240,7 @@ def _first_step_move(kind, x_grey):
   return float(jnp.linalg.norm(after - before) / jnp.linalg.norm(before))
 
 
+@pytest.mark.slow
 def test_normalised_image_input_keeps_the_first_step_small():
   # The Fashion-MNIST divergence: with the raw image as the hypernetwork's x, Adam's first step
   # moves every conv delta by ~lr x (ink pixels) coherently; over its norm, ~lr x sqrt(ink).
@@ -215,6 +249,7 @@ def test_normalised_image_input_keeps_the_first_step_small():
   assert raw > 5 * normalised, (raw, normalised)
 
 
+@pytest.mark.slow
 def test_paper_tier_steps_on_cpu():
   # The paper architecture (ResNet 64, 12-layer PixelCNN 32) at batch 50: one step of each
   # stage gives finite losses and changes the parameters; the state survives an Orbax round trip.

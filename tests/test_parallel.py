@@ -1,4 +1,4 @@
-"""Training across devices: placement helpers on this process's device, and whole runs on 4
+"""Training across devices: placement helpers on this process's device, and (slow) whole runs on 4
 emulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=4, in a subprocess; and
 as 2 processes of 2 devices joined by jax.distributed) that must match the 1-device runs.
 
@@ -72,6 +72,7 @@ def _load(workdir):
     return json.load(f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["seeds", "data"])
 def test_synthetic_on_4_devices_matches_1_device(tiny_run, tmp_path, mode):
   result = _run_on_4_devices("experiments.synthetic", f"--workdir={tmp_path}", *TINY,
@@ -83,8 +84,9 @@ def test_synthetic_on_4_devices_matches_1_device(tiny_run, tmp_path, mode):
     np.testing.assert_allclose(_floats(four[key]), _floats(one[key]), rtol=1e-5, atol=1e-6)
 
 
-def test_images_data_parallel_on_4_devices_matches_1_device(smoke_run, tmp_path):
-  result = _run_on_4_devices("experiments.images", f"--workdir={tmp_path}", *SMOKE,
+@pytest.mark.slow
+def test_images_data_parallel_on_4_devices_matches_1_device(smoke_run, smoke_flags, tmp_path):
+  result = _run_on_4_devices("experiments.images", f"--workdir={tmp_path}", *smoke_flags,
                              "--parallel=data")
   assert result.returncode == 0, result.stderr[-3000:]
   one, four = _load(smoke_run[1])["models"], _load(tmp_path)["models"]
@@ -101,6 +103,7 @@ def test_images_refuse_seed_parallel(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_run_resumes_on_another_device_count(tiny_run, tmp_path):
   # Checkpoints are host copies without padding: a 1-device run's checkpoints resume on 4.
   workdir = tmp_path / "copy"
@@ -114,6 +117,7 @@ def test_a_run_resumes_on_another_device_count(tiny_run, tmp_path):
                              _floats(_load(tiny_run[0])["table3"]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_of_two_devices_match_1_device(tiny_run, tmp_path):
   # Multi-host in miniature: 2 processes on this machine, each with 2 CPU devices, joined by
   # jax.distributed (--distributed with an explicit coordinator), training seed-parallel over

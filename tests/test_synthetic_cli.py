@@ -1,12 +1,15 @@
-"""The synthetic command line end to end: outputs, schema, resume after SIGKILL, determinism,
-divergence (exit 1) and bad input (exit 2)."""
+"""The synthetic command line: bad input (exit 2, nothing written); slow: end to end (outputs,
+schema, resume after SIGKILL, determinism, divergence with exit 1, refused workdirs)."""
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 
 import pytest
 
+from experiments import common, configs
 from conftest import TINY, run_module
 
 
@@ -14,6 +17,7 @@ def run(*args):
   return run_module("experiments.synthetic", *args)
 
 
+@pytest.mark.slow
 def test_outputs_and_schema(tiny_run):
   workdir, _ = tiny_run
   for name in ("results.json", "results.md", "figure6_posterior.png", "figure7_efficiency.png",
@@ -45,6 +49,7 @@ def test_outputs_and_schema(tiny_run):
   assert "Table 2" in open(os.path.join(workdir, "results.md")).read()
 
 
+@pytest.mark.slow
 def test_second_run_resumes_instead_of_retraining(tiny_run):
   workdir, _ = tiny_run
   with open(os.path.join(workdir, "results.json")) as f:
@@ -60,16 +65,14 @@ def test_second_run_resumes_instead_of_retraining(tiny_run):
   assert second["table3"] == first["table3"]
 
 
+# Bad input: the command line's own check, and one of the configuration's, in a subprocess (its
+# flags cannot be defined next to the image command's in one process); the configuration's
+# checks in-process.
+
+
 @pytest.mark.parametrize("flag, message", [
-    ("--sigma=0", "--sigma must be positive"),
-    ("--sigma=-0.1", "--sigma must be positive"),
-    ("--num_vae_seeds=0", "--num_vae_seeds must be a positive integer"),
-    ("--encoder_width=-2", "--encoder_width must be a positive integer"),
-    ("--sweep_widths=2,0", "--sweep_widths must be positive"),
     ("--sweep_widths=2,x", "--sweep_widths must be a comma-separated list of integers"),
-    ("--seed=-1", "--seed must be an integer in [0, 2147483647]"),
-    ("--data_seed=4294967296", "--data_seed must be an integer in [0, 2147483647]"),
-    ("--batch_size=99999", "--batch_size=99999 exceeds --num_examples"),
+    ("--sigma=0", "--sigma must be positive"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
   workdir = tmp_path / "w"
@@ -77,6 +80,21 @@ def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
   assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
   assert message in result.stderr
   assert not workdir.exists()   # nothing was written
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sigma": 0.0}, "--sigma must be positive"),
+    ({"sigma": -0.1}, "--sigma must be positive"),
+    ({"num_vae_seeds": 0}, "--num_vae_seeds must be a positive integer"),
+    ({"encoder_width": -2}, "--encoder_width must be a positive integer"),
+    ({"sweep_widths": (2, 0)}, "--sweep_widths must be positive"),
+    ({"seed": -1}, "--seed must be an integer in [0, 2147483647]"),
+    ({"data_seed": 4294967296}, "--data_seed must be an integer in [0, 2147483647]"),
+    ({"batch_size": 99999}, "--batch_size=99999 exceeds --num_examples"),
+])
+def test_bad_settings_are_refused(overrides, message):
+  with pytest.raises(common.ConfigError, match=re.escape(message)):
+    dataclasses.replace(configs.synthetic_quick(), **overrides).validate()
 
 
 def test_missing_or_unwritable_workdir_exits_2(tmp_path):
@@ -89,6 +107,7 @@ def test_missing_or_unwritable_workdir_exits_2(tmp_path):
   assert blocker.read_text() == "not a directory"
 
 
+@pytest.mark.slow
 def test_different_configuration_in_same_workdir_is_refused(tiny_run):
   workdir, _ = tiny_run
   before = {name: os.path.getmtime(os.path.join(workdir, name))
@@ -105,6 +124,7 @@ def test_unexpected_positional_argument_exits_2(tmp_path):
   assert result.returncode == 2
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture_is_refused(tiny_run, tmp_path):
   source, _ = tiny_run
   workdir = tmp_path / "copy"
@@ -126,12 +146,14 @@ def _numbers(workdir):
   return {k: results[k] for k in NUMBERS}
 
 
+@pytest.mark.slow
 def test_same_command_twice_gives_identical_numbers(tiny_run, tmp_path):
   result = run(f"--workdir={tmp_path}", *TINY)
   assert result.returncode == 0, result.stderr[-3000:]
   assert _numbers(tmp_path) == _numbers(tiny_run[0])    # bitwise: JSON floats compared exactly
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["vae", "iavae"])
 def test_sigkill_then_rerun_gives_the_uninterrupted_numbers(tiny_run, tmp_path, kill_after_line,
                                                             stage):
@@ -145,6 +167,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_numbers(tiny_run, tmp_path, 
   assert _numbers(tmp_path) == _numbers(tiny_run[0])
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_exit_1_naming_stage_model_epoch_and_step(tmp_path):
   result = run(f"--workdir={tmp_path}", *TINY, "--learning_rate=1e30")
   assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
@@ -153,6 +176,7 @@ def test_divergence_stops_with_exit_1_naming_stage_model_epoch_and_step(tmp_path
   assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_is_refused_and_left_alone(tiny_run, tmp_path):
   workdir = tmp_path / "copy"
   shutil.copytree(tiny_run[0], workdir)
@@ -166,6 +190,7 @@ def test_corrupted_checkpoint_is_refused_and_left_alone(tiny_run, tmp_path):
   assert {str(p): p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == listing
 
 
+@pytest.mark.slow
 def test_debug_nans_stops_at_the_operation(tmp_path):
   result = run(f"--workdir={tmp_path}", *TINY, "--learning_rate=1e30", "--debug_nans")
   assert result.returncode != 0

@@ -5,7 +5,8 @@ levels (the trainer binarises it afresh each epoch with `binarize`), the validat
 splits are binarised once, so every model is scored on the same binary images.
 
 Sources: ``source="tfds"`` reads a prepared TFDS data set through ``tfds.data_source`` (no
-TensorFlow needed; the 'image' field); ``source="local"`` reads the original files from a
+TensorFlow needed; the 'image' field; tensorflow-datasets is imported only then, an optional
+dependency: ``pip install 'iavae-jax[tfds]'``); ``source="local"`` reads the original files from a
 directory; ``source="auto"`` reads local files when data_dir (or `default_data_dir`) holds a
 recognised set of them, else TFDS. Local files recognised, the first complete set in this order:
   mnist, fashion_mnist: train-images-idx3-ubyte + t10k-images-idx3-ubyte (the standard IDX
@@ -42,7 +43,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.io
-import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
 DATASETS = ("mnist", "fashion_mnist", "omniglot", "binarized_mnist")
@@ -58,8 +58,7 @@ _TEST_SPLIT, _VALID_SPLIT, _VALID_BINARIZE, _TEST_BINARIZE, _TRAIN_ORDER = range
 
 _HOW_TO_GET = {
     "mnist": ("the standard IDX files from http://yann.lecun.com/exdb/mnist/, or a directory "
-              "holding images-idx3-ubyte.gz such as the 5,000-image subset "
-              "(shared/data/mnist-5k)"),
+              "holding images-idx3-ubyte.gz, such as a 5,000-image subset"),
     "fashion_mnist": "`apt-get install -y dataset-fashion-mnist` (puts them in "
                      f"{_FASHION_MNIST_DIR})",
     "omniglot": ("the zips from https://github.com/brendenlake/omniglot (python/), or "
@@ -415,6 +414,12 @@ def _read_amat(path: str) -> np.ndarray:
 def _read_tfds(dataset: str, data_dir: Optional[str], no_local: str) -> _Read:
   """Reads the prepared TFDS data set's 'image' field; no_local prefixes the error's advice."""
   names = [s for s in _TFDS_SPLITS[dataset] if s is not None]
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (optional, heavy)
+  except ImportError as e:
+    raise DataError(
+        f"{no_local}TFDS needs tensorflow-datasets to read {dataset}, and it is not installed: "
+        f"pip install 'iavae-jax[tfds]'. Or use local files: {_HOW_TO_GET[dataset]}.") from e
   try:
     sources = tfds.data_source(dataset, split=names, data_dir=data_dir, download=False)
     raw = {name: np.stack([np.asarray(example["image"]) for example in source])

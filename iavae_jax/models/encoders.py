@@ -51,7 +51,7 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
 
   Same result as ``lax.conv_general_dilated`` (NHWC/HWIO), but vmapping it over a batch of
   kernels gives a batched matmul rather than a grouped convolution, whose backward pass is ~80x
-  slower on CPU (DESIGN.md). The patches are strided slices of the padded input, so their
+  slower on CPU (docs/results.md). The patches are strided slices of the padded input, so their
   gradient is slicing and padding too (``lax.conv_general_dilated_patches`` has a convolution
   as its gradient, and made the vmapped encoder's backward pass ~15x slower). The
   instance-adaptive encoder uses this form.
