@@ -15,7 +15,6 @@ grid (posterior.py), q* by per-example Newton on the exact ELBO.
 import dataclasses
 import functools
 import os
-import platform
 import time
 from typing import Callable
 
@@ -24,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import iavae_jax
 from iavae_jax import adaptive, blocks, distributions, hypernets, objectives, plots
 from iavae_jax import parallel as parallel_lib, posterior, training
 from iavae_jax.data import synthetic
@@ -64,7 +62,7 @@ def make_epoch_fn(config: SyntheticConfig, encode: EncodeFn,
     mean, log_var = encode(params, frozen, x)
     terms = objectives.elbo(
         eps, mean, log_var, lambda z: oracle.log_likelihood(x, z, config.sigma))
-    return -jnp.mean(terms.elbo)
+    return -jnp.mean(terms.elbo), jnp.mean(terms.kl)
 
   def score_fn(params, frozen, x):
     mean, log_var = encode(params, frozen, x)
@@ -77,29 +75,27 @@ def make_epoch_fn(config: SyntheticConfig, encode: EncodeFn,
 
 
 def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...]]):
-  """Init and training keys, and data-order seeds, for models named by index tuples."""
-  root = jax.random.fold_in(jax.random.PRNGKey(config.seed), STAGE_IDS[stage])
-  keys = []
-  for index in indices:
-    key = root
-    for i in index:
-      key = jax.random.fold_in(key, i)
-    keys.append(key)
-  init_keys, train_keys = jnp.moveaxis(jax.vmap(jax.random.split)(jnp.stack(keys)), 1, 0)
-  order_seeds = np.array([(config.seed, STAGE_IDS[stage]) + tuple(i) for i in indices])
-  return init_keys, train_keys, order_seeds
+  """Init and training keys [M, 2], and data-order seeds [M, K], for models named by index
+  tuples (``training.model_keys`` of (seed, stage id, *index))."""
+  paths = [(config.seed, STAGE_IDS[stage]) + tuple(index) for index in indices]
+  init_keys, train_keys = zip(*(training.model_keys(*path) for path in paths))
+  return jnp.stack(init_keys), jnp.stack(train_keys), np.array(paths)
 
 
 def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: EncodeFn,
                 params, frozen, train_keys, order_seeds, data,
-                parallel: parallel_lib.Parallel | None = None) -> training.TrainState:
-  """Trains (or resumes, or just loads) one population; returns its final states."""
+                parallel: parallel_lib.Parallel | None = None,
+                tensorboard: bool = False) -> training.TrainState:
+  """Trains (or resumes, or just loads) one population; returns its final states. frozen: the
+  models' frozen encoders, stacked (None for VAEs)."""
   epoch_fn, optimizer = make_epoch_fn(config, encode, parallel)
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
-  states = jax.vmap(lambda p, k: training.init_state(p, optimizer, k))(params, train_keys)
+  states = jax.vmap(lambda p, k, f: training.init_state(p, optimizer, k, f))(
+      params, train_keys, frozen)
   names = [MODEL_NAMES[name].format(*map(int, row[2:])) for row in order_seeds]
-  return stages.run_stage(name, workdir, epoch_fn, states, frozen, data, order_seeds, schedule,
-                          config.checkpoint_every, config.epochs_per_call, names, parallel)
+  return stages.run_stage(name, workdir, epoch_fn, states, data, order_seeds, schedule,
+                          config.checkpoint_every, config.epochs_per_call, names, parallel,
+                          tensorboard)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -124,9 +120,11 @@ def _stats(values) -> dict:
 
 
 def train_and_evaluate(config: SyntheticConfig, workdir: str,
-                       parallel: parallel_lib.Parallel | None = None) -> dict:
-  """Runs the whole protocol in workdir (resuming what is there) and writes every output; with a
-  ``parallel``, the populations train on its devices (``iavae_jax.parallel``)."""
+                       parallel: parallel_lib.Parallel | None = None,
+                       tensorboard: bool = False) -> dict:
+  """Runs the whole protocol in workdir (resuming what is there) and writes every output (with
+  ``tensorboard``, TensorBoard event files too); with a ``parallel``, the populations train on
+  its devices (``iavae_jax.parallel``)."""
   config.validate()
   common.prepare_workdir(workdir, config)
   start = time.time()
@@ -143,7 +141,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   init_keys, train_keys, order_seeds = model_keys(config, "vae", vae_indices)
   vae_params0 = jax.vmap(lambda k: encoder.init(k, x[0])["params"])(init_keys)
   vae_states = train_stage("vae", workdir, config, vae_encode(config.encoder_width), vae_params0,
-                           jnp.zeros(len(vae_indices)), train_keys, order_seeds, x, parallel)
+                           None, train_keys, order_seeds, x, parallel, tensorboard)
   phi_avi = vae_states.best_params
   timings["vae"] = time.time() - t0
 
@@ -158,7 +156,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   frozen_phi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi_avi)
   iavae_fn = iavae_encode(config, layout)
   iavae_states = train_stage("iavae", workdir, config, iavae_fn, psi0, frozen_phi, train_keys,
-                             order_seeds, x, parallel)
+                             order_seeds, x, parallel, tensorboard)
   timings["iavae"] = time.time() - t0
 
   # Stage 3: the width sweep, zero-padded to the widest encoder.
@@ -171,8 +169,8 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
       for (w, _), k in zip(sweep_indices, init_keys)]
   sweep_params0 = jax.tree.map(lambda *a: jnp.stack(a), *sweep_params0)
   sweep_fn = vae_encode(max_width)
-  sweep_states = train_stage("sweep", workdir, config, sweep_fn, sweep_params0,
-                             jnp.zeros(len(sweep_indices)), train_keys, order_seeds, x, parallel)
+  sweep_states = train_stage("sweep", workdir, config, sweep_fn, sweep_params0, None,
+                             train_keys, order_seeds, x, parallel, tensorboard)
   timings["sweep"] = time.time() - t0
 
   # The true posterior, log p(x) and q*.
@@ -186,13 +184,12 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   timings["posterior"] = time.time() - t0
 
   t0 = time.time()
-  vae_eval, vae_means = evaluate(vae_encode(config.encoder_width), phi_avi,
-                                 jnp.zeros(len(vae_indices)), x, config.sigma, summary,
-                                 elbo_qstar)
+  vae_eval, vae_means = evaluate(vae_encode(config.encoder_width), phi_avi, None, x,
+                                 config.sigma, summary, elbo_qstar)
   iavae_eval, iavae_means = evaluate(iavae_fn, iavae_states.best_params, frozen_phi, x,
                                      config.sigma, summary, elbo_qstar)
-  sweep_eval, _ = evaluate(sweep_fn, sweep_states.best_params, jnp.zeros(len(sweep_indices)), x,
-                           config.sigma, summary, elbo_qstar)
+  sweep_eval, _ = evaluate(sweep_fn, sweep_states.best_params, None, x, config.sigma, summary,
+                           elbo_qstar)
   timings["evaluation"] = time.time() - t0
 
   vae_eval, iavae_eval, sweep_eval = (jax.tree.map(np.asarray, e)
@@ -307,14 +304,10 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
       "figure6_examples": [int(i) for i in chosen],
       "stage_seconds": timings,
       "wall_seconds": time.time() - start,
-      "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
-                      "devices": jax.device_count(), "python": platform.python_version(),
-                      "parallel": "none" if parallel is None else parallel.mode,
-                      "iavae_jax": iavae_jax.__version__},
+      "environment": common.environment(parallel),
   }
-  common.record_config(workdir, config)
-  common.write_json(os.path.join(workdir, "results.json"), results)
-  common.write_text(os.path.join(workdir, "results.md"), render_markdown(results))
+  common.write_results(workdir, results, render_markdown(results), config)
+  common.save_learning_curves(workdir, "synthetic oracle experiment: a line per model")
   print(f"wrote {workdir}/results.json, results.md and figures in "
         f"{results['wall_seconds']:.1f}s", flush=True)
   return results

@@ -2,6 +2,7 @@
 divergence (exit 1) and bad input (exit 2)."""
 
 import json
+import math
 import os
 import shutil
 
@@ -17,8 +18,19 @@ def run(*args):
 def test_outputs_and_schema(tiny_run):
   workdir, _ = tiny_run
   for name in ("results.json", "results.md", "figure6_posterior.png", "figure7_efficiency.png",
-               "metrics.jsonl", "config.json"):
+               "metrics.jsonl", "learning_curves.png", "config.json"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
+  models = {"vae": 2, "iavae": 4, "sweep": 2}
+  assert [(l["stage"], l["epoch"]) for l in lines] == [
+      (stage, epoch) for stage in models for epoch in (1, 2, 3, 4)]
+  for line in lines:
+    for key in ("train_loss", "train_kl", "grad_norm", "valid_elbo"):
+      assert len(line[key]) == models[line["stage"]], (key, line)
+      assert all(v is None or math.isfinite(v) for v in line[key])
+    assert line["training"] == sum(v is not None for v in line["train_loss"])
+    assert line["steps_per_s"] > 0 and line["seconds"] > 0
   with open(os.path.join(workdir, "results.json")) as f:
     r = json.load(f)
   assert len(r["table2"]) == 2
@@ -70,6 +82,7 @@ def test_second_run_resumes_instead_of_retraining(tiny_run):
     ("--seed=-1", "--seed must be an integer in [0, 2147483647]"),
     ("--data_seed=4294967296", "--data_seed must be an integer in [0, 2147483647]"),
     ("--batch_size=99999", "--batch_size=99999 exceeds --num_examples"),
+    ("--parallel=pipeline", "--parallel=pipeline is not known"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
   workdir = tmp_path / "w"
@@ -77,6 +90,20 @@ def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
   assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
   assert message in result.stderr
   assert not workdir.exists()   # nothing was written
+
+
+def test_tensorboard_without_tensorboardx_exits_2(tmp_path):
+  # A tensorboardX that cannot be imported, first on the path.
+  (tmp_path / "hide" / "tensorboardX").mkdir(parents=True)
+  (tmp_path / "hide" / "tensorboardX" / "__init__.py").write_text(
+      "raise ImportError(\"No module named 'tensorboardX'\")\n")
+  env = dict(os.environ, PYTHONPATH=str(tmp_path / "hide"))
+  workdir = tmp_path / "w"
+  result = run_module("experiments.synthetic", f"--workdir={workdir}", "--quick",
+                      "--tensorboard", env=env)
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  assert "--tensorboard writes through the tensorboardX package" in result.stderr
+  assert not workdir.exists()
 
 
 def test_missing_or_unwritable_workdir_exits_2(tmp_path):
