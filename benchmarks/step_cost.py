@@ -8,7 +8,8 @@ Builds the real train steps of stage 1 (VAE), stage 2 (IA-VAE) and the control
 (experiments.images_train.train_step) on random data; compiles them; then times them interleaved
 (VAE, IA-VAE, control, VAE, ...) so that machine noise hits all alike. Prints a line per model
 and, last, a JSON object with vae_step_s, iavae_step_s, control_step_s (medians), ratio =
-iavae_step_s / vae_step_s and examples per second. Timings are wall-clock on whatever device JAX uses.
+iavae_step_s / vae_step_s and examples per second. Timings are wall-clock on whatever device JAX
+uses.
 """
 
 import dataclasses

@@ -521,16 +521,15 @@ def subset(data: images.ImageSplits, config: ImageConfig) -> images.ImageSplits:
 
 
 def render_markdown(results: dict) -> str:
-  lines = [f"# {results['dataset']} ({results['tier']} tier): test metrics per seed", "",
-           f"| seed | model | test ELBO | test KL | IWAE bound (K={results['config']['iwae_samples']})"
-           " | valid ELBO (selection score) | best epoch |",
-           "|---|---|---|---|---|---|---|"]
-  for i, seed in enumerate(results["seeds"]):
-    for stage in STAGES:
-      m = results["models"][stage]
-      lines.append(f"| {seed} | {stage} | {m['test_elbo'][i]:.3f} | {m['test_kl'][i]:.3f} | "
-                   f"{m['test_iwae'][i]:.3f} | {m['valid_elbo'][i]:.3f} | "
-                   f"{m['best_epoch'][i]} |")
+  lines = [f"# {results['dataset']} ({results['tier']} tier): test metrics per seed", ""]
+  lines += common.markdown_table(
+      ["seed", "model", "test ELBO", "test KL",
+       f"IWAE bound (K={results['config']['iwae_samples']})", "valid ELBO (selection score)",
+       "best epoch"],
+      [[seed, stage] + [f"{results['models'][stage][key][i]:.3f}"
+                        for key in ("test_elbo", "test_kl", "test_iwae", "valid_elbo")]
+       + [results["models"][stage]["best_epoch"][i]]
+       for i, seed in enumerate(results["seeds"]) for stage in STAGES])
   resumed = results["resumed_stages"]
   lines += ["", f"Wall time {results['wall_seconds']:.1f} s"
             + (f" (this invocation; resumed from checkpoints: {', '.join(resumed)})"

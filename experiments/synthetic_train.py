@@ -320,32 +320,31 @@ def render_markdown(r: dict) -> str:
            + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items()), "",
            "## Table 2: robustness to random initialisation", "",
            "ELBO (KL) per VAE seed; IA-VAE: mean +- std over "
-           f"{r['config']['num_iavae_seeds']} seeds on that VAE's frozen encoder.", "",
-           "| VAE seed | VAE | IA-VAE |", "|---|---|---|"]
-  for row in r["table2"]:
-    v, ia = row["vae"], row["iavae"]
-    lines.append(f"| {row['vae_seed']} | {v['elbo']:.2f} ({v['kl']:.2f}) | "
-                 f"**{ia['elbo_mean']:.2f} +- {ia['elbo_std']:.2f}** "
-                 f"({ia['kl_mean']:.2f} +- {ia['kl_std']:.2f}) |")
+           f"{r['config']['num_iavae_seeds']} seeds on that VAE's frozen encoder.", ""]
+  lines += common.markdown_table(["VAE seed", "VAE", "IA-VAE"], [
+      [row["vae_seed"], f"{row['vae']['elbo']:.2f} ({row['vae']['kl']:.2f})",
+       f"**{row['iavae']['elbo_mean']:.2f} +- {row['iavae']['elbo_std']:.2f}** "
+       f"({row['iavae']['kl_mean']:.2f} +- {row['iavae']['kl_std']:.2f})"]
+      for row in r["table2"]])
+  pm = lambda entry, key, digits: f"{entry[key]:.{digits}f} +- {entry[key + '_std']:.{digits}f}"
   t3 = r["table3"]
   lines += ["", "## Table 3: posterior accuracy", "",
             "Mean +- std over models (VAE: one per seed; IA-VAE: all seeds of all VAEs); each "
             "model's value is its average over the data. d_MAP: Mahalanobis distance of the "
             "inferred mean from z_MAP under the Laplace Gaussian; r_MAP = p(mu|x) / p(z_MAP|x).",
-            "", "| Method | ELBO (up) | KL | d_MAP (down) | r_MAP (up) |", "|---|---|---|---|---|"]
-  for name, key in (("VAE", "vae"), ("IA-VAE", "iavae")):
-    e = t3[key]
-    lines.append(f"| {name} | {e['elbo']:.2f} +- {e['elbo_std']:.2f} | {e['kl']:.2f} | "
-                 f"{e['d_map']:.2f} +- {e['d_map_std']:.2f} | "
-                 f"{e['r_map']:.2f} +- {e['r_map_std']:.2f} |")
+            ""]
+  lines += common.markdown_table(
+      ["Method", "ELBO (up)", "KL", "d_MAP (down)", "r_MAP (up)"],
+      [[name, pm(t3[key], "elbo", 2), f"{t3[key]['kl']:.2f}", pm(t3[key], "d_map", 2),
+        pm(t3[key], "r_map", 2)] for name, key in (("VAE", "vae"), ("IA-VAE", "iavae"))])
   eff = r["efficiency"]
   lines += ["", "## Figure 7: parameter efficiency", "",
             f"IA-VAE: {eff['iavae_params']} parameters (base {eff['base_params']} + hypernetwork "
             f"{eff['hypernet_params']}; plus {eff['embedding_params']} embedding values), ELBO "
-            f"{eff['iavae_elbo']:.2f} +- {eff['iavae_elbo_std']:.2f}.", "",
-            "| width | parameters | VAE ELBO |", "|---|---|---|"]
-  for c in eff["vae_curve"]:
-    lines.append(f"| {c['width']} | {c['params']} | {c['elbo']:.2f} +- {c['elbo_std']:.2f} |")
+            f"{eff['iavae_elbo']:.2f} +- {eff['iavae_elbo_std']:.2f}.", ""]
+  lines += common.markdown_table(["width", "parameters", "VAE ELBO"],
+                                 [[c["width"], c["params"], pm(c, "elbo", 2)]
+                                  for c in eff["vae_curve"]])
   match = eff["smallest_matching_width"]
   lines += ["", (f"Smallest width whose VAE matches the IA-VAE's mean ELBO: {match} "
                  f"({eff['smallest_matching_params']} parameters, "
@@ -355,12 +354,11 @@ def render_markdown(r: dict) -> str:
   g = r["gaps"]
   lines += ["", "## Beyond the paper: the inference gap, exactly", "",
             f"log p(x) by quadrature: {g['log_px']:.4f}; ELBO of the per-example optimal Gaussian "
-            f"q*: {g['elbo_qstar']:.4f} (KL {g['kl_qstar']:.2f}).", "",
-            "| Method | total gap | approximation gap | amortization gap |", "|---|---|---|---|"]
-  for name, key in (("VAE", "vae"), ("IA-VAE", "iavae")):
-    e = g[key]
-    lines.append(f"| {name} | {e['total_gap']:.3f} | {e['approximation_gap']:.3f} | "
-                 f"{e['amortization_gap']:.3f} +- {e['amortization_gap_std']:.3f} |")
+            f"q*: {g['elbo_qstar']:.4f} (KL {g['kl_qstar']:.2f}).", ""]
+  lines += common.markdown_table(
+      ["Method", "total gap", "approximation gap", "amortization gap"],
+      [[name, f"{g[key]['total_gap']:.3f}", f"{g[key]['approximation_gap']:.3f}",
+        pm(g[key], "amortization_gap", 3)] for name, key in (("VAE", "vae"), ("IA-VAE", "iavae"))])
   lines += ["", f"IA-VAE closes {100 * g['fraction_of_vae_amortization_gap_closed']:.1f}% of its "
             "VAE's amortization gap (mean over VAE seeds).", ""]
   return "\n".join(lines)
