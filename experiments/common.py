@@ -61,8 +61,8 @@ def define_config_flags(config_type, exclude: tuple[str, ...] = ()) -> None:
   for field in dataclasses.fields(config_type):
     if field.name in exclude:
       continue
-    help_text = (f"Override the configuration's {field.name} ({config_type.__name__} default: "
-                 f"{field.default}).")
+    help_text = (f"Override the configuration's {field.name} ({config_type.__name__}'s default "
+                 f"{field.default}; a tier may set another).")
     if field.type is int:
       flags.DEFINE_integer(field.name, None, help_text)
     elif field.type is float:

@@ -347,21 +347,28 @@ def make_epoch_fn(model: Model, stage: str, name: str, valid: jax.Array, train_s
   return epoch
 
 
+class Selected(NamedTuple):
+  """A trained model as selected on the validation ELBO."""
+  params: dict          # its best parameters
+  frozen: dict | None   # what it uses but did not train (TrainState.frozen)
+  best_epoch: int
+  valid_elbo: float     # its validation ELBO (the selection score)
+
+
 def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
                timings: dict, resumed: list, parallel: parallel_lib.Parallel | None = None,
-               tensorboard: bool = False) -> dict:
-  """Trains the three models of one seed (resuming what is in workdir); returns their
-  selected parameters and frozen inputs, {stage: (params, frozen, best_epoch, best_score)},
-  and the IA-VAE's validation ELBO before training under "iavae_valid_elbo_at_start".
-  Each model is trained alone (``make_epoch_fn``). Stages that start from a checkpoint are
-  appended to ``resumed``."""
+               tensorboard: bool = False) -> tuple[dict, float]:
+  """Trains the three models of one seed (resuming what is in workdir); returns them,
+  {stage: Selected}, and the IA-VAE's validation ELBO before training. Each model is trained
+  alone (``make_epoch_fn``). Stages that start from a checkpoint are appended to
+  ``resumed``."""
   config = model.config
   train = jnp.asarray(data.train)
   valid = jnp.asarray(data.valid)
   if parallel is not None:
     valid = parallel.shared(valid)   # every device scores on the whole validation split
   x0 = jnp.zeros((1, 28, 28, 1))
-  results = {}
+  selected = {}
   keys = {stage: training.model_keys(seed, STAGE_IDS[stage]) for stage in STAGES}
 
   def run(stage, params, frozen):
@@ -376,8 +383,8 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
         np.array([seed, STAGE_IDS[stage]]), stage_schedule(config, stage),
         config.checkpoint_every, parallel=parallel, tensorboard=tensorboard)
     timings[name] = time.time() - t0
-    results[stage] = (state.best_params, state.frozen, int(state.best_epoch),
-                      float(state.best_score))
+    selected[stage] = Selected(state.best_params, state.frozen, int(state.best_epoch),
+                               float(state.best_score))
     return state.best_params
 
   enc_key, dec_key = jax.random.split(keys["vae"][0])
@@ -394,10 +401,9 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
                        {"hypernet": psi, "decoder": vae["decoder"]}, frozen, valid,
                        config.valid_samples, jax.random.PRNGKey(0))
   run("iavae", {"hypernet": psi, "decoder": vae["decoder"]}, frozen)
-  results["iavae_valid_elbo_at_start"] = float(start)
   run("control", {"encoder": vae["encoder"], "decoder": vae["decoder"]},
       {"batch_stats": vae["batch_stats"]})
-  return results
+  return selected, float(start)
 
 
 def param_counts(model: Model) -> dict:
@@ -442,23 +448,24 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
   test = jnp.asarray(data.test)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   for seed in seeds:
-    trained = train_seed(model, workdir, seed, data, timings, resumed, parallel, tensorboard)
+    selected, valid_elbo_at_start = train_seed(model, workdir, seed, data, timings, resumed,
+                                               parallel, tensorboard)
     t0 = time.time()
     eval_key = training.derive_key(seed, STAGE_IDS["eval"])
-    layout = blocks.BlockLayout.from_tree(trained["iavae"][1]["phi_avi"])
+    layout = blocks.BlockLayout.from_tree(selected["iavae"].frozen["phi_avi"])
     for stage in STAGES:
-      params, frozen, best_epoch, best_score = trained[stage]
+      params, frozen, best_epoch, valid_elbo = selected[stage]
       encode = model.encode_fn(stage, layout if stage == "iavae" else None)
       metrics = jax.device_get(evaluate(model, encode, params, frozen, test, eval_key))
       per_seed[stage].append({
           "test_elbo": float(np.mean(metrics["elbo"])), "test_kl": float(np.mean(metrics["kl"])),
-          "test_iwae": float(np.mean(metrics["iwae"])), "valid_elbo": best_score,
+          "test_iwae": float(np.mean(metrics["iwae"])), "valid_elbo": valid_elbo,
           "best_epoch": best_epoch})
       if seed == seeds[0] and config.num_reconstructions:
         recon[stage] = np.asarray(reconstruct(
             model, encode, params, frozen, test[:config.num_reconstructions],
             jax.random.fold_in(eval_key, 1)))
-    per_seed["iavae"][-1]["valid_elbo_at_start"] = trained["iavae_valid_elbo_at_start"]
+    per_seed["iavae"][-1]["valid_elbo_at_start"] = valid_elbo_at_start
     timings[f"eval_seed{seed}"] = time.time() - t0
     line = "  ".join(f"{stage} {per_seed[stage][-1]['test_elbo']:.2f}" for stage in STAGES)
     print(f"[seed {seed}] test ELBO: {line}", flush=True)
