@@ -202,7 +202,7 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
   return epoch
 
 
-def check_one_batch(caller: str, data: jax.Array, schedule: Schedule) -> None:
+def _check_one_batch(caller: str, data: jax.Array, schedule: Schedule) -> None:
   if data.shape[0] < schedule.batch_size:
     raise ValueError(f"{caller}: {data.shape[0]} examples are fewer than one batch of "
                      f"{schedule.batch_size}.")
@@ -216,7 +216,7 @@ def train_model(epoch_fn, state: TrainState, data: jax.Array, order_seed, schedu
   order is that of ``data_orders`` with the same seed, so it matches a population run's. With a
   ``parallel`` (``data`` mode: the epoch_fn's), the state and data are replicated over its
   devices."""
-  check_one_batch("train_model", data, schedule)
+  _check_one_batch("train_model", data, schedule)
   if parallel is not None:
     if parallel.mode == "seeds":
       raise ValueError("train_model trains one model: seed-parallel training needs a "
@@ -273,7 +273,7 @@ def train_population(epoch_fn, states: TrainState, data: jax.Array, order_seeds:
   """
   if epochs_per_call <= 0:
     raise ValueError(f"train_population: epochs_per_call must be positive, got {epochs_per_call}.")
-  check_one_batch("train_population", data, schedule)
+  _check_one_batch("train_population", data, schedule)
   order_seeds = np.asarray(order_seeds).reshape(len(order_seeds), -1)
   num_models = len(order_seeds)
   place_orders = unplace = lambda tree, axis=0: tree
