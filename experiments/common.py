@@ -358,11 +358,16 @@ def environment(parallel) -> dict:
           "machine": platform.machine(), "cpu_count": os.cpu_count()}
 
 
-def write_results(workdir: str, results: dict, markdown: str, config: Any) -> None:
-  """Writes WORKDIR/results.json and results.md, and records the config (see record_config)."""
+def write_results(workdir: str, results: dict, markdown: str, config: Any,
+                  curves_title: str) -> None:
+  """Ends a run: learning_curves.png (titled curves_title), results.md, the config record (see
+  record_config) and, last, results.json in WORKDIR; then says so."""
+  save_learning_curves(workdir, curves_title)
+  write_text(os.path.join(workdir, "results.md"), markdown)
   record_config(workdir, config)
   write_json(os.path.join(workdir, "results.json"), results)
-  write_text(os.path.join(workdir, "results.md"), markdown)
+  print(f"wrote {workdir}/results.json, results.md and figures ({results['wall_seconds']:.1f} s)",
+        flush=True)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> list[str]:

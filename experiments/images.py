@@ -27,7 +27,8 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints and results (cre
 flags.DEFINE_string("dataset", None, f"One of {', '.join(DATASETS)}.")
 flags.DEFINE_string("tier", "paper", f"One of {', '.join(configs.IMAGE_TIERS)}.")
 flags.DEFINE_string("data_dir", None, "Directory of local data files or of prepared TFDS data "
-                    "(default: the data set's usual place, e.g. /usr/share/datasets/fashion-mnist).")
+                    "(default: the data set's usual place, e.g. "
+                    "/usr/share/datasets/fashion-mnist).")
 flags.DEFINE_enum("source", "auto", list(SOURCES),
                   "Where to read the data: local files, TFDS, or local when present.")
 common.define_run_flags()

@@ -491,15 +491,14 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
       "config": common.as_json(config),
       "environment": common.environment(parallel),
   }
-  common.write_results(workdir, results, render_markdown(results), config)
-  common.save_learning_curves(workdir, f"{config.dataset} ({config.tier} tier): a line per seed")
   if recon:
     fig8 = plots.reconstruction_figure(
         np.asarray(data.test[:config.num_reconstructions]), recon,
         f"{config.dataset} ({config.tier} tier, seed {seeds[0]}): test images and x' ~ p(x | z = "
         "mean of q(z | x)), drawn pixel by pixel")
     common.save_figure(fig8, os.path.join(workdir, "figure8_reconstructions.png"))
-  print(f"wrote {workdir}/results.json ({results['wall_seconds']:.1f} s)", flush=True)
+  common.write_results(workdir, results, render_markdown(results), config,
+                       f"{config.dataset} ({config.tier} tier): a line per seed")
   return results
 
 

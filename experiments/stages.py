@@ -109,10 +109,11 @@ def _check_finite(name, model_names, epochs_before, metrics: training.EpochMetri
           if bad_step >= 0 else "the parameters became NaN or Inf (the loss stayed finite)")
   kept = (f"the last good checkpoint (epoch {last_saved}) is intact in {directory}" if last_saved
           else "no checkpoint of this stage had been saved yet")
+  epoch = int(epochs_before[model]) + epoch_index + 1
   raise common.RunError(
-      f"[{name}] {model_names[model]} diverged in epoch {int(epochs_before[model]) + epoch_index + 1}"
-      f": {what}. Nothing of that epoch was saved; {kept}. Rerun with --debug_nans to stop at "
-      "the operation that produced it, or lower the learning rate.")
+      f"[{name}] {model_names[model]} diverged in epoch {epoch}: {what}. Nothing of that epoch "
+      f"was saved; {kept}. Rerun with --debug_nans to stop at the operation that produced it, or "
+      "lower the learning rate.")
 
 
 def _check_free_space(name: str, directory: str, states) -> None:

@@ -306,10 +306,8 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
       "wall_seconds": time.time() - start,
       "environment": common.environment(parallel),
   }
-  common.write_results(workdir, results, render_markdown(results), config)
-  common.save_learning_curves(workdir, "synthetic oracle experiment: a line per model")
-  print(f"wrote {workdir}/results.json, results.md and figures in "
-        f"{results['wall_seconds']:.1f}s", flush=True)
+  common.write_results(workdir, results, render_markdown(results), config,
+                       "synthetic oracle experiment: a line per model")
   return results
 
 
