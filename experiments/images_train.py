@@ -137,6 +137,13 @@ def _as_images(x: jax.Array) -> jax.Array:
   return x[..., None]
 
 
+def stage_encode(model: Model, stage: str, frozen) -> EncodeFn:
+  """A stage's encoder with frozen batch-norm statistics (``Model.encode_fn``); the IA-VAE's
+  hypernetwork laid out over frozen["phi_avi"]."""
+  layout = blocks.BlockLayout.from_tree(frozen["phi_avi"]) if stage == "iavae" else None
+  return model.encode_fn(stage, layout)
+
+
 class Batch(NamedTuple):
   """What one training step reads."""
   image: jax.Array   # [B, 28, 28] grey levels in [0, 1], binarised afresh at every step
@@ -201,9 +208,7 @@ def train_step(state: training.TrainState, batch: Batch, *, model: Model, stage:
           mutable=["batch_stats"])
       batch_stats = updates["batch_stats"]
     else:
-      layout = (blocks.BlockLayout.from_tree(state.frozen["phi_avi"]) if stage == "iavae"
-                else None)
-      mean, log_var = model.encode_fn(stage, layout)(params, state.frozen, x)
+      mean, log_var = stage_encode(model, stage, state.frozen)(params, state.frozen, x)
     eps = jax.random.normal(eps_key, (config.num_samples, *mean.shape))
     terms = objectives.elbo(eps, mean, log_var, model.log_likelihood_fn(params["decoder"], x))
     loss = -jnp.mean(terms.expected_log_likelihood - weight * terms.kl)
@@ -310,10 +315,8 @@ def _epoch_functions(model: Model, stage: str, steps_per_epoch: int,
   def finish(state, trained, steps, valid):
     """Scores the trained parameters by the validation ELBO (valid_samples samples per example,
     the same noise every epoch) and closes the epoch (``training.end_epoch``)."""
-    layout = (blocks.BlockLayout.from_tree(state.frozen["phi_avi"]) if stage == "iavae"
-              else None)
-    score = dataset_elbo(model, model.encode_fn(stage, layout), trained.params, trained.frozen,
-                         valid, config.valid_samples, jax.random.PRNGKey(0))
+    score = dataset_elbo(model, stage_encode(model, stage, trained.frozen), trained.params,
+                         trained.frozen, valid, config.valid_samples, jax.random.PRNGKey(0))
     return training.end_epoch(state, trained, steps, score, schedule)
 
   step = functools.partial(train_step, model=model, stage=stage, steps_per_epoch=steps_per_epoch)
@@ -452,10 +455,9 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
                                                parallel, tensorboard)
     t0 = time.time()
     eval_key = training.derive_key(seed, STAGE_IDS["eval"])
-    layout = blocks.BlockLayout.from_tree(selected["iavae"].frozen["phi_avi"])
     for stage in STAGES:
       params, frozen, best_epoch, valid_elbo = selected[stage]
-      encode = model.encode_fn(stage, layout if stage == "iavae" else None)
+      encode = stage_encode(model, stage, frozen)
       metrics = jax.device_get(evaluate(model, encode, params, frozen, test, eval_key))
       per_seed[stage].append({
           "test_elbo": float(np.mean(metrics["elbo"])), "test_kl": float(np.mean(metrics["kl"])),
