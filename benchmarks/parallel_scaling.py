@@ -37,7 +37,6 @@ def main(argv):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={FLAGS.devices}")
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from iavae_jax import parallel, training
   from iavae_jax.data import synthetic
@@ -51,7 +50,6 @@ def main(argv):
   init_keys, train_keys, order_seeds = synthetic_train.model_keys(config, "vae", indices)
   encoder = encoders.MLPEncoder(config.encoder_width)
   params = jax.vmap(lambda k: encoder.init(k, x[0])["params"])(init_keys)
-  frozen = jnp.zeros(len(indices))
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   print(f"{jax.device_count()} devices ({jax.default_backend()}), {FLAGS.models} VAEs, "
         f"{FLAGS.epochs} epochs of {config.num_examples} examples, batch {config.batch_size}",
@@ -64,8 +62,7 @@ def main(argv):
         config, synthetic_train.vae_encode(config.encoder_width), par)
     states = jax.vmap(lambda p, k: training.init_state(p, optimizer, k))(params, train_keys)
     train = lambda schedule: jax.block_until_ready(training.train_population(
-        epoch_fn, states, frozen, x, order_seeds, schedule, config.epochs_per_call,
-        parallel=par))
+        epoch_fn, states, x, order_seeds, schedule, config.epochs_per_call, parallel=par))
     train(training.Schedule(config.batch_size, 1, 1))               # compile
     times = []
     for _ in range(FLAGS.repeats):

@@ -4,11 +4,12 @@ r"""The cost of one IA-VAE training step relative to one VAE step, measured side
   python -m benchmarks.step_cost --tier=cpu         # the cpu tier's smaller models
   python -m benchmarks.step_cost --hypernet_input=encoder   # what the hypernetwork sees
 
-Builds the real stage-1 (VAE) and stage-2 (IA-VAE) steps of experiments.images_train, plus the
-control's, on random data; compiles them; then times them interleaved (VAE, IA-VAE, control,
-VAE, ...) so that machine noise hits all alike. Prints a line per model and, last, a JSON object
-with vae_step_s, iavae_step_s, control_step_s (medians), ratio = iavae_step_s / vae_step_s and
-examples per second. Timings are wall-clock on whatever device JAX uses.
+Builds the real train steps of stage 1 (VAE), stage 2 (IA-VAE) and the control
+(experiments.images_train.train_step) on random data; compiles them; then times them interleaved
+(VAE, IA-VAE, control, VAE, ...) so that machine noise hits all alike. Prints a line per model
+and, last, a JSON object with vae_step_s, iavae_step_s, control_step_s (medians), ratio =
+iavae_step_s / vae_step_s and examples per second. Timings are wall-clock on whatever device JAX
+uses.
 """
 
 import dataclasses
@@ -29,6 +30,7 @@ flags.DEFINE_enum("hypernet_input", None, list(configs.HYPERNET_INPUTS),
 
 def main(argv):
   del argv
+  import functools
   import jax
   import jax.numpy as jnp
   from iavae_jax import blocks, training
@@ -44,31 +46,34 @@ def main(argv):
                                   jnp.zeros((1, config.latent_dim)))["params"]
   layout = blocks.BlockLayout.from_tree(enc_vars["params"])
   psi = model.init_hypernet(jax.random.PRNGKey(2), layout)
-  frozen = {"phi_avi": enc_vars["params"], "batch_stats": enc_vars["batch_stats"]}
   setups = {
       "vae": ({"encoder": enc_vars["params"], "decoder": dec_params,
                "batch_stats": enc_vars["batch_stats"]}, None),
-      "iavae": ({"hypernet": psi, "decoder": dec_params}, layout),
-      "control": ({"encoder": enc_vars["params"], "decoder": dec_params}, None),
+      "iavae": ({"hypernet": psi, "decoder": dec_params},
+                {"phi_avi": enc_vars["params"], "batch_stats": enc_vars["batch_stats"]}),
+      "control": ({"encoder": enc_vars["params"], "decoder": dec_params},
+                  {"batch_stats": enc_vars["batch_stats"]}),
   }
-  x = jax.random.uniform(jax.random.PRNGKey(3), (config.batch_size, 28, 28))
-  noise = (jax.random.PRNGKey(4), jnp.array(1.0))
-  steps, carries = {}, {}
-  for name, (params, stage_layout) in setups.items():
-    loss_fn, optimizer, merge_aux = images_train.stage_objective(model, name, stage_layout)
-    steps[name] = jax.jit(training.make_step_fn(loss_fn, optimizer, merge_aux))
-    carries[name] = (params, optimizer.init(params))
+  batch = images_train.Batch(
+      jax.random.uniform(jax.random.PRNGKey(3), (config.batch_size, 28, 28)),
+      jax.random.PRNGKey(4))
+  steps, states = {}, {}
+  for name, (params, frozen) in setups.items():
+    steps[name] = jax.jit(functools.partial(images_train.train_step, model=model, stage=name,
+                                            steps_per_epoch=1))
+    states[name] = training.init_state(params, images_train.stage_optimizer(config, name),
+                                       jax.random.PRNGKey(5), frozen)
     t0 = time.perf_counter()
-    carries[name], loss = steps[name](frozen, carries[name], (x, noise))
-    jax.block_until_ready(loss)
+    states[name], metrics = steps[name](states[name], batch)
+    jax.block_until_ready(metrics)
     print(f"{name}: compiled and ran one step in {time.perf_counter() - t0:.1f} s", flush=True)
 
   times = {name: [] for name in setups}
   for _ in range(FLAGS.repeats):
     for name in setups:
       t0 = time.perf_counter()
-      carries[name], loss = steps[name](frozen, carries[name], (x, noise))
-      jax.block_until_ready((carries[name], loss))
+      states[name], metrics = steps[name](states[name], batch)
+      jax.block_until_ready((states[name], metrics))
       times[name].append(time.perf_counter() - t0)
   result = {f"{name}_step_s": statistics.median(t) for name, t in times.items()}
   for name, t in times.items():
@@ -79,7 +84,8 @@ def main(argv):
       "ratio": result["iavae_step_s"] / result["vae_step_s"],
       "control_ratio": result["control_step_s"] / result["vae_step_s"],
       "examples_per_s": {name: config.batch_size / result[f"{name}_step_s"] for name in setups},
-      "tier": FLAGS.tier, "hypernet_input": config.hypernet_input, "batch_size": config.batch_size, "repeats": FLAGS.repeats,
+      "tier": FLAGS.tier, "hypernet_input": config.hypernet_input,
+      "batch_size": config.batch_size, "repeats": FLAGS.repeats,
       "backend": jax.default_backend(), "device": str(jax.devices()[0]),
   })
   print(json.dumps(result))

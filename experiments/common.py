@@ -1,28 +1,29 @@
-"""What every command line shares: usage errors, the workdir contract, progress, JSON output."""
+"""What every command line shares: flags, usage errors, the workdir contract, progress and
+learning curves, results files."""
 
 import contextlib
 import dataclasses
 import fcntl
 import json
 import os
+import platform
+import re
 import socket
 import sys
 import tempfile
 import time
 from typing import Any, Callable, Iterator
 
+import numpy as np
 from absl import app, flags, logging
 
 
-
-PARALLEL_MODES = ("none", "seeds", "data")   # iavae_jax.parallel.MODES (no JAX import here)
-
-
 def define_run_flags() -> None:
-  """The flags of every training command: how it uses the devices, and NaN diagnosis."""
-  flags.DEFINE_enum("parallel", "none", list(PARALLEL_MODES),
-                    "Devices: 'seeds' splits the models being trained over all devices, 'data' "
-                    "splits every batch over them (parameters replicated), 'none' uses one.")
+  """The flags of every training command: how it uses the devices, NaN diagnosis, TensorBoard."""
+  # A string, checked by parallel_from_flags: the modes' home, iavae_jax.parallel, imports JAX.
+  flags.DEFINE_string("parallel", "none",
+                      "Devices: 'seeds' splits the models being trained over all devices, 'data' "
+                      "splits every batch over them (parameters replicated), 'none' uses one.")
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first: for runs "
                     "over several hosts, one process per host. TPU pod slices, SLURM and Open "
                     "MPI need nothing more; elsewhere give the three flags below.")
@@ -31,12 +32,66 @@ def define_run_flags() -> None:
   flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0, 1, ...")
   flags.DEFINE_bool("debug_nans", False, "Stop at the first operation that produces a NaN "
                     "(jax_debug_nans: slow; for diagnosing a run that diverged).")
+  flags.DEFINE_bool("tensorboard", False, "Also write every epoch's metrics as TensorBoard "
+                    "event files under WORKDIR/tensorboard (needs the tensorboardX package).")
 
 
 def parallel_from_flags():
   """The iavae_jax.parallel.Parallel the run flags ask for (after --distributed is applied)."""
   from iavae_jax import parallel  # pylint: disable=g-import-not-at-top  (imports JAX)
+  if flags.FLAGS.parallel not in parallel.MODES:
+    raise ConfigError(f"--parallel={flags.FLAGS.parallel} is not known; choose one of "
+                      f"{', '.join(parallel.MODES)}.")
   return parallel.Parallel.create(flags.FLAGS.parallel)
+
+
+def check_tensorboard() -> None:
+  """Refuses --tensorboard without tensorboardX, before anything is written."""
+  if not flags.FLAGS.tensorboard:
+    return
+  try:
+    import tensorboardX  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ConfigError(f"--tensorboard writes through the tensorboardX package, which cannot be "
+                      f"imported ({e}): pip install tensorboardX (or the package's "
+                      "[tensorboard] extra), or leave out --tensorboard.") from e
+
+
+def define_config_flags(config_type, exclude: tuple[str, ...] = ()) -> None:
+  """A flag per field of the dataclass ``config_type`` (but ``exclude``), named after it:
+  integers, floats and strings as such, tuples of integers as comma-separated lists. Each flag
+  defaults to None: unset flags leave the configuration's value (see ``config_overrides``)."""
+  for field in dataclasses.fields(config_type):
+    if field.name in exclude:
+      continue
+    help_text = (f"Override the configuration's {field.name} ({config_type.__name__}'s default "
+                 f"{field.default}; a tier may set another).")
+    if field.type is int:
+      flags.DEFINE_integer(field.name, None, help_text)
+    elif field.type is float:
+      flags.DEFINE_float(field.name, None, help_text)
+    elif field.type is str:
+      flags.DEFINE_string(field.name, None, help_text)
+    else:
+      flags.DEFINE_list(field.name, None, help_text + " Comma-separated integers.")
+
+
+def config_overrides(config_type, exclude: tuple[str, ...] = ()) -> dict:
+  """The fields of ``config_type`` set by their flags (``define_config_flags``), as values of
+  the field's type."""
+  overrides = {}
+  for field in dataclasses.fields(config_type):
+    value = None if field.name in exclude else flags.FLAGS[field.name].value
+    if value is None:
+      continue
+    if isinstance(value, list):
+      try:
+        value = tuple(int(v) for v in value)
+      except ValueError as e:
+        raise ConfigError(f"--{field.name} must be a comma-separated list of integers, got "
+                          f"{','.join(value)}.") from e
+    overrides[field.name] = value
+  return overrides
 
 
 class ConfigError(ValueError):
@@ -50,8 +105,9 @@ class RunError(RuntimeError):
 
 def run_command(argv: list[str], body: Callable[[], Any]) -> None:
   """An absl main: refuses stray arguments, quiets Orbax's INFO logs (unless --verbosity is
-  given), applies --debug_nans and --distributed (if the command defines them), runs body(), and turns a ConfigError into "error: ..." on stderr
-  and exit code 2, a RunError into the same with exit code 1."""
+  given), applies --debug_nans and --distributed and checks --tensorboard (if the command
+  defines them), runs body(), and turns a ConfigError into "error: ..." on stderr and exit code
+  2, a RunError into the same with exit code 1."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}", exitcode=2)
   if not flags.FLAGS["verbosity"].present:
@@ -63,6 +119,8 @@ def run_command(argv: list[str], body: Callable[[], Any]) -> None:
       jax.distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                                  flags.FLAGS.process_id)
   try:
+    if "tensorboard" in flags.FLAGS:
+      check_tensorboard()
     body()
   except (ConfigError, RunError) as e:
     logging.error("%s", e)
@@ -235,25 +293,174 @@ def save_figure(figure, path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
-class Progress:
-  """Prints a progress line with rate and ETA, and appends metrics to a JSON-lines file."""
+METRICS = ("train_loss", "train_kl", "grad_norm", "valid_elbo")   # per model, per epoch
+_METRIC_FIELDS = {"train_loss": "loss", "train_kl": "kl", "grad_norm": "grad_norm",
+                  "valid_elbo": "score"}                           # training.EpochMetrics's
 
-  def __init__(self, name: str, total_epochs: int, metrics_path: str, start_epoch: int = 0):
-    self.name, self.total = name, total_epochs
-    self.metrics_path = metrics_path
-    self.start_epoch, self.start_time = start_epoch, time.time()
 
-  def update(self, epoch: int, active: int, population: int, score_mean: float,
-             score_min: float, score_max: float) -> None:
+class StageLog:
+  """One stage's progress and learning curves (primary process only): a progress line per
+  chunk of epochs, a line per epoch in WORKDIR/metrics.jsonl and, with ``tensorboard``,
+  TensorBoard scalars under WORKDIR/tensorboard/NAME (tagged METRIC, or METRIC/model_I in a
+  population, against the epoch).
+
+  A metrics.jsonl line: {"stage": NAME, "epoch": epochs completed, "training": how many models
+  trained in that epoch, "train_loss", "train_kl", "grad_norm", "valid_elbo": one value per
+  model of the stage (null for a model that had stopped), "steps_per_s": optimiser steps per
+  second (every model of a population takes each step), "seconds": since the stage started}.
+  """
+
+  def __init__(self, name: str, workdir: str, total_epochs: int, num_models: int,
+               steps_per_epoch: int, start_epoch: int = 0, tensorboard: bool = False):
+    self.name, self.total, self.num_models = name, total_epochs, num_models
+    self.steps_per_epoch = steps_per_epoch
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self.start_epoch = start_epoch
+    self.start_time = self.chunk_start = time.time()
+    self.writer = None
+    if tensorboard and is_primary():
+      import tensorboardX  # pylint: disable=g-import-not-at-top  (an optional extra)
+      self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard", name))
+
+  def restart_clock(self) -> None:
+    """Starts timing the next chunk (after this one's checkpoint)."""
+    self.chunk_start = time.time()
+
+  def chunk(self, epochs_before, epochs_after, metrics, best, done) -> None:
+    """Logs a chunk of epochs: per model [M], the epochs completed before and after it, the best
+    scores and done flags after it; ``metrics`` a training.EpochMetrics of NumPy arrays
+    ([epochs, M], or scalars for one model)."""
     if not is_primary():
       return
-    elapsed = time.time() - self.start_time
-    rate = (epoch - self.start_epoch) / elapsed if elapsed > 0 else float("nan")
-    eta = (self.total - epoch) / rate if rate > 0 else float("nan")
-    print(f"[{self.name}] epoch {epoch}/{self.total}  training {active}/{population}  "
-          f"best ELBO mean {score_mean:.4f} (min {score_min:.4f}, max {score_max:.4f})  "
-          f"{rate:.1f} epochs/s  ETA {eta:.0f}s at most", flush=True)
+    now = time.time()
+    trained = epochs_after - epochs_before    # epochs each model trained in this chunk
+    rows = int(trained.max())
+    first = int(epochs_before[trained > 0].max())
+    steps_per_s = rows * self.steps_per_epoch / max(now - self.chunk_start, 1e-9)
+    values = {key: np.asarray(getattr(metrics, field)).reshape(-1, self.num_models)
+              for key, field in _METRIC_FIELDS.items()}
+    lines = []
+    for row in range(rows):
+      ran = trained > row
+      line = {"stage": self.name, "epoch": first + row + 1, "training": int(ran.sum())}
+      line.update({key: [float(str(v)) if r else None for v, r in zip(values[key][row], ran)]
+                   for key in METRICS})
+      line.update({"steps_per_s": steps_per_s, "seconds": now - self.start_time})
+      lines.append(line)
     with open(self.metrics_path, "a") as f:
-      f.write(json.dumps({"stage": self.name, "epoch": epoch, "training": active,
-                          "best_elbo_mean": score_mean, "best_elbo_min": score_min,
-                          "best_elbo_max": score_max, "seconds": elapsed}) + "\n")
+      f.writelines(json.dumps(line) + "\n" for line in lines)
+    if self.writer is not None:
+      for line in lines:
+        for key in METRICS:
+          for i, value in enumerate(line[key]):
+            if value is not None:
+              tag = key if self.num_models == 1 else f"{key}/model_{i}"
+              self.writer.add_scalar(tag, value, line["epoch"])
+        self.writer.add_scalar("steps_per_s", steps_per_s, line["epoch"])
+    epoch = int(epochs_after.max())
+    rate = (epoch - self.start_epoch) / (now - self.start_time)
+    eta = (self.total - epoch) / rate if rate > 0 else float("nan")
+    print(f"[{self.name}] epoch {epoch}/{self.total}  training {int((~done).sum())}/{done.size}"
+          f"  best ELBO mean {best.mean():.4f} (min {best.min():.4f}, max {best.max():.4f})  "
+          f"{rate:.1f} epochs/s ({steps_per_s:.0f} steps/s)  ETA {eta:.0f}s at most",
+          flush=True)
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+class StepProgress:
+  """Progress inside a long epoch: at most every ``interval`` seconds, a line with the step, the
+  rate and the time left (``update`` waits for the steps dispatched so far before it counts)."""
+
+  def __init__(self, name: str, epoch: int, total_epochs: int, num_steps: int,
+               interval: float = 30.0):
+    self.name, self.epoch, self.total, self.num_steps = name, epoch, total_epochs, num_steps
+    self.interval = interval
+    self.start = self.last = time.time()
+
+  def update(self, step: int, wait: Callable[[], Any]) -> None:
+    """After ``step`` (1-based) of the epoch's steps; wait() blocks until they have run."""
+    if time.time() - self.last < self.interval or not is_primary():
+      return
+    wait()
+    self.last = time.time()
+    rate = step / (self.last - self.start)
+    left = (self.num_steps - step) / rate
+    stage_left = left + (self.total - self.epoch) * self.num_steps / rate
+    print(f"[{self.name}] step {step}/{self.num_steps} of epoch {self.epoch}/{self.total}: "
+          f"{rate:.1f} steps/s, ETA {left:.0f}s for the epoch, {stage_left:.0f}s for the stage "
+          "at most", flush=True)
+
+
+def read_learning_curves(metrics_path: str) -> dict:
+  """The curves of metrics.jsonl, grouped by stage kind (a stage's name less any _seedN):
+  {kind: {"epoch": [E], METRIC: [E, curves]}}, a curve per model of each stage of that kind, NaN
+  where a model did not train. Of an epoch logged twice (a run killed after logging it, before
+  its checkpoint, then resumed), the last line counts."""
+  lines = {}
+  with open(metrics_path) as f:
+    for text in f:
+      line = json.loads(text)
+      lines[line["stage"], line["epoch"]] = line
+  stages = {}   # stage -> {epoch: line}, in the order stages first appear
+  for (stage, epoch), line in lines.items():
+    stages.setdefault(stage, {})[epoch] = line
+  kinds = {}
+  for stage, by_epoch in stages.items():
+    kinds.setdefault(re.sub(r"_seed\d+$", "", stage), []).append(by_epoch)
+  curves = {}
+  for kind, runs in kinds.items():
+    epochs = sorted({epoch for by_epoch in runs for epoch in by_epoch})
+    curves[kind] = {"epoch": np.array(epochs)}
+    for key in METRICS:
+      columns = []
+      for by_epoch in runs:
+        width = len(next(iter(by_epoch.values()))[key])
+        column = np.full((len(epochs), width), np.nan)
+        for row, epoch in enumerate(epochs):
+          if epoch in by_epoch:
+            column[row] = [np.nan if v is None else v for v in by_epoch[epoch][key]]
+        columns.append(column)
+      curves[kind][key] = np.concatenate(columns, axis=1)
+  return curves
+
+
+def save_learning_curves(workdir: str, title: str) -> None:
+  """Draws WORKDIR/metrics.jsonl as WORKDIR/learning_curves.png (primary process only)."""
+  if not is_primary():
+    return
+  from iavae_jax import plots  # pylint: disable=g-import-not-at-top  (imports matplotlib)
+  curves = read_learning_curves(os.path.join(workdir, "metrics.jsonl"))
+  save_figure(plots.learning_curves_figure(curves, title),
+              os.path.join(workdir, "learning_curves.png"))
+
+
+def environment(parallel) -> dict:
+  """The run's software and hardware, recorded in its results (call after JAX has started)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import iavae_jax  # pylint: disable=g-import-not-at-top
+  return {"iavae_jax": iavae_jax.__version__, "jax": jax.__version__,
+          "python": platform.python_version(), "backend": jax.default_backend(),
+          "devices": jax.device_count(),
+          "parallel": "none" if parallel is None else parallel.mode,
+          "machine": platform.machine(), "cpu_count": os.cpu_count()}
+
+
+def write_results(workdir: str, results: dict, markdown: str, config: Any,
+                  curves_title: str) -> None:
+  """Ends a run: learning_curves.png (titled curves_title), results.md, the config record (see
+  record_config) and, last, results.json in WORKDIR; then says so."""
+  save_learning_curves(workdir, curves_title)
+  write_text(os.path.join(workdir, "results.md"), markdown)
+  record_config(workdir, config)
+  write_json(os.path.join(workdir, "results.json"), results)
+  print(f"wrote {workdir}/results.json, results.md and figures ({results['wall_seconds']:.1f} s)",
+        flush=True)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+  """A Markdown table's lines: the header, the separator, a line per row (cells as str)."""
+  return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+          + ["| " + " | ".join(map(str, row)) + " |" for row in rows])

@@ -3,6 +3,7 @@
 import dataclasses
 
 from experiments.common import ConfigError
+from iavae_jax.data import DATASETS
 
 
 MAX_SEED = 2**31 - 1   # seeds are folded into JAX keys as 32-bit integers
@@ -64,7 +65,6 @@ def synthetic_quick() -> SyntheticConfig:
                              checkpoint_every=10)
 
 
-IMAGE_DATASETS = ("mnist", "fashion_mnist", "omniglot", "binarized_mnist")
 IMAGE_TIERS = ("paper", "cpu", "smoke")
 HYPERNET_INPUTS = ("image", "image_l2", "encoder")
 # Stage-2 weight decay: the paper's values for OMNIGLOT and MNIST; Fashion-MNIST (not given in the
@@ -128,9 +128,9 @@ class ImageConfig:
   checkpoint_every: int = 1         # epochs between resume checkpoints
 
   def validate(self) -> "ImageConfig":
-    if self.dataset not in IMAGE_DATASETS:
+    if self.dataset not in DATASETS:
       raise ConfigError(f"--dataset={self.dataset} is not known; choose one of "
-                        f"{', '.join(IMAGE_DATASETS)}.")
+                        f"{', '.join(DATASETS)}.")
     if self.tier not in IMAGE_TIERS:
       raise ConfigError(f"--tier={self.tier} is not known; choose one of {', '.join(IMAGE_TIERS)}.")
     if self.hypernet_input not in HYPERNET_INPUTS:

@@ -8,10 +8,12 @@ r"""The image experiments (paper section 4.2, Table 4, Figure 8) from the comman
 Tiers: ``paper`` (the paper's architecture and protocol, 10 seeds: for GPU/TPU), ``cpu`` (same
 families, smaller, 5 seeds: the whole comparison on a 2-core CPU), ``smoke`` (seconds, for tests).
 Writes DIR/results.json (per-seed test metrics of vae, iavae and control), DIR/results.md,
-DIR/figure8_reconstructions.png, DIR/metrics.jsonl and Orbax checkpoints under DIR/checkpoints;
-the same command again resumes. Any configuration field can be overridden by the flag of its
-name. Bad input exits with code 2 and a message naming the flag or file; so does a second
-command on a DIR that a running one holds (DIR/.lock), naming that one's pid.
+DIR/figure8_reconstructions.png, DIR/metrics.jsonl (every model's per-epoch metrics),
+DIR/learning_curves.png and Orbax checkpoints under DIR/checkpoints (with --tensorboard,
+TensorBoard event files under DIR/tensorboard); the same command again resumes. Any
+configuration field can be overridden by the flag of its name. Bad input exits with code 2 and
+a message naming the flag or file; so does a second command on a DIR that a running one holds
+(DIR/.lock), naming that one's pid.
 """
 
 import dataclasses
@@ -19,51 +21,31 @@ import dataclasses
 from absl import app, flags
 
 from experiments import common, configs
+from iavae_jax.data import DATASETS, SOURCES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and results (created if absent).")
-flags.DEFINE_string("dataset", None, f"One of {', '.join(configs.IMAGE_DATASETS)}.")
+flags.DEFINE_string("dataset", None, f"One of {', '.join(DATASETS)}.")
 flags.DEFINE_string("tier", "paper", f"One of {', '.join(configs.IMAGE_TIERS)}.")
 flags.DEFINE_string("data_dir", None, "Directory of local data files or of prepared TFDS data "
-                    "(default: the data set's usual place, e.g. /usr/share/datasets/fashion-mnist).")
-flags.DEFINE_enum("source", "auto", ["auto", "local", "tfds"],
+                    "(default: the data set's usual place, e.g. "
+                    "/usr/share/datasets/fashion-mnist).")
+flags.DEFINE_enum("source", "auto", list(SOURCES),
                   "Where to read the data: local files, TFDS, or local when present.")
 common.define_run_flags()
-
-_FIELDS = {f.name: f for f in dataclasses.fields(configs.ImageConfig)
-           if f.name not in ("dataset", "tier")}
-for _name, _field in _FIELDS.items():
-  if _field.type is int:
-    flags.DEFINE_integer(_name, None, f"Override the configuration's {_name}.")
-  elif _field.type is float:
-    flags.DEFINE_float(_name, None, f"Override the configuration's {_name}.")
-  elif _field.type is str:
-    flags.DEFINE_string(_name, None, f"Override the configuration's {_name}.")
-  else:
-    flags.DEFINE_list(_name, None, f"Override the configuration's {_name} (comma-separated).")
+common.define_config_flags(configs.ImageConfig, exclude=("dataset", "tier"))
 
 
 def config_from_flags() -> configs.ImageConfig:
   if FLAGS.dataset is None:
-    raise common.ConfigError(f"--dataset is required: one of {', '.join(configs.IMAGE_DATASETS)}.")
-  if FLAGS.dataset not in configs.IMAGE_DATASETS:
+    raise common.ConfigError(f"--dataset is required: one of {', '.join(DATASETS)}.")
+  if FLAGS.dataset not in DATASETS:
     raise common.ConfigError(f"--dataset={FLAGS.dataset} is not known; choose one of "
-                             f"{', '.join(configs.IMAGE_DATASETS)}.")
+                             f"{', '.join(DATASETS)}.")
   if FLAGS.tier not in configs.IMAGE_TIERS:
     raise common.ConfigError(f"--tier={FLAGS.tier} is not known; choose one of "
                              f"{', '.join(configs.IMAGE_TIERS)}.")
-  overrides = {}
-  for name, field in _FIELDS.items():
-    value = FLAGS[name].value
-    if value is None:
-      continue
-    if isinstance(value, list):
-      try:
-        value = tuple(int(v) for v in value)
-      except ValueError as e:
-        raise common.ConfigError(f"--{name} must be a comma-separated list of integers, got "
-                                 f"{','.join(value)}.") from e
-    overrides[name] = value
+  overrides = common.config_overrides(configs.ImageConfig, exclude=("dataset", "tier"))
   config = configs.image_config(FLAGS.dataset, FLAGS.tier)
   return dataclasses.replace(config, **overrides).validate()
 
@@ -78,7 +60,7 @@ def main(argv):
     with common.workdir_lock(FLAGS.workdir):
       from experiments import images_train  # imports JAX: after the flags are known to be sound
       images_train.train_and_evaluate(config, FLAGS.workdir, FLAGS.data_dir, FLAGS.source,
-                                      common.parallel_from_flags())
+                                      common.parallel_from_flags(), FLAGS.tensorboard)
   common.run_command(argv, body)
 
 

@@ -1,8 +1,9 @@
 """The image experiments: stage 1 VAE, stage 2 IA-VAE, the epoch-matched control, evaluation.
 
-For each seed, three models are trained one after the other, each alone with a Python loop over
-jitted steps (XLA:CPU is slow on convolution gradients inside lax.scan), through the shared
-``training`` and ``stages`` machinery (early stopping, Orbax checkpoints, resume):
+For each seed, three models are trained one after the other, each alone: ``train_step`` is one
+optimiser step of a stage, ``make_epoch_fn`` loops over it in Python (XLA:CPU is slow on
+convolution gradients inside lax.scan), and the shared ``training`` and ``stages`` machinery
+adds early stopping, Orbax checkpoints, resume and the learning curves:
   vae     : SA-VAE's model (ResNet encoder with batch norm, gated PixelCNN decoder), KL warm-up;
   iavae   : the VAE's encoder frozen as phi_AVI, batch-norm statistics frozen; the structured
             hypernetwork, its embeddings and the decoder trained (paper section 4.2);
@@ -27,16 +28,14 @@ import dataclasses
 import functools
 import json
 import os
-import platform
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import iavae_jax
 from iavae_jax import adaptive, blocks, distributions, hypernets, objectives, plots, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import images
@@ -136,88 +135,91 @@ def _as_images(x: jax.Array) -> jax.Array:
   return x[..., None]
 
 
-def _negative_elbo(model: Model, encode_with_aux):
-  """loss_fn(params, frozen, x_grey, (key, kl_weight)) -> (-mean(E[log p(x|z)] - kl_weight KL),
-  aux): x binarised afresh, num_samples z per example. encode_with_aux(params, frozen, x) ->
-  ((mean, log_var), aux)."""
-  def loss_fn(params, frozen, x_grey, noise):
-    key, beta = noise
-    binarize_key, eps_key = jax.random.split(key)
-    x = _as_images(images.binarize(binarize_key, x_grey))
-    (mean, log_var), aux = encode_with_aux(params, frozen, x)
-    eps = jax.random.normal(eps_key, (model.config.num_samples, *mean.shape))
-    terms = objectives.elbo(eps, mean, log_var, model.log_likelihood_fn(params["decoder"], x))
-    return -jnp.mean(terms.expected_log_likelihood - beta * terms.kl), aux
-  return loss_fn
+def stage_encode(model: Model, stage: str, frozen) -> EncodeFn:
+  """A stage's encoder with frozen batch-norm statistics (``Model.encode_fn``); the IA-VAE's
+  hypernetwork laid out over frozen["phi_avi"]."""
+  layout = blocks.BlockLayout.from_tree(frozen["phi_avi"]) if stage == "iavae" else None
+  return model.encode_fn(stage, layout)
 
 
-def stage_objective(model: Model, stage: str, layout: blocks.BlockLayout | None):
-  """A stage's loss_fn(params, frozen, x_grey [B, 28, 28], (key, kl_weight)), its optimiser and
-  merge_aux (see ``training``): the pieces of one training step."""
-  config = model.config
+class Batch(NamedTuple):
+  """What one training step reads."""
+  image: jax.Array   # [B, 28, 28] grey levels in [0, 1], binarised afresh at every step
+  key: jax.Array     # the step's PRNG key: the binarisation and the z samples
+
+
+def stage_schedule(config: ImageConfig, stage: str) -> training.Schedule:
+  return training.Schedule(config.batch_size,
+                           config.vae_epochs if stage == "vae" else config.iavae_epochs,
+                           config.patience)
+
+
+def stage_optimizer(config: ImageConfig, stage: str) -> optax.GradientTransformation:
+  """Gradients clipped to max_grad_norm, then stage 1: Adam (batch-norm statistics are left to
+  the step, which sets them); later stages: AdamW, the hypernetwork (IA-VAE) or the encoder
+  (control) at one rate, the decoder at another."""
   if stage == "vae":
-    def train_mode_encode(params, unused_frozen, x):
-      outputs, updates = model.encoder.apply(
+    labels = lambda params: {k: ("state" if k == "batch_stats" else "train") for k in params}
+    transforms = {"train": optax.adam(config.vae_learning_rate), "state": optax.set_to_zero()}
+  else:
+    labels = lambda params: {k: ("decoder" if k == "decoder" else "inference") for k in params}
+    transforms = {
+        "inference": optax.adamw(config.hypernet_learning_rate, weight_decay=config.weight_decay),
+        "decoder": optax.adamw(config.decoder_learning_rate, weight_decay=config.weight_decay)}
+  return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                     optax.multi_transform(transforms, labels))
+
+
+def kl_weight(config: ImageConfig, stage: str, step: jax.Array,
+              steps_per_epoch: int) -> jax.Array:
+  """The KL weight of optimiser step ``step`` (0-based): in stage 1, [20]'s warm-up from
+  warmup_start to 1, linear per step over warmup_epochs; 1 otherwise."""
+  if stage != "vae" or config.warmup_epochs == 0:
+    return jnp.ones(())
+  warmup_steps = config.warmup_epochs * steps_per_epoch
+  return jnp.minimum(1.0, config.warmup_start
+                     + (1.0 - config.warmup_start) * (step + 1) / warmup_steps)
+
+
+def train_step(state: training.TrainState, batch: Batch, *, model: Model, stage: str,
+               steps_per_epoch: int) -> tuple[training.TrainState, training.StepMetrics]:
+  """One optimiser step of a stage on the negative ELBO of a batch: the images binarised
+  afresh, num_samples z per example, the KL weighted by ``kl_weight``.
+
+  vae     : params {encoder, decoder, batch_stats}; the encoder's batch norm normalises with
+            the batch's statistics, and the step sets its running averages in params;
+  iavae   : params {hypernet, decoder}; state.frozen {phi_avi, batch_stats}: every example's
+            encoder is phi_AVI plus the hypernetwork's deltas (``Model.encode_fn``);
+  control : params {encoder, decoder}; state.frozen {batch_stats}.
+  In stages 2 and 3 batch norm uses the frozen running statistics.
+  """
+  config = model.config
+  binarize_key, eps_key = jax.random.split(batch.key)
+  x = _as_images(images.binarize(binarize_key, batch.image))
+  weight = kl_weight(config, stage, state.step, steps_per_epoch)
+
+  def loss_fn(params):
+    batch_stats = None
+    if stage == "vae":
+      (mean, log_var), updates = model.encoder.apply(
           {"params": params["encoder"], "batch_stats": params["batch_stats"]}, x, train=True,
           mutable=["batch_stats"])
-      return outputs, updates["batch_stats"]
-    loss_fn = _negative_elbo(model, train_mode_encode)
-    merge_aux = lambda params, batch_stats: {**params, "batch_stats": batch_stats}
-    labels = lambda params: {k: ("state" if k == "batch_stats" else "train") for k in params}
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm),
-        optax.multi_transform({"train": optax.adam(config.vae_learning_rate),
-                               "state": optax.set_to_zero()}, labels))
-    return loss_fn, optimizer, merge_aux
-
-  encode = model.encode_fn(stage, layout)
-  with_aux = _negative_elbo(model, lambda params, frozen, x: (encode(params, frozen, x), None))
-  loss_fn = lambda *args: with_aux(*args)[0]   # the KL weight is 1 after stage 1
-  # The hypernetwork (IA-VAE) or the encoder (control) at one rate, the decoder at another.
-  labels = lambda params: {k: ("decoder" if k == "decoder" else "inference") for k in params}
-  optimizer = optax.chain(
-      optax.clip_by_global_norm(config.max_grad_norm),
-      optax.multi_transform(
-          {"inference": optax.adamw(config.hypernet_learning_rate,
-                                    weight_decay=config.weight_decay),
-           "decoder": optax.adamw(config.decoder_learning_rate,
-                                  weight_decay=config.weight_decay)}, labels))
-  return loss_fn, optimizer, None
-
-
-@functools.lru_cache(maxsize=None)  # the same function for every seed: compiled once
-def make_epoch_fn(model: Model, stage: str, layout: blocks.BlockLayout | None, train_size: int,
-                  parallel: parallel_lib.Parallel | None = None):
-  """The training epoch of one stage (a ``training.make_epoch_fn``), its optimiser and
-  schedule."""
-  config = model.config
-  steps_per_epoch = train_size // config.batch_size
-
-  def noise_fn(key, num_steps, epoch):
-    """Per-step keys, and the KL weight: [20]'s warm-up from warmup_start to 1, linear per step
-    over warmup_epochs (stage 1 only)."""
-    steps = epoch * steps_per_epoch + jnp.arange(num_steps)
-    if stage == "vae" and config.warmup_epochs > 0:
-      warmup_steps = config.warmup_epochs * steps_per_epoch
-      beta = jnp.minimum(1.0, config.warmup_start
-                         + (1.0 - config.warmup_start) * (steps + 1) / warmup_steps)
+      batch_stats = updates["batch_stats"]
     else:
-      beta = jnp.ones(num_steps)
-    return jax.random.split(key, num_steps), beta
+      mean, log_var = stage_encode(model, stage, state.frozen)(params, state.frozen, x)
+    eps = jax.random.normal(eps_key, (config.num_samples, *mean.shape))
+    terms = objectives.elbo(eps, mean, log_var, model.log_likelihood_fn(params["decoder"], x))
+    loss = -jnp.mean(terms.expected_log_likelihood - weight * terms.kl)
+    return loss, (jnp.mean(terms.kl), batch_stats)
 
-  loss_fn, optimizer, merge_aux = stage_objective(model, stage, layout)
-  score_encode = model.encode_fn(stage, layout)
-
-  def score_fn(params, frozen, unused_train_data):
-    return dataset_elbo(model, score_encode, params, frozen, frozen["valid"],
-                        config.valid_samples, jax.random.PRNGKey(0))
-
-  schedule = training.Schedule(config.batch_size,
-                               config.vae_epochs if stage == "vae" else config.iavae_epochs,
-                               config.patience)
-  epoch_fn = training.make_epoch_fn(noise_fn, loss_fn, score_fn, optimizer, schedule, merge_aux,
-                                    python_steps=True, parallel=parallel)
-  return epoch_fn, optimizer, schedule
+  (loss, (kl, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = stage_optimizer(config, stage).update(grads, state.opt_state,
+                                                             state.params)
+  params = optax.apply_updates(state.params, updates)
+  if stage == "vae":
+    params = {**params, "batch_stats": batch_stats}
+  return (state._replace(params=params, opt_state=opt_state, step=state.step + 1),
+          training.StepMetrics(loss, kl, optax.tree.norm(grads)))
 
 
 def _chunks(data: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
@@ -293,55 +295,116 @@ def reconstruct(model: Model, encode: EncodeFn, params, frozen, x: jax.Array,
   return jax.lax.fori_loop(0, height * width, draw_pixel, jnp.zeros_like(_as_images(x)))[..., 0]
 
 
+@functools.lru_cache(maxsize=None)  # one set per stage, shared by every seed: compiled once
+def _epoch_functions(model: Model, stage: str, steps_per_epoch: int,
+                     parallel: parallel_lib.Parallel | None):
+  """The jitted pieces of a stage's epoch: start, train_step and finish (see make_epoch_fn)."""
+  config, schedule = model.config, stage_schedule(model.config, stage)
+
+  def start(key, train, order):
+    """The epoch's batches [steps, B, 28, 28] and step keys, and the next epoch's key."""
+    key, steps_key = jax.random.split(key)
+    batches = train[order.reshape(steps_per_epoch, config.batch_size)]
+    if parallel is not None and parallel.mode == "data":   # split every batch over the devices
+      batches = jax.lax.with_sharding_constraint(
+          batches, parallel.batch_sharding(1, batches.ndim))
+    return key, batches, jax.random.split(steps_key, steps_per_epoch)
+
+  def finish(state, trained, steps, valid):
+    """Scores the trained parameters by the validation ELBO (valid_samples samples per example,
+    the same noise every epoch) and closes the epoch (``training.end_epoch``)."""
+    score = dataset_elbo(model, stage_encode(model, stage, trained.frozen), trained.params,
+                         trained.frozen, valid, config.valid_samples, jax.random.PRNGKey(0))
+    return training.end_epoch(state, trained, steps, score, schedule)
+
+  step = functools.partial(train_step, model=model, stage=stage, steps_per_epoch=steps_per_epoch)
+  return jax.jit(start), jax.jit(step), jax.jit(finish)
+
+
+def make_epoch_fn(model: Model, stage: str, name: str, valid: jax.Array, train_size: int,
+                  parallel: parallel_lib.Parallel | None = None):
+  """A stage's epoch for ``training.train_model``: epoch(state, train [N, 28, 28], order) ->
+  (state, EpochMetrics). A Python loop of the jitted ``train_step`` over the shuffled batches
+  (XLA:CPU runs convolution gradients inside a loop ~8x slower than outside one), a progress
+  line at most every 30 s of a long epoch, then the validation ELBO on ``valid`` [n, 28, 28]
+  as the monitored score."""
+  schedule = stage_schedule(model.config, stage)
+  steps_per_epoch = train_size // model.config.batch_size
+  start, step, finish = _epoch_functions(model, stage, steps_per_epoch, parallel)
+
+  def epoch(state: training.TrainState, train: jax.Array, order: jax.Array):
+    if bool(training.is_done(state, schedule)):
+      return state, training.idle_metrics(state)
+    key, batches, step_keys = start(state.key, train, order)
+    progress = common.StepProgress(name, int(state.epoch) + 1, schedule.max_epochs,
+                                   steps_per_epoch)
+    trained, steps = state, []
+    for i in range(steps_per_epoch):
+      trained, metrics = step(trained, Batch(batches[i], step_keys[i]))
+      steps.append(metrics)
+      progress.update(i + 1, metrics.loss.block_until_ready)
+    steps = training.StepMetrics(*(jnp.stack(values) for values in zip(*steps)))
+    return finish(state, trained._replace(key=key), steps, valid)
+  return epoch
+
+
+class Selected(NamedTuple):
+  """A trained model as selected on the validation ELBO."""
+  params: dict          # its best parameters
+  frozen: dict | None   # what it uses but did not train (TrainState.frozen)
+  best_epoch: int
+  valid_elbo: float     # its validation ELBO (the selection score)
+
+
 def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
-               timings: dict, resumed: list, parallel: parallel_lib.Parallel | None = None
-               ) -> dict:
-  """Trains the three models of one seed (resuming what is in workdir); returns their
-  selected parameters and frozen inputs, {stage: (params, frozen, best_epoch, best_score)},
-  and the IA-VAE's validation ELBO before training under "iavae_valid_elbo_at_start".
-  Each model is trained alone (a Python loop over jitted steps, see training.make_epoch_fn).
-  Stages that start from a checkpoint are appended to ``resumed``."""
+               timings: dict, resumed: list, parallel: parallel_lib.Parallel | None = None,
+               tensorboard: bool = False) -> tuple[dict, float]:
+  """Trains the three models of one seed (resuming what is in workdir); returns them,
+  {stage: Selected}, and the IA-VAE's validation ELBO before training. Each model is trained
+  alone (``make_epoch_fn``). Stages that start from a checkpoint are appended to
+  ``resumed``."""
   config = model.config
-  root = jax.random.PRNGKey(seed)
   train = jnp.asarray(data.train)
   valid = jnp.asarray(data.valid)
+  if parallel is not None:
+    valid = parallel.shared(valid)   # every device scores on the whole validation split
   x0 = jnp.zeros((1, 28, 28, 1))
-  results = {}
+  selected = {}
+  keys = {stage: training.model_keys(seed, STAGE_IDS[stage]) for stage in STAGES}
 
   def run(stage, params, frozen):
-    layout = (blocks.BlockLayout.from_tree(frozen["phi_avi"]) if stage == "iavae" else None)
-    epoch_fn, optimizer, schedule = make_epoch_fn(model, stage, layout, train.shape[0], parallel)
-    key = jax.random.fold_in(jax.random.fold_in(root, STAGE_IDS[stage]), 1)
+    name = f"{stage}_seed{seed}"
+    _, train_key = keys[stage]
     t0 = time.time()
-    if os.path.isdir(os.path.join(workdir, "checkpoints", f"{stage}_seed{seed}")):
-      resumed.append(f"{stage}_seed{seed}")
-    state = stages.run_stage(f"{stage}_seed{seed}", workdir, epoch_fn,
-                             training.init_state(params, optimizer, key), frozen, train,
-                             np.array([seed, STAGE_IDS[stage]]), schedule,
-                             config.checkpoint_every, parallel=parallel)
-    timings[f"{stage}_seed{seed}"] = time.time() - t0
-    results[stage] = (state.best_params, frozen, int(state.best_epoch), float(state.best_score))
+    if os.path.isdir(os.path.join(workdir, "checkpoints", name)):
+      resumed.append(name)
+    state = stages.run_stage(
+        name, workdir, make_epoch_fn(model, stage, name, valid, train.shape[0], parallel),
+        training.init_state(params, stage_optimizer(config, stage), train_key, frozen), train,
+        np.array([seed, STAGE_IDS[stage]]), stage_schedule(config, stage),
+        config.checkpoint_every, parallel=parallel, tensorboard=tensorboard)
+    timings[name] = time.time() - t0
+    selected[stage] = Selected(state.best_params, state.frozen, int(state.best_epoch),
+                               float(state.best_score))
     return state.best_params
 
-  init_key = lambda stage: jax.random.fold_in(jax.random.fold_in(root, STAGE_IDS[stage]), 0)
-  enc_key, dec_key = jax.random.split(init_key("vae"))
+  enc_key, dec_key = jax.random.split(keys["vae"][0])
   enc_vars = model.encoder.init(enc_key, x0)
   dec_params = model.decoder.init(dec_key, x0, jnp.zeros((1, config.latent_dim)))["params"]
   vae = run("vae", {"encoder": enc_vars["params"], "decoder": dec_params,
-                    "batch_stats": enc_vars["batch_stats"]}, {"valid": valid})
+                    "batch_stats": enc_vars["batch_stats"]}, None)
 
-  frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"], "valid": valid}
+  frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
   layout = blocks.BlockLayout.from_tree(vae["encoder"])
-  psi = model.init_hypernet(init_key("iavae"), layout)
+  psi = model.init_hypernet(keys["iavae"][0], layout)
   # Proposition 1 in practice: the IA-VAE's validation ELBO before any stage-2 step.
   start = dataset_elbo(model, model.encode_fn("iavae", layout),
                        {"hypernet": psi, "decoder": vae["decoder"]}, frozen, valid,
                        config.valid_samples, jax.random.PRNGKey(0))
   run("iavae", {"hypernet": psi, "decoder": vae["decoder"]}, frozen)
-  results["iavae_valid_elbo_at_start"] = float(start)
   run("control", {"encoder": vae["encoder"], "decoder": vae["decoder"]},
-      {"batch_stats": vae["batch_stats"], "valid": valid})
-  return results
+      {"batch_stats": vae["batch_stats"]})
+  return selected, float(start)
 
 
 def param_counts(model: Model) -> dict:
@@ -357,12 +420,13 @@ def param_counts(model: Model) -> dict:
 
 
 def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None = None,
-                       source: str = "auto", parallel: parallel_lib.Parallel | None = None
-                       ) -> dict:
+                       source: str = "auto", parallel: parallel_lib.Parallel | None = None,
+                       tensorboard: bool = False) -> dict:
   """Runs the whole protocol for one data set in workdir and writes results.json, results.md,
-  figure8_reconstructions.png and metrics.jsonl. With a ``parallel`` in ``data`` mode, every
-  training batch is split over its devices (the image seeds train one after another, so
-  ``seeds`` mode does not apply: ``training.train_model`` refuses it)."""
+  figure8_reconstructions.png, metrics.jsonl and learning_curves.png (and TensorBoard event
+  files with ``tensorboard``). With a ``parallel`` in ``data`` mode, every training batch is
+  split over its devices (the image seeds train one after another, so ``seeds`` mode does not
+  apply: ``training.train_model`` refuses it)."""
   config.validate()
   try:
     data = images.load(config.dataset, data_dir=data_dir, source=source,
@@ -385,23 +449,23 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
   test = jnp.asarray(data.test)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   for seed in seeds:
-    trained = train_seed(model, workdir, seed, data, timings, resumed, parallel)
+    selected, valid_elbo_at_start = train_seed(model, workdir, seed, data, timings, resumed,
+                                               parallel, tensorboard)
     t0 = time.time()
-    eval_key = jax.random.fold_in(jax.random.PRNGKey(seed), STAGE_IDS["eval"])
-    layout = blocks.BlockLayout.from_tree(trained["iavae"][1]["phi_avi"])
+    eval_key = training.derive_key(seed, STAGE_IDS["eval"])
     for stage in STAGES:
-      params, frozen, best_epoch, best_score = trained[stage]
-      encode = model.encode_fn(stage, layout if stage == "iavae" else None)
+      params, frozen, best_epoch, valid_elbo = selected[stage]
+      encode = stage_encode(model, stage, frozen)
       metrics = jax.device_get(evaluate(model, encode, params, frozen, test, eval_key))
       per_seed[stage].append({
           "test_elbo": float(np.mean(metrics["elbo"])), "test_kl": float(np.mean(metrics["kl"])),
-          "test_iwae": float(np.mean(metrics["iwae"])), "valid_elbo": best_score,
+          "test_iwae": float(np.mean(metrics["iwae"])), "valid_elbo": valid_elbo,
           "best_epoch": best_epoch})
       if seed == seeds[0] and config.num_reconstructions:
         recon[stage] = np.asarray(reconstruct(
             model, encode, params, frozen, test[:config.num_reconstructions],
             jax.random.fold_in(eval_key, 1)))
-    per_seed["iavae"][-1]["valid_elbo_at_start"] = trained["iavae_valid_elbo_at_start"]
+    per_seed["iavae"][-1]["valid_elbo_at_start"] = valid_elbo_at_start
     timings[f"eval_seed{seed}"] = time.time() - t0
     line = "  ".join(f"{stage} {per_seed[stage][-1]['test_elbo']:.2f}" for stage in STAGES)
     print(f"[seed {seed}] test ELBO: {line}", flush=True)
@@ -425,21 +489,16 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
                "test": int(data.test.shape[0])},
       "parameters": param_counts(model),
       "config": common.as_json(config),
-      "environment": {"iavae_jax": iavae_jax.__version__, "jax": jax.__version__,
-                      "backend": jax.default_backend(), "devices": len(jax.devices()),
-                      "parallel": "none" if parallel is None else parallel.mode,
-                      "machine": platform.machine(), "cpu_count": os.cpu_count()},
+      "environment": common.environment(parallel),
   }
-  common.write_json(os.path.join(workdir, "results.json"), results)
-  common.write_text(os.path.join(workdir, "results.md"), render_markdown(results))
   if recon:
     fig8 = plots.reconstruction_figure(
         np.asarray(data.test[:config.num_reconstructions]), recon,
         f"{config.dataset} ({config.tier} tier, seed {seeds[0]}): test images and x' ~ p(x | z = "
         "mean of q(z | x)), drawn pixel by pixel")
     common.save_figure(fig8, os.path.join(workdir, "figure8_reconstructions.png"))
-  common.record_config(workdir, config)
-  print(f"wrote {workdir}/results.json ({results['wall_seconds']:.1f} s)", flush=True)
+  common.write_results(workdir, results, render_markdown(results), config,
+                       f"{config.dataset} ({config.tier} tier): a line per seed")
   return results
 
 
@@ -468,16 +527,15 @@ def subset(data: images.ImageSplits, config: ImageConfig) -> images.ImageSplits:
 
 
 def render_markdown(results: dict) -> str:
-  lines = [f"# {results['dataset']} ({results['tier']} tier): test metrics per seed", "",
-           f"| seed | model | test ELBO | test KL | IWAE bound (K={results['config']['iwae_samples']})"
-           " | valid ELBO (selection score) | best epoch |",
-           "|---|---|---|---|---|---|---|"]
-  for i, seed in enumerate(results["seeds"]):
-    for stage in STAGES:
-      m = results["models"][stage]
-      lines.append(f"| {seed} | {stage} | {m['test_elbo'][i]:.3f} | {m['test_kl'][i]:.3f} | "
-                   f"{m['test_iwae'][i]:.3f} | {m['valid_elbo'][i]:.3f} | "
-                   f"{m['best_epoch'][i]} |")
+  lines = [f"# {results['dataset']} ({results['tier']} tier): test metrics per seed", ""]
+  lines += common.markdown_table(
+      ["seed", "model", "test ELBO", "test KL",
+       f"IWAE bound (K={results['config']['iwae_samples']})", "valid ELBO (selection score)",
+       "best epoch"],
+      [[seed, stage] + [f"{results['models'][stage][key][i]:.3f}"
+                        for key in ("test_elbo", "test_kl", "test_iwae", "valid_elbo")]
+       + [results["models"][stage]["best_epoch"][i]]
+       for i, seed in enumerate(results["seeds"]) for stage in STAGES])
   resumed = results["resumed_stages"]
   lines += ["", f"Wall time {results['wall_seconds']:.1f} s"
             + (f" (this invocation; resumed from checkpoints: {', '.join(resumed)})"

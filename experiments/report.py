@@ -210,26 +210,19 @@ def _wall_time(seconds) -> str:
 
 def render_markdown(table: dict) -> str:
   """table4.md from the table4.json dictionary; a pure function, so it can be tested alone."""
-  lines = ["# Table 4: test ELBO (mean ± std over seeds, higher is better)", "",
-           "| Data set | VAE | IA-VAE | control | p (IA-VAE > VAE) | test | "
-           "p (IA-VAE > control) | test | seeds | wall time |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-  for name, row in table.items():
-    cells = [DISPLAY_NAMES.get(name, name)]
-    cells += [_mean_std(row[model]) for model in MODELS]
-    for key, _ in COMPARISONS:
-      cells += [_p_value(row[key]), _test_name(row[key])]
-    cells += [str(len(row["seeds"])), _wall_time(row["wall_seconds"])]
-    lines.append("| " + " | ".join(cells) + " |")
-  lines += ["", "## Test KL and IWAE bound (mean ± std over seeds)", "",
-            "| Data set | " + " | ".join(f"KL {MODEL_NAMES[m]}" for m in MODELS) + " | "
-            + " | ".join(f"IWAE {MODEL_NAMES[m]}" for m in MODELS) + " |",
-            "|---|" + "---|" * (2 * len(MODELS))]
-  for name, row in table.items():
-    cells = [DISPLAY_NAMES.get(name, name)]
-    cells += [_mean_std(row[model]["kl"]) for model in MODELS]
-    cells += [_mean_std(row[model]["iwae"]) for model in MODELS]
-    lines.append("| " + " | ".join(cells) + " |")
+  lines = ["# Table 4: test ELBO (mean ± std over seeds, higher is better)", ""]
+  lines += common.markdown_table(
+      ["Data set", "VAE", "IA-VAE", "control", "p (IA-VAE > VAE)", "test",
+       "p (IA-VAE > control)", "test", "seeds", "wall time"],
+      [[DISPLAY_NAMES.get(name, name)] + [_mean_std(row[model]) for model in MODELS]
+       + [cell for key, _ in COMPARISONS for cell in (_p_value(row[key]), _test_name(row[key]))]
+       + [len(row["seeds"]), _wall_time(row["wall_seconds"])] for name, row in table.items()])
+  lines += ["", "## Test KL and IWAE bound (mean ± std over seeds)", ""]
+  lines += common.markdown_table(
+      ["Data set"] + [f"KL {MODEL_NAMES[m]}" for m in MODELS]
+      + [f"IWAE {MODEL_NAMES[m]}" for m in MODELS],
+      [[DISPLAY_NAMES.get(name, name)] + [_mean_std(row[model]["kl"]) for model in MODELS]
+       + [_mean_std(row[model]["iwae"]) for model in MODELS] for name, row in table.items()])
   diverged = [f"{DISPLAY_NAMES.get(name, name)} {MODEL_NAMES[m]} seeds "
               f"{row[m]['diverged_seeds']}" for name, row in table.items() for m in MODELS
               if row[m].get("diverged_seeds")]

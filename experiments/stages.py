@@ -14,18 +14,22 @@ from experiments import common
 KEPT_CHECKPOINTS = 2
 
 
-def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, frozen, data,
+def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, data,
               order_seeds, schedule: training.Schedule, checkpoint_every: int,
               epochs_per_call: int | None = None,
               model_names: list[str] | None = None,
-              parallel: parallel_lib.Parallel | None = None) -> training.TrainState:
+              parallel: parallel_lib.Parallel | None = None,
+              tensorboard: bool = False) -> training.TrainState:
   """Trains (or resumes, or just loads) the population ``states`` under DIR/checkpoints/NAME,
   ``epochs_per_call`` epochs per jitted call (``training.train_population``); without
-  ``epochs_per_call``, ``states`` is one model's, trained by ``training.train_model``.
+  ``epochs_per_call``, ``states`` is one model's, trained by ``training.train_model`` with
+  ``epoch_fn(state, data, order)``.
 
   A checkpoint that cannot be restored into ``states`` (another architecture or configuration,
   or a damaged file) raises ConfigError before anything is written. A checkpoint is saved every
-  ``checkpoint_every`` epochs and when every model is done; the final state is returned.
+  ``checkpoint_every`` epochs and when every model is done; the final state is returned. Every
+  epoch's metrics go to DIR/metrics.jsonl (and to TensorBoard under DIR/tensorboard/NAME with
+  ``tensorboard``; see ``common.StageLog``).
 
   Faults raise RunError and leave the last good checkpoint as it was: a NaN or Inf in a model's
   loss or parameters (the message names the stage, the model from ``model_names``, the epoch and
@@ -53,8 +57,9 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, fr
   num_models = int(np.size(states.epoch))
   names = model_names or ([name] if num_models == 1 else
                           [f"{name} model {i}" for i in range(num_models)])
-  progress = common.Progress(name, schedule.max_epochs, os.path.join(workdir, "metrics.jsonl"),
-                             start_epoch=int(jnp.max(states.epoch)))
+  log = common.StageLog(name, workdir, schedule.max_epochs, num_models,
+                        data.shape[0] // schedule.batch_size,
+                        start_epoch=int(jnp.max(states.epoch)), tensorboard=tensorboard)
   last_saved = [ckpt.latest_step() or 0]
   epochs_before = [np.asarray(states.epoch).reshape(-1)]
 
@@ -63,10 +68,10 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, fr
     metrics, epochs, best, done = parallel_lib.to_host(
         (metrics, states.epoch, states.best_score, training.is_done(states, schedule)))
     _check_finite(name, names, epochs_before[0], metrics, directory, last_saved[0])
+    log.chunk(epochs_before[0], epochs.reshape(-1), metrics, best.reshape(-1),
+              done.reshape(-1))
     epochs_before[0] = epochs.reshape(-1)
     epoch = int(epochs.max())
-    progress.update(epoch, int((~done).sum()), done.size, float(best.mean()), float(best.min()),
-                    float(best.max()))
     if done.all() or epoch // checkpoint_every > last_saved[0] // checkpoint_every:
       try:
         ckpt.save(epoch, parallel_lib.to_host(states))
@@ -77,16 +82,18 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, fr
             "permissions, then rerun the same command: it resumes from the last checkpoint "
             f"(epoch {last_saved[0]}).") from e
       last_saved[0] = epoch
+    log.restart_clock()   # the next chunk's time: its training, not this checkpoint
 
   try:
     if epochs_per_call is not None:
-      states = training.train_population(epoch_fn, states, frozen, data, order_seeds, schedule,
+      states = training.train_population(epoch_fn, states, data, order_seeds, schedule,
                                          epochs_per_call, on_chunk, parallel)
     else:
-      states = training.train_model(epoch_fn, states, frozen, data, order_seeds, schedule,
-                                    on_chunk, parallel)
+      states = training.train_model(epoch_fn, states, data, order_seeds, schedule, on_chunk,
+                                    parallel)
   finally:
     ckpt.close()
+    log.close()
   return states if parallel is None else parallel_lib.to_host(states)
 
 
@@ -102,10 +109,11 @@ def _check_finite(name, model_names, epochs_before, metrics: training.EpochMetri
           if bad_step >= 0 else "the parameters became NaN or Inf (the loss stayed finite)")
   kept = (f"the last good checkpoint (epoch {last_saved}) is intact in {directory}" if last_saved
           else "no checkpoint of this stage had been saved yet")
+  epoch = int(epochs_before[model]) + epoch_index + 1
   raise common.RunError(
-      f"[{name}] {model_names[model]} diverged in epoch {int(epochs_before[model]) + epoch_index + 1}"
-      f": {what}. Nothing of that epoch was saved; {kept}. Rerun with --debug_nans to stop at "
-      "the operation that produced it, or lower the learning rate.")
+      f"[{name}] {model_names[model]} diverged in epoch {epoch}: {what}. Nothing of that epoch "
+      f"was saved; {kept}. Rerun with --debug_nans to stop at the operation that produced it, or "
+      "lower the learning rate.")
 
 
 def _check_free_space(name: str, directory: str, states) -> None:

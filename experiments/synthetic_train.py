@@ -15,7 +15,6 @@ grid (posterior.py), q* by per-example Newton on the exact ELBO.
 import dataclasses
 import functools
 import os
-import platform
 import time
 from typing import Callable
 
@@ -24,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import iavae_jax
 from iavae_jax import adaptive, blocks, distributions, hypernets, objectives, plots
 from iavae_jax import parallel as parallel_lib, posterior, training
 from iavae_jax.data import synthetic
@@ -64,7 +62,7 @@ def make_epoch_fn(config: SyntheticConfig, encode: EncodeFn,
     mean, log_var = encode(params, frozen, x)
     terms = objectives.elbo(
         eps, mean, log_var, lambda z: oracle.log_likelihood(x, z, config.sigma))
-    return -jnp.mean(terms.elbo)
+    return -jnp.mean(terms.elbo), jnp.mean(terms.kl)
 
   def score_fn(params, frozen, x):
     mean, log_var = encode(params, frozen, x)
@@ -77,29 +75,27 @@ def make_epoch_fn(config: SyntheticConfig, encode: EncodeFn,
 
 
 def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...]]):
-  """Init and training keys, and data-order seeds, for models named by index tuples."""
-  root = jax.random.fold_in(jax.random.PRNGKey(config.seed), STAGE_IDS[stage])
-  keys = []
-  for index in indices:
-    key = root
-    for i in index:
-      key = jax.random.fold_in(key, i)
-    keys.append(key)
-  init_keys, train_keys = jnp.moveaxis(jax.vmap(jax.random.split)(jnp.stack(keys)), 1, 0)
-  order_seeds = np.array([(config.seed, STAGE_IDS[stage]) + tuple(i) for i in indices])
-  return init_keys, train_keys, order_seeds
+  """Init and training keys [M, 2], and data-order seeds [M, K], for models named by index
+  tuples (``training.model_keys`` of (seed, stage id, *index))."""
+  paths = [(config.seed, STAGE_IDS[stage]) + tuple(index) for index in indices]
+  init_keys, train_keys = zip(*(training.model_keys(*path) for path in paths))
+  return jnp.stack(init_keys), jnp.stack(train_keys), np.array(paths)
 
 
 def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: EncodeFn,
                 params, frozen, train_keys, order_seeds, data,
-                parallel: parallel_lib.Parallel | None = None) -> training.TrainState:
-  """Trains (or resumes, or just loads) one population; returns its final states."""
+                parallel: parallel_lib.Parallel | None = None,
+                tensorboard: bool = False) -> training.TrainState:
+  """Trains (or resumes, or just loads) one population; returns its final states. frozen: the
+  models' frozen encoders, stacked (None for VAEs)."""
   epoch_fn, optimizer = make_epoch_fn(config, encode, parallel)
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
-  states = jax.vmap(lambda p, k: training.init_state(p, optimizer, k))(params, train_keys)
+  states = jax.vmap(lambda p, k, f: training.init_state(p, optimizer, k, f))(
+      params, train_keys, frozen)
   names = [MODEL_NAMES[name].format(*map(int, row[2:])) for row in order_seeds]
-  return stages.run_stage(name, workdir, epoch_fn, states, frozen, data, order_seeds, schedule,
-                          config.checkpoint_every, config.epochs_per_call, names, parallel)
+  return stages.run_stage(name, workdir, epoch_fn, states, data, order_seeds, schedule,
+                          config.checkpoint_every, config.epochs_per_call, names, parallel,
+                          tensorboard)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -124,9 +120,11 @@ def _stats(values) -> dict:
 
 
 def train_and_evaluate(config: SyntheticConfig, workdir: str,
-                       parallel: parallel_lib.Parallel | None = None) -> dict:
-  """Runs the whole protocol in workdir (resuming what is there) and writes every output; with a
-  ``parallel``, the populations train on its devices (``iavae_jax.parallel``)."""
+                       parallel: parallel_lib.Parallel | None = None,
+                       tensorboard: bool = False) -> dict:
+  """Runs the whole protocol in workdir (resuming what is there) and writes every output (with
+  ``tensorboard``, TensorBoard event files too); with a ``parallel``, the populations train on
+  its devices (``iavae_jax.parallel``)."""
   config.validate()
   common.prepare_workdir(workdir, config)
   start = time.time()
@@ -143,7 +141,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   init_keys, train_keys, order_seeds = model_keys(config, "vae", vae_indices)
   vae_params0 = jax.vmap(lambda k: encoder.init(k, x[0])["params"])(init_keys)
   vae_states = train_stage("vae", workdir, config, vae_encode(config.encoder_width), vae_params0,
-                           jnp.zeros(len(vae_indices)), train_keys, order_seeds, x, parallel)
+                           None, train_keys, order_seeds, x, parallel, tensorboard)
   phi_avi = vae_states.best_params
   timings["vae"] = time.time() - t0
 
@@ -158,7 +156,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   frozen_phi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi_avi)
   iavae_fn = iavae_encode(config, layout)
   iavae_states = train_stage("iavae", workdir, config, iavae_fn, psi0, frozen_phi, train_keys,
-                             order_seeds, x, parallel)
+                             order_seeds, x, parallel, tensorboard)
   timings["iavae"] = time.time() - t0
 
   # Stage 3: the width sweep, zero-padded to the widest encoder.
@@ -171,8 +169,8 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
       for (w, _), k in zip(sweep_indices, init_keys)]
   sweep_params0 = jax.tree.map(lambda *a: jnp.stack(a), *sweep_params0)
   sweep_fn = vae_encode(max_width)
-  sweep_states = train_stage("sweep", workdir, config, sweep_fn, sweep_params0,
-                             jnp.zeros(len(sweep_indices)), train_keys, order_seeds, x, parallel)
+  sweep_states = train_stage("sweep", workdir, config, sweep_fn, sweep_params0, None,
+                             train_keys, order_seeds, x, parallel, tensorboard)
   timings["sweep"] = time.time() - t0
 
   # The true posterior, log p(x) and q*.
@@ -186,13 +184,12 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   timings["posterior"] = time.time() - t0
 
   t0 = time.time()
-  vae_eval, vae_means = evaluate(vae_encode(config.encoder_width), phi_avi,
-                                 jnp.zeros(len(vae_indices)), x, config.sigma, summary,
-                                 elbo_qstar)
+  vae_eval, vae_means = evaluate(vae_encode(config.encoder_width), phi_avi, None, x,
+                                 config.sigma, summary, elbo_qstar)
   iavae_eval, iavae_means = evaluate(iavae_fn, iavae_states.best_params, frozen_phi, x,
                                      config.sigma, summary, elbo_qstar)
-  sweep_eval, _ = evaluate(sweep_fn, sweep_states.best_params, jnp.zeros(len(sweep_indices)), x,
-                           config.sigma, summary, elbo_qstar)
+  sweep_eval, _ = evaluate(sweep_fn, sweep_states.best_params, None, x, config.sigma, summary,
+                           elbo_qstar)
   timings["evaluation"] = time.time() - t0
 
   vae_eval, iavae_eval, sweep_eval = (jax.tree.map(np.asarray, e)
@@ -307,16 +304,10 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
       "figure6_examples": [int(i) for i in chosen],
       "stage_seconds": timings,
       "wall_seconds": time.time() - start,
-      "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
-                      "devices": jax.device_count(), "python": platform.python_version(),
-                      "parallel": "none" if parallel is None else parallel.mode,
-                      "iavae_jax": iavae_jax.__version__},
+      "environment": common.environment(parallel),
   }
-  common.record_config(workdir, config)
-  common.write_json(os.path.join(workdir, "results.json"), results)
-  common.write_text(os.path.join(workdir, "results.md"), render_markdown(results))
-  print(f"wrote {workdir}/results.json, results.md and figures in "
-        f"{results['wall_seconds']:.1f}s", flush=True)
+  common.write_results(workdir, results, render_markdown(results), config,
+                       "synthetic oracle experiment: a line per model")
   return results
 
 
@@ -327,32 +318,31 @@ def render_markdown(r: dict) -> str:
            + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items()), "",
            "## Table 2: robustness to random initialisation", "",
            "ELBO (KL) per VAE seed; IA-VAE: mean +- std over "
-           f"{r['config']['num_iavae_seeds']} seeds on that VAE's frozen encoder.", "",
-           "| VAE seed | VAE | IA-VAE |", "|---|---|---|"]
-  for row in r["table2"]:
-    v, ia = row["vae"], row["iavae"]
-    lines.append(f"| {row['vae_seed']} | {v['elbo']:.2f} ({v['kl']:.2f}) | "
-                 f"**{ia['elbo_mean']:.2f} +- {ia['elbo_std']:.2f}** "
-                 f"({ia['kl_mean']:.2f} +- {ia['kl_std']:.2f}) |")
+           f"{r['config']['num_iavae_seeds']} seeds on that VAE's frozen encoder.", ""]
+  lines += common.markdown_table(["VAE seed", "VAE", "IA-VAE"], [
+      [row["vae_seed"], f"{row['vae']['elbo']:.2f} ({row['vae']['kl']:.2f})",
+       f"**{row['iavae']['elbo_mean']:.2f} +- {row['iavae']['elbo_std']:.2f}** "
+       f"({row['iavae']['kl_mean']:.2f} +- {row['iavae']['kl_std']:.2f})"]
+      for row in r["table2"]])
+  pm = lambda entry, key, digits: f"{entry[key]:.{digits}f} +- {entry[key + '_std']:.{digits}f}"
   t3 = r["table3"]
   lines += ["", "## Table 3: posterior accuracy", "",
             "Mean +- std over models (VAE: one per seed; IA-VAE: all seeds of all VAEs); each "
             "model's value is its average over the data. d_MAP: Mahalanobis distance of the "
             "inferred mean from z_MAP under the Laplace Gaussian; r_MAP = p(mu|x) / p(z_MAP|x).",
-            "", "| Method | ELBO (up) | KL | d_MAP (down) | r_MAP (up) |", "|---|---|---|---|---|"]
-  for name, key in (("VAE", "vae"), ("IA-VAE", "iavae")):
-    e = t3[key]
-    lines.append(f"| {name} | {e['elbo']:.2f} +- {e['elbo_std']:.2f} | {e['kl']:.2f} | "
-                 f"{e['d_map']:.2f} +- {e['d_map_std']:.2f} | "
-                 f"{e['r_map']:.2f} +- {e['r_map_std']:.2f} |")
+            ""]
+  lines += common.markdown_table(
+      ["Method", "ELBO (up)", "KL", "d_MAP (down)", "r_MAP (up)"],
+      [[name, pm(t3[key], "elbo", 2), f"{t3[key]['kl']:.2f}", pm(t3[key], "d_map", 2),
+        pm(t3[key], "r_map", 2)] for name, key in (("VAE", "vae"), ("IA-VAE", "iavae"))])
   eff = r["efficiency"]
   lines += ["", "## Figure 7: parameter efficiency", "",
             f"IA-VAE: {eff['iavae_params']} parameters (base {eff['base_params']} + hypernetwork "
             f"{eff['hypernet_params']}; plus {eff['embedding_params']} embedding values), ELBO "
-            f"{eff['iavae_elbo']:.2f} +- {eff['iavae_elbo_std']:.2f}.", "",
-            "| width | parameters | VAE ELBO |", "|---|---|---|"]
-  for c in eff["vae_curve"]:
-    lines.append(f"| {c['width']} | {c['params']} | {c['elbo']:.2f} +- {c['elbo_std']:.2f} |")
+            f"{eff['iavae_elbo']:.2f} +- {eff['iavae_elbo_std']:.2f}.", ""]
+  lines += common.markdown_table(["width", "parameters", "VAE ELBO"],
+                                 [[c["width"], c["params"], pm(c, "elbo", 2)]
+                                  for c in eff["vae_curve"]])
   match = eff["smallest_matching_width"]
   lines += ["", (f"Smallest width whose VAE matches the IA-VAE's mean ELBO: {match} "
                  f"({eff['smallest_matching_params']} parameters, "
@@ -362,12 +352,11 @@ def render_markdown(r: dict) -> str:
   g = r["gaps"]
   lines += ["", "## Beyond the paper: the inference gap, exactly", "",
             f"log p(x) by quadrature: {g['log_px']:.4f}; ELBO of the per-example optimal Gaussian "
-            f"q*: {g['elbo_qstar']:.4f} (KL {g['kl_qstar']:.2f}).", "",
-            "| Method | total gap | approximation gap | amortization gap |", "|---|---|---|---|"]
-  for name, key in (("VAE", "vae"), ("IA-VAE", "iavae")):
-    e = g[key]
-    lines.append(f"| {name} | {e['total_gap']:.3f} | {e['approximation_gap']:.3f} | "
-                 f"{e['amortization_gap']:.3f} +- {e['amortization_gap_std']:.3f} |")
+            f"q*: {g['elbo_qstar']:.4f} (KL {g['kl_qstar']:.2f}).", ""]
+  lines += common.markdown_table(
+      ["Method", "total gap", "approximation gap", "amortization gap"],
+      [[name, f"{g[key]['total_gap']:.3f}", f"{g[key]['approximation_gap']:.3f}",
+        pm(g[key], "amortization_gap", 3)] for name, key in (("VAE", "vae"), ("IA-VAE", "iavae"))])
   lines += ["", f"IA-VAE closes {100 * g['fraction_of_vae_amortization_gap_closed']:.1f}% of its "
             "VAE's amortization gap (mean over VAE seeds).", ""]
   return "\n".join(lines)

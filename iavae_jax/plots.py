@@ -1,6 +1,7 @@
 """The paper's figures as matplotlib Figures (the caller saves them)."""
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -67,5 +68,39 @@ def reconstruction_figure(originals: np.ndarray, reconstructions: dict, title: s
       ax.set_yticks([])
     axes[r, 0].set_ylabel(name, fontsize=8)
   fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  return fig
+
+
+def learning_curves_figure(curves: dict, title: str):
+  """Learning curves: a row per stage kind, a column per metric against the epoch, a line per
+  model (curves: {kind: {"epoch": [E], metric: [E, models]}}, NaN where a model did not train;
+  the metrics drawn are train_loss, valid_elbo, train_kl and grad_norm, the last on a log
+  scale)."""
+  columns = (("train_loss", "training loss (mean over the epoch)"),
+             ("valid_elbo", "monitored ELBO (after the epoch)"),
+             ("train_kl", "KL (mean over the epoch)"),
+             ("grad_norm", "gradient norm (mean over the epoch)"))
+  fig, axes = plt.subplots(len(curves), len(columns), figsize=(4.2 * len(columns),
+                                                               2.8 * len(curves) + 0.5),
+                           squeeze=False)
+  for r, (kind, curve) in enumerate(curves.items()):
+    for c, (key, label) in enumerate(columns):
+      ax = axes[r, c]
+      values = np.asarray(curve[key])
+      alpha = max(0.15, 1.0 / np.sqrt(values.shape[1]))
+      ax.plot(curve["epoch"], values, color="tab:blue", alpha=alpha, lw=1.0,
+              marker="o" if len(curve["epoch"]) < 5 else None, ms=3)
+      if key == "grad_norm":
+        ax.set_yscale("log")
+      if r == 0:
+        ax.set_title(label, fontsize=9)
+      if c == 0:
+        ax.set_ylabel(kind, fontsize=10)
+      ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+      ax.set_xlabel("epoch", fontsize=8)
+      ax.tick_params(labelsize=7)
+      ax.grid(alpha=0.3)
+  fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   return fig

@@ -1,22 +1,27 @@
-"""Training a population of models at once: epochs under lax.scan, models under vmap.
+"""Training models with early stopping: one model at a time, or a population at once.
 
-Every model (a VAE seed, an IA-VAE seed, an encoder width) has its own parameters, optimiser
-state, RNG key, data order and early-stopping counters, stacked along a leading model axis, so one
-jitted call advances all of them. Early stopping is per model, by masking: once a model stops,
-its state is carried through unchanged while the others train on.
+A model's state is a ``TrainState`` (flax's: step, params, optimiser state; plus its key, the
+frozen inputs it uses but does not train, and early stopping). An epoch is a pass of optimiser
+steps over shuffled batches, then ``end_epoch``: the monitored score, best-model selection and
+early stopping. Once a model has stopped, its epochs pass its state through unchanged.
 
-A model is described by functions of (params, frozen, ...):
-  noise_fn(key, num_steps, epoch) -> the epoch's random inputs (and any per-step schedule
-      values, such as a KL warm-up weight), leading axis num_steps; ``epoch`` counts completed
-      epochs. Drawn in one call per epoch: one big draw is several times cheaper on CPU than one
-      per step;
-  loss_fn(params, frozen, x_batch [B, ...], noise) -> scalar to minimise (the negative ELBO);
+Two drivers:
+  ``train_model`` runs one model's epochs, given any epoch function: the image experiments loop
+      over a jitted ``train_step(state, batch)`` in Python (XLA:CPU runs convolution gradients
+      inside a loop ~8x slower than outside one);
+  ``train_population`` runs a population (VAE seeds, IA-VAE seeds, encoder widths), stacked
+      along a leading model axis, with the epoch of ``make_epoch_fn``: steps under lax.scan,
+      models under vmap, several epochs per jitted call. The fast form for small models.
+
+A population's model is described by functions of (params, frozen, ...), ``frozen`` being
+``TrainState.frozen`` (e.g. phi_AVI in stage 2):
+  noise_fn(key, num_steps, epoch) -> the epoch's random inputs, leading axis num_steps;
+      ``epoch`` counts completed epochs. Drawn in one call per epoch: one big draw is several
+      times cheaper on CPU than one per step;
+  loss_fn(params, frozen, x_batch [B, ...], noise) -> (the loss to minimise, the negative ELBO;
+      the batch's mean KL term, reported);
   score_fn(params, frozen, data [N, ...]) -> scalar to maximise, monitored once per epoch on the
       full data, for early stopping and best-model selection.
-``frozen`` holds what the model uses but does not train (e.g. phi_AVI in stage 2, or held-out
-data for the score). With ``merge_aux``, loss_fn returns (loss, aux) and the step sets
-params = merge_aux(updated params, aux): for state that is computed, not trained (batch-norm
-running statistics), and that the optimiser must leave alone.
 
 Data order: epoch e of a model whose order seed is the integer tuple s visits the examples in
 the order of ``numpy.random.default_rng([*s, e]).permutation(N)`` (the last N mod B are
@@ -24,7 +29,6 @@ dropped). It is drawn on the host, while the device runs the previous chunk: XLA
 ~25x slower than NumPy's shuffle, and a pure function of (s, e) makes a resumed run see exactly
 the batches an uninterrupted one would.
 """
-
 import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
@@ -38,15 +42,18 @@ from iavae_jax import parallel as parallel_lib
 from iavae_jax.blocks import PyTree
 
 NoiseFn = Callable[[jax.Array, int, jax.Array], PyTree]
-LossFn = Callable[[PyTree, PyTree, jax.Array, PyTree], jax.Array]
+LossFn = Callable[[PyTree, PyTree, jax.Array, PyTree], tuple[jax.Array, jax.Array]]
 ScoreFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
 
 
 class TrainState(NamedTuple):
   """One model's training state; a population stacks these along a leading axis."""
-  params: PyTree
+  params: PyTree          # what the optimiser trains
+  frozen: PyTree          # what the model uses but does not train (phi_AVI, frozen batch-norm
+                          # statistics); None when there is nothing
   opt_state: PyTree
-  key: jax.Array
+  key: jax.Array          # split once per epoch: its steps' randomness and the next epoch's key
+  step: jax.Array         # optimiser steps taken (int32)
   epoch: jax.Array        # epochs completed (int32)
   best_params: PyTree     # parameters at the best monitored score so far
   best_score: jax.Array   # best full-data score so far
@@ -54,9 +61,19 @@ class TrainState(NamedTuple):
   stopped: jax.Array      # early stopping has triggered (bool)
 
 
+class StepMetrics(NamedTuple):
+  """What one optimiser step reports; an epoch's steps stack them along a leading axis."""
+  loss: jax.Array       # the loss minimised (the negative ELBO, KL-weighted during a warm-up)
+  kl: jax.Array         # the batch's mean KL(q(z|x) || p(z))
+  grad_norm: jax.Array  # the global L2 norm of the gradient, before any clipping
+
+
 class EpochMetrics(NamedTuple):
-  loss: jax.Array          # mean training loss over the epoch's steps (NaN once a model is done)
-  score: jax.Array         # full-data score after the epoch (the best score once a model is done)
+  """An epoch's summary (NaN means and the best score once a model is done)."""
+  loss: jax.Array          # mean training loss over the epoch's steps
+  kl: jax.Array            # mean of the steps' KL
+  grad_norm: jax.Array     # mean of the steps' gradient norms
+  score: jax.Array         # full-data score after the epoch
   bad_step: jax.Array      # the first step (0-based) whose loss was NaN or Inf; -1 if none
   params_finite: jax.Array  # every parameter is finite after the epoch (bool)
 
@@ -78,13 +95,28 @@ class Schedule:
         raise ValueError(f"Schedule: {name} must be positive, got {getattr(self, name)}.")
 
 
-def init_state(params: PyTree, optimizer: optax.GradientTransformation,
-               key: jax.Array) -> TrainState:
+def init_state(params: PyTree, optimizer: optax.GradientTransformation, key: jax.Array,
+               frozen: PyTree = None) -> TrainState:
   """A fresh state for one model (vmap it over stacked params and keys for a population)."""
-  return TrainState(params=params, opt_state=optimizer.init(params), key=key,
-                    epoch=jnp.zeros((), jnp.int32), best_params=params,
-                    best_score=jnp.array(-jnp.inf, jnp.float32),
+  return TrainState(params=params, frozen=frozen, opt_state=optimizer.init(params), key=key,
+                    step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
+                    best_params=params, best_score=jnp.array(-jnp.inf, jnp.float32),
                     best_epoch=jnp.zeros((), jnp.int32), stopped=jnp.zeros((), bool))
+
+
+def derive_key(seed: int, *path: int) -> jax.Array:
+  """PRNGKey(seed) folded with each integer of ``path`` in turn: a key named by integers."""
+  key = jax.random.PRNGKey(seed)
+  for i in path:
+    key = jax.random.fold_in(key, i)
+  return key
+
+
+def model_keys(seed: int, *path: int) -> tuple[jax.Array, jax.Array]:
+  """The initialisation and training keys of the model named (seed, *path): the two halves of
+  ``derive_key(seed, *path)``. Its data-order seed (``data_orders``) is (seed, *path)."""
+  init_key, train_key = jax.random.split(derive_key(seed, *path))
+  return init_key, train_key
 
 
 def is_done(state: TrainState, schedule: Schedule) -> jax.Array:
@@ -99,101 +131,75 @@ def _all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def _idle_metrics(state: TrainState) -> EpochMetrics:
+def idle_metrics(state: TrainState) -> EpochMetrics:
   """The metrics of an epoch that a finished model skips."""
-  return EpochMetrics(jnp.array(jnp.nan, jnp.float32), state.best_score,
-                      jnp.array(-1, jnp.int32), jnp.array(True))
+  nan = jnp.array(jnp.nan, jnp.float32)
+  return EpochMetrics(nan, nan, nan, state.best_score, jnp.array(-1, jnp.int32),
+                      jnp.array(True))
 
 
-def make_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                 merge_aux: Optional[Callable[[PyTree, PyTree], PyTree]] = None):
-  """One optimiser step: step(frozen, (params, opt_state), (x_batch, noise)) ->
-  ((params, opt_state), loss). See the module docstring for merge_aux."""
+def end_epoch(state: TrainState, trained: TrainState, steps: StepMetrics, score: jax.Array,
+              schedule: Schedule) -> tuple[TrainState, EpochMetrics]:
+  """Closes an epoch: ``state`` as it began, ``trained`` after its steps (params, optimiser
+  state, key and step count advanced), ``steps`` their metrics [num_steps], ``score`` the
+  monitored score of ``trained.params``. Selects the best parameters, applies early stopping and
+  summarises the epoch; a model that was already done passes through unchanged."""
+  improved = score > state.best_score
+  num_epochs = state.epoch + 1
+  best_epoch = jnp.where(improved, num_epochs, state.best_epoch)
+  new_state = trained._replace(
+      epoch=num_epochs, best_params=_tree_select(improved, trained.params, state.best_params),
+      best_score=jnp.where(improved, score, state.best_score), best_epoch=best_epoch,
+      stopped=num_epochs - best_epoch >= schedule.patience)
+  bad = ~jnp.isfinite(steps.loss)
+  metrics = EpochMetrics(jnp.mean(steps.loss), jnp.mean(steps.kl), jnp.mean(steps.grad_norm),
+                         score, jnp.where(jnp.any(bad), jnp.argmax(bad), -1).astype(jnp.int32),
+                         _all_finite(trained.params))
+  done = is_done(state, schedule)
+  return (_tree_select(done, state, new_state),
+          _tree_select(done, idle_metrics(state), metrics))
+
+
+def make_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation):
+  """A population model's optimiser step: step(frozen, (params, opt_state), (x_batch, noise))
+  -> ((params, opt_state), StepMetrics)."""
   def step(frozen, carry, inputs):
     params, opt_state = carry
     x_batch, noise = inputs
-    if merge_aux is None:
-      loss, grads = jax.value_and_grad(loss_fn)(params, frozen, x_batch, noise)
-    else:
-      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, frozen, x_batch, noise)
+    (loss, kl), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, x_batch, noise)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    if merge_aux is not None:
-      params = merge_aux(params, aux)
-    return (params, opt_state), loss
+    return (params, opt_state), StepMetrics(loss, kl, optax.tree.norm(grads))
   return step
 
 
 def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
                   optimizer: optax.GradientTransformation, schedule: Schedule,
-                  merge_aux: Optional[Callable[[PyTree, PyTree], PyTree]] = None,
-                  python_steps: bool = False,
                   parallel: Optional[parallel_lib.Parallel] = None):
-  """Returns epoch(state, frozen, data, order) -> (state, EpochMetrics) for one model.
+  """Returns epoch(state, data, order) -> (state, EpochMetrics) for one model of a population:
+  one pure function (steps under lax.scan) to be jitted, vmapped over a population and scanned
+  over epochs (``train_population``).
 
   order: [num_steps * batch_size] example indices for this epoch. A model that is done passes
-  through unchanged.
-
-  By default the epoch is one pure function (steps under lax.scan) to be jitted, vmapped over a
-  population and scanned over epochs: the fast form for small models. With ``python_steps`` the
-  epoch is a Python loop over a jitted step (not itself jittable; drive it with ``train_model``):
-  XLA:CPU runs convolution gradients inside a loop ~8x slower than outside one (measured), so
-  convolutional models take this form.
-
-  With a ``parallel`` in ``data`` mode, every batch is split over its devices (the caller
-  places states, frozen and data with ``parallel.shared``; ``train_model`` and
-  ``train_population`` do).
+  through unchanged. With a ``parallel`` in ``data`` mode, every batch is split over its devices
+  (the caller places states and data with ``parallel.shared``; ``train_population`` does).
   """
-  def begin(state: TrainState, data: jax.Array, order: jax.Array):
+  step = make_step_fn(loss_fn, optimizer)
+
+  def epoch(state: TrainState, data: jax.Array, order: jax.Array):
     num_steps = order.shape[0] // schedule.batch_size
     key, noise_key = jax.random.split(state.key)
     batches = data[order.reshape(num_steps, schedule.batch_size)]
     if parallel is not None and parallel.mode == "data":   # [steps, batch, ...]: split batch
       batches = jax.lax.with_sharding_constraint(
           batches, parallel.batch_sharding(1, batches.ndim))
-    return key, batches, noise_fn(noise_key, num_steps, state.epoch)
-
-  step = make_step_fn(loss_fn, optimizer, merge_aux)
-
-  def finish(state: TrainState, frozen, data, key, params, opt_state, losses):
-    score = score_fn(params, frozen, data)
-    improved = score > state.best_score
-    num_epochs = state.epoch + 1
-    best_epoch = jnp.where(improved, num_epochs, state.best_epoch)
-    new_state = TrainState(
-        params=params, opt_state=opt_state, key=key, epoch=num_epochs,
-        best_params=_tree_select(improved, params, state.best_params),
-        best_score=jnp.where(improved, score, state.best_score), best_epoch=best_epoch,
-        stopped=num_epochs - best_epoch >= schedule.patience)
-    done = is_done(state, schedule)
-    bad = ~jnp.isfinite(losses)
-    metrics = EpochMetrics(jnp.mean(losses), score,
-                           jnp.where(jnp.any(bad), jnp.argmax(bad), -1).astype(jnp.int32),
-                           _all_finite(params))
-    return (_tree_select(done, state, new_state),
-            _tree_select(done, _idle_metrics(state), metrics))
-
-  if not python_steps:
-    def epoch(state: TrainState, frozen: PyTree, data: jax.Array, order: jax.Array):
-      key, batches, noise = begin(state, data, order)
-      (params, opt_state), losses = jax.lax.scan(
-          functools.partial(step, frozen), (state.params, state.opt_state), (batches, noise))
-      return finish(state, frozen, data, key, params, opt_state, losses)
-    return epoch
-
-  begin, step, finish = jax.jit(begin), jax.jit(step), jax.jit(finish)
-
-  def python_epoch(state: TrainState, frozen: PyTree, data: jax.Array, order: jax.Array):
-    if bool(is_done(state, schedule)):
-      return state, _idle_metrics(state)
-    key, batches, noise = begin(state, data, order)
-    carry, losses = (state.params, state.opt_state), []
-    for i in range(batches.shape[0]):
-      carry, loss = step(frozen, carry, (batches[i], jax.tree.map(lambda a: a[i], noise)))
-      losses.append(loss)
-    return finish(state, frozen, data, key, *carry, jnp.stack(losses))
-  return python_epoch
+    noise = noise_fn(noise_key, num_steps, state.epoch)
+    (params, opt_state), steps = jax.lax.scan(
+        functools.partial(step, state.frozen), (state.params, state.opt_state), (batches, noise))
+    trained = state._replace(params=params, opt_state=opt_state, key=key,
+                             step=state.step + num_steps)
+    return end_epoch(state, trained, steps, score_fn(params, state.frozen, data), schedule)
+  return epoch
 
 
 def _check_one_batch(caller: str, data: jax.Array, schedule: Schedule) -> None:
@@ -202,24 +208,24 @@ def _check_one_batch(caller: str, data: jax.Array, schedule: Schedule) -> None:
                      f"{schedule.batch_size}.")
 
 
-def train_model(epoch_fn, state: TrainState, frozen: PyTree, data: jax.Array, order_seed,
-                schedule: Schedule, on_epoch: Optional[Callable[[TrainState, EpochMetrics], Any]]
-                = None, parallel: Optional[parallel_lib.Parallel] = None) -> TrainState:
+def train_model(epoch_fn, state: TrainState, data: jax.Array, order_seed, schedule: Schedule,
+                on_epoch: Optional[Callable[[TrainState, EpochMetrics], Any]] = None,
+                parallel: Optional[parallel_lib.Parallel] = None) -> TrainState:
   """Runs one model (no population axis) until it stops early or reaches max_epochs, calling
-  ``on_epoch(state, metrics)`` after every epoch. For ``python_steps`` epochs; the data order is
-  that of ``data_orders`` with the same seed, so it matches a population run's. With a
-  ``parallel`` (``data`` mode: the epoch_fn's), the state, frozen inputs and data are replicated
-  over its devices."""
+  ``epoch_fn(state, data, order)`` for each epoch and then ``on_epoch(state, metrics)``. The data
+  order is that of ``data_orders`` with the same seed, so it matches a population run's. With a
+  ``parallel`` (``data`` mode: the epoch_fn's), the state and data are replicated over its
+  devices."""
   _check_one_batch("train_model", data, schedule)
   if parallel is not None:
     if parallel.mode == "seeds":
       raise ValueError("train_model trains one model: seed-parallel training needs a "
                        "population (train_population).")
-    state, frozen, data = parallel.shared((state, frozen, data))
+    state, data = parallel.shared((state, data))
   order_seed = np.asarray(order_seed).reshape(1, -1)
   while not bool(is_done(state, schedule)):
     order = data_orders(order_seed, int(state.epoch), 1, data.shape[0], schedule.batch_size)
-    state, metrics = epoch_fn(state, frozen, data, order[0, 0])
+    state, metrics = epoch_fn(state, data, order[0, 0])
     if on_epoch is not None:
       on_epoch(state, metrics)
   return state
@@ -227,13 +233,13 @@ def train_model(epoch_fn, state: TrainState, frozen: PyTree, data: jax.Array, or
 
 @functools.lru_cache(maxsize=None)  # one jitted function per epoch_fn: compiled once
 def make_population_step(epoch_fn):
-  """jit(states, frozen, data, orders [E, M, n]) -> (states, metrics [E, M]): E epochs of a
-  population of M models, vmapped over models (data shared), scanned over epochs."""
-  population_epoch = jax.vmap(epoch_fn, in_axes=(0, 0, None, 0))
+  """jit(states, data, orders [E, M, n]) -> (states, metrics [E, M]): E epochs of a population
+  of M models, vmapped over models (data shared), scanned over epochs."""
+  population_epoch = jax.vmap(epoch_fn, in_axes=(0, None, 0))
 
   @jax.jit
-  def run(states, frozen, data, orders):
-    return jax.lax.scan(lambda s, order: population_epoch(s, frozen, data, order), states, orders)
+  def run(states, data, orders):
+    return jax.lax.scan(lambda s, order: population_epoch(s, data, order), states, orders)
   return run
 
 
@@ -250,8 +256,8 @@ def data_orders(order_seeds: np.ndarray, first_epoch: int, num_epochs: int, num_
       for j in range(num_epochs)]).astype(np.int32)
 
 
-def train_population(epoch_fn, states: TrainState, frozen: PyTree, data: jax.Array,
-                     order_seeds: np.ndarray, schedule: Schedule, epochs_per_call: int,
+def train_population(epoch_fn, states: TrainState, data: jax.Array, order_seeds: np.ndarray,
+                     schedule: Schedule, epochs_per_call: int,
                      on_chunk: Optional[Callable[[TrainState, EpochMetrics], Any]] = None,
                      parallel: Optional[parallel_lib.Parallel] = None) -> TrainState:
   """Runs a population until every model has stopped early or reached max_epochs.
@@ -273,8 +279,8 @@ def train_population(epoch_fn, states: TrainState, frozen: PyTree, data: jax.Arr
   place_orders = unplace = lambda tree, axis=0: tree
   if parallel is not None and parallel.mesh is not None:
     size = parallel.padded_size(num_models)
-    states, frozen, order_seeds = parallel_lib.pad_models((states, frozen, order_seeds), size)
-    states, frozen = parallel.models((states, frozen))
+    states, order_seeds = parallel_lib.pad_models((states, order_seeds), size)
+    states = parallel.models(states)
     data = parallel.shared(data)
     place_orders = lambda orders: parallel.models(orders, axis=1)
     unplace = lambda tree, axis=0: jax.tree.map(
@@ -283,7 +289,7 @@ def train_population(epoch_fn, states: TrainState, frozen: PyTree, data: jax.Arr
   epoch = int(jnp.max(parallel_lib.to_host(states.epoch)))
   orders = data_orders(order_seeds, epoch, epochs_per_call, data.shape[0], schedule.batch_size)
   while not bool(np.all(parallel_lib.to_host(is_done(states, schedule)))):
-    states, metrics = run(states, frozen, data, place_orders(orders))   # dispatched async
+    states, metrics = run(states, data, place_orders(orders))   # dispatched async
     epoch += epochs_per_call
     orders = data_orders(order_seeds, epoch, epochs_per_call, data.shape[0], schedule.batch_size)
     if on_chunk is not None:

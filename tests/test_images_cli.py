@@ -3,6 +3,7 @@ toy images), the report over them, resume, Proposition 1 and the first step of s
 image model, and a few steps of the paper tier."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -16,10 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iavae_jax import blocks, checkpoints, training
+from iavae_jax import blocks, checkpoints, objectives, training
+from iavae_jax.data import images
 from experiments import common, configs, images_train
 
 from conftest import SMOKE, run_module as run
+
+KEY = jax.random.PRNGKey(6)
 
 
 def _results(workdir):
@@ -31,8 +35,17 @@ def _results(workdir):
 def test_outputs_and_schema(smoke_run):
   _, workdir, _ = smoke_run
   for name in ("results.json", "results.md", "figure8_reconstructions.png", "metrics.jsonl",
-               "config.json"):
+               "learning_curves.png", "config.json"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
+  assert [(l["stage"], l["epoch"]) for l in lines] == [
+      (f"{stage}_seed{seed}", epoch) for seed in (0, 1) for stage in images_train.STAGES
+      for epoch in (1, 2)]
+  for line in lines:
+    assert line["training"] == 1 and line["steps_per_s"] > 0
+    assert all(len(line[key]) == 1 and math.isfinite(line[key][0])
+               for key in ("train_loss", "train_kl", "grad_norm", "valid_elbo"))
   r = _results(workdir)
   assert (r["experiment"], r["dataset"], r["tier"]) == ("images", "mnist", "smoke")
   assert r["seeds"] == [0, 1]
@@ -225,15 +238,68 @@ def test_hypernet_contexts():
   chex.assert_trees_all_close(contexts["encoder"], jnp.concatenate([mean, log_var], -1))
 
 
+def _train_step(model, stage):
+  return jax.jit(functools.partial(images_train.train_step, model=model, stage=stage,
+                                   steps_per_epoch=1))
+
+
+def _state(model, stage, params, frozen):
+  return training.init_state(params, images_train.stage_optimizer(model.config, stage),
+                             jax.random.PRNGKey(0), frozen)
+
+
+def test_kl_warm_up_is_linear_per_step_in_stage_1_only():
+  config = configs.image_config("mnist", "smoke")   # warm-up from 0.1 over 1 epoch
+  weight = lambda stage, step: float(images_train.kl_weight(config, stage, jnp.array(step), 4))
+  assert [weight("vae", s) for s in range(5)] == pytest.approx([0.325, 0.55, 0.775, 1.0, 1.0])
+  assert weight("iavae", 0) == weight("control", 0) == 1.0
+
+
+def test_train_step_minimises_the_negative_elbo_and_keeps_frozen_inputs():
+  # The control's step: its loss is minus the batch's mean ELBO with the same binarisation and
+  # z noise; it moves the encoder and decoder, leaves state.frozen alone and counts the step.
+  model = _smoke_model()
+  vae_params, _ = _initial(model, "vae")
+  params = {"encoder": vae_params["encoder"], "decoder": vae_params["decoder"]}
+  frozen = {"batch_stats": vae_params["batch_stats"]}
+  x_grey = jax.random.uniform(jax.random.PRNGKey(3), (20, 28, 28))
+  state = _state(model, "control", params, frozen)
+  new, metrics = _train_step(model, "control")(state, images_train.Batch(x_grey, KEY))
+  binarize_key, eps_key = jax.random.split(KEY)
+  x = images.binarize(binarize_key, x_grey)[..., None]
+  mean, log_var = model.encode_fn("control")(params, frozen, x)
+  terms = objectives.elbo(jax.random.normal(eps_key, (1, *mean.shape)), mean, log_var,
+                          model.log_likelihood_fn(params["decoder"], x))
+  assert float(metrics.loss) == pytest.approx(-float(jnp.mean(terms.elbo)), rel=1e-5)
+  assert float(metrics.kl) == pytest.approx(float(jnp.mean(terms.kl)), rel=1e-5)
+  chex.assert_trees_all_equal(new.frozen, frozen)
+  assert int(new.step) == 1 and not np.array_equal(new.params["encoder"]["Conv_0"]["kernel"],
+                                                    params["encoder"]["Conv_0"]["kernel"])
+
+
+def test_stage_1_step_sets_the_batch_norm_running_statistics():
+  # The optimiser leaves batch_stats alone (set_to_zero); the step writes the new running
+  # averages of its batch, as flax's mutable batch_stats returns them.
+  model = _smoke_model()
+  params, _ = _initial(model, "vae")
+  x_grey = jax.random.uniform(jax.random.PRNGKey(3), (20, 28, 28))
+  new, _ = _train_step(model, "vae")(_state(model, "vae", params, None),
+                                     images_train.Batch(x_grey, KEY))
+  x = images.binarize(jax.random.split(KEY)[0], x_grey)[..., None]
+  _, updates = model.encoder.apply({"params": params["encoder"],
+                                    "batch_stats": params["batch_stats"]}, x, train=True,
+                                   mutable=["batch_stats"])
+  chex.assert_trees_all_close(new.params["batch_stats"], updates["batch_stats"], atol=1e-6)
+
+
 def _first_step_move(kind, x_grey):
   """How far one stage-2 step moves the encoder's mean on x_grey (relative to its norm)."""
   model = _smoke_model(hypernet_input=kind)
   params, frozen = _initial(model, "iavae")
+  state, _ = _train_step(model, "iavae")(_state(model, "iavae", params, frozen),
+                                         images_train.Batch(x_grey, jax.random.PRNGKey(6)))
+  new_params = state.params
   layout = blocks.BlockLayout.from_tree(frozen["phi_avi"])
-  loss_fn, optimizer, _ = images_train.stage_objective(model, "iavae", layout)
-  step = jax.jit(training.make_step_fn(loss_fn, optimizer))
-  (new_params, _), _ = step(frozen, (params, optimizer.init(params)),
-                            (x_grey, (jax.random.PRNGKey(6), jnp.array(1.0))))
   encode = model.encode_fn("iavae", layout)
   x = (x_grey > 0.5).astype(jnp.float32)[..., None]
   before, after = encode(params, frozen, x)[0], encode(new_params, frozen, x)[0]
@@ -258,17 +324,15 @@ def test_paper_tier_steps_on_cpu():
   x = jax.random.uniform(jax.random.PRNGKey(5), (config.batch_size, 28, 28))
   for stage in ("vae", "iavae"):
     params, frozen = _initial(model, stage)
-    layout = blocks.BlockLayout.from_tree(frozen["phi_avi"]) if stage == "iavae" else None
-    loss_fn, optimizer, merge_aux = images_train.stage_objective(model, stage, layout)
-    step = jax.jit(training.make_step_fn(loss_fn, optimizer, merge_aux))
-    (new_params, opt_state), loss = step(frozen, (params, optimizer.init(params)),
-                                         (x, (jax.random.PRNGKey(6), jnp.array(0.1))))
-    assert np.isfinite(float(loss)) and float(loss) > 0
-    chex.assert_trees_all_equal_shapes(new_params, params)
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_params["decoder"],
+    state, metrics = _train_step(model, stage)(
+        _state(model, stage, params, frozen if stage == "iavae" else None),
+        images_train.Batch(x, jax.random.PRNGKey(6)))
+    assert np.isfinite(float(metrics.loss)) and float(metrics.loss) > 0
+    assert float(metrics.grad_norm) > 0 and int(state.step) == 1
+    chex.assert_trees_all_equal_shapes(state.params, params)
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params["decoder"],
                            params["decoder"])
     assert all(jax.tree.leaves(changed))
-    state = training.init_state(new_params, optimizer, jax.random.PRNGKey(7))
     ckpt = checkpoints.Checkpointer(tempfile.mkdtemp())
     ckpt.save(1, state)
     chex.assert_trees_all_equal(ckpt.restore(like=state), state)

@@ -3,6 +3,7 @@ schema, resume after SIGKILL, determinism, divergence with exit 1, refused workd
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -21,8 +22,19 @@ def run(*args):
 def test_outputs_and_schema(tiny_run):
   workdir, _ = tiny_run
   for name in ("results.json", "results.md", "figure6_posterior.png", "figure7_efficiency.png",
-               "metrics.jsonl", "config.json"):
+               "metrics.jsonl", "learning_curves.png", "config.json"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
+  models = {"vae": 2, "iavae": 4, "sweep": 2}
+  assert [(l["stage"], l["epoch"]) for l in lines] == [
+      (stage, epoch) for stage in models for epoch in (1, 2, 3, 4)]
+  for line in lines:
+    for key in ("train_loss", "train_kl", "grad_norm", "valid_elbo"):
+      assert len(line[key]) == models[line["stage"]], (key, line)
+      assert all(v is None or math.isfinite(v) for v in line[key])
+    assert line["training"] == sum(v is not None for v in line["train_loss"])
+    assert line["steps_per_s"] > 0 and line["seconds"] > 0
   with open(os.path.join(workdir, "results.json")) as f:
     r = json.load(f)
   assert len(r["table2"]) == 2
@@ -73,6 +85,7 @@ def test_second_run_resumes_instead_of_retraining(tiny_run):
 @pytest.mark.parametrize("flag, message", [
     ("--sweep_widths=2,x", "--sweep_widths must be a comma-separated list of integers"),
     ("--sigma=0", "--sigma must be positive"),
+    ("--parallel=pipeline", "--parallel=pipeline is not known"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
   workdir = tmp_path / "w"
@@ -95,6 +108,20 @@ def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
 def test_bad_settings_are_refused(overrides, message):
   with pytest.raises(common.ConfigError, match=re.escape(message)):
     dataclasses.replace(configs.synthetic_quick(), **overrides).validate()
+
+
+def test_tensorboard_without_tensorboardx_exits_2(tmp_path):
+  # A tensorboardX that cannot be imported, first on the path.
+  (tmp_path / "hide" / "tensorboardX").mkdir(parents=True)
+  (tmp_path / "hide" / "tensorboardX" / "__init__.py").write_text(
+      "raise ImportError(\"No module named 'tensorboardX'\")\n")
+  env = dict(os.environ, PYTHONPATH=str(tmp_path / "hide"))
+  workdir = tmp_path / "w"
+  result = run_module("experiments.synthetic", f"--workdir={workdir}", "--quick",
+                      "--tensorboard", env=env)
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  assert "--tensorboard writes through the tensorboardX package" in result.stderr
+  assert not workdir.exists()
 
 
 def test_missing_or_unwritable_workdir_exits_2(tmp_path):

@@ -14,22 +14,24 @@ from iavae_jax import checkpoints, training
 DATA = jnp.linspace(-1.0, 1.0, 40)[:, None]
 
 
-def _epoch_fn(schedule, score_fn, python_steps=False):
-  """A toy model: params {'w': scalar}; loss (w - mean(x))^2 + noise * 0."""
+def _epoch_fn(schedule, score_fn):
+  """A toy model: params {'w': scalar}; loss (w - frozen - mean(x))^2 + noise * 0; KL 0."""
   def noise_fn(key, num_steps, unused_epoch):
     return jax.random.normal(key, (num_steps,))
 
   def loss_fn(params, frozen, x, noise):
-    return (params["w"] - frozen - jnp.mean(x)) ** 2 + 0.0 * noise
+    return (params["w"] - frozen - jnp.mean(x)) ** 2 + 0.0 * noise, 0.0
 
-  return training.make_epoch_fn(noise_fn, loss_fn, score_fn, optax.sgd(0.1), schedule,
-                                python_steps=python_steps)
+  return training.make_epoch_fn(noise_fn, loss_fn, score_fn, optax.sgd(0.1), schedule)
 
 
-def _states(num_models):
+def _states(num_models, frozen=None):
+  """Toy states, w = 1, 2, ...; frozen [num_models] (default zeros)."""
   params = {"w": jnp.arange(num_models, dtype=jnp.float32) + 1.0}
   keys = jax.random.split(jax.random.PRNGKey(0), num_models)
-  return jax.vmap(lambda p, k: training.init_state(p, optax.sgd(0.1), k))(params, keys)
+  frozen = jnp.zeros(num_models) if frozen is None else jnp.asarray(frozen)
+  return jax.vmap(lambda p, k, f: training.init_state(p, optax.sgd(0.1), k, f))(
+      params, keys, frozen)
 
 
 class TrainingTest(chex.TestCase):
@@ -43,15 +45,15 @@ class TrainingTest(chex.TestCase):
       return jnp.where(frozen > 0, -jnp.abs(params["w"] - 3.0), params["w"])
 
     def loss_fn(params, frozen, x, noise):
-      return -params["w"] + 0.0 * noise    # sgd(0.1): w grows by 0.1 a step, 0.5 an epoch
+      return -params["w"] + 0.0 * noise, 0.0   # sgd(0.1): w grows by 0.1 a step, 0.5 an epoch
 
     epoch_fn = training.make_epoch_fn(lambda key, n, unused_epoch: jnp.zeros((n,)), loss_fn,
                                       score_fn, optax.sgd(0.1), schedule)
     params = {"w": jnp.zeros(2)}
-    states = jax.vmap(lambda p, k: training.init_state(p, optax.sgd(0.1), k))(
-        params, jax.random.split(jax.random.PRNGKey(0), 2))
-    states = training.train_population(epoch_fn, states, jnp.array([1.0, 0.0]), DATA,
-                                       np.array([[0], [1]]), schedule, epochs_per_call=3)
+    states = jax.vmap(lambda p, k, f: training.init_state(p, optax.sgd(0.1), k, f))(
+        params, jax.random.split(jax.random.PRNGKey(0), 2), jnp.array([1.0, 0.0]))
+    states = training.train_population(epoch_fn, states, DATA, np.array([[0], [1]]), schedule,
+                                       epochs_per_call=3)
     # 5 steps of batch 8 per epoch: w = 0.5 e, so model 0's score -|0.5 e - 3| peaks at e = 6.
     self.assertEqual(int(states.best_epoch[0]), 6)
     self.assertEqual(int(states.epoch[0]), 6 + 4)
@@ -69,7 +71,7 @@ class TrainingTest(chex.TestCase):
     run = training.make_population_step(epoch_fn)
     orders = training.data_orders(np.arange(3)[:, None], 0, 2, 40, 8)
     chex.assert_shape(orders, (2, 3, 40))
-    new, metrics = run(states, jnp.zeros(3), DATA, orders)
+    new, metrics = run(states, DATA, orders)
     chex.assert_shape(metrics.score, (2, 3))
     chex.assert_trees_all_equal(jax.tree.map(lambda a: a[1], new),
                                 jax.tree.map(lambda a: a[1], states))
@@ -90,8 +92,8 @@ class TrainingTest(chex.TestCase):
     schedule = training.Schedule(batch_size=8, max_epochs=6, patience=100)
     epoch_fn = _epoch_fn(schedule, lambda p, f, d: -(p["w"] - f) ** 2)
     seeds = np.arange(2)[:, None]
-    straight = training.train_population(epoch_fn, _states(2), jnp.zeros(2), DATA, seeds,
-                                         schedule, epochs_per_call=3)
+    straight = training.train_population(epoch_fn, _states(2), DATA, seeds, schedule,
+                                         epochs_per_call=3)
     saved = []
     ckpt_dir = tempfile.mkdtemp()
     ckpt = checkpoints.Checkpointer(ckpt_dir)
@@ -102,38 +104,37 @@ class TrainingTest(chex.TestCase):
       raise KeyboardInterrupt   # simulate the run dying after its first checkpoint
 
     with pytest.raises(KeyboardInterrupt):
-      training.train_population(epoch_fn, _states(2), jnp.zeros(2), DATA, seeds, schedule,
-                                epochs_per_call=3, on_chunk=stop_after_first_chunk)
+      training.train_population(epoch_fn, _states(2), DATA, seeds, schedule, epochs_per_call=3,
+                                on_chunk=stop_after_first_chunk)
     restored = checkpoints.Checkpointer(ckpt_dir).restore(like=_states(2))
     self.assertEqual(int(restored.epoch.max()), 3)
-    resumed = training.train_population(epoch_fn, restored, jnp.zeros(2), DATA, seeds, schedule,
+    resumed = training.train_population(epoch_fn, restored, DATA, seeds, schedule,
                                         epochs_per_call=3)
     chex.assert_trees_all_equal(resumed, straight)
 
-  def test_python_steps_train_the_same_model_as_a_population_of_one(self):
-    # The convolutional models' driver (a Python loop over jitted steps, one model) and the
-    # scanned, vmapped population driver see the same batches and noise: same result.
+  def test_a_single_model_trains_as_a_population_of_one(self):
+    # train_model (one model, any epoch function) and the vmapped, scanned population driver
+    # see the same batches and noise: the same result, and a step count of epochs x steps.
     schedule = training.Schedule(batch_size=8, max_epochs=7, patience=3)
     score_fn = lambda p, f, d: -(p["w"] - 2.0 - f) ** 2
-    population = training.train_population(_epoch_fn(schedule, score_fn), _states(1),
-                                           jnp.zeros(1), DATA, np.array([[4]]), schedule,
-                                           epochs_per_call=2)
+    population = training.train_population(_epoch_fn(schedule, score_fn), _states(1), DATA,
+                                           np.array([[4]]), schedule, epochs_per_call=2)
     epochs_seen = []
-    single = training.train_model(_epoch_fn(schedule, score_fn, python_steps=True),
-                                  jax.tree.map(lambda a: a[0], _states(1)), jnp.zeros(()), DATA,
-                                  np.array([4]), schedule,
+    single = training.train_model(jax.jit(_epoch_fn(schedule, score_fn)),
+                                  jax.tree.map(lambda a: a[0], _states(1)), DATA, np.array([4]),
+                                  schedule,
                                   lambda state, metrics: epochs_seen.append(int(state.epoch)))
     chex.assert_trees_all_close(single, jax.tree.map(lambda a: a[0], population), atol=1e-6)
     self.assertEqual(epochs_seen, list(range(1, int(single.epoch) + 1)))
+    self.assertEqual(int(single.step), int(single.epoch) * 5)
 
   def test_single_model_resume_from_checkpoint_is_bitwise_identical(self):
     # The image experiments' path: a run that dies after an epoch's checkpoint and restarts from
     # it ends exactly where an uninterrupted run does.
     schedule = training.Schedule(batch_size=8, max_epochs=5, patience=100)
-    epoch_fn = _epoch_fn(schedule, lambda p, f, d: -(p["w"] - f) ** 2, python_steps=True)
+    epoch_fn = jax.jit(_epoch_fn(schedule, lambda p, f, d: -(p["w"] - f) ** 2))
     start = jax.tree.map(lambda a: a[0], _states(1))
-    straight = training.train_model(epoch_fn, start, jnp.zeros(()), DATA, np.array([3]),
-                                    schedule)
+    straight = training.train_model(epoch_fn, start, DATA, np.array([3]), schedule)
     ckpt = checkpoints.Checkpointer(tempfile.mkdtemp())
 
     def die_after_epoch_2(state, metrics):
@@ -142,28 +143,40 @@ class TrainingTest(chex.TestCase):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-      training.train_model(epoch_fn, start, jnp.zeros(()), DATA, np.array([3]), schedule,
-                           die_after_epoch_2)
+      training.train_model(epoch_fn, start, DATA, np.array([3]), schedule, die_after_epoch_2)
     restored = ckpt.restore(like=start)
     self.assertEqual(int(restored.epoch), 2)
-    resumed = training.train_model(epoch_fn, restored, jnp.zeros(()), DATA, np.array([3]),
-                                   schedule)
+    resumed = training.train_model(epoch_fn, restored, DATA, np.array([3]), schedule)
     chex.assert_trees_all_equal(resumed, straight)
 
-  def test_merge_aux_sets_state_the_optimiser_does_not_train(self):
-    # A running mean kept in params["stat"]: the loss returns its new value as aux, the
-    # optimiser's update for it is zeroed, and merge_aux writes it back.
-    def loss_fn(params, frozen, x, noise):
-      return (params["w"] - jnp.mean(x)) ** 2, 0.5 * params["stat"] + 0.5 * jnp.mean(x)
-    optimizer = optax.multi_transform({"w": optax.sgd(0.1), "stat": optax.set_to_zero()},
-                                      {"w": "w", "stat": "stat"})
-    step = training.make_step_fn(loss_fn, optimizer,
-                                 lambda params, stat: {**params, "stat": stat})
-    params = {"w": jnp.array(0.0), "stat": jnp.array(0.0)}
-    (params, _), loss = step(None, (params, optimizer.init(params)), (jnp.full(4, 2.0), None))
-    self.assertAlmostEqual(float(loss), 4.0)
-    self.assertAlmostEqual(float(params["stat"]), 1.0)
-    self.assertAlmostEqual(float(params["w"]), 0.4, places=6)
+  def test_step_and_epoch_metrics_report_the_kl_and_the_gradient_norm(self):
+    # loss = (w - 1)^2 + ||v||^2 at w = 3, v = (1, 2): gradient (4, 2, 4), norm 6; the KL is the
+    # loss_fn's second output, 7 + noise. The epoch averages them over its 5 steps.
+    optimizer = optax.sgd(0.0)
+    loss_fn = lambda p, f, x, noise: ((p["w"] - 1.0) ** 2 + jnp.sum(p["v"] ** 2), 7.0 + noise)
+    step = training.make_step_fn(loss_fn, optimizer)
+    params = {"w": jnp.array(3.0), "v": jnp.array([1.0, 2.0])}
+    _, metrics = step(None, (params, optimizer.init(params)), (DATA[:8], jnp.array(1.0)))
+    self.assertAlmostEqual(float(metrics.loss), 9.0)
+    self.assertAlmostEqual(float(metrics.kl), 8.0)
+    self.assertAlmostEqual(float(metrics.grad_norm), 6.0, places=5)
+    schedule = training.Schedule(batch_size=8, max_epochs=1, patience=1)
+    epoch_fn = training.make_epoch_fn(lambda key, n, epoch: jnp.arange(n, dtype=jnp.float32),
+                                      loss_fn, lambda p, f, d: 0.0, optimizer, schedule)
+    state = training.init_state(params, optimizer, jax.random.PRNGKey(0))
+    state, metrics = jax.jit(epoch_fn)(state, DATA, jnp.arange(40))
+    self.assertAlmostEqual(float(metrics.loss), 9.0)
+    self.assertAlmostEqual(float(metrics.kl), 7.0 + 2.0)       # noise 0, 1, 2, 3, 4
+    self.assertAlmostEqual(float(metrics.grad_norm), 6.0, places=5)
+    self.assertEqual(int(state.step), 5)
+
+  def test_model_keys_are_the_halves_of_the_derived_key(self):
+    key = training.derive_key(3, 2, 7)
+    chex.assert_trees_all_equal(
+        key, jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(3), 2), 7))
+    init_key, train_key = training.model_keys(3, 2, 7)
+    chex.assert_trees_all_equal((init_key, train_key), tuple(jax.random.split(key)))
+    self.assertFalse(np.array_equal(training.model_keys(3, 2, 8)[0], init_key))
 
   def test_checkpointer_errors_and_round_trip(self):
     ckpt = checkpoints.Checkpointer(tempfile.mkdtemp())

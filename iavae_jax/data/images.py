@@ -45,8 +45,8 @@ import numpy as np
 import scipy.io
 from PIL import Image, UnidentifiedImageError
 
-DATASETS = ("mnist", "fashion_mnist", "omniglot", "binarized_mnist")
-SOURCES = ("auto", "local", "tfds")
+from iavae_jax.data import DATASETS, SOURCES
+
 IMAGE_SIZE = 28
 
 _FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -81,7 +81,8 @@ _TFDS_SPLITS = {"mnist": ("train", None, "test"), "fashion_mnist": ("train", Non
 
 
 class DataError(ValueError):
-  """Data that cannot be used: the message names the file or flag and says how to get/fix it."""
+  """Data that cannot be used: the message names the file or argument and says how to get or
+  fix it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,14 +118,14 @@ def load(dataset: str, *, data_dir: Optional[str] = None, source: str = "auto",
   """Reads a data set and splits it into train (grey) and binarised valid and test sets.
 
   data_dir: the directory of local files, or TFDS's data directory for source="tfds" (None:
-  `default_data_dir`, then TFDS's default). Raises DataError, naming the file or flag and how to
-  fix it, for anything that cannot be used.
+  `default_data_dir`, then TFDS's default). Raises DataError, naming the file or argument and how
+  to fix it, for anything that cannot be used.
   """
   _check_dataset(dataset)
   if source not in SOURCES:
-    raise DataError(f"--source must be one of {', '.join(SOURCES)}; got {source!r}.")
+    raise DataError(f"source must be one of {', '.join(SOURCES)}; got {source!r}.")
   if data_dir is not None and not os.path.isdir(data_dir):
-    raise DataError(f"--data_dir {data_dir} does not exist or is not a directory.")
+    raise DataError(f"data_dir {data_dir} does not exist or is not a directory.")
 
   directory = data_dir if data_dir is not None else default_data_dir(dataset)
   found = None
@@ -132,7 +133,7 @@ def load(dataset: str, *, data_dir: Optional[str] = None, source: str = "auto",
     found = _find_local(dataset, directory)
   if source == "local" and found is None:
     if directory is None:
-      raise DataError(f"source='local' needs --data_dir: a directory holding "
+      raise DataError(f"source='local' needs data_dir: a directory holding "
                       f"{_LOOKED_FOR[dataset]}; get {_HOW_TO_GET[dataset]}.")
     raise DataError(f"No {dataset} files in {directory}: looked for {_LOOKED_FOR[dataset]}. "
                     f"Get {_HOW_TO_GET[dataset]}.")
@@ -147,7 +148,7 @@ def load(dataset: str, *, data_dir: Optional[str] = None, source: str = "auto",
 
 def _check_dataset(dataset: str):
   if dataset not in DATASETS:
-    raise DataError(f"Unknown data set {dataset!r}: --dataset must be one of "
+    raise DataError(f"Unknown data set {dataset!r}: dataset must be one of "
                     f"{', '.join(DATASETS)}.")
 
 
@@ -183,12 +184,12 @@ def _split(dataset: str, read: _Read, split_seed: int, valid_fraction: float,
 
 
 def _hold_out(images: np.ndarray, fraction: float, seed: list,
-              flag: str) -> tuple[np.ndarray, np.ndarray]:
+              argument: str) -> tuple[np.ndarray, np.ndarray]:
   """Splits images [N, ...] into (rest, held out) by a seeded permutation."""
   num_held = int(round(fraction * len(images)))
   if not 0 < num_held < len(images):
-    raise DataError(f"{flag}={fraction} of {len(images)} images holds out {num_held}: "
-                    "both parts must be non-empty; use a --data_dir with more images.")
+    raise DataError(f"{argument}={fraction} of {len(images)} images holds out {num_held}: "
+                    "both parts must be non-empty; use a data_dir with more images.")
   order = np.random.default_rng(seed).permutation(len(images))
   return images[order[num_held:]], images[order[:num_held]]
 
@@ -430,7 +431,7 @@ def _read_tfds(dataset: str, data_dir: Optional[str], no_local: str) -> _Read:
         f"{no_local}TFDS {dataset} is not prepared for random access in {where} (TFDS says: "
         f"{str(e).splitlines()[0]}). Prepare "
         f"it with `tfds build {dataset} --file_format=array_record` on a machine with internet, "
-        f"copy its data directory here and pass it as --data_dir; or use local files: "
+        f"copy its data directory here and pass it as data_dir; or use local files: "
         f"{_HOW_TO_GET[dataset]}.") from e
   converted = {name: _from_tfds(dataset, images, f"TFDS {dataset} split {name!r}")
                for name, images in raw.items()}
