@@ -40,19 +40,15 @@ def main(argv):
   if FLAGS.hypernet_input:
     config = dataclasses.replace(config, hypernet_input=FLAGS.hypernet_input)
   model = images_train.Model(config)
-  x0 = jnp.zeros((1, 28, 28, 1))
-  enc_vars = model.encoder.init(jax.random.PRNGKey(0), x0)
-  dec_params = model.decoder.init(jax.random.PRNGKey(1), x0,
-                                  jnp.zeros((1, config.latent_dim)))["params"]
-  layout = blocks.BlockLayout.from_tree(enc_vars["params"])
+  vae = model.init_vae(jax.random.PRNGKey(0))
+  layout = blocks.BlockLayout.from_tree(vae["encoder"])
   psi = model.init_hypernet(jax.random.PRNGKey(2), layout)
   setups = {
-      "vae": ({"encoder": enc_vars["params"], "decoder": dec_params,
-               "batch_stats": enc_vars["batch_stats"]}, None),
-      "iavae": ({"hypernet": psi, "decoder": dec_params},
-                {"phi_avi": enc_vars["params"], "batch_stats": enc_vars["batch_stats"]}),
-      "control": ({"encoder": enc_vars["params"], "decoder": dec_params},
-                  {"batch_stats": enc_vars["batch_stats"]}),
+      "vae": (vae, None),
+      "iavae": ({"hypernet": psi, "decoder": vae["decoder"]},
+                {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}),
+      "control": ({"encoder": vae["encoder"], "decoder": vae["decoder"]},
+                  {"batch_stats": vae["batch_stats"]}),
   }
   batch = images_train.Batch(
       jax.random.uniform(jax.random.PRNGKey(3), (config.batch_size, 28, 28)),

@@ -59,8 +59,9 @@ def check_tensorboard() -> None:
 
 def define_config_flags(config_type, exclude: tuple[str, ...] = ()) -> None:
   """A flag per field of the dataclass ``config_type`` (but ``exclude``), named after it:
-  integers, floats and strings as such, tuples of integers as comma-separated lists. Each flag
-  defaults to None: unset flags leave the configuration's value (see ``config_overrides``)."""
+  integers, floats and strings as such, tuples of integers or of strings as comma-separated
+  lists. Each flag defaults to None: unset flags leave the configuration's value (see
+  ``config_overrides``)."""
   for field in dataclasses.fields(config_type):
     if field.name in exclude:
       continue
@@ -73,7 +74,8 @@ def define_config_flags(config_type, exclude: tuple[str, ...] = ()) -> None:
     elif field.type is str:
       flags.DEFINE_string(field.name, None, help_text)
     else:
-      flags.DEFINE_list(field.name, None, help_text + " Comma-separated integers.")
+      kind = "names" if field.type == tuple[str, ...] else "integers"
+      flags.DEFINE_list(field.name, None, help_text + f" Comma-separated {kind}.")
 
 
 def config_overrides(config_type, exclude: tuple[str, ...] = ()) -> dict:
@@ -84,7 +86,9 @@ def config_overrides(config_type, exclude: tuple[str, ...] = ()) -> dict:
     value = None if field.name in exclude else flags.FLAGS[field.name].value
     if value is None:
       continue
-    if isinstance(value, list):
+    if isinstance(value, list) and field.type == tuple[str, ...]:
+      value = tuple(value)
+    elif isinstance(value, list):
       try:
         value = tuple(int(v) for v in value)
       except ValueError as e:

@@ -1,19 +1,27 @@
-"""The image experiments: stage 1 VAE, stage 2 IA-VAE, the epoch-matched control, evaluation.
+"""The image experiments: stage 1 VAE, stage 2 IA-VAE, the epoch-matched control, ablations,
+evaluation.
 
-For each seed, three models are trained one after the other, each alone: ``train_step`` is one
-optimiser step of a stage, ``make_epoch_fn`` loops over it in Python (XLA:CPU is slow on
-convolution gradients inside lax.scan), and the shared ``training`` and ``stages`` machinery
-adds early stopping, Orbax checkpoints, resume and the learning curves:
-  vae     : SA-VAE's model (ResNet encoder with batch norm, gated PixelCNN decoder), KL warm-up;
+For each seed, the models in ``config.models`` (``MODEL_SPECS``) are trained one after the other,
+each alone: ``train_step`` is one optimiser step of a stage, ``make_epoch_fn`` loops over it in
+Python (XLA:CPU is slow on convolution gradients inside lax.scan), and the shared ``training`` and
+``stages`` machinery adds early stopping, Orbax checkpoints, resume and the learning curves:
+  vae     : SA-VAE's model (ResNet encoder with batch norm, gated PixelCNN decoder; or the dense
+            encoder and decoder of ``config.encoder``/``config.decoder``), KL warm-up;
   iavae   : the VAE's encoder frozen as phi_AVI, batch-norm statistics frozen; the structured
             hypernetwork, its embeddings and the decoder trained (paper section 4.2);
-  control : the VAE trained on from its best parameters for as many epochs as stage 2 with the
-            same optimiser, learning rates, weight decay and frozen batch-norm statistics, the
-            encoder itself in the hypernetwork's place: so a gain of IA-VAE over the control is
-            not just extra training. (Matched in epochs, not FLOPs: an IA-VAE step costs more.
-            Decoupled weight decay pulls the control's encoder toward 0 and the IA-VAE's
-            hypernetwork toward phi_AVI; at lr x wd = 1e-4 x 5e-4 per step the pull is ~5e-8 of
-            a weight per step, negligible over these runs.)
+  control : the VAE trained on from its best parameters with stage 2's schedule, optimiser,
+            learning rates, weight decay and frozen batch-norm statistics, the encoder itself in
+            the hypernetwork's place: so a gain of IA-VAE over the control is not just extra
+            training. (Matched in epochs, not FLOPs: an IA-VAE step costs more.)
+and the ablations that isolate what instance adaptation buys:
+  iavae_frozen_decoder, control_frozen_decoder : stage 2 with the VAE's decoder frozen, so that
+            only inference can improve: any gain is amortization gap closed. They share the
+            keys (initialisation, data order, noise) of iavae and control, for paired tests;
+  vae_matched : a VAE whose encoder is widened (every width scaled alike) to at least as many
+            parameters as the VAE's encoder plus the hypernetwork, trained as the VAE is;
+  iavae_mean_context (evaluated, not trained): the trained IA-VAE with the hypernetwork's input
+            replaced by its mean over the training split: a constant, non-adaptive fine-tune
+            of the encoder. What the IA-VAE keeps of its gain this way is not instance-specific.
 Every model is selected on the validation ELBO and evaluated on the test split: ELBO and KL with
 ``test_samples`` samples per example, and an importance-weighted estimate of log p(x) with
 ``iwae_samples`` samples.
@@ -39,12 +47,35 @@ import optax
 from iavae_jax import adaptive, blocks, distributions, hypernets, objectives, plots, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import images
-from iavae_jax.models import encoders, pixelcnn
+from iavae_jax.models import decoders, encoders, pixelcnn
 from experiments import common, stages
 from experiments.configs import ImageConfig
 
-STAGES = ("vae", "iavae", "control")
-STAGE_IDS = {"vae": 1, "iavae": 2, "control": 3, "eval": 4}
+STAGE_IDS = {"vae": 1, "iavae": 2, "control": 3, "eval": 4, "vae_matched": 5}
+MEAN_CONTEXT = "iavae_mean_context"   # the evaluated-only ablation of a trained IA-VAE
+
+
+class ModelSpec(NamedTuple):
+  """One trainable model of an image run."""
+  kind: str                     # "vae", "iavae" or "control": its step, encoder and optimiser
+  stage_id: int                 # its keys: initialisation, data order and noise (STAGE_IDS)
+  freeze_decoder: bool = False  # stage 2 with the VAE's decoder fixed
+  matched: bool = False         # its encoder widened to the VAE's encoder + hypernetwork size
+
+
+MODEL_SPECS = {
+    "vae": ModelSpec("vae", STAGE_IDS["vae"]),
+    "iavae": ModelSpec("iavae", STAGE_IDS["iavae"]),
+    "control": ModelSpec("control", STAGE_IDS["control"]),
+    "iavae_frozen_decoder": ModelSpec("iavae", STAGE_IDS["iavae"], freeze_decoder=True),
+    "control_frozen_decoder": ModelSpec("control", STAGE_IDS["control"], freeze_decoder=True),
+    "vae_matched": ModelSpec("vae", STAGE_IDS["vae_matched"], matched=True),
+}
+
+
+def evaluated_models(config: ImageConfig) -> tuple[str, ...]:
+  """The models a run reports: those it trains, and the mean-context IA-VAE if it trains one."""
+  return config.models + ((MEAN_CONTEXT,) if "iavae" in config.models else ())
 # encode(params, frozen, x [B, 28, 28, 1]) -> (mean [B, k], log_var [B, k]), batch norm frozen.
 EncodeFn = Callable
 
@@ -55,18 +86,38 @@ class Model:
   config: ImageConfig
 
   @property
-  def encoder(self) -> encoders.ResNetEncoder:
+  def encoder(self):
+    """x [B, 28, 28, 1] -> (mean, log_var) [B, k]; ``train`` for batch norm (ResNet)."""
+    if self.config.encoder == "mlp":
+      return encoders.MLPImageEncoder(self.config.encoder_hidden, self.config.latent_dim)
     return encoders.ResNetEncoder(self.config.encoder_channels, self.config.latent_dim)
 
   @property
-  def per_example_encoder(self) -> encoders.ResNetEncoder:
+  def per_example_encoder(self):
+    """The encoder as applied to one example's own parameters under vmap (convolutions as
+    matmuls; a dense encoder vmaps well as it is)."""
+    if self.config.encoder == "mlp":
+      return self.encoder
     return encoders.ResNetEncoder(self.config.encoder_channels, self.config.latent_dim,
                                   as_matmul=True)
 
   @property
-  def decoder(self) -> pixelcnn.GatedPixelCNN:
+  def decoder(self):
+    """decoder(x [B, 28, 28, 1], z [B, k]) -> Bernoulli logits [B, 28, 28, 1]."""
+    if self.config.decoder == "mlp":
+      return decoders.MLPDecoder(self.config.decoder_hidden)
     return pixelcnn.GatedPixelCNN(self.config.decoder_features, self.config.decoder_kernel_sizes,
                                   self.config.latent_feature_maps)
+
+  def init_vae(self, key: jax.Array) -> dict:
+    """A VAE's initial parameters {encoder, decoder, batch_stats} (batch_stats {} for an encoder
+    without batch norm)."""
+    x0 = jnp.zeros((1, 28, 28, 1))
+    enc_key, dec_key = jax.random.split(key)
+    enc_vars = self.encoder.init(enc_key, x0)
+    decoder = self.decoder.init(dec_key, x0, jnp.zeros((1, self.config.latent_dim)))["params"]
+    return {"encoder": enc_vars["params"], "decoder": decoder,
+            "batch_stats": enc_vars.get("batch_stats", {})}
 
   def hypernet(self, layout: blocks.BlockLayout) -> hypernets.StructuredHypernet:
     return hypernets.StructuredHypernet(layout, self.config.block_embed_dim,
@@ -86,8 +137,12 @@ class Model:
 
     image   : the flattened image (the paper's x);
     image_l2: the flattened image over its Euclidean norm (0 for a blank image);
-    encoder : the frozen stage-1 encoder's [mean; log-variance], a learned feature of x.
+    encoder : the frozen stage-1 encoder's [mean; log-variance], a learned feature of x;
+    and, whatever the kind, frozen["mean_context"] [context_size] for every example where it is
+    given (``MEAN_CONTEXT``).
     """
+    if "mean_context" in frozen:   # the no-retraining ablation: one context for every example
+      return jnp.broadcast_to(frozen["mean_context"], (x.shape[0], self.context_size))
     kind = self.config.hypernet_input
     if kind == "encoder":
       mean, log_var = self.encoder.apply(
@@ -154,10 +209,11 @@ def stage_schedule(config: ImageConfig, stage: str) -> training.Schedule:
                            config.patience)
 
 
-def stage_optimizer(config: ImageConfig, stage: str) -> optax.GradientTransformation:
+def stage_optimizer(config: ImageConfig, stage: str,
+                    freeze_decoder: bool = False) -> optax.GradientTransformation:
   """Gradients clipped to max_grad_norm, then stage 1: Adam (batch-norm statistics are left to
   the step, which sets them); later stages: AdamW, the hypernetwork (IA-VAE) or the encoder
-  (control) at one rate, the decoder at another."""
+  (control) at one rate, the decoder at another, or not at all with ``freeze_decoder``."""
   if stage == "vae":
     labels = lambda params: {k: ("state" if k == "batch_stats" else "train") for k in params}
     transforms = {"train": optax.adam(config.vae_learning_rate), "state": optax.set_to_zero()}
@@ -165,7 +221,8 @@ def stage_optimizer(config: ImageConfig, stage: str) -> optax.GradientTransforma
     labels = lambda params: {k: ("decoder" if k == "decoder" else "inference") for k in params}
     transforms = {
         "inference": optax.adamw(config.hypernet_learning_rate, weight_decay=config.weight_decay),
-        "decoder": optax.adamw(config.decoder_learning_rate, weight_decay=config.weight_decay)}
+        "decoder": (optax.set_to_zero() if freeze_decoder else
+                    optax.adamw(config.decoder_learning_rate, weight_decay=config.weight_decay))}
   return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                      optax.multi_transform(transforms, labels))
 
@@ -182,7 +239,8 @@ def kl_weight(config: ImageConfig, stage: str, step: jax.Array,
 
 
 def train_step(state: training.TrainState, batch: Batch, *, model: Model, stage: str,
-               steps_per_epoch: int) -> tuple[training.TrainState, training.StepMetrics]:
+               steps_per_epoch: int, freeze_decoder: bool = False
+               ) -> tuple[training.TrainState, training.StepMetrics]:
   """One optimiser step of a stage on the negative ELBO of a batch: the images binarised
   afresh, num_samples z per example, the KL weighted by ``kl_weight``.
 
@@ -191,7 +249,8 @@ def train_step(state: training.TrainState, batch: Batch, *, model: Model, stage:
   iavae   : params {hypernet, decoder}; state.frozen {phi_avi, batch_stats}: every example's
             encoder is phi_AVI plus the hypernetwork's deltas (``Model.encode_fn``);
   control : params {encoder, decoder}; state.frozen {batch_stats}.
-  In stages 2 and 3 batch norm uses the frozen running statistics.
+  In stages 2 and 3 batch norm uses the frozen running statistics. With ``freeze_decoder`` the
+  decoder gets no gradient (nor, from ``stage_optimizer``, any update).
   """
   config = model.config
   binarize_key, eps_key = jax.random.split(batch.key)
@@ -208,13 +267,15 @@ def train_step(state: training.TrainState, batch: Batch, *, model: Model, stage:
     else:
       mean, log_var = stage_encode(model, stage, state.frozen)(params, state.frozen, x)
     eps = jax.random.normal(eps_key, (config.num_samples, *mean.shape))
-    terms = objectives.elbo(eps, mean, log_var, model.log_likelihood_fn(params["decoder"], x))
+    decoder = (jax.lax.stop_gradient(params["decoder"]) if freeze_decoder
+               else params["decoder"])
+    terms = objectives.elbo(eps, mean, log_var, model.log_likelihood_fn(decoder, x))
     loss = -jnp.mean(terms.expected_log_likelihood - weight * terms.kl)
     return loss, (jnp.mean(terms.kl), batch_stats)
 
   (loss, (kl, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = stage_optimizer(config, stage).update(grads, state.opt_state,
-                                                             state.params)
+  updates, opt_state = stage_optimizer(config, stage, freeze_decoder).update(
+      grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if stage == "vae":
     params = {**params, "batch_stats": batch_stats}
@@ -297,7 +358,7 @@ def reconstruct(model: Model, encode: EncodeFn, params, frozen, x: jax.Array,
 
 @functools.lru_cache(maxsize=None)  # one set per stage, shared by every seed: compiled once
 def _epoch_functions(model: Model, stage: str, steps_per_epoch: int,
-                     parallel: parallel_lib.Parallel | None):
+                     parallel: parallel_lib.Parallel | None, freeze_decoder: bool = False):
   """The jitted pieces of a stage's epoch: start, train_step and finish (see make_epoch_fn)."""
   config, schedule = model.config, stage_schedule(model.config, stage)
 
@@ -317,12 +378,13 @@ def _epoch_functions(model: Model, stage: str, steps_per_epoch: int,
                          trained.frozen, valid, config.valid_samples, jax.random.PRNGKey(0))
     return training.end_epoch(state, trained, steps, score, schedule)
 
-  step = functools.partial(train_step, model=model, stage=stage, steps_per_epoch=steps_per_epoch)
+  step = functools.partial(train_step, model=model, stage=stage, steps_per_epoch=steps_per_epoch,
+                           freeze_decoder=freeze_decoder)
   return jax.jit(start), jax.jit(step), jax.jit(finish)
 
 
 def make_epoch_fn(model: Model, stage: str, name: str, valid: jax.Array, train_size: int,
-                  parallel: parallel_lib.Parallel | None = None):
+                  parallel: parallel_lib.Parallel | None = None, freeze_decoder: bool = False):
   """A stage's epoch for ``training.train_model``: epoch(state, train [N, 28, 28], order) ->
   (state, EpochMetrics). A Python loop of the jitted ``train_step`` over the shuffled batches
   (XLA:CPU runs convolution gradients inside a loop ~8x slower than outside one), a progress
@@ -330,7 +392,8 @@ def make_epoch_fn(model: Model, stage: str, name: str, valid: jax.Array, train_s
   as the monitored score."""
   schedule = stage_schedule(model.config, stage)
   steps_per_epoch = train_size // model.config.batch_size
-  start, step, finish = _epoch_functions(model, stage, steps_per_epoch, parallel)
+  start, step, finish = _epoch_functions(model, stage, steps_per_epoch, parallel,
+                                         freeze_decoder)
 
   def epoch(state: training.TrainState, train: jax.Array, order: jax.Array):
     if bool(training.is_done(state, schedule)):
@@ -356,67 +419,123 @@ class Selected(NamedTuple):
   valid_elbo: float     # its validation ELBO (the selection score)
 
 
+def matched_model(model: Model) -> Model:
+  """The model of ``vae_matched``: every encoder width (ResNet channels or dense widths) scaled
+  by the smallest factor (in steps of 1/64) that gives the encoder at least as many parameters
+  as the VAE's encoder and the hypernetwork together."""
+  counts = param_counts(model)
+  target = counts["encoder"] + counts["hypernetwork"]
+  field = "encoder_hidden" if model.config.encoder == "mlp" else "encoder_channels"
+  widths = getattr(model.config, field)
+  for step in range(64, 64 * 64):
+    scaled = tuple(max(1, round(w * step / 64)) for w in widths)
+    wider = Model(dataclasses.replace(model.config, **{field: scaled}))
+    if _count(_encoder_shapes(wider)["params"]) >= target:
+      return wider
+  raise ValueError(f"matched_model: no width up to 64x {field}={widths} reaches {target} "
+                   "encoder parameters.")
+
+
 def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
                timings: dict, resumed: list, parallel: parallel_lib.Parallel | None = None,
                tensorboard: bool = False) -> tuple[dict, float]:
-  """Trains the three models of one seed (resuming what is in workdir); returns them,
-  {stage: Selected}, and the IA-VAE's validation ELBO before training. Each model is trained
-  alone (``make_epoch_fn``). Stages that start from a checkpoint are appended to
-  ``resumed``."""
+  """Trains the models ``config.models`` of one seed (resuming what is in workdir); returns
+  them, {name: Selected}, and the IA-VAE's validation ELBO before training (Proposition 1 in
+  practice; NaN without an IA-VAE). Each model is trained alone (``make_epoch_fn``). Stages that
+  start from a checkpoint are appended to ``resumed``."""
   config = model.config
   train = jnp.asarray(data.train)
   valid = jnp.asarray(data.valid)
   if parallel is not None:
     valid = parallel.shared(valid)   # every device scores on the whole validation split
-  x0 = jnp.zeros((1, 28, 28, 1))
   selected = {}
-  keys = {stage: training.model_keys(seed, STAGE_IDS[stage]) for stage in STAGES}
 
-  def run(stage, params, frozen):
-    name = f"{stage}_seed{seed}"
-    _, train_key = keys[stage]
+  def run(name, spec, run_model, params, frozen):
+    stage_name = f"{name}_seed{seed}"
+    init_key, train_key = training.model_keys(seed, spec.stage_id)
     t0 = time.time()
-    if os.path.isdir(os.path.join(workdir, "checkpoints", name)):
-      resumed.append(name)
+    if os.path.isdir(os.path.join(workdir, "checkpoints", stage_name)):
+      resumed.append(stage_name)
+    if params is None:
+      params = run_model.init_vae(init_key)
     state = stages.run_stage(
-        name, workdir, make_epoch_fn(model, stage, name, valid, train.shape[0], parallel),
-        training.init_state(params, stage_optimizer(config, stage), train_key, frozen), train,
-        np.array([seed, STAGE_IDS[stage]]), stage_schedule(config, stage),
+        stage_name, workdir,
+        make_epoch_fn(run_model, spec.kind, stage_name, valid, train.shape[0], parallel,
+                      spec.freeze_decoder),
+        training.init_state(params, stage_optimizer(config, spec.kind, spec.freeze_decoder),
+                            train_key, frozen), train,
+        np.array([seed, spec.stage_id]), stage_schedule(config, spec.kind),
         config.checkpoint_every, parallel=parallel, tensorboard=tensorboard)
-    timings[name] = time.time() - t0
-    selected[stage] = Selected(state.best_params, state.frozen, int(state.best_epoch),
-                               float(state.best_score))
-    return state.best_params
+    timings[stage_name] = time.time() - t0
+    selected[name] = Selected(state.best_params, state.frozen, int(state.best_epoch),
+                              float(state.best_score))
 
-  enc_key, dec_key = jax.random.split(keys["vae"][0])
-  enc_vars = model.encoder.init(enc_key, x0)
-  dec_params = model.decoder.init(dec_key, x0, jnp.zeros((1, config.latent_dim)))["params"]
-  vae = run("vae", {"encoder": enc_vars["params"], "decoder": dec_params,
-                    "batch_stats": enc_vars["batch_stats"]}, None)
-
+  run("vae", MODEL_SPECS["vae"], model, None, None)
+  vae = selected["vae"].params
   frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
   layout = blocks.BlockLayout.from_tree(vae["encoder"])
-  psi = model.init_hypernet(keys["iavae"][0], layout)
-  # Proposition 1 in practice: the IA-VAE's validation ELBO before any stage-2 step.
-  start = dataset_elbo(model, model.encode_fn("iavae", layout),
-                       {"hypernet": psi, "decoder": vae["decoder"]}, frozen, valid,
-                       config.valid_samples, jax.random.PRNGKey(0))
-  run("iavae", {"hypernet": psi, "decoder": vae["decoder"]}, frozen)
-  run("control", {"encoder": vae["encoder"], "decoder": vae["decoder"]},
-      {"batch_stats": vae["batch_stats"]})
-  return selected, float(start)
+  psi = model.init_hypernet(training.model_keys(seed, STAGE_IDS["iavae"])[0], layout)
+  start = float("nan")
+  if "iavae" in config.models:
+    start = float(dataset_elbo(model, model.encode_fn("iavae", layout),
+                               {"hypernet": psi, "decoder": vae["decoder"]}, frozen, valid,
+                               config.valid_samples, jax.random.PRNGKey(0)))
+  for name in config.models:
+    spec = MODEL_SPECS[name]
+    if name == "vae":
+      continue
+    if spec.kind == "vae":
+      run(name, spec, matched_model(model) if spec.matched else model, None, None)
+    elif spec.kind == "iavae":
+      run(name, spec, model, {"hypernet": psi, "decoder": vae["decoder"]}, frozen)
+    else:
+      run(name, spec, model, {"encoder": vae["encoder"], "decoder": vae["decoder"]},
+          {"batch_stats": vae["batch_stats"]})
+  return selected, start
+
+
+def evaluation_inputs(model: Model, name: str, selected: dict, train: jax.Array
+                      ) -> tuple[Model, EncodeFn, dict, dict | None]:
+  """(model, encode, params, frozen) to evaluate the model ``name`` of ``evaluated_models``
+  from a seed's trained models {name: Selected} (``train``: the training split, for the
+  mean context)."""
+  if name == MEAN_CONTEXT:
+    iavae = selected["iavae"]
+    frozen = {**iavae.frozen, "mean_context": mean_context(model, iavae.frozen, train)}
+    return model, stage_encode(model, "iavae", frozen), iavae.params, frozen
+  spec = MODEL_SPECS[name]
+  run_model = matched_model(model) if spec.matched else model
+  params, frozen = selected[name].params, selected[name].frozen
+  return run_model, stage_encode(run_model, spec.kind, frozen), params, frozen
+
+
+def mean_context(model: Model, frozen: dict, train: jax.Array) -> jax.Array:
+  """The hypernetwork's input averaged over the training split [N, 28, 28] (binarised once,
+  with a fixed key): [context_size]."""
+  x = _as_images(images.binarize(jax.random.PRNGKey(0), train))
+  chunks, weights = _chunks(x, model.config.eval_batch_size)
+  contexts = jax.lax.map(lambda chunk: model.hypernet_context(frozen, chunk), chunks)
+  return jnp.einsum("cb,cbm->m", weights, contexts) / jnp.sum(weights)
+
+
+def _count(tree) -> int:
+  return int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
+
+
+def _encoder_shapes(model: Model):
+  return jax.eval_shape(model.encoder.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
 
 
 def param_counts(model: Model) -> dict:
+  """Parameter counts of the encoder, decoder and hypernetwork, and the encoder's blocks."""
   x0 = jnp.zeros((1, 28, 28, 1))
-  count = lambda tree: int(sum(np.size(l) for l in jax.tree.leaves(tree)))
-  enc = jax.eval_shape(model.encoder.init, jax.random.PRNGKey(0), x0)
+  enc = _encoder_shapes(model)
   dec = jax.eval_shape(model.decoder.init, jax.random.PRNGKey(0), x0,
                        jnp.zeros((1, model.config.latent_dim)))
   layout = blocks.BlockLayout.from_tree(enc["params"])
   psi = jax.eval_shape(lambda key: model.init_hypernet(key, layout), jax.random.PRNGKey(0))
-  return {"encoder": count(enc["params"]), "decoder": count(dec["params"]),
-          "hypernetwork": count(psi), "encoder_blocks": layout.num_blocks}
+  return {"encoder": _count(enc["params"]), "decoder": _count(dec["params"]),
+          "hypernetwork": _count(psi), "encoder_blocks": layout.num_blocks}
 
 
 def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None = None,
@@ -445,33 +564,37 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
   print(f"config: {config}", flush=True)
   print(f"data: {data.info}; train {data.train.shape[0]}, valid {data.valid.shape[0]}, "
         f"test {data.test.shape[0]}", flush=True)
-  timings, per_seed, recon, resumed = {}, {stage: [] for stage in STAGES}, {}, []
-  test = jnp.asarray(data.test)
+  names = evaluated_models(config)
+  timings, per_seed, recon, resumed = {}, {name: [] for name in names}, {}, []
+  train, test = jnp.asarray(data.train), jnp.asarray(data.test)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   for seed in seeds:
     selected, valid_elbo_at_start = train_seed(model, workdir, seed, data, timings, resumed,
                                                parallel, tensorboard)
     t0 = time.time()
     eval_key = training.derive_key(seed, STAGE_IDS["eval"])
-    for stage in STAGES:
-      params, frozen, best_epoch, valid_elbo = selected[stage]
-      encode = stage_encode(model, stage, frozen)
-      metrics = jax.device_get(evaluate(model, encode, params, frozen, test, eval_key))
-      per_seed[stage].append({
+    for name in names:
+      run_model, encode, params, frozen = evaluation_inputs(model, name, selected, train)
+      metrics = jax.device_get(evaluate(run_model, encode, params, frozen, test, eval_key))
+      # The mean-context IA-VAE is the selected IA-VAE, not selected on its own score.
+      source = selected["iavae" if name == MEAN_CONTEXT else name]
+      per_seed[name].append({
           "test_elbo": float(np.mean(metrics["elbo"])), "test_kl": float(np.mean(metrics["kl"])),
-          "test_iwae": float(np.mean(metrics["iwae"])), "valid_elbo": valid_elbo,
-          "best_epoch": best_epoch})
+          "test_iwae": float(np.mean(metrics["iwae"])),
+          "valid_elbo": float("nan") if name == MEAN_CONTEXT else source.valid_elbo,
+          "best_epoch": source.best_epoch})
       if seed == seeds[0] and config.num_reconstructions:
-        recon[stage] = np.asarray(reconstruct(
-            model, encode, params, frozen, test[:config.num_reconstructions],
+        recon[name] = np.asarray(reconstruct(
+            run_model, encode, params, frozen, test[:config.num_reconstructions],
             jax.random.fold_in(eval_key, 1)))
-    per_seed["iavae"][-1]["valid_elbo_at_start"] = valid_elbo_at_start
+    if "iavae" in config.models:
+      per_seed["iavae"][-1]["valid_elbo_at_start"] = valid_elbo_at_start
     timings[f"eval_seed{seed}"] = time.time() - t0
-    line = "  ".join(f"{stage} {per_seed[stage][-1]['test_elbo']:.2f}" for stage in STAGES)
+    line = "  ".join(f"{name} {per_seed[name][-1]['test_elbo']:.2f}" for name in names)
     print(f"[seed {seed}] test ELBO: {line}", flush=True)
-    for stage in STAGES:
-      if not np.isfinite(per_seed[stage][-1]["valid_elbo"]):
-        print(f"[seed {seed}] WARNING: {stage} never reached a finite validation ELBO (its "
+    for name in config.models:
+      if not np.isfinite(per_seed[name][-1]["valid_elbo"]):
+        print(f"[seed {seed}] WARNING: {name} never reached a finite validation ELBO (its "
               "training diverged); its test numbers are those of its initial parameters.",
               flush=True)
 
@@ -483,11 +606,13 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
       "wall_seconds": time.time() - start,   # this invocation (see resumed_stages)
       "stage_seconds": timings,
       "resumed_stages": resumed,
-      "models": {stage: {key: [row[key] for row in per_seed[stage]]
-                         for key in per_seed[stage][0]} for stage in STAGES},
+      "models": {name: {key: [row[key] for row in per_seed[name]]
+                        for key in per_seed[name][0]} for name in names},
       "data": {**data.info, "train": int(data.train.shape[0]), "valid": int(data.valid.shape[0]),
                "test": int(data.test.shape[0])},
-      "parameters": param_counts(model),
+      "parameters": {**param_counts(model),
+                     **({"matched_encoder": param_counts(matched_model(model))["encoder"]}
+                        if "vae_matched" in config.models else {})},
       "config": common.as_json(config),
       "environment": common.environment(parallel),
   }
@@ -535,7 +660,7 @@ def render_markdown(results: dict) -> str:
       [[seed, stage] + [f"{results['models'][stage][key][i]:.3f}"
                         for key in ("test_elbo", "test_kl", "test_iwae", "valid_elbo")]
        + [results["models"][stage]["best_epoch"][i]]
-       for i, seed in enumerate(results["seeds"]) for stage in STAGES])
+       for i, seed in enumerate(results["seeds"]) for stage in results["models"]])
   resumed = results["resumed_stages"]
   lines += ["", f"Wall time {results['wall_seconds']:.1f} s"
             + (f" (this invocation; resumed from checkpoints: {', '.join(resumed)})"

@@ -137,3 +137,25 @@ class ResNetEncoder(nn.Module):
     mean = nn.Dense(self.latent_dim, kernel_init=_he_normal, name="mean")(h)
     log_var = nn.Dense(self.latent_dim, kernel_init=_he_normal, name="log_var")(h)
     return mean, log_var
+
+
+class MLPImageEncoder(nn.Module):
+  """A dense image encoder (the kind Cremer et al. 2018 measured the inference gaps of): the
+  image flattened, a ReLU layer per width in ``hidden``, then dense maps to the mean and
+  log-variance (named as ResNetEncoder's).
+
+  x: [B, H, W, C] -> (mean [B, k], log_var [B, k]). ``train`` is accepted for ResNetEncoder's
+  call and unused (no batch norm).
+  """
+  hidden: tuple[int, ...] = (200,)
+  latent_dim: int = 32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    del train
+    h = x.reshape(x.shape[0], -1)
+    for width in self.hidden:
+      h = nn.relu(nn.Dense(width, kernel_init=_he_normal)(h))
+    mean = nn.Dense(self.latent_dim, kernel_init=_he_normal, name="mean")(h)
+    log_var = nn.Dense(self.latent_dim, kernel_init=_he_normal, name="log_var")(h)
+    return mean, log_var
