@@ -13,7 +13,10 @@ proposal (``log_px_estimate``).
 Every function is written for one example: the decoder enters as ``log_likelihood_fn(z [S, k])
 -> log p(x | z) [S]`` (an ``objectives.LogLikelihoodFn`` that closes over x and the decoder's
 parameters). vmap over examples and jit at the call site; the settings are static. Random inputs
-come as keys; large sample counts are drawn ``sample_chunk`` samples per decoder call.
+come as keys; large sample counts are drawn ``sample_chunk`` samples per decoder call. The two
+optimisations (q*, refinement) are also given as a state and its step functions, with Python
+drivers (``drive_search``, ``drive_refinement``) that give the same iterates: XLA:CPU runs
+convolution gradients inside lax loops ~4x slower (in CPU time) than as separate jitted calls.
 
 Convergence rule for q*: L[q*] counts as converged when the optimisation rerun with
 ``QStarSettings.doubled()`` (twice the patience and twice max_steps, the same key: the longer run
@@ -23,7 +26,7 @@ replays the shorter one and goes on) moves the mean of L[q*] over the examples b
 
 import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -141,67 +144,126 @@ def _negative_elbo(log_likelihood_fn: objectives.LogLikelihoodFn):
   return lambda params, eps: -objectives.elbo(eps, *params, log_likelihood_fn).elbo
 
 
+def _select(condition: jax.Array, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
+# q*. The search is a state and three pure functions of one example: ``start_search``, then
+# rounds of ``check_every`` x ``search_step`` and one ``search_check`` until ``done``.
+# ``optimize_gaussian`` runs it under lax.while_loop (one jittable function); ``drive_search``
+# runs it from Python over jitted steps, the fast form on CPU for convolutional decoders
+# (XLA:CPU runs convolution gradients inside a loop several times slower than outside one).
+
+class QStarSearch(NamedTuple):
+  params: tuple           # (mean [k], log_var [k]): the Adam iterate
+  opt_state: optax.OptState
+  steps: jax.Array        # Adam steps taken (int32)
+  best_params: tuple      # the best (mean, log_var) seen at a check
+  best_value: jax.Array   # their check value: the fixed-noise ELBO estimate (biased up by the
+                          # selection: report a fresh estimate, ``elbo_estimate`` with another key)
+  stale: jax.Array        # checks since the last improvement (int32)
+  done: jax.Array         # patience exhausted or max_steps reached (bool)
+  step_key: jax.Array     # step t draws its samples from fold_in(step_key, t)
+  check_key: jax.Array    # every check draws the same samples from it
+
+
+def _check_value(log_likelihood_fn, params, key, settings: QStarSettings) -> jax.Array:
+  return elbo_estimate(log_likelihood_fn, *params, key, settings.check_samples,
+                       settings.sample_chunk)
+
+
+def start_search(log_likelihood_fn: objectives.LogLikelihoodFn, mean: jax.Array,
+                 log_var: jax.Array, key: jax.Array,
+                 settings: QStarSettings = QStarSettings()) -> QStarSearch:
+  """The search for q* from (mean, log_var) [k] (the encoder's output), which is also the first
+  candidate: q* is never worse than the start on the check's noise."""
+  settings.validate()
+  step_key, check_key = jax.random.split(key)
+  start = (mean, log_var)
+  return QStarSearch(start, optax.adam(settings.learning_rate).init(start), jnp.int32(0), start,
+                     _check_value(log_likelihood_fn, start, check_key, settings), jnp.int32(0),
+                     jnp.bool_(False), step_key, check_key)
+
+
+def search_step(log_likelihood_fn: objectives.LogLikelihoodFn, search: QStarSearch,
+                settings: QStarSettings = QStarSettings()) -> QStarSearch:
+  """One Adam step on the ELBO with samples_per_step fresh samples (none once done)."""
+  eps = jax.random.normal(jax.random.fold_in(search.step_key, search.steps),
+                          (settings.samples_per_step, *search.params[0].shape))
+  grads = jax.grad(_negative_elbo(log_likelihood_fn))(search.params, eps)
+  updates, opt_state = optax.adam(settings.learning_rate).update(grads, search.opt_state)
+  stepped = search._replace(params=optax.apply_updates(search.params, updates),
+                            opt_state=opt_state, steps=search.steps + 1)
+  return _select(search.done, search, stepped)
+
+
+def search_check(log_likelihood_fn: objectives.LogLikelihoodFn, search: QStarSearch,
+                 settings: QStarSettings = QStarSettings()) -> QStarSearch:
+  """The check after a round of check_every steps: keeps the parameters if their check value is
+  the best so far (a non-finite value never is), and ends the search after ``patience`` checks
+  without improvement or at max_steps (rounded up to a whole round). Nothing once done."""
+  value = _check_value(log_likelihood_fn, search.params, search.check_key, settings)
+  better = value > search.best_value   # False for NaN
+  max_rounds = -(-settings.max_steps // settings.check_every)
+  stale = jnp.where(better, 0, search.stale + 1)
+  checked = search._replace(
+      best_params=_select(better, search.params, search.best_params),
+      best_value=jnp.where(better, value, search.best_value), stale=stale,
+      done=(stale >= settings.patience) | (search.steps >= max_rounds * settings.check_every))
+  return _select(search.done, search, checked)
+
+
 class QStar(NamedTuple):
   mean: jax.Array         # [k] the best (mean, log_var) seen at a check
   log_var: jax.Array      # [k]
   steps: jax.Array        # Adam steps taken (int32, a multiple of check_every)
-  check_value: jax.Array  # its fixed-noise ELBO estimate (biased up by the selection: report a
-                          # fresh estimate, ``elbo_estimate`` with another key)
+  check_value: jax.Array  # their check value (see QStarSearch.best_value)
 
 
-class _Search(NamedTuple):
-  params: tuple
-  opt_state: optax.OptState
-  steps: jax.Array
-  best_params: tuple
-  best_value: jax.Array
-  stale: jax.Array        # checks since the last improvement
+def search_result(search: QStarSearch) -> QStar:
+  return QStar(*search.best_params, search.steps, search.best_value)
 
 
 def optimize_gaussian(log_likelihood_fn: objectives.LogLikelihoodFn, mean: jax.Array,
                       log_var: jax.Array, key: jax.Array,
                       settings: QStarSettings = QStarSettings()) -> QStar:
   """q*: the diagonal Gaussian that maximises this example's ELBO, by Adam from (mean, log_var)
-  [k] (the encoder's output).
+  [k] (the encoder's output), as one jittable function.
 
   Every ``check_every`` steps the ELBO of the current parameters is estimated with the same
   ``check_samples`` samples; the best parameters so far are kept, and the search stops after
-  ``patience`` checks without improvement or at ``max_steps``. The start is the first check's
-  candidate, so q* is never worse than it on the check's noise. A non-finite check value counts
-  as no improvement.
+  ``patience`` checks without improvement or at ``max_steps``.
   """
-  settings.validate()
-  optimizer = optax.adam(settings.learning_rate)
-  negative_elbo = _negative_elbo(log_likelihood_fn)
-  step_key, check_key = jax.random.split(key)
-  check = lambda params: elbo_estimate(log_likelihood_fn, *params, check_key,
-                                       settings.check_samples, settings.sample_chunk)
-  max_checks = -(-settings.max_steps // settings.check_every)
+  def round_of_steps(search: QStarSearch) -> QStarSearch:
+    search = jax.lax.fori_loop(
+        0, settings.check_every,
+        lambda _, s: search_step(log_likelihood_fn, s, settings), search)
+    return search_check(log_likelihood_fn, search, settings)
 
-  def adam_step(carry, step):
-    params, opt_state = carry
-    eps = jax.random.normal(jax.random.fold_in(step_key, step),
-                            (settings.samples_per_step, *mean.shape))
-    updates, opt_state = optimizer.update(jax.grad(negative_elbo)(params, eps), opt_state)
-    return (optax.apply_updates(params, updates), opt_state), None
+  search = start_search(log_likelihood_fn, mean, log_var, key, settings)
+  return search_result(jax.lax.while_loop(lambda s: ~s.done, round_of_steps, search))
 
-  def search(s: _Search) -> _Search:
-    (params, opt_state), _ = jax.lax.scan(adam_step, (s.params, s.opt_state),
-                                          s.steps + jnp.arange(settings.check_every))
-    value = check(params)
-    better = value > s.best_value   # False for NaN
-    return _Search(params, opt_state, s.steps + settings.check_every,
-                   jax.tree.map(lambda new, old: jnp.where(better, new, old), params,
-                                s.best_params),
-                   jnp.where(better, value, s.best_value), jnp.where(better, 0, s.stale + 1))
 
-  def searching(s: _Search) -> jax.Array:
-    return (s.stale < settings.patience) & (s.steps < max_checks * settings.check_every)
+def drive_search(step_fn: Callable, check_fn: Callable, search: QStarSearch,
+                 check_every: int) -> QStarSearch:
+  """The search from Python: rounds of check_every ``step_fn(search)`` and one
+  ``check_fn(search)`` until every example is done. step_fn and check_fn are search_step and
+  search_check closed over the decoder and settings, jitted (and vmapped over examples) by the
+  caller. The same steps as ``optimize_gaussian``; one host sync per round."""
+  while not bool(jnp.all(search.done)):
+    for _ in range(check_every):
+      search = step_fn(search)
+    search = check_fn(search)
+  return search
 
-  start = (mean, log_var)
-  found = jax.lax.while_loop(searching, search, _Search(
-      start, optimizer.init(start), jnp.int32(0), start, check(start), jnp.int32(0)))
-  return QStar(*found.best_params, found.steps, found.best_value)
+
+# Refinement: the same structure, a fixed number of steps.
+
+class Refinement(NamedTuple):
+  params: tuple           # (mean [k], log_var [k])
+  opt_state: optax.OptState
+  steps: jax.Array        # steps taken (int32)
+  key: jax.Array          # step t draws its samples from fold_in(key, t)
 
 
 class Refined(NamedTuple):
@@ -209,37 +271,70 @@ class Refined(NamedTuple):
   log_var: jax.Array  # [C, k]
 
 
+def _sgd(settings: RefineSettings) -> optax.GradientTransformation:
+  return optax.sgd(settings.learning_rate, momentum=settings.momentum or None)
+
+
 def _clip_norm(g: jax.Array, max_norm: float) -> jax.Array:
   """g scaled to norm max_norm if longer (as SA-VAE's clip_grad_norm)."""
   return g * jnp.minimum(1.0, max_norm / (jnp.linalg.norm(g) + 1e-6))
+
+
+def start_refinement(mean: jax.Array, log_var: jax.Array, key: jax.Array,
+                     settings: RefineSettings = RefineSettings()) -> Refinement:
+  settings.validate()
+  return Refinement((mean, log_var), _sgd(settings).init((mean, log_var)), jnp.int32(0), key)
+
+
+def refinement_step(log_likelihood_fn: objectives.LogLikelihoodFn, refinement: Refinement,
+                    settings: RefineSettings = RefineSettings()) -> Refinement:
+  """One step of gradient ascent on the ELBO, samples_per_step fresh samples, each of the two
+  gradients (mean, log_var) clipped to max_grad_norm."""
+  eps = jax.random.normal(jax.random.fold_in(refinement.key, refinement.steps),
+                          (settings.samples_per_step, *refinement.params[0].shape))
+  grads = tuple(_clip_norm(g, settings.max_grad_norm)
+                for g in jax.grad(_negative_elbo(log_likelihood_fn))(refinement.params, eps))
+  updates, opt_state = _sgd(settings).update(grads, refinement.opt_state)
+  return Refinement(optax.apply_updates(refinement.params, updates), opt_state,
+                    refinement.steps + 1, refinement.key)
+
+
+def _check_steps(steps: Sequence[int]) -> None:
+  if not steps or min(steps) < 0:
+    raise ValueError(f"steps must be non-negative step counts, got {list(steps)}.")
 
 
 def refine(log_likelihood_fn: objectives.LogLikelihoodFn, mean: jax.Array, log_var: jax.Array,
            key: jax.Array, steps: Sequence[int] = (1, 5, 20, 100),
            settings: RefineSettings = RefineSettings()) -> Refined:
   """Semi-amortised inference at test time: gradient ascent on this example's ELBO from
-  (mean, log_var) [k] (the encoder's output), the decoder fixed. One run of max(steps) steps;
-  returns the parameters after each number of steps in ``steps`` (0: the start), [len(steps), k]
-  each. Evaluate them with ``elbo_estimate``."""
-  settings.validate()
-  if not steps or min(steps) < 0:
-    raise ValueError(f"steps must be non-negative step counts, got {list(steps)}.")
-  optimizer = optax.sgd(settings.learning_rate, momentum=settings.momentum or None)
-  negative_elbo = _negative_elbo(log_likelihood_fn)
+  (mean, log_var) [k] (the encoder's output), the decoder fixed, as one jittable function. One
+  run of max(steps) steps; returns the parameters after each number of steps in ``steps`` (0:
+  the start), [len(steps), k] each. Evaluate them with ``elbo_estimate``."""
+  _check_steps(steps)
 
-  def sgd_step(carry, step):
-    params, opt_state = carry
-    eps = jax.random.normal(jax.random.fold_in(key, step),
-                            (settings.samples_per_step, *mean.shape))
-    grads = tuple(_clip_norm(g, settings.max_grad_norm)
-                  for g in jax.grad(negative_elbo)(params, eps))
-    updates, opt_state = optimizer.update(grads, opt_state)
-    params = optax.apply_updates(params, updates)
-    return (params, opt_state), params
+  def step(refinement, _):
+    refinement = refinement_step(log_likelihood_fn, refinement, settings)
+    return refinement, refinement.params
 
-  start = (mean, log_var)
-  _, (means, log_vars) = jax.lax.scan(sgd_step, (start, optimizer.init(start)),
-                                      jnp.arange(max(steps)))
+  _, (means, log_vars) = jax.lax.scan(step, start_refinement(mean, log_var, key, settings),
+                                      None, length=max(steps))
   at = jnp.asarray(steps)
   return Refined(jnp.concatenate([mean[None], means])[at],
                  jnp.concatenate([log_var[None], log_vars])[at])
+
+
+def drive_refinement(step_fn: Callable, refinement: Refinement,
+                     steps: Sequence[int]) -> Refined:
+  """``refine`` from Python over a jitted ``step_fn(refinement)`` (refinement_step closed over
+  the decoder and settings, jitted and vmapped over examples by the caller). Returns the
+  parameters after each number of steps in ``steps``, [..., len(steps), k] each."""
+  _check_steps(steps)
+  recorded = {}
+  for step in range(max(steps) + 1):
+    if step:
+      refinement = step_fn(refinement)
+    if step in steps:
+      recorded[step] = refinement.params
+  means, log_vars = zip(*(recorded[k] for k in steps))
+  return Refined(jnp.stack(means, axis=-2), jnp.stack(log_vars, axis=-2))

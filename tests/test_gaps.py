@@ -139,6 +139,26 @@ class ClosedFormTest(chex.TestCase):
     self.assertTrue(np.all(q.check_value >= start))
 
 
+  def test_python_driven_search_gives_the_jitted_search(self):
+    w, b, x = _model()
+    mean, log_var = _encoder_output(*_exact(w, b, x)[:2])
+    settings = gaps.QStarSettings(check_every=25, patience=2, max_steps=3000)
+    keys = _keys(5)
+    jitted = jax.jit(lambda *a: _per_example(
+        lambda ll, m, v, k: gaps.optimize_gaussian(ll, m, v, k, settings), w, b, x, *a))(
+            mean, log_var, keys)
+    batched = lambda fn: jax.jit(lambda *a: _per_example(fn, w, b, x, *a))
+    search = batched(lambda ll, m, v, k: gaps.start_search(ll, m, v, k, settings))(
+        mean, log_var, keys)
+    step = batched(lambda ll, s: gaps.search_step(ll, s, settings))
+    check = batched(lambda ll, s: gaps.search_check(ll, s, settings))
+    search = gaps.drive_search(step, check, search, settings.check_every)
+    driven = gaps.search_result(search)
+    self.assertGreater(len(set(np.asarray(driven.steps).tolist())), 1)   # examples stop apart
+    np.testing.assert_array_equal(driven.steps, jitted.steps)
+    chex.assert_trees_all_close(driven, jitted, atol=1e-5)
+
+
 class RefineTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -167,6 +187,18 @@ class RefineTest(chex.TestCase):
     self.assertTrue(np.all(gap >= 0))
     self.assertLess(float(mean_gap[-1]), 0.2 * float(mean_gap[0]))
     self.assertLess(float(mean_gap[-1]), 0.15)
+
+  def test_python_driven_refinement_gives_the_jitted_refinement(self):
+    w, b, x = _model()
+    mean, log_var = _encoder_output(*_exact(w, b, x)[:2])
+    steps, keys = (0, 3, 10), _keys(6)
+    jitted = jax.jit(lambda *a: _per_example(
+        lambda ll, m, v, k: gaps.refine(ll, m, v, k, steps), w, b, x, *a))(mean, log_var, keys)
+    start = jax.vmap(gaps.start_refinement)(mean, log_var, keys)
+    step = jax.jit(lambda r: _per_example(gaps.refinement_step, w, b, x, r))
+    driven = gaps.drive_refinement(step, start, steps)
+    chex.assert_shape(driven.mean, (N, len(steps), K))
+    chex.assert_trees_all_close(driven, jitted, atol=1e-5)
 
   def test_default_settings_are_sa_vae_per_example(self):
     settings = gaps.RefineSettings()
