@@ -9,8 +9,8 @@ diagonal Gaussian optimised per example), log p^(x) (importance sampling with q*
 proposal), the approximation gap log p^ - L[q*] and the amortization gap L[q*] - L[q]; the share
 of its seed's VAE amortization gap that each other model closes; and SA-VAE's test-time
 refinement curve (ELBO after K gradient steps from the encoder's output, and its wall time).
-Writes DIR/gaps.json and DIR/gaps.md (the schema and how to read them: experiments/gaps_eval.py)
-and per (model, seed) partial results under DIR/gaps/; the same command again resumes, and other
+Writes DIR/gaps.json, DIR/gaps.md and DIR/gaps_refinement.png (the schema and how to read them:
+experiments/gaps_eval.py) and per (model, seed) partial results under DIR/gaps/; the same command again resumes, and other
 settings in the same DIR are refused. The settings' defaults depend on the run's tier; every one
 can be overridden by the flag of its name. Bad input exits with code 2 and writes nothing.
 """

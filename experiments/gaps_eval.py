@@ -40,7 +40,8 @@ DIR/gaps.json:
                  [per K: encoder pass + K steps]}},
    ...}
 where every number is {"mean", "std", "per_seed"} over seeds (each seed's value the mean over
-the examples; std with ddof=1, null with one seed). DIR/gaps.md renders it.
+the examples; std with ddof=1, null with one seed). DIR/gaps.md renders it, and
+DIR/gaps_refinement.png plots the refinement curves against K and against wall time.
 """
 
 import functools
@@ -54,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import blocks, gaps
+from iavae_jax import blocks, gaps, plots
 from iavae_jax.data import images
 from experiments import common, report
 from experiments.configs import GapsConfig, ImageConfig
@@ -99,6 +100,14 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
                       "machine": platform.machine(), "cpu_count": os.cpu_count()}})
   common.write_json(os.path.join(workdir, "gaps.json"), results)
   common.write_text(os.path.join(workdir, "gaps.md"), render_markdown(results))
+  common.save_figure(plots.refinement_figure(
+      {name: (results[name]["refinement"]["steps"],
+              [t["mean"] for t in results[name]["refinement"]["seconds_per_example"]],
+              [e["mean"] for e in results[name]["refinement"]["elbo"]],
+              [e["std"] or 0.0 for e in results[name]["refinement"]["elbo"]]) for name in names},
+      f"{image_config.dataset} ({image_config.tier} tier): SA-VAE's test-time refinement from "
+      f"each model's encoder, {num_examples} test images, seeds {seeds}"),
+      os.path.join(workdir, "gaps_refinement.png"))
   print(f"wrote {workdir}/gaps.json ({results['wall_seconds']:.1f} s)", flush=True)
   return results
 
@@ -418,7 +427,8 @@ def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: i
   progress.skip(partial["examples_done"] + 2 * partial["convergence_done"])
   decoder = loaded.params["decoder"]
   seconds = partial["seconds"]
-  functions.compile(loaded, _pad(test[:0], size), example_keys(seed, 0, size))
+  if partial["examples_done"] < n or partial["convergence_done"] < num_convergence:
+    functions.compile(loaded, _pad(test[:0], size), example_keys(seed, 0, size))
 
   def timed(phase, fn, *args, **kwargs):
     begin = time.perf_counter()
@@ -564,7 +574,8 @@ def render_markdown(results: dict) -> str:
     share = (_cell(r["share_of_vae_amortization_gap_closed"], 3)
              if "share_of_vae_amortization_gap_closed" in r else "")
     convergence = r.get("convergence")
-    moved = (f"{_cell(convergence['delta'], 4)} ({convergence['examples']} images)"
+    moved = (f"{_cell(convergence['delta'], 4)} ({convergence['examples']} images: "
+             f"{'converged' if convergence['converged'] else 'NOT converged'})"
              if convergence else "not checked")
     lines.append(f"| {name} | {_cell(r['log_px'])} | {_cell(r['elbo_qstar'])} | "
                  f"{_cell(r['elbo'])} | {_cell(r['approximation_gap'], 3)} | "

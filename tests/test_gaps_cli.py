@@ -115,7 +115,7 @@ def _read(path):
 def _copy_run(workdir, destination):
   """The smoke run without any gaps measurements."""
   shutil.copytree(workdir, destination,
-                  ignore=shutil.ignore_patterns("gaps", "gaps.json", "gaps.md"))
+                  ignore=shutil.ignore_patterns("gaps", "gaps.*", "gaps_*"))
   return str(destination)
 
 
@@ -161,6 +161,7 @@ def test_gaps_json_holds_every_model_and_the_ordering_holds(gaps_run):
   assert r["vae"]["convergence"]["examples"] == 20
   text = open(os.path.join(workdir, "gaps.md")).read()
   assert "| model | log p^ | L[q*] | L[q] |" in text and "| iavae |" in text
+  assert os.path.getsize(os.path.join(workdir, "gaps_refinement.png")) > 0
 
 
 @pytest.mark.slow
@@ -177,11 +178,12 @@ def test_rerun_resumes_and_keeps_the_numbers(gaps_run):
 @pytest.mark.slow
 def test_other_settings_are_refused_and_nothing_is_written(gaps_run):
   workdir, _ = gaps_run
-  files = {name: open(os.path.join(workdir, name)).read() for name in ("gaps.json", "gaps.md")}
+  files = {name: open(os.path.join(workdir, name), "rb").read()
+           for name in ("gaps.json", "gaps.md", "gaps_refinement.png")}
   result = run("experiments.gaps", f"--workdir={workdir}", *SMOKE_GAPS, "--final_samples=16")
   assert result.returncode == 2, result.stderr[-2000:]
   assert "other settings (final_samples: recorded 32, now 16)" in result.stderr
-  assert files == {name: open(os.path.join(workdir, name)).read() for name in files}
+  assert files == {name: open(os.path.join(workdir, name), "rb").read() for name in files}
 
 
 @pytest.mark.slow
