@@ -299,15 +299,17 @@ class Functions:
   def __init__(self, model: Model, config: GapsConfig):
     self.model, self.config = model, config
     self.qstar_settings = gaps.QStarSettings(
-        config.qstar_learning_rate, config.qstar_samples, config.qstar_check_every,
-        config.qstar_check_samples, config.qstar_patience, config.qstar_max_steps,
-        config.sample_chunk).validate()
+        learning_rate=config.qstar_learning_rate, samples_per_step=config.qstar_samples,
+        check_every=config.qstar_check_every, check_samples=config.qstar_check_samples,
+        patience=config.qstar_patience, max_steps=config.qstar_max_steps,
+        sample_chunk=config.sample_chunk).validate()
     self.refine_settings = gaps.RefineSettings(
-        config.refine_learning_rate, config.refine_momentum, config.refine_max_grad_norm,
-        config.refine_samples).validate()
+        learning_rate=config.refine_learning_rate, momentum=config.refine_momentum,
+        max_grad_norm=config.refine_max_grad_norm,
+        samples_per_step=config.refine_samples).validate()
     self.refine_steps = (0, *config.refine_steps)
-    qstar, doubled, refine = self.qstar_settings, self.qstar_settings.doubled(), \
-        self.refine_settings
+    qstar, refine = self.qstar_settings, self.refine_settings
+    doubled = qstar.doubled()
     fold = jax.random.fold_in
     chunk = config.sample_chunk
     self.encoders = {}
