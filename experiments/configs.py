@@ -273,8 +273,9 @@ def gaps_config(tier: str) -> GapsConfig:
     # convergence check says whether it did on each run.
     return dataclasses.replace(
         base, num_examples=50, batch_size=10, qstar_learning_rate=1e-2, qstar_samples=4,
-        qstar_check_every=50, qstar_patience=5, qstar_max_steps=2000, final_samples=500,
-        iwae_samples=1000, refine_eval_samples=500, convergence_examples=10).validate()
+        qstar_check_every=50, qstar_check_samples=50, qstar_patience=5, qstar_max_steps=2000,
+        final_samples=500, iwae_samples=1000, refine_eval_samples=100,
+        convergence_examples=10).validate()
   if tier == "smoke":
     return dataclasses.replace(
         base, num_examples=20, batch_size=10, qstar_samples=4, qstar_check_every=10,

@@ -151,8 +151,7 @@ def _select(condition: jax.Array, new, old):
 # q*. The search is a state and three pure functions of one example: ``start_search``, then
 # rounds of ``check_every`` x ``search_step`` and one ``search_check`` until ``done``.
 # ``optimize_gaussian`` runs it under lax.while_loop (one jittable function); ``drive_search``
-# runs it from Python over jitted steps, the fast form on CPU for convolutional decoders
-# (XLA:CPU runs convolution gradients inside a loop several times slower than outside one).
+# runs it from Python over jitted steps, the fast form on CPU for convolutional decoders.
 
 class QStarSearch(NamedTuple):
   params: tuple           # (mean [k], log_var [k]): the Adam iterate
