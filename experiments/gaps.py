@@ -28,21 +28,11 @@ flags.DEFINE_string("workdir", None, "The directory of a finished experiments.im
 flags.DEFINE_string("data_dir", None, "Where the run's data are now, if they moved (default: "
                     "where DIR/data.json says they were).")
 
-_FIELDS = {f.name: f for f in dataclasses.fields(configs.GapsConfig) if f.name != "tier"}
-for _name, _field in _FIELDS.items():
-  _help = f"Override the tier's {_name} (default: the run's tier's, see configs.gaps_config)."
-  if _field.type is int:
-    flags.DEFINE_integer(_name, None, _help)
-  elif _field.type is float:
-    flags.DEFINE_float(_name, None, _help)
-  else:
-    flags.DEFINE_list(_name, None, _help + " Comma-separated.")
+common.define_config_flags(configs.GapsConfig, exclude=("tier",))
 
 
 def run_config(workdir: str) -> configs.ImageConfig:
   """The configuration recorded in DIR/config.json by a finished experiments.images run."""
-  if not workdir:
-    raise common.ConfigError("--workdir is required: the directory of an experiments.images run.")
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(os.path.join(workdir, "results.json")) or not os.path.isfile(path):
     raise common.ConfigError(
@@ -64,30 +54,23 @@ def run_config(workdir: str) -> configs.ImageConfig:
 
 
 def config_from_flags(tier: str) -> configs.GapsConfig:
-  overrides = {}
-  for name in _FIELDS:
-    value = FLAGS[name].value
-    if value is None:
-      continue
-    if isinstance(value, list):
-      try:
-        value = tuple(int(v) for v in value)
-      except ValueError as e:
-        raise common.ConfigError(f"--{name} must be a comma-separated list of integers, got "
-                                 f"{','.join(value)}.") from e
-    overrides[name] = value
-  if overrides.get("num_examples", 1) <= 0:
-    raise common.ConfigError(f"--num_examples must be a positive number of test images, got "
-                             f"{overrides['num_examples']} (omit it for the tier's default).")
+  overrides = common.config_overrides(configs.GapsConfig, exclude=("tier",))
   return dataclasses.replace(configs.gaps_config(tier), **overrides).validate()
 
 
 def main(argv):
   def body():
-    image_config = run_config(FLAGS.workdir)
-    config = config_from_flags(image_config.tier)
-    from experiments import gaps_eval  # imports JAX: after the flags are known to be sound
-    gaps_eval.measure(image_config, config, FLAGS.workdir, FLAGS.data_dir)
+    if FLAGS.num_examples is not None and FLAGS.num_examples <= 0:
+      raise common.ConfigError(f"--num_examples must be a positive number of test images, got "
+                               f"{FLAGS.num_examples} (omit it for the tier's default).")
+    if not FLAGS.workdir or not os.path.isdir(FLAGS.workdir):
+      raise common.ConfigError(f"--workdir={FLAGS.workdir} holds no finished "
+                               "experiments.images run (no such directory).")
+    with common.workdir_lock(FLAGS.workdir):
+      image_config = run_config(FLAGS.workdir)
+      config = config_from_flags(image_config.tier)
+      from experiments import gaps_eval  # imports JAX: after the flags are known to be sound
+      gaps_eval.measure(image_config, config, FLAGS.workdir, FLAGS.data_dir)
   common.run_command(argv, body)
 
 

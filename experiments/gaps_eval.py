@@ -1,10 +1,11 @@
 """The gap decomposition and the refinement curve of every model of an experiments.images run.
 
 The models are those the run's results.json lists, for each of its seeds, loaded from the best
-parameters (``TrainState.best_params``) of DIR/checkpoints/{model}_seed{seed}. What a model is
-follows from its parameters: an encoder with its own batch-norm statistics (the VAE), an
-encoder using the seed's VAE statistics (the control), or a hypernetwork over the seed's VAE
-encoder (the IA-VAE); any other stage of one of these shapes is measured the same way.
+parameters and frozen inputs (``TrainState.best_params``, ``frozen``) of
+DIR/checkpoints/{model}_seed{seed}. What a model is follows from its parameters: an encoder with
+its own batch-norm statistics (the VAE), an encoder with frozen statistics (the control), or a
+hypernetwork over a frozen encoder phi_AVI (the IA-VAE); any other stage of one of these shapes
+is measured the same way (``images_train.stage_encode`` of its kind).
 
 The examples are the first N images of the test split (``images.load``'s, permuted by split_seed,
 not capped by max_test, so its first max_test images are those results.json was evaluated on).
@@ -47,17 +48,17 @@ DIR/gaps_refinement.png plots the refinement curves against K and against wall t
 import functools
 import json
 import os
-import platform
 import time
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from iavae_jax import blocks, gaps, plots
 from iavae_jax.data import images
-from experiments import common, report
+from experiments import common, images_train, report
 from experiments.configs import GapsConfig, ImageConfig
 from experiments.images_train import Model
 
@@ -96,8 +97,7 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
   results.update({
       "dataset": image_config.dataset, "tier": image_config.tier, "num_examples": num_examples,
       "settings": common.as_json(config), "wall_seconds": time.time() - start,
-      "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
-                      "machine": platform.machine(), "cpu_count": os.cpu_count()}})
+      "environment": common.environment(None)})
   common.write_json(os.path.join(workdir, "gaps.json"), results)
   common.write_text(os.path.join(workdir, "gaps.md"), render_markdown(results))
   common.save_figure(plots.refinement_figure(
@@ -138,7 +138,8 @@ class Loaded(NamedTuple):
   """One trained model: its parameters, what its encoder needs, and where it came from."""
   kind: str            # "vae", "control" or "iavae" (see _kind)
   params: dict         # best_params: the decoder's under "decoder"
-  frozen: dict         # the seed's VAE encoder and batch-norm statistics it uses
+  frozen: dict         # what it uses but did not train (TrainState.frozen): phi_AVI, the VAE's
+                       # batch-norm statistics
   encode: Callable     # encode(params, frozen, x [B, 28, 28, 1]) -> (mean, log_var) [B, k]
   checkpoint: str      # "{directory} step {step}": partial results of another are refused
 
@@ -150,9 +151,9 @@ def _kind(params) -> str | None:
           frozenset({"hypernet", "decoder"}): "iavae"}.get(frozenset(keys))
 
 
-def _restore_best_params(workdir: str, name: str, seed: int):
-  """best_params of DIR/checkpoints/{name}_seed{seed}'s latest checkpoint, as saved."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+def _restore(workdir: str, name: str, seed: int) -> tuple[dict, dict, str]:
+  """best_params and frozen of DIR/checkpoints/{name}_seed{seed}'s latest training state, as
+  saved, and "{directory} step {step}"."""
   directory = os.path.join(workdir, "checkpoints", f"{name}_seed{seed}")
   if not os.path.isdir(directory):
     raise common.ConfigError(f"{directory} is missing: results.json lists model {name!r} for "
@@ -172,16 +173,16 @@ def _restore_best_params(workdir: str, name: str, seed: int):
                              f"{str(e)[:300]}).") from e
   finally:
     manager.close()
-  if not isinstance(state, dict) or "best_params" not in state:
+  if not isinstance(state, dict) or not isinstance(state.get("best_params"), dict):
     raise common.ConfigError(f"{directory} does not hold a training state with best_params.")
-  return state["best_params"], f"{directory} step {step}"
+  return state["best_params"], state.get("frozen") or {}, f"{directory} step {step}"
 
 
-def _check_shapes(params, expected, where: str, workdir: str) -> None:
+def _check_shapes(tree, expected, where: str, workdir: str) -> None:
   """Refuses parameters of another architecture than DIR/config.json describes."""
-  flat = lambda tree: {jax.tree_util.keystr(path): tuple(np.shape(leaf))
-                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  got, want = flat(params), flat(expected)
+  flat = lambda t: {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(t)[0]}
+  got, want = flat(tree), flat(expected)
   if got != want:
     first = next(k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k))
     raise common.ConfigError(
@@ -191,9 +192,9 @@ def _check_shapes(params, expected, where: str, workdir: str) -> None:
 
 
 def load_model(model: Model, workdir: str, name: str, seed: int) -> Loaded:
-  """Model ``name`` of ``seed``: its best parameters, checked against the configuration, and the
-  frozen inputs and encoder of its kind (see the module docstring)."""
-  params, where = _restore_best_params(workdir, name, seed)
+  """Model ``name`` of ``seed``: its best parameters and frozen inputs, checked against the
+  configuration, and the encoder of its kind (see the module docstring)."""
+  params, frozen, where = _restore(workdir, name, seed)
   kind = _kind(params)
   if kind is None:
     raise common.ConfigError(f"{where}: model {name!r} has parameters {sorted(params)}, none of "
@@ -203,21 +204,19 @@ def load_model(model: Model, workdir: str, name: str, seed: int) -> Loaded:
   decoder = jax.eval_shape(model.decoder.init, key, x0,
                            jnp.zeros((1, model.config.latent_dim)))["params"]
   if kind == "vae":
-    expected = {"encoder": encoder["params"], "decoder": decoder,
-                "batch_stats": encoder["batch_stats"]}
-    frozen, layout = {}, None
+    inference, expected_frozen = {"encoder": encoder["params"],
+                                  "batch_stats": encoder["batch_stats"]}, {}
+  elif kind == "control":
+    inference, expected_frozen = ({"encoder": encoder["params"]},
+                                  {"batch_stats": encoder["batch_stats"]})
   else:
-    vae = _restore_best_params(workdir, "vae", seed)[0]
-    _check_shapes(vae, {"encoder": encoder["params"], "decoder": decoder,
-                        "batch_stats": encoder["batch_stats"]}, f"vae_seed{seed}", workdir)
-    layout = blocks.BlockLayout.from_tree(vae["encoder"]) if kind == "iavae" else None
-    frozen = ({"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]} if kind == "iavae"
-              else {"batch_stats": vae["batch_stats"]})
-    inference = ({"hypernet": jax.eval_shape(lambda k: model.init_hypernet(k, layout), key)}
-                 if kind == "iavae" else {"encoder": encoder["params"]})
-    expected = {**inference, "decoder": decoder}
-  _check_shapes(params, expected, where, workdir)
-  return Loaded(kind, params, frozen, model.encode_fn(kind, layout), where)
+    layout = blocks.BlockLayout.from_tree(encoder["params"])
+    inference = {"hypernet": jax.eval_shape(lambda k: model.init_hypernet(k, layout), key)}
+    expected_frozen = {"phi_avi": encoder["params"], "batch_stats": encoder["batch_stats"]}
+  _check_shapes({"params": params, "frozen": frozen},
+                {"params": {**inference, "decoder": decoder}, "frozen": expected_frozen},
+                where, workdir)
+  return Loaded(kind, params, frozen, images_train.stage_encode(model, kind, frozen), where)
 
 
 def test_images(config: ImageConfig, workdir: str, data_dir: str | None) -> np.ndarray:
@@ -242,9 +241,9 @@ def test_images(config: ImageConfig, workdir: str, data_dir: str | None) -> np.n
 
 
 def prepare_output(workdir: str, config: GapsConfig, num_examples: int) -> str:
-  """The first write into the workdir: DIR/gaps/ with the settings of these measurements, or a
-  check that they are those of the partial results already there. Returns DIR/gaps."""
-  # WORKDIR LOCK: take the workdir's lock here, before anything is read back or written.
+  """The first write into the workdir (experiments.gaps holds its lock): DIR/gaps/ with the
+  settings of these measurements, or a check that they are those of the partial results already
+  there. Returns DIR/gaps."""
   partial_dir = os.path.join(workdir, "gaps")
   wanted = {**common.as_json(config), "num_examples": num_examples}
   path = os.path.join(partial_dir, "settings.json")
@@ -564,13 +563,7 @@ def _cell(summary: dict, digits: int = 2) -> str:
 def render_markdown(results: dict) -> str:
   """gaps.md: the gap table, the refinement curve and how to read them."""
   names, seeds, settings = results["models"], results["seeds"], results["settings"]
-  lines = [
-      f"# {results['dataset']} ({results['tier']} tier): inference gaps on "
-      f"{results['num_examples']} test images, {len(seeds)} seed(s) {seeds}", "",
-      "Mean ± std over seeds of each seed's mean over the images; nats.", "",
-      "| model | log p^ | L[q*] | L[q] | approximation gap | amortization gap | VAE's amortization "
-      "gap closed | q* steps | twice the q* budget moves L[q*] by |",
-      "|---|---|---|---|---|---|---|---|---|"]
+  rows = []
   for name in names:
     r = results[name]
     share = (_cell(r["share_of_vae_amortization_gap_closed"], 3)
@@ -579,28 +572,32 @@ def render_markdown(results: dict) -> str:
     moved = (f"{_cell(convergence['delta'], 4)} ({convergence['examples']} images: "
              f"{'converged' if convergence['converged'] else 'NOT converged'})"
              if convergence else "not checked")
-    lines.append(f"| {name} | {_cell(r['log_px'])} | {_cell(r['elbo_qstar'])} | "
-                 f"{_cell(r['elbo'])} | {_cell(r['approximation_gap'], 3)} | "
-                 f"{_cell(r['amortization_gap'], 3)} | {share} | {_cell(r['qstar_steps'], 0)} | "
-                 f"{moved} |")
+    rows.append([name, _cell(r["log_px"]), _cell(r["elbo_qstar"]), _cell(r["elbo"]),
+                 _cell(r["approximation_gap"], 3), _cell(r["amortization_gap"], 3), share,
+                 _cell(r["qstar_steps"], 0), moved])
+  lines = [
+      f"# {results['dataset']} ({results['tier']} tier): inference gaps on "
+      f"{results['num_examples']} test images, {len(seeds)} seed(s) {seeds}", "",
+      "Mean ± std over seeds of each seed's mean over the images; nats.", "",
+      *common.markdown_table(
+          ["model", "log p^", "L[q*]", "L[q]", "approximation gap", "amortization gap",
+           "VAE's amortization gap closed", "q* steps", "twice the q* budget moves L[q*] by"],
+          rows)]
   steps = results[names[0]]["refinement"]["steps"]
   lines += ["", "Test-time refinement (SA-VAE's SGD on each image's mean and log-variance from "
             "the encoder's output, decoder fixed): ELBO after K steps, and wall time per image "
             "(encoder pass + K steps).", "",
-            "| model | " + " | ".join(f"K = {k}" for k in steps) + " |",
-            "|---|" + "---|" * len(steps)]
-  for name in names:
-    refinement = results[name]["refinement"]
-    lines.append(f"| {name} | " + " | ".join(
-        f"{_cell(e)} ({1e3 * t['mean']:.2f} ms)" for e, t in
-        zip(refinement["elbo"], refinement["seconds_per_example"])) + " |")
+            *common.markdown_table(
+                ["model", *(f"K = {k}" for k in steps)],
+                [[name, *(f"{_cell(e)} ({1e3 * t['mean']:.2f} ms)" for e, t in zip(
+                    results[name]["refinement"]["elbo"],
+                    results[name]["refinement"]["seconds_per_example"]))] for name in names])]
   for name, match in results.get("refinement_steps_to_match_iavae", {}).items():
     found = match["of_the_means"]
-    lines.append("")
-    lines.append(f"{name} reaches the IA-VAE's single-pass ELBO after "
-                 + (f"K = {found} refinement steps" if found is not None else
-                    f"more than {max(steps)} refinement steps")
-                 + f" (per seed: {match['per_seed']}; null: not within K = {max(steps)}).")
+    lines += ["", f"{name} reaches the IA-VAE's single-pass ELBO after "
+              + (f"K = {found} refinement steps" if found is not None else
+                 f"more than {max(steps)} refinement steps")
+              + f" (per seed: {match['per_seed']}; null: not within K = {max(steps)})."]
   lines += [
       "", "How to read: L[q] is the encoder's ELBO, L[q*] that of the best diagonal Gaussian "
       "found per image with the decoder fixed, log p^ an importance-sampled estimate of log "

@@ -1,6 +1,6 @@
-"""experiments.gaps: the summary over seeds (in process), and the command end to end on the smoke
-run of the real MNIST subset: the ordering log p^ >= L[q*] >= L[q], resume after a kill, refused
-settings and bad input (exit 2, nothing written)."""
+"""experiments.gaps: the summary over seeds and the settings (in process, fast), and the command
+end to end on the smoke run (slow): the ordering log p^ >= L[q*] >= L[q], resume after a kill,
+refused settings and bad input (exit 2, nothing written)."""
 
 import json
 import os
