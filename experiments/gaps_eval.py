@@ -152,8 +152,8 @@ def _kind(params) -> str | None:
 
 
 def _restore(workdir: str, name: str, seed: int) -> tuple[dict, dict, str]:
-  """best_params and frozen of DIR/checkpoints/{name}_seed{seed}'s latest training state, as
-  saved, and "{directory} step {step}"."""
+  """best_params and frozen (None if absent) of DIR/checkpoints/{name}_seed{seed}'s latest
+  training state, as saved, and "{directory} step {step}"."""
   directory = os.path.join(workdir, "checkpoints", f"{name}_seed{seed}")
   if not os.path.isdir(directory):
     raise common.ConfigError(f"{directory} is missing: results.json lists model {name!r} for "
@@ -175,7 +175,7 @@ def _restore(workdir: str, name: str, seed: int) -> tuple[dict, dict, str]:
     manager.close()
   if not isinstance(state, dict) or not isinstance(state.get("best_params"), dict):
     raise common.ConfigError(f"{directory} does not hold a training state with best_params.")
-  return state["best_params"], state.get("frozen") or {}, f"{directory} step {step}"
+  return state["best_params"], state.get("frozen"), f"{directory} step {step}"
 
 
 def _check_shapes(tree, expected, where: str, workdir: str) -> None:
@@ -199,6 +199,12 @@ def load_model(model: Model, workdir: str, name: str, seed: int) -> Loaded:
   if kind is None:
     raise common.ConfigError(f"{where}: model {name!r} has parameters {sorted(params)}, none of "
                              "the shapes this command can measure (a VAE, an IA-VAE, a control).")
+  if kind == "vae":
+    frozen = {}
+  elif frozen is None:   # written before training states held their frozen inputs: the VAE's
+    vae = _restore(workdir, "vae", seed)[0]
+    frozen = ({"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]} if kind == "iavae"
+              else {"batch_stats": vae["batch_stats"]})
   key, x0 = jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))
   encoder = jax.eval_shape(model.encoder.init, key, x0)
   decoder = jax.eval_shape(model.decoder.init, key, x0,
@@ -494,7 +500,8 @@ def summarize(per_job: dict, names: list, seeds: list, config: GapsConfig) -> di
     elbo, elbo_qstar, log_px = values(mean("elbo")), values(mean("elbo_qstar")), values(
         mean("log_px"))
     amortization[name] = [a - b for a, b in zip(elbo_qstar, elbo)]
-    per_example = lambda job, phase: job["seconds"][phase] / max(job["examples_done"], 1)
+    per_example = lambda job, phase: job["seconds"][phase] / max(
+        job["convergence_done" if phase == "qstar_doubled" else "examples_done"], 1)
     encode = values(lambda job: per_example(job, "encode"))
     refine_step = values(lambda job: per_example(job, "refine") / max(steps))
     curve = values(lambda job: np.mean(job["refinement_elbo"], axis=0).tolist())

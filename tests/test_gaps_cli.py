@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import chex
 import numpy as np
 import pytest
 
@@ -241,3 +242,31 @@ def test_a_workdir_without_a_run_is_refused(tmp_path):
   result = run("experiments.gaps", f"--workdir={missing}")
   assert result.returncode == 2 and "no finished experiments.images run" in result.stderr
   assert not missing.exists()
+
+
+@pytest.mark.slow
+def test_checkpoints_without_frozen_inputs_take_the_vaes(smoke_run, tmp_path):
+  # Training states written before they held their frozen inputs: the IA-VAE's phi_AVI and the
+  # batch-norm statistics are then the seed's VAE's, which is what newer states hold.
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from experiments import gaps as gaps_command  # pylint: disable=g-import-not-at-top
+  from experiments.images_train import Model  # pylint: disable=g-import-not-at-top
+  workdir = _copy_run(smoke_run[1], tmp_path / "run")
+  model = Model(gaps_command.run_config(workdir))
+  for name in ("iavae", "control"):
+    directory = os.path.join(workdir, "checkpoints", f"{name}_seed0")
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step()
+    state = manager.restore(step, args=ocp.args.StandardRestore())
+    manager.close()
+    shutil.rmtree(directory)
+    manager = ocp.CheckpointManager(directory)
+    manager.save(step, args=ocp.args.StandardSave({k: v for k, v in state.items()
+                                                   if k != "frozen"}))
+    manager.wait_until_finished()
+    manager.close()
+    legacy = gaps_eval.load_model(model, workdir, name, 0)
+    current = gaps_eval.load_model(model, smoke_run[1], name, 0)
+    assert legacy.kind == current.kind == name
+    chex.assert_trees_all_equal(legacy.frozen, current.frozen)
+    chex.assert_trees_all_equal(legacy.params, current.params)
