@@ -11,12 +11,14 @@ The examples are the first N images of the test split (``images.load``'s, permut
 not capped by max_test, so its first max_test images are those results.json was evaluated on).
 Each example's random inputs come from (seed, example index) alone, so every model of a seed
 sees the same noise (the model comparisons are paired), and results do not depend on
---batch_size or on interruptions. Per example, with that model's decoder fixed:
+--batch_size or on interruptions (up to rounding). Per example, with that model's decoder fixed:
   L[q]    : the encoder's ELBO, final_samples samples;
-  L[q*]   : iavae_jax.gaps.optimize_gaussian from the encoder's output, then final_samples samples
-            (the same noise as L[q]);
+  L[q*]   : iavae_jax.gaps' search for q* from the encoder's output (driven from Python over
+            jitted steps, as ``gaps.drive_search``), then final_samples samples (the same noise
+            as L[q]);
   log p^  : iavae_jax.gaps.log_px_estimate with q* as the proposal, iwae_samples samples;
-  refinement: iavae_jax.gaps.refine from the encoder's output, the ELBO after each K (K = 0 is
+  refinement: iavae_jax.gaps' refinement from the encoder's output (``gaps.drive_refinement``),
+            the ELBO after each K (K = 0 is
             the encoder's) with refine_eval_samples samples (the noise of L[q]: with as many
             samples as L[q], the K = 0 point is L[q] itself);
   convergence: on the first convergence_examples examples, q* again with twice the patience and
