@@ -76,9 +76,9 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
   start = time.time()
   model = Model(image_config)
   seeds, names = run_models(workdir)
-  loaded = {(name, seed): load_model(model, workdir, name, seed)
+  train, test = run_images(image_config, workdir, data_dir)
+  loaded = {(name, seed): load_model(model, workdir, name, seed, train)
             for seed in seeds for name in names}
-  test = test_images(image_config, workdir, data_dir)
   num_examples = min(config.num_examples or test.shape[0], test.shape[0])
   if config.num_examples > test.shape[0]:
     print(f"note: the test split has {test.shape[0]} images; measuring all of them "
@@ -193,9 +193,19 @@ def _check_shapes(tree, expected, where: str, workdir: str) -> None:
         "edited? Restore it, or rerun experiments.images in a new workdir.")
 
 
-def load_model(model: Model, workdir: str, name: str, seed: int) -> Loaded:
+def load_model(model: Model, workdir: str, name: str, seed: int, train: np.ndarray) -> Loaded:
   """Model ``name`` of ``seed``: its best parameters and frozen inputs, checked against the
-  configuration, and the encoder of its kind (see the module docstring)."""
+  configuration, and the encoder of its kind (see the module docstring). The mean-context
+  IA-VAE is the seed's IA-VAE with the hypernetwork's input averaged over ``train`` (the run's
+  training split, as images_train evaluated it); ``vae_matched`` has its widened encoder."""
+  if name == images_train.MEAN_CONTEXT:
+    iavae = load_model(model, workdir, "iavae", seed, train)
+    frozen = {**iavae.frozen,
+              "mean_context": images_train.mean_context(model, iavae.frozen, jnp.asarray(train))}
+    return iavae._replace(frozen=frozen, checkpoint=f"{iavae.checkpoint} (mean context)")
+  spec = images_train.MODEL_SPECS.get(name)
+  if spec is not None and spec.matched:
+    model = images_train.matched_model(model)
   params, frozen, where = _restore(workdir, name, seed)
   kind = _kind(params)
   if kind is None:
@@ -209,6 +219,7 @@ def load_model(model: Model, workdir: str, name: str, seed: int) -> Loaded:
               else {"batch_stats": vae["batch_stats"]})
   key, x0 = jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))
   encoder = jax.eval_shape(model.encoder.init, key, x0)
+  encoder.setdefault("batch_stats", {})   # none for an encoder without batch norm
   decoder = jax.eval_shape(model.decoder.init, key, x0,
                            jnp.zeros((1, model.config.latent_dim)))["params"]
   if kind == "vae":
@@ -227,9 +238,11 @@ def load_model(model: Model, workdir: str, name: str, seed: int) -> Loaded:
   return Loaded(kind, params, frozen, images_train.stage_encode(model, kind, frozen), where)
 
 
-def test_images(config: ImageConfig, workdir: str, data_dir: str | None) -> np.ndarray:
-  """The run's test split [N, 28, 28] in {0, 1}, read where DIR/data.json says (or data_dir),
-  refused if it is not the data the run recorded."""
+def run_images(config: ImageConfig, workdir: str, data_dir: str | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """The run's training images [n, 28, 28] (grey, capped by max_train as the run used them) and
+  its test split [N, 28, 28] in {0, 1} (not capped), read where DIR/data.json says (or
+  data_dir), refused if they are not the data the run recorded."""
   recorded = _read_json(os.path.join(workdir, "data.json"))
   source = recorded.get("source", "auto")
   if data_dir is None:
@@ -245,7 +258,7 @@ def test_images(config: ImageConfig, workdir: str, data_dir: str | None) -> np.n
     raise common.ConfigError(f"the data read from {data_dir} are not those of the run in "
                              f"{workdir} (recorded {recorded}, read {data.info}); pass the run's "
                              "--data_dir.")
-  return data.test
+  return images_train.subset(data, config).train, data.test
 
 
 def prepare_output(workdir: str, config: GapsConfig, num_examples: int) -> str:
@@ -301,7 +314,7 @@ class Functions:
   """The jitted pieces of the measurements, each over a chunk of examples x [B, 28, 28, 1] with
   per-example keys [B, 2] (see example_keys) or per-example states. The optimisations are driven
   from Python over jitted steps (iavae_jax.gaps.drive_search, drive_refinement). The decoder's
-  functions serve every model; the encoders are per kind."""
+  functions serve every model; the encoders are per encoder function."""
 
   def __init__(self, model: Model, config: GapsConfig):
     self.model, self.config = model, config
@@ -348,7 +361,7 @@ class Functions:
 
   def compile(self, loaded: Loaded, x: jax.Array, keys: jax.Array) -> None:
     """Compiles every function a chunk like x [B, 28, 28, 1] calls, without running any (each
-    once per run, the encoder once per kind)."""
+    once per run, the encoder once per encoder function)."""
     decoder = loaded.params["decoder"]
     mean, log_var = self.encode(loaded).compile(loaded.params, loaded.frozen, x)
     search = self.qstar_start.compile(decoder, x, mean, log_var, keys)
@@ -362,9 +375,12 @@ class Functions:
     self.refine_eval.compile(decoder, x, curve, curve, keys)
 
   def encode(self, loaded: Loaded):
-    if loaded.kind not in self.encoders:
-      self.encoders[loaded.kind] = _Compiled(loaded.encode)
-    return self.encoders[loaded.kind]
+    """The compiled encoder of a loaded model, shared by the models of one encoder function and
+    frozen-input structure (the seeds of a model; the mean-context IA-VAE has its own)."""
+    key = (loaded.encode, jax.tree.structure(loaded.frozen))
+    if key not in self.encoders:
+      self.encoders[key] = _Compiled(loaded.encode)
+    return self.encoders[key]
 
   def optimal_gaussian(self, decoder, x, mean, log_var, keys, count: int,
                        doubled: bool = False) -> gaps.QStar:

@@ -265,8 +265,8 @@ def test_checkpoints_without_frozen_inputs_take_the_vaes(smoke_run, tmp_path):
                                                    if k != "frozen"}))
     manager.wait_until_finished()
     manager.close()
-    legacy = gaps_eval.load_model(model, workdir, name, 0)
-    current = gaps_eval.load_model(model, smoke_run[1], name, 0)
+    legacy = gaps_eval.load_model(model, workdir, name, 0, None)
+    current = gaps_eval.load_model(model, smoke_run[1], name, 0, None)
     assert legacy.kind == current.kind == name
     chex.assert_trees_all_equal(legacy.frozen, current.frozen)
     chex.assert_trees_all_equal(legacy.params, current.params)
