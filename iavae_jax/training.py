@@ -175,7 +175,8 @@ def make_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation):
 
 def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
                   optimizer: optax.GradientTransformation, schedule: Schedule,
-                  parallel: Optional[parallel_lib.Parallel] = None):
+                  parallel: Optional[parallel_lib.Parallel] = None,
+                  examples_last: bool = False):
   """Returns epoch(state, data, order) -> (state, EpochMetrics) for one model of a population:
   one pure function (steps under lax.scan) to be jitted, vmapped over a population and scanned
   over epochs (``train_population``).
@@ -183,22 +184,30 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
   order: [num_steps * batch_size] example indices for this epoch. A model that is done passes
   through unchanged. With a ``parallel`` in ``data`` mode, every batch is split over its devices
   (the caller places states and data with ``parallel.shared``; ``train_population`` does).
+
+  With ``examples_last``, loss_fn and score_fn see their examples along the last axis: x_batch
+  [..., B] and data [..., N] (``data`` is still passed as [N, ...]; it is transposed once per
+  epoch). For models written to vectorise over a trailing example axis on CPU.
   """
   step = make_step_fn(loss_fn, optimizer)
 
   def epoch(state: TrainState, data: jax.Array, order: jax.Array):
     num_steps = order.shape[0] // schedule.batch_size
     key, noise_key = jax.random.split(state.key)
-    batches = data[order.reshape(num_steps, schedule.batch_size)]
-    if parallel is not None and parallel.mode == "data":   # [steps, batch, ...]: split batch
+    batches = data[order.reshape(num_steps, schedule.batch_size)]   # [steps, batch, ...]
+    if examples_last:
+      batches = jnp.moveaxis(batches, 1, -1)
+    if parallel is not None and parallel.mode == "data":   # split the batch axis
       batches = jax.lax.with_sharding_constraint(
-          batches, parallel.batch_sharding(1, batches.ndim))
+          batches, parallel.batch_sharding(batches.ndim - 1 if examples_last else 1,
+                                           batches.ndim))
     noise = noise_fn(noise_key, num_steps, state.epoch)
     (params, opt_state), steps = jax.lax.scan(
         functools.partial(step, state.frozen), (state.params, state.opt_state), (batches, noise))
     trained = state._replace(params=params, opt_state=opt_state, key=key,
                              step=state.step + num_steps)
-    return end_epoch(state, trained, steps, score_fn(params, state.frozen, data), schedule)
+    score = score_fn(params, state.frozen, jnp.moveaxis(data, 0, -1) if examples_last else data)
+    return end_epoch(state, trained, steps, score, schedule)
   return epoch
 
 
@@ -231,16 +240,36 @@ def train_model(epoch_fn, state: TrainState, data: jax.Array, order_seed, schedu
   return state
 
 
+# How XLA:CPU compiles a population, measured on the synthetic ones (benchmarks/synthetic_step.py):
+# its YNNPACK library reductions and its newer fusion emitters are both several times slower
+# than XLA's own loop code for many small reductions (over a few features or one batch).
+_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
+                         "xla_cpu_use_fusion_emitters": False}
+
+
+@functools.cache
+def population_compiler_options() -> dict:
+  """_CPU_COMPILER_OPTIONS on CPU, less any this XLA does not know; nothing elsewhere."""
+  if jax.default_backend() != "cpu":
+    return {}
+  def known(name, value):
+    try:
+      jax.jit(lambda a: a + 1, compiler_options={name: value}).lower(1.0).compile()
+      return True
+    except Exception:  # pylint: disable=broad-except  (XLA raises a plain runtime error)
+      return False
+  return {k: v for k, v in _CPU_COMPILER_OPTIONS.items() if known(k, v)}
+
+
 @functools.lru_cache(maxsize=None)  # one jitted function per epoch_fn: compiled once
 def make_population_step(epoch_fn):
   """jit(states, data, orders [E, M, n]) -> (states, metrics [E, M]): E epochs of a population
   of M models, vmapped over models (data shared), scanned over epochs."""
   population_epoch = jax.vmap(epoch_fn, in_axes=(0, None, 0))
 
-  @jax.jit
   def run(states, data, orders):
     return jax.lax.scan(lambda s, order: population_epoch(s, data, order), states, orders)
-  return run
+  return jax.jit(run, compiler_options=population_compiler_options())
 
 
 def data_orders(order_seeds: np.ndarray, first_epoch: int, num_epochs: int, num_examples: int,
@@ -286,12 +315,23 @@ def train_population(epoch_fn, states: TrainState, data: jax.Array, order_seeds:
     unplace = lambda tree, axis=0: jax.tree.map(
         lambda a: np.take(a, np.arange(num_models), axis=axis), parallel_lib.to_host(tree))
   run = make_population_step(epoch_fn)
+  all_done = lambda states: bool(np.all(parallel_lib.to_host(is_done(states, schedule))))
+  if all_done(states):
+    return unplace(states)
   epoch = int(jnp.max(parallel_lib.to_host(states.epoch)))
-  orders = data_orders(order_seeds, epoch, epochs_per_call, data.shape[0], schedule.batch_size)
-  while not bool(np.all(parallel_lib.to_host(is_done(states, schedule)))):
-    states, metrics = run(states, data, place_orders(orders))   # dispatched async
+  orders = lambda epoch: place_orders(data_orders(order_seeds, epoch, epochs_per_call,
+                                                  data.shape[0], schedule.batch_size))
+  chunk = run(states, data, orders(epoch))   # dispatched asynchronously
+  while True:
+    # The host draws the next chunk's data order while the device runs this one, and runs
+    # on_chunk (progress, checkpoints) while the device runs the next: the device never waits.
     epoch += epochs_per_call
-    orders = data_orders(order_seeds, epoch, epochs_per_call, data.shape[0], schedule.batch_size)
+    next_orders = orders(epoch)
+    states, metrics = chunk
+    done = all_done(states)
+    if not done:
+      chunk = run(states, data, next_orders)
     if on_chunk is not None:
       on_chunk(unplace(states), unplace(metrics, axis=1))   # metrics: [epochs, models]
-  return unplace(states)
+    if done:
+      return unplace(states)
