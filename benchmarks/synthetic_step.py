@@ -8,12 +8,12 @@ For each stage (10 VAEs, 100 IA-VAEs, the 30-model width sweep) builds the popul
 experiments.synthetic_train in five variants:
   vmapped               the Flax modules applied per example under vmap, XLA's default CPU
                         options (how the populations trained before);
-  vmapped_tuned         the same, compiled with training.population_compiler_options();
+  vmapped_no_ynn        the same without XLA:CPU's YNNPACK reductions;
   examples_last_default the examples-last encoders (encoders.mlp_encode_examples_last), XLA's
                         default options;
-  examples_last_no_ynn  the same without XLA:CPU's YNNPACK reductions only;
-  examples_last         the examples-last encoders with population_compiler_options() (how the
-                        populations train now).
+  examples_last_no_ynn  the same without YNNPACK reductions (population_compiler_options());
+  examples_last_loop    and with XLA's loop emitters (population_compiler_options(True)).
+synthetic_train.LOOP_EMITTERS says which of the last two each stage trains with.
 Each variant is one jitted call of --epochs epochs of the whole population (early stopping off),
 compiled first, then timed interleaved with the others so that machine noise hits all alike:
 wall seconds and the process's CPU seconds (all threads), which a busy machine distorts less.
@@ -32,11 +32,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("epochs", 3, "Epochs per timed call.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per variant (after one compiling call).")
 
-# name: (examples last, compiler options: None for XLA's defaults, "tuned" for the population's)
-VARIANTS = {"vmapped": (False, None), "vmapped_tuned": (False, "tuned"),
-            "examples_last_default": (True, None),
-            "examples_last_no_ynn": (True, {"xla_cpu_experimental_ynn_fusion_type": ""}),
-            "examples_last": (True, "tuned")}
+# name: (examples last, None for XLA's default options, else the loop_emitters argument of
+# training.population_compiler_options)
+VARIANTS = {"vmapped": (False, None), "vmapped_no_ynn": (False, False),
+            "examples_last_default": (True, None), "examples_last_no_ynn": (True, False),
+            "examples_last_loop": (True, True)}
 
 
 def main(argv):
@@ -90,8 +90,8 @@ def main(argv):
       population_epoch = jax.vmap(epoch_fn, in_axes=(0, None, 0))
       run = jax.jit(lambda s, d, o, population_epoch=population_epoch: jax.lax.scan(
           lambda s, order: population_epoch(s, d, order), s, o),
-                    compiler_options=training.population_compiler_options()
-                    if options == "tuned" else options)
+                    compiler_options=None if options is None
+                    else training.population_compiler_options(options))
       states = jax.vmap(lambda p, k, f: training.init_state(p, optimizer, k, f))(
           params, keys, frozen)
       call = lambda run=run, states=states, orders=orders: run(states, x, orders)
@@ -119,9 +119,11 @@ def main(argv):
           "wall_s_per_epoch": round(w, 5), "cpu_s_per_epoch": round(c, 5),
           "wall_ratio": round(statistics.median(wall[stage, "vmapped"]) / w, 2),
           "cpu_ratio": round(statistics.median(cpu[stage, "vmapped"]) / c, 2)}
+      trains = VARIANTS[variant] == (True, synthetic_train.LOOP_EMITTERS[stage])
       print(f"{stage:>5} {variant:>21}: {w * 1e3:7.1f} ms wall, {c * 1e3:7.1f} ms CPU per epoch "
             f"(vmapped / this: wall {result[stage][variant]['wall_ratio']}x, "
-            f"CPU {result[stage][variant]['cpu_ratio']}x)", flush=True)
+            f"CPU {result[stage][variant]['cpu_ratio']}x){'  <- trains' if trains else ''}",
+            flush=True)
   print(json.dumps(result))
 
 

@@ -123,7 +123,10 @@ def run_command(argv: list[str], body: Callable[[], Any]) -> None:
   try:
     if "tensorboard" in flags.FLAGS:
       check_tensorboard()
-    body()
+    try:
+      body()
+    finally:   # before the interpreter shuts down (Orbax then refuses to start a save)
+      Background.stop_unfinished()
   except (ConfigError, RunError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
@@ -478,11 +481,13 @@ class Background:
   For work that needs nothing from the main thread's: XLA runs both threads' computations at
   once, so on a CPU each gets a core. result() waits and returns fn's value (or raises its
   exception). fn should check cancelled() often (a stage checks it after every chunk) and then
-  raise Cancelled: a process that ends early (an error or Ctrl-C in the main thread) asks every
-  unfinished task to stop and waits for it at exit, since JAX aborts a process that exits while
-  another thread is inside XLA. What a stopped stage checkpointed resumes like a killed run's.
+  raise Cancelled: a command that ends early (an error or Ctrl-C in the main thread) asks every
+  unfinished task to stop and waits for it (``run_command`` does, and an exit hook), since JAX
+  aborts a process that exits while another thread is inside XLA. What a stopped stage
+  checkpointed resumes like a killed run's.
   """
   _unfinished = set()
+  _exit_hook = False
 
   def __init__(self, fn: Callable[[Callable[[], bool]], Any]):
     self._stop = threading.Event()
@@ -495,8 +500,8 @@ class Background:
         self._outcome["error"] = e
     # A daemon thread, so that the interpreter reaches the exit hook below instead of waiting.
     self._thread = threading.Thread(target=run, name="background", daemon=True)
-    if not Background._unfinished:
-      atexit.register(Background._stop_unfinished)   # after JAX's: runs before it
+    if not Background._exit_hook:   # registered after JAX's, so it runs before JAX's
+      Background._exit_hook = bool(atexit.register(Background.stop_unfinished))
     Background._unfinished.add(self)
     self._thread.start()
 
@@ -508,7 +513,8 @@ class Background:
     return self._outcome["value"]
 
   @staticmethod
-  def _stop_unfinished() -> None:
+  def stop_unfinished() -> None:
+    """Asks every unfinished task to stop, and waits for it."""
     for task in list(Background._unfinished):
       task._stop.set()
       task._thread.join()

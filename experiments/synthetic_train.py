@@ -34,6 +34,9 @@ STAGE_IDS = {"vae": 1, "iavae": 2, "sweep": 3}
 # How errors name a model of a stage, from its index tuple (see model_keys).
 MODEL_NAMES = {"vae": "VAE seed {}", "iavae": "IA-VAE seed {1} on VAE seed {0}",
                "sweep": "sweep VAE of width {} (seed {})"}
+# Which stages compile with XLA:CPU's loop emitters (training.population_compiler_options): the
+# IA-VAEs' epochs ran 1.3x faster with them, the VAEs' 1.3x slower (benchmarks/synthetic_step.py).
+LOOP_EMITTERS = {"vae": False, "iavae": True, "sweep": False}
 # encode(params, frozen, x [B, 3]) -> (mean [B, 2], log_var [B, 2]): the models as the paper
 # defines them, one example at a time (Flax modules, vmapped); evaluation uses these.
 EncodeFn = Callable
@@ -68,11 +71,12 @@ def iavae_train_encode(layout: blocks.BlockLayout) -> TrainEncodeFn:
 
 
 def make_epoch_fn(config: SyntheticConfig, encode: TrainEncodeFn,
-                  parallel: parallel_lib.Parallel | None = None, examples_last: bool = True):
+                  parallel: parallel_lib.Parallel | None = None, examples_last: bool = True,
+                  compiler_options: dict | None = None):
   """The training epoch: S-sample Monte Carlo ELBO for the gradient, exact ELBO monitored.
 
   ``encode`` is a TrainEncodeFn, or an EncodeFn with ``examples_last=False`` (benchmarks and
-  tests compare the two)."""
+  tests compare the two). ``compiler_options``: see ``training.make_epoch_fn``."""
   rows = (lambda a: a.T) if examples_last else (lambda a: a)   # [features, examples] -> [ex, f]
 
   def noise_fn(key, num_steps, unused_epoch):
@@ -92,7 +96,8 @@ def make_epoch_fn(config: SyntheticConfig, encode: TrainEncodeFn,
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   optimizer = optax.adam(config.learning_rate)
   return training.make_epoch_fn(noise_fn, loss_fn, score_fn, optimizer, schedule,
-                                parallel=parallel, examples_last=examples_last), optimizer
+                                parallel=parallel, examples_last=examples_last,
+                                compiler_options=compiler_options), optimizer
 
 
 def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...]]):
@@ -109,7 +114,9 @@ def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: TrainE
                 tensorboard: bool = False, cancelled=None) -> training.TrainState:
   """Trains (or resumes, or just loads) one population; returns its final states. frozen: the
   models' frozen encoders, stacked (None for VAEs)."""
-  epoch_fn, optimizer = make_epoch_fn(config, encode, parallel)
+  epoch_fn, optimizer = make_epoch_fn(
+      config, encode, parallel,
+      compiler_options=training.population_compiler_options(LOOP_EMITTERS[name]))
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   states = jax.vmap(lambda p, k, f: training.init_state(p, optimizer, k, f))(
       params, train_keys, frozen)

@@ -176,7 +176,7 @@ def make_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation):
 def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
                   optimizer: optax.GradientTransformation, schedule: Schedule,
                   parallel: Optional[parallel_lib.Parallel] = None,
-                  examples_last: bool = False):
+                  examples_last: bool = False, compiler_options: Optional[dict] = None):
   """Returns epoch(state, data, order) -> (state, EpochMetrics) for one model of a population:
   one pure function (steps under lax.scan) to be jitted, vmapped over a population and scanned
   over epochs (``train_population``).
@@ -188,15 +188,20 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
   With ``examples_last``, loss_fn and score_fn see their examples along the last axis: x_batch
   [..., B] and data [..., N] (``data`` is still passed as [N, ...]; it is transposed once per
   epoch). For models written to vectorise over a trailing example axis on CPU.
+
+  ``compiler_options`` (default ``population_compiler_options()``) go to XLA with the
+  population's epochs; the returned function carries them as its ``compiler_options``.
   """
   step = make_step_fn(loss_fn, optimizer)
 
   def epoch(state: TrainState, data: jax.Array, order: jax.Array):
     num_steps = order.shape[0] // schedule.batch_size
     key, noise_key = jax.random.split(state.key)
-    batches = data[order.reshape(num_steps, schedule.batch_size)]   # [steps, batch, ...]
-    if examples_last:
-      batches = jnp.moveaxis(batches, 1, -1)
+    indices = order.reshape(num_steps, schedule.batch_size)
+    if examples_last:   # gathered from [..., N], so that the examples stay the minor axis
+      batches = jnp.moveaxis(jnp.moveaxis(data, 0, -1)[..., indices], -2, 0)   # [steps, ..., B]
+    else:
+      batches = data[indices]   # [steps, batch, ...]
     if parallel is not None and parallel.mode == "data":   # split the batch axis
       batches = jax.lax.with_sharding_constraint(
           batches, parallel.batch_sharding(batches.ndim - 1 if examples_last else 1,
@@ -208,6 +213,8 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
                              step=state.step + num_steps)
     score = score_fn(params, state.frozen, jnp.moveaxis(data, 0, -1) if examples_last else data)
     return end_epoch(state, trained, steps, score, schedule)
+  epoch.compiler_options = (population_compiler_options() if compiler_options is None
+                            else compiler_options)
   return epoch
 
 
@@ -240,36 +247,38 @@ def train_model(epoch_fn, state: TrainState, data: jax.Array, order_seed, schedu
   return state
 
 
-# How XLA:CPU compiles a population, measured on the synthetic ones (benchmarks/synthetic_step.py):
-# its YNNPACK library reductions and its newer fusion emitters are both several times slower
-# than XLA's own loop code for many small reductions (over a few features or one batch).
-_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
-                         "xla_cpu_use_fusion_emitters": False}
-
-
 @functools.cache
-def population_compiler_options() -> dict:
-  """_CPU_COMPILER_OPTIONS on CPU, less any this XLA does not know; nothing elsewhere."""
+def population_compiler_options(loop_emitters: bool = False) -> dict:
+  """How XLA compiles a population's epochs (``make_epoch_fn``): on CPU, without its YNNPACK
+  library reductions, several times slower for a population's many small reductions (over a few
+  features or one batch); with ``loop_emitters``, with XLA's older loop emitters instead of its
+  fusion emitters (faster for some models, slower for others: benchmarks/synthetic_step.py).
+  Options this XLA does not know are left out; elsewhere than on CPU, none."""
   if jax.default_backend() != "cpu":
     return {}
+  wanted = {"xla_cpu_experimental_ynn_fusion_type": ""}
+  if loop_emitters:
+    wanted["xla_cpu_use_fusion_emitters"] = False
+
   def known(name, value):
     try:
       jax.jit(lambda a: a + 1, compiler_options={name: value}).lower(1.0).compile()
       return True
     except Exception:  # pylint: disable=broad-except  (XLA raises a plain runtime error)
       return False
-  return {k: v for k, v in _CPU_COMPILER_OPTIONS.items() if known(k, v)}
+  return {k: v for k, v in wanted.items() if known(k, v)}
 
 
 @functools.lru_cache(maxsize=None)  # one jitted function per epoch_fn: compiled once
 def make_population_step(epoch_fn):
   """jit(states, data, orders [E, M, n]) -> (states, metrics [E, M]): E epochs of a population
-  of M models, vmapped over models (data shared), scanned over epochs."""
+  of M models, vmapped over models (data shared), scanned over epochs, compiled with the
+  epoch_fn's ``compiler_options``."""
   population_epoch = jax.vmap(epoch_fn, in_axes=(0, None, 0))
 
   def run(states, data, orders):
     return jax.lax.scan(lambda s, order: population_epoch(s, data, order), states, orders)
-  return jax.jit(run, compiler_options=population_compiler_options())
+  return jax.jit(run, compiler_options=epoch_fn.compiler_options)
 
 
 def data_orders(order_seeds: np.ndarray, first_epoch: int, num_epochs: int, num_examples: int,
