@@ -85,15 +85,15 @@ def linear_hypernet_deltas_examples_last(psi: PyTree, layout: BlockLayout,
 
   psi: a LinearHypernet's parameters; x: [d, B] -> a tree shaped like the encoder's parameters,
   each leaf with a trailing batch axis ([*shape_l, B]), equal (up to float rounding) to vmapping
-  ``LinearHypernet.apply`` over the examples. Block l's delta is W_x[:d_l] x + (W_e e_l + b)[:d_l]:
-  the x-part is computed for each block's own rows, as products summed over the d inputs, so no
-  per-example array is sliced (slicing one makes its gradient a padded sum that XLA:CPU fuses
-  into a slow loop). For training populations on CPU, with ``mlp_encode_examples_last``.
+  ``LinearHypernet.apply`` over the examples: block l's delta is (W_x x + W_e e_l + b)[:d_l], the
+  x-part once per example and the rest once per call, every product summed over its few inputs
+  (no matmul). For training populations on CPU, with ``mlp_encode_examples_last``.
   """
   d = x.shape[0]
   w_x, w_e = psi["W"][:, :d], psi["W"][:, d:]
+  x_part = jnp.sum(w_x[:, :, None] * x, axis=1)   # [d_max, B]
   shared = jnp.sum(psi["block_embeddings"][:, None, :] * w_e, axis=-1) + psi["b"]  # [L, d_max]
-  leaves = [(jnp.sum(w_x[:size, :, None] * x, axis=1) + shared[l, :size, None]).reshape(*shape, -1)
+  leaves = [(x_part[:size] + shared[l, :size, None]).reshape(*shape, -1)
             for l, (size, shape) in enumerate(zip(layout.sizes, layout.shapes))]
   return jax.tree.unflatten(layout.treedef, leaves)
 
