@@ -11,8 +11,8 @@ experiments.synthetic_train in five variants:
   vmapped_no_ynn        the same without XLA:CPU's YNNPACK reductions;
   examples_last_default the examples-last encoders (encoders.mlp_encode_examples_last), XLA's
                         default options;
-  examples_last_no_ynn  the same without YNNPACK reductions (population_compiler_options());
-  examples_last_loop    and with XLA's loop emitters (population_compiler_options(True)).
+  examples_last_no_ynn  the same without YNNPACK reductions (cpu_compiler_options());
+  examples_last_loop    and with XLA's loop emitters (cpu_compiler_options(True)).
 synthetic_train.LOOP_EMITTERS says which of the last two each stage trains with.
 Each variant is one jitted call of --epochs epochs of the whole population (early stopping off),
 compiled first, then timed interleaved with the others so that machine noise hits all alike:
@@ -33,7 +33,7 @@ flags.DEFINE_integer("epochs", 3, "Epochs per timed call.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per variant (after one compiling call).")
 
 # name: (examples last, None for XLA's default options, else the loop_emitters argument of
-# training.population_compiler_options)
+# training.cpu_compiler_options)
 VARIANTS = {"vmapped": (False, None), "vmapped_no_ynn": (False, False),
             "examples_last_default": (True, None), "examples_last_no_ynn": (True, False),
             "examples_last_loop": (True, True)}
@@ -91,7 +91,7 @@ def main(argv):
       run = jax.jit(lambda s, d, o, population_epoch=population_epoch: jax.lax.scan(
           lambda s, order: population_epoch(s, d, order), s, o),
                     compiler_options=None if options is None
-                    else training.population_compiler_options(options))
+                    else training.cpu_compiler_options(options))
       states = jax.vmap(lambda p, k, f: training.init_state(p, optimizer, k, f))(
           params, keys, frozen)
       call = lambda run=run, states=states, orders=orders: run(states, x, orders)

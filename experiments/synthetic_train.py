@@ -34,7 +34,7 @@ STAGE_IDS = {"vae": 1, "iavae": 2, "sweep": 3}
 # How errors name a model of a stage, from its index tuple (see model_keys).
 MODEL_NAMES = {"vae": "VAE seed {}", "iavae": "IA-VAE seed {1} on VAE seed {0}",
                "sweep": "sweep VAE of width {} (seed {})"}
-# Which stages compile with XLA:CPU's loop emitters (training.population_compiler_options): the
+# Which stages compile with XLA:CPU's loop emitters (training.cpu_compiler_options): the
 # IA-VAEs' epochs ran 1.3x faster with them, the VAEs' 1.3x slower (benchmarks/synthetic_step.py).
 LOOP_EMITTERS = {"vae": False, "iavae": True, "sweep": False}
 # encode(params, frozen, x [B, 3]) -> (mean [B, 2], log_var [B, 2]): the models as the paper
@@ -116,7 +116,7 @@ def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: TrainE
   models' frozen encoders, stacked (None for VAEs)."""
   epoch_fn, optimizer = make_epoch_fn(
       config, encode, parallel,
-      compiler_options=training.population_compiler_options(LOOP_EMITTERS[name]))
+      compiler_options=training.cpu_compiler_options(LOOP_EMITTERS[name]))
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   states = jax.vmap(lambda p, k, f: training.init_state(p, optimizer, k, f))(
       params, train_keys, frozen)
@@ -180,7 +180,8 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
     if cancelled():
       raise common.Cancelled("posterior")
     t0 = time.time()
-    summary = jax.jit(lambda x: posterior.summarize(x, config.sigma))(x)
+    summary = jax.jit(lambda x: posterior.summarize(x, config.sigma),
+                      compiler_options=training.cpu_compiler_options())(x)
     init_mean, init_log_var = posterior.laplace_diagonal_init(summary)
     qstar_mean, qstar_log_var = jax.jit(jax.vmap(
         lambda xi, m, lv: posterior.optimal_gaussian(xi, config.sigma, m, lv)))(

@@ -189,7 +189,7 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
   [..., B] and data [..., N] (``data`` is still passed as [N, ...]; it is transposed once per
   epoch). For models written to vectorise over a trailing example axis on CPU.
 
-  ``compiler_options`` (default ``population_compiler_options()``) go to XLA with the
+  ``compiler_options`` (default ``cpu_compiler_options()``) go to XLA with the
   population's epochs; the returned function carries them as its ``compiler_options``.
   """
   step = make_step_fn(loss_fn, optimizer)
@@ -213,7 +213,7 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
                              step=state.step + num_steps)
     score = score_fn(params, state.frozen, jnp.moveaxis(data, 0, -1) if examples_last else data)
     return end_epoch(state, trained, steps, score, schedule)
-  epoch.compiler_options = (population_compiler_options() if compiler_options is None
+  epoch.compiler_options = (cpu_compiler_options() if compiler_options is None
                             else compiler_options)
   return epoch
 
@@ -248,12 +248,13 @@ def train_model(epoch_fn, state: TrainState, data: jax.Array, order_seed, schedu
 
 
 @functools.cache
-def population_compiler_options(loop_emitters: bool = False) -> dict:
-  """How XLA compiles a population's epochs (``make_epoch_fn``): on CPU, without its YNNPACK
-  library reductions, several times slower for a population's many small reductions (over a few
-  features or one batch); with ``loop_emitters``, with XLA's older loop emitters instead of its
-  fusion emitters (faster for some models, slower for others: benchmarks/synthetic_step.py).
-  Options this XLA does not know are left out; elsewhere than on CPU, none."""
+def cpu_compiler_options(loop_emitters: bool = False) -> dict:
+  """XLA options for a population's epochs (``make_epoch_fn``) and other computations made of
+  many small reductions: on CPU, without XLA's YNNPACK library reductions (several times slower
+  for reductions over a few features or one batch, and single-example posterior summaries);
+  with ``loop_emitters``, with XLA's older loop emitters instead of its fusion emitters (faster
+  for some models, slower for others: benchmarks/synthetic_step.py). Options this XLA does not
+  know are left out; elsewhere than on CPU, none."""
   if jax.default_backend() != "cpu":
     return {}
   wanted = {"xla_cpu_experimental_ynn_fusion_type": ""}
