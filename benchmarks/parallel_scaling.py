@@ -58,8 +58,8 @@ def main(argv):
   seconds, finals = {}, {}
   for mode in parallel.MODES:
     par = parallel.Parallel.create(mode)
-    epoch_fn, optimizer = synthetic_train.make_epoch_fn(
-        config, synthetic_train.vae_encode(config.encoder_width), par)
+    epoch_fn, optimizer = synthetic_train.make_epoch_fn(config, synthetic_train.vae_train_encode,
+                                                        par)
     states = jax.vmap(lambda p, k: training.init_state(p, optimizer, k))(params, train_keys)
     train = lambda schedule: jax.block_until_ready(training.train_population(
         epoch_fn, states, x, order_seeds, schedule, config.epochs_per_call, parallel=par))

@@ -1,6 +1,7 @@
 """What every command line shares: flags, usage errors, the workdir contract, progress and
 learning curves, results files."""
 
+import atexit
 import contextlib
 import dataclasses
 import fcntl
@@ -11,6 +12,7 @@ import re
 import socket
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -125,7 +127,10 @@ def run_command(argv: list[str], body: Callable[[], Any]) -> None:
   try:
     if "tensorboard" in flags.FLAGS:
       check_tensorboard()
-    body()
+    try:
+      body()
+    finally:   # before the interpreter shuts down (Orbax then refuses to start a save)
+      Background.stop_unfinished()
   except (ConfigError, RunError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
@@ -326,9 +331,9 @@ class StageLog:
       import tensorboardX  # pylint: disable=g-import-not-at-top  (an optional extra)
       self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard", name))
 
-  def restart_clock(self) -> None:
-    """Starts timing the next chunk (after this one's checkpoint)."""
-    self.chunk_start = time.time()
+  def restart_clock(self, start: float) -> None:
+    """Times the next chunk from ``start`` (a time.time())."""
+    self.chunk_start = start
 
   def chunk(self, epochs_before, epochs_after, metrics, best, done) -> None:
     """Logs a chunk of epochs: per model [M], the epochs completed before and after it, the best
@@ -468,3 +473,53 @@ def markdown_table(header: list[str], rows: list[list]) -> list[str]:
   """A Markdown table's lines: the header, the separator, a line per row (cells as str)."""
   return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
           + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+class Cancelled(Exception):
+  """Raised in a Background task that was asked to stop."""
+
+
+class Background:
+  """Runs fn(cancelled) on a second thread, where cancelled() says whether to stop early.
+
+  For work that needs nothing from the main thread's: XLA runs both threads' computations at
+  once, so on a CPU each gets a core. result() waits and returns fn's value (or raises its
+  exception). fn should check cancelled() often (a stage checks it after every chunk) and then
+  raise Cancelled: a command that ends early (an error or Ctrl-C in the main thread) asks every
+  unfinished task to stop and waits for it (``run_command`` does, and an exit hook), since JAX
+  aborts a process that exits while another thread is inside XLA. What a stopped stage
+  checkpointed resumes like a killed run's.
+  """
+  _unfinished = set()
+  _exit_hook = False
+
+  def __init__(self, fn: Callable[[Callable[[], bool]], Any]):
+    self._stop = threading.Event()
+    self._outcome = {}
+
+    def run():
+      try:
+        self._outcome["value"] = fn(self._stop.is_set)
+      except BaseException as e:  # pylint: disable=broad-except  (re-raised by result())
+        self._outcome["error"] = e
+    # A daemon thread, so that the interpreter reaches the exit hook below instead of waiting.
+    self._thread = threading.Thread(target=run, name="background", daemon=True)
+    if not Background._exit_hook:   # registered after JAX's, so it runs before JAX's
+      Background._exit_hook = bool(atexit.register(Background.stop_unfinished))
+    Background._unfinished.add(self)
+    self._thread.start()
+
+  def result(self) -> Any:
+    self._thread.join()
+    Background._unfinished.discard(self)
+    if "error" in self._outcome:
+      raise self._outcome["error"]
+    return self._outcome["value"]
+
+  @staticmethod
+  def stop_unfinished() -> None:
+    """Asks every unfinished task to stop, and waits for it."""
+    for task in list(Background._unfinished):
+      task._stop.set()
+      task._thread.join()
+    Background._unfinished.clear()

@@ -3,6 +3,8 @@ experiments)."""
 
 import os
 import shutil
+import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,8 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, da
               epochs_per_call: int | None = None,
               model_names: list[str] | None = None,
               parallel: parallel_lib.Parallel | None = None,
-              tensorboard: bool = False) -> training.TrainState:
+              tensorboard: bool = False,
+              cancelled: Callable[[], bool] | None = None) -> training.TrainState:
   """Trains (or resumes, or just loads) the population ``states`` under DIR/checkpoints/NAME,
   ``epochs_per_call`` epochs per jitted call (``training.train_population``); without
   ``epochs_per_call``, ``states`` is one model's, trained by ``training.train_model`` with
@@ -37,6 +40,9 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, da
 
   With a ``parallel``, training uses its devices (see ``iavae_jax.parallel``); checkpoints and
   the returned state are host copies, so a run may resume on another number of devices.
+
+  ``cancelled`` (for a stage run by ``common.Background``) is checked after every chunk; when it
+  returns True the stage raises common.Cancelled, keeping its checkpoints.
   """
   directory = os.path.join(workdir, "checkpoints", name)
   ckpt = checkpoints.Checkpointer(directory, max_to_keep=KEPT_CHECKPOINTS)
@@ -64,6 +70,9 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, da
   epochs_before = [np.asarray(states.epoch).reshape(-1)]
 
   def on_chunk(states, metrics):
+    if cancelled is not None and cancelled():
+      raise common.Cancelled(name)
+    reported = time.time()
     # NumPy copies (gathered if spread over hosts); the whole state only when it is saved.
     metrics, epochs, best, done = parallel_lib.to_host(
         (metrics, states.epoch, states.best_score, training.is_done(states, schedule)))
@@ -82,7 +91,9 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, da
             "permissions, then rerun the same command: it resumes from the last checkpoint "
             f"(epoch {last_saved[0]}).") from e
       last_saved[0] = epoch
-    log.restart_clock()   # the next chunk's time: its training, not this checkpoint
+    # The next chunk's time: a population's next chunk already runs (train_population dispatches
+    # it before calling on_chunk); a single model's next epoch starts after this checkpoint.
+    log.restart_clock(reported if epochs_per_call is not None else time.time())
 
   try:
     if epochs_per_call is not None:

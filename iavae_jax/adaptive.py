@@ -17,6 +17,12 @@ def modulate(phi_avi: PyTree, deltas: PyTree) -> PyTree:
   return jax.tree.map(jnp.add, phi_avi, deltas)
 
 
+def modulate_examples_last(phi_avi: PyTree, deltas: PyTree) -> PyTree:
+  """``modulate`` for per-example deltas with a trailing batch axis ([*shape_l, B]): the
+  parameters of every example, with the same trailing axis."""
+  return jax.tree.map(lambda phi, delta: phi[..., None] + delta, phi_avi, deltas)
+
+
 def adaptive_encoder_params(hypernet_apply: ApplyFn, phi_avi: PyTree, psi: PyTree,
                             x: jax.Array) -> PyTree:
   """The encoder parameters phi(x; psi) for one example x."""

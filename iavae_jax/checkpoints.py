@@ -8,6 +8,7 @@ best by a metric deletes the latest checkpoint when its metric is worse, and res
 """
 
 import os
+import threading
 from typing import Optional
 
 import jax
@@ -15,30 +16,40 @@ import orbax.checkpoint as ocp
 
 from iavae_jax.blocks import PyTree
 
+# Orbax's managers share process-wide state: two saving at once from two threads (two stages
+# training side by side) broke a checkpoint. Every Orbax call here holds this lock.
+_ORBAX = threading.RLock()
+
 
 class Checkpointer:
-  """Saves and restores one PyTree per step under ``directory``, keeping the newest few."""
+  """Saves and restores one PyTree per step under ``directory``, keeping the newest few. Safe to
+  use from several threads (their calls run one at a time)."""
 
   def __init__(self, directory: str, max_to_keep: int = 2):
-    self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    with _ORBAX:
+      self._manager = ocp.CheckpointManager(
+          os.path.abspath(directory),
+          options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
   def latest_step(self) -> Optional[int]:
-    return self._manager.latest_step()
+    with _ORBAX:
+      return self._manager.latest_step()
 
   def save(self, step: int, tree: PyTree) -> None:
     """Saves and waits until the checkpoint is complete on disk."""
-    self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
-    self._manager.wait_until_finished()
+    with _ORBAX:
+      self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
+      self._manager.wait_until_finished()
 
   def restore(self, like: PyTree, step: Optional[int] = None) -> PyTree:
     """Restores ``step`` (default: the latest) into a tree with the structure of ``like``."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self._manager.directory}")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    with _ORBAX:
+      step = self.latest_step() if step is None else step
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint in {self._manager.directory}")
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def close(self) -> None:
-    self._manager.close()
+    with _ORBAX:
+      self._manager.close()

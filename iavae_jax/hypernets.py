@@ -79,6 +79,25 @@ class LinearHypernet(_Hypernet):
     return self.layout.unflatten(rows)
 
 
+def linear_hypernet_deltas_examples_last(psi: PyTree, layout: BlockLayout,
+                                         x: jax.Array) -> PyTree:
+  """LinearHypernet's deltas for a batch whose examples lie along the last axis.
+
+  psi: a LinearHypernet's parameters; x: [d, B] -> a tree shaped like the encoder's parameters,
+  each leaf with a trailing batch axis ([*shape_l, B]), equal (up to float rounding) to vmapping
+  ``LinearHypernet.apply`` over the examples: block l's delta is (W_x x + W_e e_l + b)[:d_l], the
+  x-part once per example and the rest once per call, every product summed over its few inputs
+  (no matmul). For training populations on CPU, with ``mlp_encode_examples_last``.
+  """
+  d = x.shape[0]
+  w_x, w_e = psi["W"][:, :d], psi["W"][:, d:]
+  x_part = jnp.sum(w_x[:, :, None] * x, axis=1)   # [d_max, B]
+  shared = jnp.sum(psi["block_embeddings"][:, None, :] * w_e, axis=-1) + psi["b"]  # [L, d_max]
+  leaves = [(x_part[:size] + shared[l, :size, None]).reshape(*shape, -1)
+            for l, (size, shape) in enumerate(zip(layout.sizes, layout.shapes))]
+  return jax.tree.unflatten(layout.treedef, leaves)
+
+
 class StructuredHypernet(_Hypernet):
   """The image experiments' hypernetwork (paper section 4.2): design "paper".
 

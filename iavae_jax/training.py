@@ -175,7 +175,8 @@ def make_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation):
 
 def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
                   optimizer: optax.GradientTransformation, schedule: Schedule,
-                  parallel: Optional[parallel_lib.Parallel] = None):
+                  parallel: Optional[parallel_lib.Parallel] = None,
+                  examples_last: bool = False, compiler_options: Optional[dict] = None):
   """Returns epoch(state, data, order) -> (state, EpochMetrics) for one model of a population:
   one pure function (steps under lax.scan) to be jitted, vmapped over a population and scanned
   over epochs (``train_population``).
@@ -183,22 +184,37 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
   order: [num_steps * batch_size] example indices for this epoch. A model that is done passes
   through unchanged. With a ``parallel`` in ``data`` mode, every batch is split over its devices
   (the caller places states and data with ``parallel.shared``; ``train_population`` does).
+
+  With ``examples_last``, loss_fn and score_fn see their examples along the last axis: x_batch
+  [..., B] and data [..., N] (``data`` is still passed as [N, ...]; it is transposed once per
+  epoch). For models written to vectorise over a trailing example axis on CPU.
+
+  ``compiler_options`` (default ``cpu_compiler_options()``) go to XLA with the
+  population's epochs; the returned function carries them as its ``compiler_options``.
   """
   step = make_step_fn(loss_fn, optimizer)
 
   def epoch(state: TrainState, data: jax.Array, order: jax.Array):
     num_steps = order.shape[0] // schedule.batch_size
     key, noise_key = jax.random.split(state.key)
-    batches = data[order.reshape(num_steps, schedule.batch_size)]
-    if parallel is not None and parallel.mode == "data":   # [steps, batch, ...]: split batch
+    indices = order.reshape(num_steps, schedule.batch_size)
+    if examples_last:   # gathered from [..., N], so that the examples stay the minor axis
+      batches = jnp.moveaxis(jnp.moveaxis(data, 0, -1)[..., indices], -2, 0)   # [steps, ..., B]
+    else:
+      batches = data[indices]   # [steps, batch, ...]
+    if parallel is not None and parallel.mode == "data":   # split the batch axis
       batches = jax.lax.with_sharding_constraint(
-          batches, parallel.batch_sharding(1, batches.ndim))
+          batches, parallel.batch_sharding(batches.ndim - 1 if examples_last else 1,
+                                           batches.ndim))
     noise = noise_fn(noise_key, num_steps, state.epoch)
     (params, opt_state), steps = jax.lax.scan(
         functools.partial(step, state.frozen), (state.params, state.opt_state), (batches, noise))
     trained = state._replace(params=params, opt_state=opt_state, key=key,
                              step=state.step + num_steps)
-    return end_epoch(state, trained, steps, score_fn(params, state.frozen, data), schedule)
+    score = score_fn(params, state.frozen, jnp.moveaxis(data, 0, -1) if examples_last else data)
+    return end_epoch(state, trained, steps, score, schedule)
+  epoch.compiler_options = (cpu_compiler_options() if compiler_options is None
+                            else compiler_options)
   return epoch
 
 
@@ -231,16 +247,39 @@ def train_model(epoch_fn, state: TrainState, data: jax.Array, order_seed, schedu
   return state
 
 
+@functools.cache
+def cpu_compiler_options(loop_emitters: bool = False) -> dict:
+  """XLA options for a population's epochs (``make_epoch_fn``) and other computations made of
+  many small reductions: on CPU, without XLA's YNNPACK library reductions (several times slower
+  for reductions over a few features or one batch, and single-example posterior summaries);
+  with ``loop_emitters``, with XLA's older loop emitters instead of its fusion emitters (faster
+  for some models, slower for others: benchmarks/synthetic_step.py). Options this XLA does not
+  know are left out; elsewhere than on CPU, none."""
+  if jax.default_backend() != "cpu":
+    return {}
+  wanted = {"xla_cpu_experimental_ynn_fusion_type": ""}
+  if loop_emitters:
+    wanted["xla_cpu_use_fusion_emitters"] = False
+
+  def known(name, value):
+    try:
+      jax.jit(lambda a: a + 1, compiler_options={name: value}).lower(1.0).compile()
+      return True
+    except Exception:  # pylint: disable=broad-except  (XLA raises a plain runtime error)
+      return False
+  return {k: v for k, v in wanted.items() if known(k, v)}
+
+
 @functools.lru_cache(maxsize=None)  # one jitted function per epoch_fn: compiled once
 def make_population_step(epoch_fn):
   """jit(states, data, orders [E, M, n]) -> (states, metrics [E, M]): E epochs of a population
-  of M models, vmapped over models (data shared), scanned over epochs."""
+  of M models, vmapped over models (data shared), scanned over epochs, compiled with the
+  epoch_fn's ``compiler_options``."""
   population_epoch = jax.vmap(epoch_fn, in_axes=(0, None, 0))
 
-  @jax.jit
   def run(states, data, orders):
     return jax.lax.scan(lambda s, order: population_epoch(s, data, order), states, orders)
-  return run
+  return jax.jit(run, compiler_options=epoch_fn.compiler_options)
 
 
 def data_orders(order_seeds: np.ndarray, first_epoch: int, num_epochs: int, num_examples: int,
@@ -286,12 +325,23 @@ def train_population(epoch_fn, states: TrainState, data: jax.Array, order_seeds:
     unplace = lambda tree, axis=0: jax.tree.map(
         lambda a: np.take(a, np.arange(num_models), axis=axis), parallel_lib.to_host(tree))
   run = make_population_step(epoch_fn)
+  all_done = lambda states: bool(np.all(parallel_lib.to_host(is_done(states, schedule))))
+  if all_done(states):
+    return unplace(states)
   epoch = int(jnp.max(parallel_lib.to_host(states.epoch)))
-  orders = data_orders(order_seeds, epoch, epochs_per_call, data.shape[0], schedule.batch_size)
-  while not bool(np.all(parallel_lib.to_host(is_done(states, schedule)))):
-    states, metrics = run(states, data, place_orders(orders))   # dispatched async
+  orders = lambda epoch: place_orders(data_orders(order_seeds, epoch, epochs_per_call,
+                                                  data.shape[0], schedule.batch_size))
+  chunk = run(states, data, orders(epoch))   # dispatched asynchronously
+  while True:
+    # The host draws the next chunk's data order while the device runs this one, and runs
+    # on_chunk (progress, checkpoints) while the device runs the next: the device never waits.
     epoch += epochs_per_call
-    orders = data_orders(order_seeds, epoch, epochs_per_call, data.shape[0], schedule.batch_size)
+    next_orders = orders(epoch)
+    states, metrics = chunk
+    done = all_done(states)
+    if not done:
+      chunk = run(states, data, next_orders)
     if on_chunk is not None:
       on_chunk(unplace(states), unplace(metrics, axis=1))   # metrics: [epochs, models]
-  return unplace(states)
+    if done:
+      return unplace(states)

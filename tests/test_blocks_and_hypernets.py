@@ -104,3 +104,32 @@ class BlocksTest(chex.TestCase):
     chex.assert_trees_all_close(wide_apply(wide, x), encoder_apply(phi, x), atol=1e-6)
     with self.assertRaisesRegex(ValueError, "smaller"):
       encoders.pad_hidden(phi, 1)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_examples_last_forms_compute_the_per_example_modules(self):
+    # The populations train with these (faster on CPU); evaluation uses the Flax modules.
+    x, phi, psi, layout, encoder_apply, hypernet_apply = _setup()
+    psi = dict(psi, W=psi["W"] * 300.0)   # deltas large enough to matter
+    deltas = self.variant(lambda p, x: hypernets.linear_hypernet_deltas_examples_last(
+        p, layout, x))(psi, x.T)
+    chex.assert_trees_all_close(deltas, jax.tree.map(
+        lambda a: jnp.moveaxis(a, 0, -1), jax.vmap(lambda xi: hypernet_apply(psi, xi))(x)),
+        atol=1e-6)
+
+    def losses(p):   # a scalar function of the outputs and its gradient, both ways
+      mean, log_var = adaptive.instance_adaptive_encode(encoder_apply, hypernet_apply, phi, p, x)
+      mean_t, log_var_t = encoders.mlp_encode_examples_last(adaptive.modulate_examples_last(
+          phi, hypernets.linear_hypernet_deltas_examples_last(p, layout, x.T)), x.T)
+      chex.assert_shape((mean_t, log_var_t), ((2, 7), (2, 7)))
+      return (jnp.sum(jnp.sin(mean) + log_var ** 2),
+              jnp.sum(jnp.sin(mean_t) + log_var_t ** 2))
+    (value, value_t), grads = self.variant(
+        lambda p: (losses(p), jax.jacrev(losses)(p)))(psi)
+    np.testing.assert_allclose(value, value_t, rtol=1e-6)
+    chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+  def test_examples_last_encoder_takes_shared_or_padded_parameters(self):
+    x, phi, _, _, encoder_apply, _ = _setup()
+    for params in (phi, encoders.pad_hidden(phi, 6)):
+      mean_t, log_var_t = encoders.mlp_encode_examples_last(params, x.T)
+      chex.assert_trees_all_close((mean_t.T, log_var_t.T), encoder_apply(phi, x), atol=1e-6)

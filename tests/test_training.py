@@ -193,3 +193,22 @@ class TrainingTest(chex.TestCase):
   def test_schedule_validation(self):
     with self.assertRaisesRegex(ValueError, "batch_size must be positive"):
       training.Schedule(batch_size=0, max_epochs=1, patience=1)
+
+
+def test_examples_last_trains_the_same_model():
+  # A loss and score that see [..., B] examples-last batches (and [..., N] data) give the same
+  # population as the same functions on [B, ...] batches: same batches, noise and scores.
+  schedule = training.Schedule(batch_size=8, max_epochs=5, patience=2)
+  data = jnp.stack([DATA[:, 0], DATA[:, 0] ** 2], 1)   # [N, 2]
+
+  def run(examples_last):
+    rows = (lambda a: a.T) if examples_last else (lambda a: a)
+    loss_fn = lambda p, f, x, noise: ((p["w"] - f - jnp.mean(rows(x) @ jnp.array([1.0, 2.0])))
+                                      ** 2 + 0.1 * noise, 0.0)
+    score_fn = lambda p, f, d: -(p["w"] - jnp.mean(rows(d)[:, 1])) ** 2
+    epoch_fn = training.make_epoch_fn(lambda key, n, e: jax.random.normal(key, (n,)), loss_fn,
+                                      score_fn, optax.sgd(0.1), schedule,
+                                      examples_last=examples_last)
+    return training.train_population(epoch_fn, _states(3), data, np.arange(3)[:, None],
+                                     schedule, epochs_per_call=2)
+  chex.assert_trees_all_equal(run(True), run(False))

@@ -23,6 +23,27 @@ class MLPEncoder(nn.Module):
     return out[..., :self.latent_dim], out[..., self.latent_dim:]
 
 
+def mlp_encode_examples_last(params: PyTree, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """MLPEncoder's function on a batch whose examples lie along the last axis.
+
+  x: [d, B] -> (mean [k, B], log_var [k, B]). ``params`` is an MLPEncoder's tree; each leaf is
+  either shared by the batch (kernel [d_in, d_out], bias [d_out]) or one per example, with a
+  trailing batch axis (kernel [d_in, d_out, B], bias [d_out, B]: instance-adaptive parameters).
+
+  The same function as ``MLPEncoder.apply`` (up to float rounding), written for populations of
+  small models on CPU: each layer is a broadcast product summed over its few input features, so
+  XLA:CPU runs it as elementwise loops vectorised over the examples, where vmapped small matmuls
+  become per-model library calls with tiny operands (benchmarks/synthetic_step.py).
+  """
+  def dense(h, layer):
+    kernel = layer["kernel"] if layer["kernel"].ndim == 3 else layer["kernel"][..., None]
+    bias = layer["bias"] if layer["bias"].ndim == 2 else layer["bias"][:, None]
+    return jnp.sum(h[:, None, :] * kernel, axis=0) + bias
+  out = dense(nn.relu(dense(x, params["Dense_0"])), params["Dense_1"])
+  latent_dim = out.shape[0] // 2
+  return out[:latent_dim], out[latent_dim:]
+
+
 def pad_hidden(params: PyTree, width: int) -> PyTree:
   """Embed an MLPEncoder's params in a wider one by appending zero hidden units.
 
