@@ -24,6 +24,8 @@ from experiments import configs
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("tier", "paper", list(configs.IMAGE_TIERS), "Which tier's architecture.")
 flags.DEFINE_integer("repeats", 5, "Timed steps per model (after one compiling step).")
+flags.DEFINE_bool("xla_defaults", False, "Compile with XLA's default options instead of the "
+                  "model's own (images_train.Model.compiler_options).")
 flags.DEFINE_enum("hypernet_input", None, list(configs.HYPERNET_INPUTS),
                   "What the IA-VAE's hypernetwork sees (default: the configuration's).")
 
@@ -55,8 +57,9 @@ def main(argv):
       jax.random.PRNGKey(4))
   steps, states = {}, {}
   for name, (params, frozen) in setups.items():
-    steps[name] = jax.jit(functools.partial(images_train.train_step, model=model, stage=name,
-                                            steps_per_epoch=1))
+    steps[name] = jax.jit(
+        functools.partial(images_train.train_step, model=model, stage=name, steps_per_epoch=1),
+        compiler_options={} if FLAGS.xla_defaults else model.compiler_options)
     states[name] = training.init_state(params, images_train.stage_optimizer(config, name),
                                        jax.random.PRNGKey(5), frozen)
     t0 = time.perf_counter()
@@ -80,7 +83,8 @@ def main(argv):
       "ratio": result["iavae_step_s"] / result["vae_step_s"],
       "control_ratio": result["control_step_s"] / result["vae_step_s"],
       "examples_per_s": {name: config.batch_size / result[f"{name}_step_s"] for name in setups},
-      "tier": FLAGS.tier, "hypernet_input": config.hypernet_input,
+      "tier": FLAGS.tier, "compiler_options": {} if FLAGS.xla_defaults else model.compiler_options,
+      "hypernet_input": config.hypernet_input,
       "batch_size": config.batch_size, "repeats": FLAGS.repeats,
       "backend": jax.default_backend(), "device": str(jax.devices()[0]),
   })

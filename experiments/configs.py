@@ -217,14 +217,15 @@ def image_config(dataset: str, tier: str) -> ImageConfig:
     # Every model trains until its validation ELBO stops improving (early stopping with
     # patience; the best epoch on validation is kept), so the control cannot win by extra
     # epochs, and every ablation is trained. Dense encoders and decoders (the kind Cremer et al.
-    # measured the inference gaps of) on ~3,600 training images per data set keep the whole tier
-    # and its gap decomposition within about two hours on a 2-core CPU (docs/results.md).
+    # measured the inference gaps of) of 100 units on 2,000 training images per data set: an
+    # IA-VAE step costs ~16x a VAE step here (the per-example encoder weights), which sets the
+    # sizes that keep 3 data sets x 5 seeds x 6 models within about two hours on a 2-core CPU.
     return dataclasses.replace(
-        base, num_seeds=5, models=IMAGE_MODELS, encoder="mlp", encoder_hidden=(200,),
-        decoder="mlp", decoder_hidden=(200, 200), max_train=3600, max_valid=600, max_test=750,
-        vae_epochs=1000, iavae_epochs=1000, patience=20, valid_samples=5, test_samples=10,
-        iwae_samples=1000, iwae_chunk=100, eval_batch_size=250, num_reconstructions=8,
-        checkpoint_every=10).validate()
+        base, num_seeds=5, models=IMAGE_MODELS, encoder="mlp", encoder_hidden=(100,),
+        decoder="mlp", decoder_hidden=(100, 100), max_train=2000, max_valid=500, max_test=500,
+        batch_size=100, vae_epochs=1000, iavae_epochs=1000, patience=10, valid_samples=5,
+        test_samples=10, iwae_samples=500, iwae_chunk=100, eval_batch_size=250,
+        num_reconstructions=8, checkpoint_every=10).validate()
   if tier == "smoke":
     return dataclasses.replace(
         base, num_seeds=2, encoder_channels=(4, 4), latent_dim=4, decoder_features=4,
@@ -312,6 +313,15 @@ def gaps_config(tier: str) -> GapsConfig:
         qstar_check_every=50, qstar_check_samples=50, qstar_patience=5, qstar_max_steps=2000,
         final_samples=500, iwae_samples=1000, refine_eval_samples=100,
         convergence_examples=10).validate()
+  if tier == "converged":
+    # The dense decoder costs ~1/30 of the cpu tier's PixelCNN per pass, so 100 images per
+    # model and seed and Cremer et al.'s K = 5,000 for log p^ fit; q* by the cpu tier's faster
+    # search (Adam 1e-2) with 10 samples per step, checked for convergence on 20 images.
+    return dataclasses.replace(
+        base, num_examples=100, batch_size=50, qstar_learning_rate=1e-2, qstar_samples=10,
+        qstar_check_every=50, qstar_check_samples=100, qstar_patience=5, qstar_max_steps=5000,
+        final_samples=1000, iwae_samples=5000, sample_chunk=500, refine_eval_samples=500,
+        convergence_examples=20).validate()
   if tier == "smoke":
     return dataclasses.replace(
         base, num_examples=20, batch_size=10, qstar_samples=4, qstar_check_every=10,
