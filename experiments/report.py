@@ -19,12 +19,17 @@ others alphabetically), to
    "iavae":   {... same ...},
    "control": {... same ...},
    "iavae_vs_vae":     {"test", "p_value", "shapiro_p", "mean_difference", "n"},
-   "iavae_vs_control": {... same ...}}
+   "iavae_vs_control": {... same ...},
+   # and, for the ablation models a run trained (experiments.images --models), their summaries
+   # under their names (ABLATIONS) and these comparisons where both models are present:
+   "iavae_vs_iavae_mean_context": ...,   # what the hypernetwork's per-example input adds
+   "iavae_frozen_decoder_vs_control_frozen_decoder": ...,   # inference alone improved
+   "iavae_vs_vae_matched": ...}          # against a VAE with as many inference parameters
 
 std is the sample standard deviation over seeds (ddof=1); null with a single seed. The paired
 tests are iavae_jax.stats.paired_one_sided on test ELBO (H1: IA-VAE > the other model): Shapiro-
 Wilk on the per-seed differences, then a one-sided paired t-test if normality is not rejected at
-0.05, else a one-sided Wilcoxon signed-rank test. With a single seed no test is possible and
+0.05, else a one-sided Wilcoxon signed-rank test (H1 of "a_vs_b": a > b). With a single seed no test is possible and
 "test", "p_value" and "shapiro_p" are null. Non-finite KL or IWAE values are written as null.
 
 table4.md renders that dictionary (render_markdown is a pure function of it). Bad input (no
@@ -44,12 +49,23 @@ from iavae_jax import stats
 FLAGS = flags.FLAGS
 
 EXPERIMENT = "images"
-MODELS = ("vae", "iavae", "control")
+MODELS = ("vae", "iavae", "control")   # every run has these: the paper's Table 4
+ABLATIONS = ("iavae_mean_context", "iavae_frozen_decoder", "control_frozen_decoder",
+             "vae_matched")        # summarised and compared where a run trained them
 METRICS = ("test_elbo", "test_kl", "test_iwae")
-COMPARISONS = (("iavae_vs_vae", "vae"), ("iavae_vs_control", "control"))
+# (key, model, other): the paired test of H1 "model > other" on test ELBO.
+COMPARISONS = (("iavae_vs_vae", "iavae", "vae"), ("iavae_vs_control", "iavae", "control"))
+ABLATION_COMPARISONS = (
+    ("iavae_vs_iavae_mean_context", "iavae", "iavae_mean_context"),
+    ("iavae_frozen_decoder_vs_control_frozen_decoder", "iavae_frozen_decoder",
+     "control_frozen_decoder"),
+    ("iavae_vs_vae_matched", "iavae", "vae_matched"))
 PAPER_ORDER = ("omniglot", "mnist", "fashion_mnist")
 DISPLAY_NAMES = {"omniglot": "OMNIGLOT", "mnist": "MNIST", "fashion_mnist": "Fashion MNIST"}
-MODEL_NAMES = {"vae": "VAE", "iavae": "IA-VAE", "control": "control"}
+MODEL_NAMES = {"vae": "VAE", "iavae": "IA-VAE", "control": "control",
+               "iavae_mean_context": "IA-VAE, mean input", "iavae_frozen_decoder":
+               "IA-VAE, decoder frozen", "control_frozen_decoder": "control, decoder frozen",
+               "vae_matched": "VAE, matched encoder"}
 ALPHA = 0.05
 
 
@@ -83,7 +99,7 @@ def load_results(path: str) -> dict:
   if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds):
     raise common.ConfigError(f"{path}: 'seeds' must be a non-empty list of distinct seeds, got "
                              f"{seeds!r}.")
-  for model in MODELS:
+  for model in present_models(data):
     entry = data["models"].get(model)
     if not isinstance(entry, dict):
       raise common.ConfigError(f"{path} has no results for model {model!r} under 'models'.")
@@ -105,6 +121,11 @@ def load_results(path: str) -> dict:
         raise common.ConfigError(f"{path}: models.{model}.test_elbo is {value!r} for seed "
                                  f"{seed}; Table 4 needs a finite test ELBO for every seed.")
   return data
+
+
+def present_models(data: dict) -> tuple[str, ...]:
+  """The models a results file must hold (MODELS) and the ablations it holds."""
+  return MODELS + tuple(m for m in ABLATIONS if m in data["models"])
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -154,14 +175,15 @@ def build_table4(workdir: str, paths: list[str]) -> dict:
     models = data["models"]
     row = {"source": os.path.relpath(path, workdir), "tier": data.get("tier"),
            "seeds": data["seeds"], "wall_seconds": data.get("wall_seconds")}
-    for model in MODELS:
+    for model in present_models(data):
       summary = summarize_seeds(models[model]["test_elbo"])
       summary["kl"] = summarize_seeds(models[model]["test_kl"])
       summary["iwae"] = summarize_seeds(models[model]["test_iwae"])
       summary["diverged_seeds"] = _diverged_seeds(data["seeds"], models[model])
       row[model] = summary
-    for key, other in COMPARISONS:
-      row[key] = _comparison(models["iavae"]["test_elbo"], models[other]["test_elbo"])
+    for key, model, other in COMPARISONS + ABLATION_COMPARISONS:
+      if model in row and other in row:
+        row[key] = _comparison(models[model]["test_elbo"], models[other]["test_elbo"])
     table[name] = row
   return table
 
@@ -215,7 +237,7 @@ def render_markdown(table: dict) -> str:
       ["Data set", "VAE", "IA-VAE", "control", "p (IA-VAE > VAE)", "test",
        "p (IA-VAE > control)", "test", "seeds", "wall time"],
       [[DISPLAY_NAMES.get(name, name)] + [_mean_std(row[model]) for model in MODELS]
-       + [cell for key, _ in COMPARISONS for cell in (_p_value(row[key]), _test_name(row[key]))]
+       + [cell for key, _, _ in COMPARISONS for cell in (_p_value(row[key]), _test_name(row[key]))]
        + [len(row["seeds"]), _wall_time(row["wall_seconds"])] for name, row in table.items()])
   lines += ["", "## Test KL and IWAE bound (mean ± std over seeds)", ""]
   lines += common.markdown_table(
@@ -223,9 +245,10 @@ def render_markdown(table: dict) -> str:
       + [f"IWAE {MODEL_NAMES[m]}" for m in MODELS],
       [[DISPLAY_NAMES.get(name, name)] + [_mean_std(row[model]["kl"]) for model in MODELS]
        + [_mean_std(row[model]["iwae"]) for model in MODELS] for name, row in table.items()])
+  lines += _ablations_markdown(table)
   diverged = [f"{DISPLAY_NAMES.get(name, name)} {MODEL_NAMES[m]} seeds "
-              f"{row[m]['diverged_seeds']}" for name, row in table.items() for m in MODELS
-              if row[m].get("diverged_seeds")]
+              f"{row[m]['diverged_seeds']}" for name, row in table.items()
+              for m in MODELS + ABLATIONS if m in row and row[m].get("diverged_seeds")]
   if diverged:
     lines += ["", "**Diverged** (no finite validation ELBO in any epoch, so the selected "
               "parameters are the initial ones and the test numbers are the starting point's): "
@@ -237,6 +260,20 @@ def render_markdown(table: dict) -> str:
             "identical differences, where SW is undefined) a one-sided Wilcoxon signed-rank "
             f"test. `*`: p < {ALPHA}. std: sample standard deviation (ddof = 1).", ""]
   return "\n".join(lines)
+
+
+def _ablations_markdown(table: dict) -> list[str]:
+  """The ablations' test ELBO and their paired tests, for the data sets that ran any."""
+  rows = [[DISPLAY_NAMES.get(name, name), MODEL_NAMES[model], _mean_std(row[model]),
+           MODEL_NAMES[other], f"{row[key]['mean_difference']:+.2f}", _p_value(row[key]),
+           _test_name(row[key])]
+          for name, row in table.items() for key, model, other in ABLATION_COMPARISONS
+          if key in row]
+  if not rows:
+    return []
+  return ["", "## Ablations: test ELBO, and the paired test of H1: model > the other", ""] + (
+      common.markdown_table(["Data set", "model", "test ELBO", "other", "mean difference",
+                             "p (model > other)", "test"], rows))
 
 
 def write_report(workdir: str) -> dict:

@@ -201,6 +201,7 @@ def test_report_end_to_end(workdir):
   assert "| 5 | 13.5 min |" in md and "| 4 | 13.5 min |" in md
   assert "Shapiro-Wilk" in md and "ddof = 1" in md
   assert "| MNIST | 20.00 ± 0.00 |" in md  # the KL/IWAE table
+  assert "## Ablations" not in md   # none trained
   assert "wrote" in result.stdout
   assert not [n for n in os.listdir(workdir) if n.endswith(".tmp")]
 
@@ -302,3 +303,36 @@ def test_nan_test_elbo_is_an_error(workdir):
   write(path, data)
   with pytest.raises(common.ConfigError, match="vae.test_elbo is nan for seed 2"):
     report.write_report(workdir)
+
+
+def test_ablations_are_summarised_and_compared_where_present(tmp_path):
+  rng = np.random.default_rng(1)
+  seeds = range(5)
+  data = fake_results("mnist", seeds, -100.0, rng)
+  iavae = np.array(data["models"]["iavae"]["test_elbo"])
+  shifts = {"iavae_mean_context": -0.5, "iavae_frozen_decoder": -0.2,
+            "control_frozen_decoder": -0.6}   # no vae_matched: that comparison is left out
+  for name, shift in shifts.items():
+    elbo = (iavae + shift + rng.normal(0.0, 0.02, 5)).tolist()
+    data["models"][name] = {"test_elbo": elbo, "test_kl": elbo, "test_iwae": elbo,
+                            "valid_elbo": elbo, "best_epoch": [3] * 5}
+  write(str(tmp_path / "mnist" / "results.json"), data)
+  row = report.write_report(str(tmp_path))["mnist"]
+  for name in shifts:
+    assert row[name]["per_seed"] == data["models"][name]["test_elbo"]
+  for key, model, other in (("iavae_vs_iavae_mean_context", "iavae", "iavae_mean_context"),
+                            ("iavae_frozen_decoder_vs_control_frozen_decoder",
+                             "iavae_frozen_decoder", "control_frozen_decoder")):
+    expected = stats.paired_one_sided(data["models"][model]["test_elbo"],
+                                      data["models"][other]["test_elbo"])
+    assert row[key]["p_value"] == expected.p_value < 0.05
+    assert row[key]["mean_difference"] == pytest.approx(expected.mean_difference)
+  assert "iavae_vs_vae_matched" not in row and "vae_matched" not in row
+  md = (tmp_path / "table4.md").read_text()
+  assert "## Ablations" in md and "| MNIST | IA-VAE | " in md
+  assert "| IA-VAE, mean input |" in md and "VAE, matched encoder" not in md
+  # A malformed ablation entry is refused.
+  data["models"]["vae_matched"] = {"test_elbo": [1.0]}
+  write(str(tmp_path / "mnist" / "results.json"), data)
+  with pytest.raises(common.ConfigError, match="models.vae_matched.test_kl is missing"):
+    report.write_report(str(tmp_path))
