@@ -437,13 +437,22 @@ def matched_model(model: Model) -> Model:
   target = counts["encoder"] + counts["hypernetwork"]
   field = "encoder_hidden" if model.config.encoder == "mlp" else "encoder_channels"
   widths = getattr(model.config, field)
-  for step in range(64, 64 * 64):
-    scaled = tuple(max(1, round(w * step / 64)) for w in widths)
-    wider = Model(dataclasses.replace(model.config, **{field: scaled}))
-    if _count(_encoder_shapes(wider)["params"]) >= target:
-      return wider
-  raise ValueError(f"matched_model: no width up to 64x {field}={widths} reaches {target} "
-                   "encoder parameters.")
+
+  def scaled(step: int) -> Model:
+    return Model(dataclasses.replace(
+        model.config, **{field: tuple(max(1, round(w * step / 64)) for w in widths)}))
+
+  def reaches(step: int) -> bool:
+    return _count(_encoder_shapes(scaled(step))["params"]) >= target
+
+  low, high = 64, 64 * 64   # bisection: the count grows with the width
+  if not reaches(high):
+    raise ValueError(f"matched_model: no width up to 64x {field}={widths} reaches {target} "
+                     "encoder parameters.")
+  while high - low > 1:     # invariant: low falls short (or is the VAE's), high reaches
+    middle = (low + high) // 2
+    low, high = (low, middle) if reaches(middle) else (middle, high)
+  return scaled(high)
 
 
 def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
