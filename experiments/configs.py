@@ -66,7 +66,8 @@ def synthetic_quick() -> SyntheticConfig:
 
 
 IMAGE_TIERS = ("paper", "cpu", "smoke")
-HYPERNET_INPUTS = ("image", "image_l2", "encoder")
+HYPERNET_INPUTS = ("image", "image_l2", "encoder", "penultimate")
+HYPERNETS = ("paper", "ha", "mlp")     # iavae_jax.hypernets.HYPERNETS
 # Stage-2 weight decay: the paper's values for OMNIGLOT and MNIST; Fashion-MNIST (not given in the
 # paper) and binarized MNIST take MNIST's, the closer data set in size and image statistics.
 WEIGHT_DECAY = {"omniglot": 5e-3, "mnist": 5e-4, "fashion_mnist": 5e-4, "binarized_mnist": 5e-4}
@@ -97,8 +98,16 @@ class ImageConfig:
   # 1.6e3 x its norm (paper architecture; 2.6x for the cpu tier) at 1e-3, 0.73x / 0.16x at 1e-4,
   # 0.074x / 0.017x at 1e-5. 1e-5 keeps the start close, as the paper intends (docs/results.md).
   block_embed_dim: int = 16
-  input_embed_dim: int = 8
+  input_embed_dim: int = 8          # paper and mlp (ha has no input embeddings)
   hypernet_init_std: float = 1e-5
+  # The hypernetwork's design (HYPERNETS; docs/results.md, "Hypernetwork designs"): the paper's
+  # structured one, Ha et al.'s static hypernetwork, or a one-hidden-layer generator.
+  hypernet: str = "paper"
+  hypernet_hidden: int = 0          # ha's code size / mlp's hidden width (0: the design's own
+                                    # default, ha 16, mlp 64); not for paper
+  ha_block_gains: bool = False      # ha: a per-block gain on the x-part of the code
+  hypernet_projection: int = 0      # > 0: the design sees a learned projection of the context to
+                                    # this many numbers (ha's first layers grow with its size)
   # What the hypernetwork sees of x (HYPERNET_INPUTS; docs/results.md, "The structured
   # hypernetwork"). The paper's raw image diverged on Fashion-MNIST in every cpu-tier seed:
   # Adam's first step moves each W_x entry by ~lr, so every delta moves by ~lr x (ink pixels),
@@ -136,6 +145,19 @@ class ImageConfig:
     if self.hypernet_input not in HYPERNET_INPUTS:
       raise ConfigError(f"--hypernet_input={self.hypernet_input} is not known; choose one of "
                         f"{', '.join(HYPERNET_INPUTS)}.")
+    if self.hypernet not in HYPERNETS:
+      raise ConfigError(f"--hypernet={self.hypernet} is not known; choose one of "
+                        f"{', '.join(HYPERNETS)}.")
+    for name in ("hypernet_hidden", "hypernet_projection"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"--{name} must be a non-negative integer (0: none, or the design's "
+                          f"default), got {getattr(self, name)}.")
+    if self.hypernet_hidden and self.hypernet == "paper":
+      raise ConfigError("--hypernet_hidden sets the hidden width of --hypernet=ha or mlp; the "
+                        "paper design has no hidden layer.")
+    if self.ha_block_gains and self.hypernet != "ha":
+      raise ConfigError(f"--ha_block_gains applies to --hypernet=ha only, not "
+                        f"{self.hypernet}.")
     positive = ["num_seeds", "latent_dim", "decoder_features", "latent_feature_maps",
                 "block_embed_dim",
                 "input_embed_dim", "batch_size", "vae_epochs", "iavae_epochs", "patience",

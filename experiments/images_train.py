@@ -5,7 +5,7 @@ optimiser step of a stage, ``make_epoch_fn`` loops over it in Python (XLA:CPU is
 convolution gradients inside lax.scan), and the shared ``training`` and ``stages`` machinery
 adds early stopping, Orbax checkpoints, resume and the learning curves:
   vae     : SA-VAE's model (ResNet encoder with batch norm, gated PixelCNN decoder), KL warm-up;
-  iavae   : the VAE's encoder frozen as phi_AVI, batch-norm statistics frozen; the structured
+  iavae   : the VAE's encoder frozen as phi_AVI, batch-norm statistics frozen; the
             hypernetwork, its embeddings and the decoder trained (paper section 4.2);
   control : the VAE trained on from its best parameters for as many epochs as stage 2 with the
             same optimiser, learning rates, weight decay and frozen batch-norm statistics, the
@@ -18,10 +18,11 @@ Every model is selected on the validation ELBO and evaluated on the test split: 
 ``test_samples`` samples per example, and an importance-weighted estimate of log p(x) with
 ``iwae_samples`` samples.
 
-What the hypernetwork sees of x is ``config.hypernet_input`` (``Model.hypernet_context``): the
-flattened binarised image (the paper's x), the same over its Euclidean norm (the default), or
-the frozen stage-1 encoder's mean and log-variance. Its x-part W_x x is one [d_max, m] matvec per
-example, shared by every block and slice.
+The hypernetwork is the design ``config.hypernet`` (``Model.hypernet``: the paper's structured
+one, Ha et al.'s static one, or an MLP generator; iavae_jax.hypernets). What it sees of x is
+``config.hypernet_input`` (``Model.hypernet_context``): the flattened binarised image (the paper's
+x), the same over its Euclidean norm (the default), or the frozen stage-1 encoder's mean and
+log-variance or penultimate feature.
 """
 
 import dataclasses
@@ -31,6 +32,7 @@ import os
 import time
 from typing import Callable, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,15 +70,30 @@ class Model:
     return pixelcnn.GatedPixelCNN(self.config.decoder_features, self.config.decoder_kernel_sizes,
                                   self.config.latent_feature_maps)
 
-  def hypernet(self, layout: blocks.BlockLayout) -> hypernets.StructuredHypernet:
-    return hypernets.StructuredHypernet(layout, self.config.block_embed_dim,
-                                        self.config.input_embed_dim,
-                                        self.config.hypernet_init_std)
+  def hypernet(self, layout: blocks.BlockLayout) -> nn.Module:
+    """The design ``config.hypernet`` over layout (``hypernets.make_hypernet``), with the
+    configuration's embedding sizes, initial scale and, where set, hidden width, gains and a
+    learned projection of the context (``hypernets.ProjectedContext``)."""
+    config = self.config
+    fields = {"block_embed_dim": config.block_embed_dim, "init_std": config.hypernet_init_std}
+    if config.hypernet == "ha":
+      fields["block_gains"] = config.ha_block_gains
+    else:
+      fields["input_embed_dim"] = config.input_embed_dim
+    if config.hypernet_hidden:
+      fields["hidden_dim"] = config.hypernet_hidden
+    hypernet = hypernets.make_hypernet(config.hypernet, layout, **fields)
+    if config.hypernet_projection:
+      return hypernets.ProjectedContext(hypernet, config.hypernet_projection)
+    return hypernet
 
   @property
   def context_size(self) -> int:
     """The size of what the hypernetwork sees of one example (see ``hypernet_context``)."""
-    return 2 * self.config.latent_dim if self.config.hypernet_input == "encoder" else 28 * 28
+    x0 = jnp.zeros((1, 28, 28, 1))
+    variables = jax.eval_shape(self.encoder.init, jax.random.PRNGKey(0), x0)
+    frozen = {"phi_avi": variables["params"], "batch_stats": variables["batch_stats"]}
+    return jax.eval_shape(self.hypernet_context, frozen, x0).shape[-1]
 
   def init_hypernet(self, key: jax.Array, layout: blocks.BlockLayout):
     return self.hypernet(layout).init(key, jnp.zeros(self.context_size))["params"]
@@ -84,14 +101,18 @@ class Model:
   def hypernet_context(self, frozen, x: jax.Array) -> jax.Array:
     """What the hypernetwork sees of each image x [B, 28, 28, 1]: [B, context_size].
 
-    image   : the flattened image (the paper's x);
-    image_l2: the flattened image over its Euclidean norm (0 for a blank image);
-    encoder : the frozen stage-1 encoder's [mean; log-variance], a learned feature of x.
+    image      : the flattened image (the paper's x);
+    image_l2   : the flattened image over its Euclidean norm (0 for a blank image);
+    encoder    : the frozen stage-1 encoder's [mean; log-variance], a learned feature of x;
+    penultimate: the frozen stage-1 encoder's penultimate feature (the input of its mean and
+                 log-variance layers; 576 numbers for the paper encoder).
     """
     kind = self.config.hypernet_input
-    if kind == "encoder":
-      mean, log_var = self.encoder.apply(
-          {"params": frozen["phi_avi"], "batch_stats": frozen["batch_stats"]}, x, train=False)
+    if kind in ("encoder", "penultimate"):
+      variables = {"params": frozen["phi_avi"], "batch_stats": frozen["batch_stats"]}
+      if kind == "penultimate":
+        return adaptive.submodule_input(self.encoder, variables, "mean", x, train=False)
+      mean, log_var = self.encoder.apply(variables, x, train=False)
       return jnp.concatenate([mean, log_var], axis=-1)
     if kind == "image_l2":
       return adaptive.normalized_context(x)

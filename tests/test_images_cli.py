@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iavae_jax import blocks, checkpoints, objectives, training
+from iavae_jax import blocks, checkpoints, hypernets, objectives, training
 from iavae_jax.data import images
 from experiments import common, configs, images_train
 
@@ -75,6 +75,20 @@ def test_report_gathers_the_run(smoke_run):
   assert row["vae"]["mean"] == pytest.approx(np.mean(r["models"]["vae"]["test_elbo"]))
   assert row["iavae_vs_control"]["test"] in ("t-test", "wilcoxon")
   assert "MNIST" in open(os.path.join(root, "table4.md")).read()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, recorded", [
+    (["--hypernet=ha", "--ha_block_gains"], {"hypernet": "ha", "ha_block_gains": True}),
+    (["--hypernet=mlp", "--hypernet_input=penultimate"],
+     {"hypernet": "mlp", "hypernet_input": "penultimate"})])
+def test_other_hypernetwork_designs_run_end_to_end(smoke_flags, tmp_path, flags, recorded):
+  result = run("experiments.images", f"--workdir={tmp_path}", *smoke_flags, "--num_seeds=1",
+               *flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = _results(tmp_path)
+  assert {key: r["config"][key] for key in recorded} == recorded
+  assert all(math.isfinite(v) for v in r["models"]["iavae"]["test_elbo"])
 
 
 @pytest.mark.slow
@@ -141,6 +155,10 @@ def test_bad_flags_exit_2_and_write_nothing(flags, message):
     ({"batch_size": 0}, "--batch_size must be a positive integer"),
     ({"decoder_learning_rate": -1.0}, "--decoder_learning_rate must be positive"),
     ({"decoder_kernel_sizes": (4,)}, "--decoder_kernel_sizes must be odd"),
+    ({"hypernet": "lstm"}, "--hypernet=lstm is not known; choose one of paper, ha, mlp"),
+    ({"hypernet_hidden": 8}, "--hypernet_hidden sets the hidden width of --hypernet=ha or mlp"),
+    ({"hypernet": "mlp", "ha_block_gains": True}, "--ha_block_gains applies to --hypernet=ha"),
+    ({"hypernet_projection": -1}, "--hypernet_projection must be a non-negative integer"),
 ])
 def test_bad_settings_are_refused(overrides, message):
   with pytest.raises(common.ConfigError, match=re.escape(message)):
@@ -200,11 +218,12 @@ def _smoke_model(**overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", configs.HYPERNET_INPUTS)
-def test_stage_2_starts_at_the_stage_1_elbo(kind):
+@pytest.mark.parametrize("design, kind", [("paper", kind) for kind in configs.HYPERNET_INPUTS]
+                         + [("ha", "image_l2"), ("mlp", "penultimate")])
+def test_stage_2_starts_at_the_stage_1_elbo(design, kind):
   # Proposition 1 on the image model: with the hypernetwork's output layers zero, the IA-VAE's
   # ELBO is the VAE's (same noise); at the default N(0, 1e-5^2) initialisation it is close.
-  model = _smoke_model(hypernet_input=kind)
+  model = _smoke_model(hypernet=design, hypernet_input=kind)
   vae_params, frozen = _initial(model, "vae")
   iavae_params, _ = _initial(model, "iavae")
   layout = blocks.BlockLayout.from_tree(frozen["phi_avi"])
@@ -232,10 +251,46 @@ def test_hypernet_contexts():
   chex.assert_trees_all_close(contexts["image_l2"][0] * jnp.linalg.norm(x[0]),
                               x[0].reshape(-1), atol=1e-5)
   model = _smoke_model(hypernet_input="encoder")
-  mean, log_var = model.encoder.apply(
-      {"params": frozen["phi_avi"], "batch_stats": frozen["batch_stats"]}, x, train=False)
+  variables = {"params": frozen["phi_avi"], "batch_stats": frozen["batch_stats"]}
+  mean, log_var = model.encoder.apply(variables, x, train=False)
   chex.assert_shape(contexts["encoder"], (3, model.context_size))
   chex.assert_trees_all_close(contexts["encoder"], jnp.concatenate([mean, log_var], -1))
+  # The smoke encoder's penultimate feature: 2 stride-2 stages of 4 channels, 7 x 7 x 4.
+  penultimate = _smoke_model(hypernet_input="penultimate")
+  assert penultimate.context_size == 7 * 7 * 4
+  h = variables["params"]["mean"]["kernel"]
+  chex.assert_trees_all_close(contexts["penultimate"] @ h + variables["params"]["mean"]["bias"],
+                              mean, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"hypernet": "ha", "hypernet_hidden": 8, "ha_block_gains": True, "hypernet_projection": 16},
+    {"hypernet": "mlp", "hypernet_hidden": 12, "hypernet_input": "penultimate"},
+])
+def test_the_configured_hypernetwork(overrides):
+  # Model.hypernet is make_hypernet's design with the configuration's fields.
+  model = _smoke_model(**overrides)
+  config = model.config
+  _, frozen = _initial(model, "vae")
+  layout = blocks.BlockLayout.from_tree(frozen["phi_avi"])
+  hypernet = model.hypernet(layout)
+  if config.hypernet_projection:
+    assert isinstance(hypernet, hypernets.ProjectedContext)
+    assert hypernet.dim == config.hypernet_projection
+    hypernet = hypernet.hypernet
+  assert isinstance(hypernet, hypernets.HYPERNETS[config.hypernet])
+  assert (hypernet.block_embed_dim, hypernet.init_std) == (config.block_embed_dim,
+                                                           config.hypernet_init_std)
+  if config.hypernet == "ha":
+    assert (hypernet.hidden_dim, hypernet.block_gains) == (8, True)
+  else:
+    assert hypernet.input_embed_dim == config.input_embed_dim
+  if config.hypernet == "mlp":
+    assert hypernet.hidden_dim == 12
+  psi = model.init_hypernet(jax.random.PRNGKey(0), layout)
+  assert sum(np.size(a) for a in jax.tree.leaves(psi)) == hypernets.num_params(
+      model.hypernet(layout), model.context_size)
 
 
 def _train_step(model, stage):
