@@ -68,6 +68,7 @@ def synthetic_quick() -> SyntheticConfig:
 IMAGE_TIERS = ("paper", "cpu", "smoke")
 HYPERNET_INPUTS = ("image", "image_l2", "encoder", "penultimate")
 HYPERNETS = ("paper", "ha", "mlp")     # iavae_jax.hypernets.HYPERNETS
+WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 # Stage-2 weight decay: the paper's values for OMNIGLOT and MNIST; Fashion-MNIST (not given in the
 # paper) and binarized MNIST take MNIST's, the closer data set in size and image statistics.
 WEIGHT_DECAY = {"omniglot": 5e-3, "mnist": 5e-4, "fashion_mnist": 5e-4, "binarized_mnist": 5e-4}
@@ -124,7 +125,10 @@ class ImageConfig:
   iavae_epochs: int = 100
   hypernet_learning_rate: float = 1e-4   # hypernetwork and embeddings (control: the encoder)
   decoder_learning_rate: float = 5e-5
-  weight_decay: float = 5e-4             # decoupled (AdamW); see WEIGHT_DECAY for the defaults
+  weight_decay: float = 5e-4             # see WEIGHT_DECAY for the defaults
+  # As PyTorch's Adam(weight_decay=...), which the paper's setup implies: the decay added to the
+  # clipped gradient before Adam's scaling; "decoupled" is AdamW's (the decay added to the update).
+  weight_decay_mode: str = "coupled"
   patience: int = 100                    # epochs without a better validation ELBO (both stages)
   # Evaluation.
   num_samples: int = 1              # z samples per example in the training ELBO
@@ -145,6 +149,9 @@ class ImageConfig:
     if self.hypernet_input not in HYPERNET_INPUTS:
       raise ConfigError(f"--hypernet_input={self.hypernet_input} is not known; choose one of "
                         f"{', '.join(HYPERNET_INPUTS)}.")
+    if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
+      raise ConfigError(f"--weight_decay_mode={self.weight_decay_mode} is not known; choose one "
+                        f"of {', '.join(WEIGHT_DECAY_MODES)}.")
     if self.hypernet not in HYPERNETS:
       raise ConfigError(f"--hypernet={self.hypernet} is not known; choose one of "
                         f"{', '.join(HYPERNETS)}.")

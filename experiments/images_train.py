@@ -11,9 +11,8 @@ adds early stopping, Orbax checkpoints, resume and the learning curves:
             same optimiser, learning rates, weight decay and frozen batch-norm statistics, the
             encoder itself in the hypernetwork's place: so a gain of IA-VAE over the control is
             not just extra training. (Matched in epochs, not FLOPs: an IA-VAE step costs more.
-            Decoupled weight decay pulls the control's encoder toward 0 and the IA-VAE's
-            hypernetwork toward phi_AVI; at lr x wd = 1e-4 x 5e-4 per step the pull is ~5e-8 of
-            a weight per step, negligible over these runs.)
+            Weight decay pulls the control's encoder toward 0 and the IA-VAE's hypernetwork
+            toward phi_AVI.)
 Every model is selected on the validation ELBO and evaluated on the test split: ELBO and KL with
 ``test_samples`` samples per example, and an importance-weighted estimate of log p(x) with
 ``iwae_samples`` samples.
@@ -177,16 +176,26 @@ def stage_schedule(config: ImageConfig, stage: str) -> training.Schedule:
 
 def stage_optimizer(config: ImageConfig, stage: str) -> optax.GradientTransformation:
   """Gradients clipped to max_grad_norm, then stage 1: Adam (batch-norm statistics are left to
-  the step, which sets them); later stages: AdamW, the hypernetwork (IA-VAE) or the encoder
-  (control) at one rate, the decoder at another."""
+  the step, which sets them); later stages: Adam with weight decay, the hypernetwork (IA-VAE) or
+  the encoder (control) at one rate, the decoder at another.
+
+  Weight decay as ``config.weight_decay_mode``: "coupled" as PyTorch's Adam(weight_decay=wd),
+  wd x params added to the gradient before Adam's moments; after the clipping, as PyTorch's
+  clip_grad_norm_ acts on .grad before optimizer.step() adds the decay. "decoupled" as AdamW:
+  lr x wd x params added to Adam's update.
+  """
   if stage == "vae":
     labels = lambda params: {k: ("state" if k == "batch_stats" else "train") for k in params}
     transforms = {"train": optax.adam(config.vae_learning_rate), "state": optax.set_to_zero()}
   else:
+    def adam(learning_rate):
+      if config.weight_decay_mode == "decoupled":
+        return optax.adamw(learning_rate, weight_decay=config.weight_decay)
+      return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                         optax.adam(learning_rate))
     labels = lambda params: {k: ("decoder" if k == "decoder" else "inference") for k in params}
-    transforms = {
-        "inference": optax.adamw(config.hypernet_learning_rate, weight_decay=config.weight_decay),
-        "decoder": optax.adamw(config.decoder_learning_rate, weight_decay=config.weight_decay)}
+    transforms = {"inference": adam(config.hypernet_learning_rate),
+                  "decoder": adam(config.decoder_learning_rate)}
   return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                      optax.multi_transform(transforms, labels))
 

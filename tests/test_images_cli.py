@@ -15,6 +15,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from iavae_jax import blocks, checkpoints, hypernets, objectives, training
@@ -156,6 +157,7 @@ def test_bad_flags_exit_2_and_write_nothing(flags, message):
     ({"decoder_learning_rate": -1.0}, "--decoder_learning_rate must be positive"),
     ({"decoder_kernel_sizes": (4,)}, "--decoder_kernel_sizes must be odd"),
     ({"hypernet": "lstm"}, "--hypernet=lstm is not known; choose one of paper, ha, mlp"),
+    ({"weight_decay_mode": "l1"}, "--weight_decay_mode=l1 is not known; choose one of coupled"),
     ({"hypernet_hidden": 8}, "--hypernet_hidden sets the hidden width of --hypernet=ha or mlp"),
     ({"hypernet": "mlp", "ha_block_gains": True}, "--ha_block_gains applies to --hypernet=ha"),
     ({"hypernet_projection": -1}, "--hypernet_projection must be a non-negative integer"),
@@ -301,6 +303,57 @@ def _train_step(model, stage):
 def _state(model, stage, params, frozen):
   return training.init_state(params, images_train.stage_optimizer(model.config, stage),
                              jax.random.PRNGKey(0), frozen)
+
+
+def _pytorch_adam(params, grads, learning_rates, weight_decay, max_norm, mode):
+  """Two steps of PyTorch's recipe, written out on {group: array}: clip_grad_norm_ over every
+  parameter (.grad scaled by max_norm / norm when over it), then optimizer.step() per group:
+  torch.optim.Adam(weight_decay=wd) adds wd x p to the gradient ("coupled"), torch.optim.AdamW
+  moves p by -lr x wd x p ("decoupled"); betas (0.9, 0.999), eps 1e-8."""
+  m = {k: np.zeros_like(v) for k, v in params.items()}
+  v = {k: np.zeros_like(p) for k, p in params.items()}
+  params = dict(params)
+  for t, step_grads in enumerate(grads, start=1):
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in step_grads.values()))
+    scale = min(1.0, max_norm / norm)
+    for k, g in step_grads.items():
+      g, p, lr = g * scale, params[k], learning_rates[k]
+      if mode == "coupled":
+        g = g + weight_decay * p
+      else:
+        p = p - lr * weight_decay * p
+      m[k] = 0.9 * m[k] + 0.1 * g
+      v[k] = 0.999 * v[k] + 0.001 * g ** 2
+      m_hat, v_hat = m[k] / (1 - 0.9 ** t), v[k] / (1 - 0.999 ** t)
+      params[k] = p - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+  return params
+
+
+@pytest.mark.parametrize("mode", configs.WEIGHT_DECAY_MODES)
+def test_stage_2_optimizer_is_pytorchs_adam_with_weight_decay(mode):
+  # Large weights and decay, so that the decay visibly changes the step; the first gradient is
+  # clipped (norm 13 > 2), the second is not.
+  config = dataclasses.replace(configs.image_config("mnist", "smoke"), weight_decay=0.3,
+                               weight_decay_mode=mode, max_grad_norm=2.0,
+                               hypernet_learning_rate=0.01, decoder_learning_rate=0.002)
+  params = {"hypernet": np.array([3.0, -2.0, 0.5], np.float32),
+            "decoder": np.array([1.0, -4.0], np.float32)}
+  grads = [{"hypernet": np.array([12.0, 3.0, -4.0], np.float32),
+            "decoder": np.array([0.0, 0.0], np.float32)},
+           {"hypernet": np.array([0.1, -0.2, 0.3], np.float32),
+            "decoder": np.array([0.5, 0.1], np.float32)}]
+  optimizer = images_train.stage_optimizer(config, "iavae")
+  state, got = optimizer.init(params), params
+  for g in grads:
+    updates, state = optimizer.update(g, state, got)
+    got = optax.apply_updates(got, updates)
+  want = _pytorch_adam(params, grads, {"hypernet": 0.01, "decoder": 0.002}, 0.3, 2.0, mode)
+  chex.assert_trees_all_close(got, want, rtol=1e-5)
+  # The other mode's numbers differ: the test tells the two apart.
+  other = "decoupled" if mode == "coupled" else "coupled"
+  assert not np.allclose(want["hypernet"], _pytorch_adam(
+      params, grads, {"hypernet": 0.01, "decoder": 0.002}, 0.3, 2.0, other)["hypernet"],
+      rtol=1e-3)
 
 
 def test_kl_warm_up_is_linear_per_step_in_stage_1_only():
