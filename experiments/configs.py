@@ -29,6 +29,9 @@ class SyntheticConfig:
   sweep_widths: tuple[int, ...] = (2, 4, 6, 8, 10, 12, 14, 16, 18, 20)  # Figure 7
   num_sweep_seeds: int = 3          # VAEs per width in the sweep (the curve is their mean)
   epochs_per_call: int = 10         # epochs per jitted call (progress and checkpoint granularity)
+  # Stage 2's starting point (the IA-VAE at initialisation, ~its VAE's encoder) is a
+  # model-selection candidate (epoch 0), scored like every epoch on the full data.
+  start_as_candidate: bool = True
   checkpoint_every: int = 50        # epochs between resume checkpoints
 
   def validate(self) -> "SyntheticConfig":
@@ -130,6 +133,9 @@ class ImageConfig:
   # clipped gradient before Adam's scaling; "decoupled" is AdamW's (the decay added to the update).
   weight_decay_mode: str = "coupled"
   patience: int = 100                    # epochs without a better validation ELBO (both stages)
+  # Stage 2's and the control's starting point (the stage-1 VAE) is a model-selection candidate
+  # (epoch 0), so a run never selects something worse on validation than where it started.
+  start_as_candidate: bool = True
   # Evaluation.
   num_samples: int = 1              # z samples per example in the training ELBO
   valid_samples: int = 1            # per example for the validation ELBO (fixed noise)

@@ -341,14 +341,23 @@ def _epoch_functions(model: Model, stage: str, steps_per_epoch: int,
     return key, batches, jax.random.split(steps_key, steps_per_epoch)
 
   def finish(state, trained, steps, valid):
-    """Scores the trained parameters by the validation ELBO (valid_samples samples per example,
-    the same noise every epoch) and closes the epoch (``training.end_epoch``)."""
-    score = dataset_elbo(model, stage_encode(model, stage, trained.frozen), trained.params,
-                         trained.frozen, valid, config.valid_samples, jax.random.PRNGKey(0))
+    """Scores the trained parameters (``validation_score``) and closes the epoch
+    (``training.end_epoch``)."""
+    score = validation_score(model, stage)(trained.params, trained.frozen, valid)
     return training.end_epoch(state, trained, steps, score, schedule)
 
   step = functools.partial(train_step, model=model, stage=stage, steps_per_epoch=steps_per_epoch)
   return jax.jit(start), jax.jit(step), jax.jit(finish)
+
+
+@functools.lru_cache(maxsize=None)  # one per stage: compiled once
+def validation_score(model: Model, stage: str):
+  """A stage's monitored score, jitted: score(params, frozen, valid [n, 28, 28]) -> the
+  validation ELBO (valid_samples samples per example, the same noise every time)."""
+  def score(params, frozen, valid):
+    return dataset_elbo(model, stage_encode(model, stage, frozen), params, frozen, valid,
+                        model.config.valid_samples, jax.random.PRNGKey(0))
+  return jax.jit(score)
 
 
 def make_epoch_fn(model: Model, stage: str, name: str, valid: jax.Array, train_size: int,
@@ -382,17 +391,19 @@ class Selected(NamedTuple):
   """A trained model as selected on the validation ELBO."""
   params: dict          # its best parameters
   frozen: dict | None   # what it uses but did not train (TrainState.frozen)
-  best_epoch: int
+  best_epoch: int       # 0: its starting point (config.start_as_candidate)
   valid_elbo: float     # its validation ELBO (the selection score)
+  valid_elbo_at_start: float | None   # of its starting point (stages 2 and 3; None in stage 1)
 
 
 def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
                timings: dict, resumed: list, parallel: parallel_lib.Parallel | None = None,
-               tensorboard: bool = False) -> tuple[dict, float]:
+               tensorboard: bool = False) -> dict:
   """Trains the three models of one seed (resuming what is in workdir); returns them,
-  {stage: Selected}, and the IA-VAE's validation ELBO before training. Each model is trained
-  alone (``make_epoch_fn``). Stages that start from a checkpoint are appended to
-  ``resumed``."""
+  {stage: Selected}. Each model is trained alone (``make_epoch_fn``). The IA-VAE and the
+  control start from the VAE, scored before their first step (``validation_score``): with
+  config.start_as_candidate that start is selected unless an epoch scores higher. Stages that
+  start from a checkpoint are appended to ``resumed``."""
   config = model.config
   train = jnp.asarray(data.train)
   valid = jnp.asarray(data.valid)
@@ -408,14 +419,18 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
     t0 = time.time()
     if os.path.isdir(os.path.join(workdir, "checkpoints", name)):
       resumed.append(name)
+    # Stages 2 and 3 start from the VAE (Proposition 1 for the IA-VAE): their starting score.
+    start = None if stage == "vae" else float(validation_score(model, stage)(params, frozen,
+                                                                              valid))
     state = stages.run_stage(
         name, workdir, make_epoch_fn(model, stage, name, valid, train.shape[0], parallel),
-        training.init_state(params, stage_optimizer(config, stage), train_key, frozen), train,
+        training.init_state(params, stage_optimizer(config, stage), train_key, frozen,
+                            start if config.start_as_candidate else None), train,
         np.array([seed, STAGE_IDS[stage]]), stage_schedule(config, stage),
         config.checkpoint_every, parallel=parallel, tensorboard=tensorboard)
     timings[name] = time.time() - t0
     selected[stage] = Selected(state.best_params, state.frozen, int(state.best_epoch),
-                               float(state.best_score))
+                               float(state.best_score), start)
     return state.best_params
 
   enc_key, dec_key = jax.random.split(keys["vae"][0])
@@ -427,14 +442,10 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
   frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
   layout = blocks.BlockLayout.from_tree(vae["encoder"])
   psi = model.init_hypernet(keys["iavae"][0], layout)
-  # Proposition 1 in practice: the IA-VAE's validation ELBO before any stage-2 step.
-  start = dataset_elbo(model, model.encode_fn("iavae", layout),
-                       {"hypernet": psi, "decoder": vae["decoder"]}, frozen, valid,
-                       config.valid_samples, jax.random.PRNGKey(0))
   run("iavae", {"hypernet": psi, "decoder": vae["decoder"]}, frozen)
   run("control", {"encoder": vae["encoder"], "decoder": vae["decoder"]},
       {"batch_stats": vae["batch_stats"]})
-  return selected, float(start)
+  return selected
 
 
 def param_counts(model: Model) -> dict:
@@ -479,23 +490,23 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
   test = jnp.asarray(data.test)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   for seed in seeds:
-    selected, valid_elbo_at_start = train_seed(model, workdir, seed, data, timings, resumed,
-                                               parallel, tensorboard)
+    selected = train_seed(model, workdir, seed, data, timings, resumed, parallel, tensorboard)
     t0 = time.time()
     eval_key = training.derive_key(seed, STAGE_IDS["eval"])
     for stage in STAGES:
-      params, frozen, best_epoch, valid_elbo = selected[stage]
+      params, frozen, best_epoch, valid_elbo, valid_elbo_at_start = selected[stage]
       encode = stage_encode(model, stage, frozen)
       metrics = jax.device_get(evaluate(model, encode, params, frozen, test, eval_key))
       per_seed[stage].append({
           "test_elbo": float(np.mean(metrics["elbo"])), "test_kl": float(np.mean(metrics["kl"])),
           "test_iwae": float(np.mean(metrics["iwae"])), "valid_elbo": valid_elbo,
           "best_epoch": best_epoch})
+      if valid_elbo_at_start is not None:
+        per_seed[stage][-1]["valid_elbo_at_start"] = valid_elbo_at_start
       if seed == seeds[0] and config.num_reconstructions:
         recon[stage] = np.asarray(reconstruct(
             model, encode, params, frozen, test[:config.num_reconstructions],
             jax.random.fold_in(eval_key, 1)))
-    per_seed["iavae"][-1]["valid_elbo_at_start"] = valid_elbo_at_start
     timings[f"eval_seed{seed}"] = time.time() - t0
     line = "  ".join(f"{stage} {per_seed[stage][-1]['test_elbo']:.2f}" for stage in STAGES)
     print(f"[seed {seed}] test ELBO: {line}", flush=True)

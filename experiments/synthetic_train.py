@@ -51,6 +51,14 @@ def iavae_encode(config: SyntheticConfig, layout: blocks.BlockLayout) -> EncodeF
       encoder_apply, hypernet_apply, phi_avi, psi, x)
 
 
+def exact_score(config: SyntheticConfig, encode: EncodeFn) -> training.ScoreFn:
+  """The monitored score: score(params, frozen, x [N, 3]) -> the exact ELBO, mean over x."""
+  def score_fn(params, frozen, x):
+    mean, log_var = encode(params, frozen, x)
+    return jnp.mean(oracle.exact_elbo(x, mean, log_var, config.sigma))
+  return score_fn
+
+
 def make_epoch_fn(config: SyntheticConfig, encode: EncodeFn,
                   parallel: parallel_lib.Parallel | None = None):
   """The training epoch: S-sample Monte Carlo ELBO for the gradient, exact ELBO monitored."""
@@ -64,14 +72,10 @@ def make_epoch_fn(config: SyntheticConfig, encode: EncodeFn,
         eps, mean, log_var, lambda z: oracle.log_likelihood(x, z, config.sigma))
     return -jnp.mean(terms.elbo), jnp.mean(terms.kl)
 
-  def score_fn(params, frozen, x):
-    mean, log_var = encode(params, frozen, x)
-    return jnp.mean(oracle.exact_elbo(x, mean, log_var, config.sigma))
-
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   optimizer = optax.adam(config.learning_rate)
-  return training.make_epoch_fn(noise_fn, loss_fn, score_fn, optimizer, schedule,
-                                parallel=parallel), optimizer
+  return training.make_epoch_fn(noise_fn, loss_fn, exact_score(config, encode), optimizer,
+                                schedule, parallel=parallel), optimizer
 
 
 def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...]]):
@@ -85,13 +89,16 @@ def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...
 def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: EncodeFn,
                 params, frozen, train_keys, order_seeds, data,
                 parallel: parallel_lib.Parallel | None = None,
-                tensorboard: bool = False) -> training.TrainState:
+                tensorboard: bool = False, start_as_candidate: bool = False) -> training.TrainState:
   """Trains (or resumes, or just loads) one population; returns its final states. frozen: the
-  models' frozen encoders, stacked (None for VAEs)."""
+  models' frozen encoders, stacked (None for VAEs). With ``start_as_candidate``, every model's
+  starting point is scored on the data and is a model-selection candidate (epoch 0)."""
   epoch_fn, optimizer = make_epoch_fn(config, encode, parallel)
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
-  states = jax.vmap(lambda p, k, f: training.init_state(p, optimizer, k, f))(
-      params, train_keys, frozen)
+  scores = (jax.jit(jax.vmap(exact_score(config, encode), in_axes=(0, 0, None)))(
+      params, frozen, data) if start_as_candidate else None)
+  states = jax.vmap(lambda p, k, f, s: training.init_state(p, optimizer, k, f, s))(
+      params, train_keys, frozen, scores)
   names = [MODEL_NAMES[name].format(*map(int, row[2:])) for row in order_seeds]
   return stages.run_stage(name, workdir, epoch_fn, states, data, order_seeds, schedule,
                           config.checkpoint_every, config.epochs_per_call, names, parallel,
@@ -156,7 +163,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   frozen_phi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi_avi)
   iavae_fn = iavae_encode(config, layout)
   iavae_states = train_stage("iavae", workdir, config, iavae_fn, psi0, frozen_phi, train_keys,
-                             order_seeds, x, parallel, tensorboard)
+                             order_seeds, x, parallel, tensorboard, config.start_as_candidate)
   timings["iavae"] = time.time() - t0
 
   # Stage 3: the width sweep, zero-padded to the widest encoder.
