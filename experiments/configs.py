@@ -71,6 +71,8 @@ def synthetic_quick() -> SyntheticConfig:
 IMAGE_TIERS = ("paper", "cpu", "smoke")
 HYPERNET_INPUTS = ("image", "image_l2", "encoder", "penultimate")
 HYPERNETS = ("paper", "ha", "mlp")     # iavae_jax.hypernets.HYPERNETS
+# pixelcnn: the gated PixelCNN without a blind spot; pixelcnn_kim: Kim et al.'s masking exactly.
+DECODERS = ("pixelcnn", "pixelcnn_kim")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 # Stage-2 weight decay: the paper's values for OMNIGLOT and MNIST; Fashion-MNIST (not given in the
 # paper) and binarized MNIST take MNIST's, the closer data set in size and image statistics.
@@ -95,6 +97,10 @@ class ImageConfig:
   decoder_features: int = 32
   decoder_kernel_sizes: tuple[int, ...] = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3)
   latent_feature_maps: int = 4
+  # DECODERS: "pixelcnn_kim" shifts the vertical stack in every layer (a blind spot) and masks the
+  # latent maps at the current pixel (the first pixel's logit is a constant), as Kim et al.'s
+  # code; "pixelcnn" sees every earlier pixel and z everywhere (models/pixelcnn.py).
+  decoder: str = "pixelcnn"
   # The structured hypernetwork (paper: e_l of 16, e_in of 8, output layers N(0, 1e-3^2)).
   # The paper's 1e-3 does not start stage 2 near the stage-1 encoder here: the x-part of every
   # conv slice's delta is the same vector, so it adds up coherently over the (non-negative)
@@ -155,6 +161,9 @@ class ImageConfig:
     if self.hypernet_input not in HYPERNET_INPUTS:
       raise ConfigError(f"--hypernet_input={self.hypernet_input} is not known; choose one of "
                         f"{', '.join(HYPERNET_INPUTS)}.")
+    if self.decoder not in DECODERS:
+      raise ConfigError(f"--decoder={self.decoder} is not known; choose one of "
+                        f"{', '.join(DECODERS)}.")
     if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
       raise ConfigError(f"--weight_decay_mode={self.weight_decay_mode} is not known; choose one "
                         f"of {', '.join(WEIGHT_DECAY_MODES)}.")

@@ -4,7 +4,8 @@ For each seed, three models are trained one after the other, each alone: ``train
 optimiser step of a stage, ``make_epoch_fn`` loops over it in Python (XLA:CPU is slow on
 convolution gradients inside lax.scan), and the shared ``training`` and ``stages`` machinery
 adds early stopping, Orbax checkpoints, resume and the learning curves:
-  vae     : SA-VAE's model (ResNet encoder with batch norm, gated PixelCNN decoder), KL warm-up;
+  vae     : SA-VAE's model (ResNet encoder with batch norm, gated PixelCNN decoder: without a
+            blind spot, or Kim et al.'s exactly with config.decoder), KL warm-up;
   iavae   : the VAE's encoder frozen as phi_AVI, batch-norm statistics frozen; the
             hypernetwork, its embeddings and the decoder trained (paper section 4.2);
   control : the VAE trained on from its best parameters for as many epochs as stage 2 with the
@@ -67,7 +68,8 @@ class Model:
   @property
   def decoder(self) -> pixelcnn.GatedPixelCNN:
     return pixelcnn.GatedPixelCNN(self.config.decoder_features, self.config.decoder_kernel_sizes,
-                                  self.config.latent_feature_maps)
+                                  self.config.latent_feature_maps,
+                                  sa_vae_masking=self.config.decoder == "pixelcnn_kim")
 
   def hypernet(self, layout: blocks.BlockLayout) -> nn.Module:
     """The design ``config.hypernet`` over layout (``hypernets.make_hypernet``), with the

@@ -80,10 +80,11 @@ def test_report_gathers_the_run(smoke_run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, recorded", [
-    (["--hypernet=ha", "--ha_block_gains"], {"hypernet": "ha", "ha_block_gains": True}),
+    (["--hypernet=ha", "--ha_block_gains", "--decoder=pixelcnn_kim"],
+     {"hypernet": "ha", "ha_block_gains": True, "decoder": "pixelcnn_kim"}),
     (["--hypernet=mlp", "--hypernet_input=penultimate"],
      {"hypernet": "mlp", "hypernet_input": "penultimate"})])
-def test_other_hypernetwork_designs_run_end_to_end(smoke_flags, tmp_path, flags, recorded):
+def test_other_designs_run_end_to_end(smoke_flags, tmp_path, flags, recorded):
   result = run("experiments.images", f"--workdir={tmp_path}", *smoke_flags, "--num_seeds=1",
                *flags)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -157,6 +158,7 @@ def test_bad_flags_exit_2_and_write_nothing(flags, message):
     ({"decoder_learning_rate": -1.0}, "--decoder_learning_rate must be positive"),
     ({"decoder_kernel_sizes": (4,)}, "--decoder_kernel_sizes must be odd"),
     ({"hypernet": "lstm"}, "--hypernet=lstm is not known; choose one of paper, ha, mlp"),
+    ({"decoder": "made"}, "--decoder=made is not known; choose one of pixelcnn, pixelcnn_kim"),
     ({"weight_decay_mode": "l1"}, "--weight_decay_mode=l1 is not known; choose one of coupled"),
     ({"hypernet_hidden": 8}, "--hypernet_hidden sets the hidden width of --hypernet=ha or mlp"),
     ({"hypernet": "mlp", "ha_block_gains": True}, "--ha_block_gains applies to --hypernet=ha"),
