@@ -488,6 +488,10 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
   print(f"config: {config}", flush=True)
   print(f"data: {data.info}; train {data.train.shape[0]}, valid {data.valid.shape[0]}, "
         f"test {data.test.shape[0]}", flush=True)
+  if config.tier == "paper" and data.info["paper_split"] is False:
+    print(f"WARNING: this is not the paper's train/test split of {config.dataset} (for OMNIGLOT: "
+          "Burda et al.'s chardata.mat in --data_dir); results.json and Table 4 say so.",
+          flush=True)
   timings, per_seed, recon, resumed = {}, {stage: [] for stage in STAGES}, {}, []
   test = jnp.asarray(data.test)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
