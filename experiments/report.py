@@ -30,8 +30,8 @@ Wilk on the per-seed differences, then a one-sided paired t-test if normality is
 
 table4.md renders that dictionary (render_markdown is a pure function of it); a data set whose
 run was not on the paper's train/test split (paper_split false: e.g. OMNIGLOT from Lake's zips or
-TFDS rather than Burda et al.'s chardata.mat, or a subset of MNIST) is marked with a dagger. Bad input (no
-results, two results for one data set, a malformed results file) exits with code 2.
+TFDS rather than Burda et al.'s chardata.mat, or a subset of MNIST) is marked with a dagger. Bad
+input (no results, two results for one data set, a malformed results file) exits with code 2.
 """
 
 import glob
