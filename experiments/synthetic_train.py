@@ -34,24 +34,12 @@ STAGE_IDS = {"vae": 1, "iavae": 2, "sweep": 3}
 # How errors name a model of a stage, from its index tuple (see model_keys).
 MODEL_NAMES = {"vae": "VAE seed {}", "iavae": "IA-VAE seed {1} on VAE seed {0}",
                "sweep": "sweep VAE of width {} (seed {})"}
-# Which stages compile with XLA:CPU's loop emitters (training.cpu_compiler_options): the
-# IA-VAEs' epochs ran 1.3x faster with them, the VAEs' 1.3x slower (benchmarks/synthetic_step.py).
-LOOP_EMITTERS = {"vae": False, "iavae": True, "sweep": False}
-# encode(params, frozen, x [B, 3]) -> (mean [B, 2], log_var [B, 2]): the models as the paper
-# defines them, one example at a time (Flax modules, vmapped); evaluation uses these.
-EncodeFn = Callable
-# The same functions on examples along the last axis, x [3, B] -> (mean [2, B], log_var [2, B]):
-# how the populations train, several times faster on CPU (see encoders.mlp_encode_examples_last).
-TrainEncodeFn = Callable
+EncodeFn = Callable  # encode(params, frozen, x [B, 3]) -> (mean [B, 2], log_var [B, 2])
 
 
 def vae_encode(width: int) -> EncodeFn:
   encoder = encoders.MLPEncoder(width)
   return lambda phi, unused_frozen, x: encoder.apply({"params": phi}, x)
-
-
-def vae_train_encode(phi, unused_frozen, x):
-  return encoders.mlp_encode_examples_last(phi, x)
 
 
 def iavae_encode(config: SyntheticConfig, layout: blocks.BlockLayout) -> EncodeFn:
@@ -63,41 +51,31 @@ def iavae_encode(config: SyntheticConfig, layout: blocks.BlockLayout) -> EncodeF
       encoder_apply, hypernet_apply, phi_avi, psi, x)
 
 
-def iavae_train_encode(layout: blocks.BlockLayout) -> TrainEncodeFn:
-  def encode(psi, phi_avi, x):
-    deltas = hypernets.linear_hypernet_deltas_examples_last(psi, layout, x)
-    return encoders.mlp_encode_examples_last(adaptive.modulate_examples_last(phi_avi, deltas), x)
-  return encode
+def exact_score(config: SyntheticConfig, encode: EncodeFn) -> training.ScoreFn:
+  """The monitored score: score(params, frozen, x [N, 3]) -> the exact ELBO, mean over x."""
+  def score_fn(params, frozen, x):
+    mean, log_var = encode(params, frozen, x)
+    return jnp.mean(oracle.exact_elbo(x, mean, log_var, config.sigma))
+  return score_fn
 
 
-def make_epoch_fn(config: SyntheticConfig, encode: TrainEncodeFn,
-                  parallel: parallel_lib.Parallel | None = None, examples_last: bool = True,
-                  compiler_options: dict | None = None):
-  """The training epoch: S-sample Monte Carlo ELBO for the gradient, exact ELBO monitored.
-
-  ``encode`` is a TrainEncodeFn, or an EncodeFn with ``examples_last=False`` (benchmarks and
-  tests compare the two). ``compiler_options``: see ``training.make_epoch_fn``."""
-  rows = (lambda a: a.T) if examples_last else (lambda a: a)   # [features, examples] -> [ex, f]
-
+def make_epoch_fn(config: SyntheticConfig, encode: EncodeFn,
+                  parallel: parallel_lib.Parallel | None = None):
+  """The training epoch: S-sample Monte Carlo ELBO for the gradient, exact ELBO monitored."""
   def noise_fn(key, num_steps, unused_epoch):
     return jax.random.normal(
         key, (num_steps, config.num_samples, config.batch_size, oracle.LATENT_DIM))
 
   def loss_fn(params, frozen, x, eps):
     mean, log_var = encode(params, frozen, x)
-    terms = objectives.elbo(eps, rows(mean), rows(log_var),
-                            lambda z: oracle.log_likelihood(rows(x), z, config.sigma))
+    terms = objectives.elbo(
+        eps, mean, log_var, lambda z: oracle.log_likelihood(x, z, config.sigma))
     return -jnp.mean(terms.elbo), jnp.mean(terms.kl)
-
-  def score_fn(params, frozen, x):
-    mean, log_var = encode(params, frozen, x)
-    return jnp.mean(oracle.exact_elbo(rows(x), rows(mean), rows(log_var), config.sigma))
 
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   optimizer = optax.adam(config.learning_rate)
-  return training.make_epoch_fn(noise_fn, loss_fn, score_fn, optimizer, schedule,
-                                parallel=parallel, examples_last=examples_last,
-                                compiler_options=compiler_options), optimizer
+  return training.make_epoch_fn(noise_fn, loss_fn, exact_score(config, encode), optimizer,
+                                schedule, parallel=parallel), optimizer
 
 
 def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...]]):
@@ -108,22 +86,23 @@ def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...
   return jnp.stack(init_keys), jnp.stack(train_keys), np.array(paths)
 
 
-def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: TrainEncodeFn,
+def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: EncodeFn,
                 params, frozen, train_keys, order_seeds, data,
                 parallel: parallel_lib.Parallel | None = None,
-                tensorboard: bool = False, cancelled=None) -> training.TrainState:
+                tensorboard: bool = False, start_as_candidate: bool = False) -> training.TrainState:
   """Trains (or resumes, or just loads) one population; returns its final states. frozen: the
-  models' frozen encoders, stacked (None for VAEs)."""
-  epoch_fn, optimizer = make_epoch_fn(
-      config, encode, parallel,
-      compiler_options=training.cpu_compiler_options(LOOP_EMITTERS[name]))
+  models' frozen encoders, stacked (None for VAEs). With ``start_as_candidate``, every model's
+  starting point is scored on the data and is a model-selection candidate (epoch 0)."""
+  epoch_fn, optimizer = make_epoch_fn(config, encode, parallel)
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
-  states = jax.vmap(lambda p, k, f: training.init_state(p, optimizer, k, f))(
-      params, train_keys, frozen)
+  scores = (jax.jit(jax.vmap(exact_score(config, encode), in_axes=(0, 0, None)))(
+      params, frozen, data) if start_as_candidate else None)
+  states = jax.vmap(lambda p, k, f, s: training.init_state(p, optimizer, k, f, s))(
+      params, train_keys, frozen, scores)
   names = [MODEL_NAMES[name].format(*map(int, row[2:])) for row in order_seeds]
   return stages.run_stage(name, workdir, epoch_fn, states, data, order_seeds, schedule,
                           config.checkpoint_every, config.epochs_per_call, names, parallel,
-                          tensorboard, cancelled)
+                          tensorboard)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -161,39 +140,6 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
                             config.sigma)
   x = data.x
   print(f"config: {config}", flush=True)
-  max_width = max(config.sweep_widths)
-
-  def sweep_and_posterior(cancelled):
-    # Stage 3: the width sweep, zero-padded to the widest encoder.
-    t0 = time.time()
-    sweep_indices = [(w, s) for w in config.sweep_widths for s in range(config.num_sweep_seeds)]
-    init_keys, train_keys, order_seeds = model_keys(config, "sweep", sweep_indices)
-    sweep_params0 = [
-        encoders.pad_hidden(encoders.MLPEncoder(w).init(k, x[0])["params"], max_width)
-        for (w, _), k in zip(sweep_indices, init_keys)]
-    sweep_params0 = jax.tree.map(lambda *a: jnp.stack(a), *sweep_params0)
-    sweep_states = train_stage("sweep", workdir, config, vae_train_encode, sweep_params0, None,
-                               train_keys, order_seeds, x, parallel, tensorboard, cancelled)
-    timings["sweep"] = time.time() - t0
-
-    # The true posterior, log p(x) and q*.
-    if cancelled():
-      raise common.Cancelled("posterior")
-    t0 = time.time()
-    summary = jax.jit(lambda x: posterior.summarize(x, config.sigma),
-                      compiler_options=training.cpu_compiler_options())(x)
-    init_mean, init_log_var = posterior.laplace_diagonal_init(summary)
-    qstar_mean, qstar_log_var = jax.jit(jax.vmap(
-        lambda xi, m, lv: posterior.optimal_gaussian(xi, config.sigma, m, lv)))(
-            x, init_mean, init_log_var)
-    elbo_qstar = oracle.exact_elbo(x, qstar_mean, qstar_log_var, config.sigma)
-    timings["posterior"] = time.time() - t0
-    return sweep_states, summary, qstar_mean, qstar_log_var, elbo_qstar
-
-  # Stage 3 and the posterior need nothing from stages 1-2: with one device of one process they
-  # run on a second thread meanwhile (on a CPU, a second core), else after them.
-  background = (common.Background(sweep_and_posterior) if (parallel is None or parallel.mode ==
-                "none") and jax.process_count() == 1 else None)
 
   # Stage 1: VAEs.
   t0 = time.time()
@@ -201,8 +147,8 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   vae_indices = [(v,) for v in range(config.num_vae_seeds)]
   init_keys, train_keys, order_seeds = model_keys(config, "vae", vae_indices)
   vae_params0 = jax.vmap(lambda k: encoder.init(k, x[0])["params"])(init_keys)
-  vae_states = train_stage("vae", workdir, config, vae_train_encode, vae_params0, None,
-                           train_keys, order_seeds, x, parallel, tensorboard)
+  vae_states = train_stage("vae", workdir, config, vae_encode(config.encoder_width), vae_params0,
+                           None, train_keys, order_seeds, x, parallel, tensorboard)
   phi_avi = vae_states.best_params
   timings["vae"] = time.time() - t0
 
@@ -215,21 +161,42 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   init_keys, train_keys, order_seeds = model_keys(config, "iavae", iavae_indices)
   psi0 = jax.vmap(lambda k: hypernet.init(k, x[0])["params"])(init_keys)
   frozen_phi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi_avi)
-  iavae_states = train_stage("iavae", workdir, config, iavae_train_encode(layout), psi0,
-                             frozen_phi, train_keys, order_seeds, x, parallel, tensorboard)
+  iavae_fn = iavae_encode(config, layout)
+  iavae_states = train_stage("iavae", workdir, config, iavae_fn, psi0, frozen_phi, train_keys,
+                             order_seeds, x, parallel, tensorboard, config.start_as_candidate)
   timings["iavae"] = time.time() - t0
 
-  sweep_states, summary, qstar_mean, qstar_log_var, elbo_qstar = (
-      background.result() if background else sweep_and_posterior(lambda: False))
-  timings = {k: timings[k] for k in ("vae", "iavae", "sweep", "posterior")}
+  # Stage 3: the width sweep, zero-padded to the widest encoder.
+  t0 = time.time()
+  max_width = max(config.sweep_widths)
+  sweep_indices = [(w, s) for w in config.sweep_widths for s in range(config.num_sweep_seeds)]
+  init_keys, train_keys, order_seeds = model_keys(config, "sweep", sweep_indices)
+  sweep_params0 = [
+      encoders.pad_hidden(encoders.MLPEncoder(w).init(k, x[0])["params"], max_width)
+      for (w, _), k in zip(sweep_indices, init_keys)]
+  sweep_params0 = jax.tree.map(lambda *a: jnp.stack(a), *sweep_params0)
+  sweep_fn = vae_encode(max_width)
+  sweep_states = train_stage("sweep", workdir, config, sweep_fn, sweep_params0, None,
+                             train_keys, order_seeds, x, parallel, tensorboard)
+  timings["sweep"] = time.time() - t0
+
+  # The true posterior, log p(x) and q*.
+  t0 = time.time()
+  summary = jax.jit(lambda x: posterior.summarize(x, config.sigma))(x)
+  init_mean, init_log_var = posterior.laplace_diagonal_init(summary)
+  qstar_mean, qstar_log_var = jax.jit(jax.vmap(
+      lambda xi, m, lv: posterior.optimal_gaussian(xi, config.sigma, m, lv)))(
+          x, init_mean, init_log_var)
+  elbo_qstar = oracle.exact_elbo(x, qstar_mean, qstar_log_var, config.sigma)
+  timings["posterior"] = time.time() - t0
 
   t0 = time.time()
   vae_eval, vae_means = evaluate(vae_encode(config.encoder_width), phi_avi, None, x,
                                  config.sigma, summary, elbo_qstar)
-  iavae_eval, iavae_means = evaluate(iavae_encode(config, layout), iavae_states.best_params,
-                                     frozen_phi, x, config.sigma, summary, elbo_qstar)
-  sweep_eval, _ = evaluate(vae_encode(max_width), sweep_states.best_params, None, x,
-                           config.sigma, summary, elbo_qstar)
+  iavae_eval, iavae_means = evaluate(iavae_fn, iavae_states.best_params, frozen_phi, x,
+                                     config.sigma, summary, elbo_qstar)
+  sweep_eval, _ = evaluate(sweep_fn, sweep_states.best_params, None, x, config.sigma, summary,
+                           elbo_qstar)
   timings["evaluation"] = time.time() - t0
 
   vae_eval, iavae_eval, sweep_eval = (jax.tree.map(np.asarray, e)

@@ -219,7 +219,7 @@ def test_missing_files_are_named_with_how_to_get_them(tmp_path, dataset, advice)
     images.load(dataset, data_dir=str(tmp_path))
 
 
-def test_bad_flags_are_refused(tmp_path):
+def test_bad_arguments_are_refused(tmp_path):
   missing = str(tmp_path / "nowhere")
   with pytest.raises(images.DataError, match="nowhere"):
     images.load("mnist", data_dir=missing)
@@ -228,7 +228,7 @@ def test_bad_flags_are_refused(tmp_path):
   write_idx(str(tmp_path / "images-idx3-ubyte.gz"), np.zeros((10, 28, 28), np.uint8))
   with pytest.raises(images.DataError, match="test_fraction=0.0 of 10 images holds out 0"):
     images.load("mnist", data_dir=str(tmp_path), test_fraction=0.0)
-  with pytest.raises(images.DataError, match="--source"):
+  with pytest.raises(images.DataError, match="source must be one of auto, local, tfds; got 'web'"):
     images.load("mnist", data_dir=str(tmp_path), source="web")
 
 
@@ -305,6 +305,35 @@ def test_omniglot_full_zips_train_on_background_test_on_evaluation(tmp_path):
   # 30 of 105 pixels = 8 of 28 exactly: ink 1 there, 0 beyond.
   np.testing.assert_allclose(splits.train[:, :8, :8], 1.0)
   np.testing.assert_allclose(splits.train[:, 8:, :], 0.0)
+
+
+def test_paper_split_says_whether_the_split_is_the_papers(tmp_path):
+  # OMNIGLOT: Burda et al.'s chardata.mat is the paper's split, Lake's zips are not; MNIST: the
+  # standard train and test files are, a pool is not; binarized_mnist is not in the paper.
+  columns = np.zeros((784, 4), np.float32)
+  page = np.ones((105, 105), bool)
+  writers = {
+      ("omniglot", True): lambda d: scipy.io.savemat(str(d / "chardata.mat"),
+                                                     {"data": columns, "testdata": columns}),
+      ("omniglot", False): lambda d: [write_omniglot_zip(
+          str(d / f"images_{top}.zip"), f"images_{top}",
+          {f"Latin/character01/{i}_01.png": page for i in range(4)})
+          for top in ("background", "evaluation")],
+      ("mnist", True): lambda d: [write_idx(str(d / f"{name}-images-idx3-ubyte.gz"),
+                                            np.zeros((4, 28, 28), np.uint8))
+                                  for name in ("train", "t10k")],
+      ("mnist", False): lambda d: write_idx(str(d / "images-idx3-ubyte.gz"),
+                                            np.zeros((8, 28, 28), np.uint8)),
+      ("binarized_mnist", None): lambda d: [np.savetxt(str(d / f"binarized_mnist_{s}.amat"),
+                                                       np.zeros((4, 784)), fmt="%d")
+                                            for s in ("train", "valid", "test")],
+  }
+  for (dataset, paper_split), write in writers.items():
+    directory = tmp_path / f"{dataset}_{paper_split}"
+    directory.mkdir()
+    write(directory)
+    info = images.load(dataset, data_dir=str(directory), valid_fraction=0.25).info
+    assert info["paper_split"] is paper_split, (dataset, info)
 
 
 def test_omniglot_drawing_of_the_wrong_size_is_refused(tmp_path):

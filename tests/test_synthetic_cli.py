@@ -8,9 +8,13 @@ import os
 import re
 import shutil
 
+import jax
+import numpy as np
 import pytest
 
-from experiments import common, configs
+from experiments import common, configs, synthetic_train
+from iavae_jax import blocks, hypernets
+from iavae_jax.data import synthetic
 from conftest import TINY, run_module
 
 
@@ -222,3 +226,37 @@ def test_debug_nans_stops_at_the_operation(tmp_path):
   result = run(f"--workdir={tmp_path}", *TINY, "--learning_rate=1e30", "--debug_nans")
   assert result.returncode != 0
   assert "FloatingPointError" in result.stderr and "nan" in result.stderr.lower()
+
+
+@pytest.mark.parametrize("start_as_candidate", [True, False])
+def test_stage_2_never_selects_below_its_start(tmp_path, start_as_candidate):
+  # Two IA-VAEs on a good encoder (mean (x1, x2), about the posterior mean of z since x1, x2 =
+  # z1, z2 + noise; log-variance -5), with a learning rate (1e-2) that makes stage 2 worse:
+  # with the start as a candidate each selects it (epoch 0, its exact ELBO, psi unchanged);
+  # without, the better of two worse epochs.
+  config = dataclasses.replace(configs.synthetic_quick(), num_examples=256, max_epochs=2,
+                               patience=2, epochs_per_call=2, learning_rate=1e-2).validate()
+  x = synthetic.generate(jax.random.PRNGKey(0), config.num_examples, config.sigma).x
+  phi = {"Dense_0": {"kernel": np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], np.float32),
+                     "bias": np.array([10.0, 10.0], np.float32)},     # relu(x1 + 10), relu(x2 + 10)
+         "Dense_1": {"kernel": np.eye(2, 4, dtype=np.float32),
+                     "bias": np.array([-10.0, -10.0, -5.0, -5.0], np.float32)}}
+  layout = blocks.BlockLayout.from_tree(phi)
+  hypernet = hypernets.LinearHypernet(layout, config.embed_dim, config.hypernet_init_std)
+  init_keys, train_keys, order_seeds = synthetic_train.model_keys(config, "iavae",
+                                                                  [(0, 0), (0, 1)])
+  psi0 = jax.vmap(lambda k: hypernet.init(k, x[0])["params"])(init_keys)
+  frozen = jax.tree.map(lambda a: np.stack([a, a]), phi)
+  encode = synthetic_train.iavae_encode(config, layout)
+  states = synthetic_train.train_stage("iavae", str(tmp_path), config, encode, psi0, frozen,
+                                       train_keys, order_seeds, x,
+                                       start_as_candidate=start_as_candidate)
+  start = jax.vmap(synthetic_train.exact_score(config, encode), in_axes=(0, 0, None))(
+      psi0, frozen, x)
+  if start_as_candidate:
+    np.testing.assert_array_equal(states.best_epoch, [0, 0])
+    np.testing.assert_allclose(states.best_score, start, rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, states.best_params, psi0)
+  else:
+    assert np.all(np.asarray(states.best_epoch) >= 1)
+    assert np.all(np.asarray(states.best_score) < np.asarray(start))
