@@ -417,7 +417,7 @@ def _epoch_functions(model: Model, stage: str, steps_per_epoch: int,
   def finish(state, trained, steps, valid):
     """Scores the trained parameters (``validation_score``) and closes the epoch
     (``training.end_epoch``)."""
-    score = validation_score(model, stage)(trained.params, trained.frozen, valid)
+    score = validation_elbo(model, stage, trained.params, trained.frozen, valid)
     return training.end_epoch(state, trained, steps, score, schedule)
 
   step = functools.partial(train_step, model=model, stage=stage, steps_per_epoch=steps_per_epoch,
@@ -430,11 +430,16 @@ def _epoch_functions(model: Model, stage: str, steps_per_epoch: int,
 @functools.lru_cache(maxsize=None)  # one per stage: compiled once
 def validation_score(model: Model, stage: str):
   """A stage's monitored score, jitted: score(params, frozen, valid [n, 28, 28]) -> the
-  validation ELBO (valid_samples samples per example, the same noise every time)."""
-  def score(params, frozen, valid):
-    return dataset_elbo(model, stage_encode(model, stage, frozen), params, frozen, valid,
-                        model.config.valid_samples, jax.random.PRNGKey(0))
-  return jax.jit(score, compiler_options=model.compiler_options)
+  validation ELBO (``validation_elbo``)."""
+  return jax.jit(functools.partial(validation_elbo, model, stage),
+                 compiler_options=model.compiler_options)
+
+
+def validation_elbo(model: Model, stage: str, params, frozen, valid: jax.Array) -> jax.Array:
+  """The validation ELBO of a stage's model: valid_samples samples per example, the same noise
+  every time."""
+  return dataset_elbo(model, stage_encode(model, stage, frozen), params, frozen, valid,
+                      model.config.valid_samples, jax.random.PRNGKey(0))
 
 
 def make_epoch_fn(model: Model, stage: str, name: str, valid: jax.Array, train_size: int,
