@@ -147,3 +147,19 @@ def test_converged_tier_trains_every_model_to_early_stopping():
   assert config.models == configs.IMAGE_MODELS
   assert min(config.vae_epochs, config.iavae_epochs) >= 50 * config.patience
   assert images_train.evaluated_models(config)[-1] == images_train.MEAN_CONTEXT
+
+
+def test_dense_models_train_an_epoch_with_their_compiler_options():
+  # Dense encoders and decoders compile with XLA:CPU options of their own; the epoch's jitted
+  # pieces (steps and the validation ELBO inside the epoch's end) must accept them.
+  model = _model(encoder="mlp", encoder_hidden=(16,), decoder="mlp", decoder_hidden=(16,))
+  assert model.compiler_options == training.cpu_compiler_options(loop_emitters=True)
+  assert _model().compiler_options == {}   # the convolutional models keep XLA's defaults
+  state, _ = _stage_2(model, "iavae", freeze_decoder=False)
+  valid = (X_GREY[:8] > 0.5).astype(jnp.float32)
+  epoch = images_train.make_epoch_fn(model, "iavae", "test", valid, X_GREY.shape[0])
+  new, _ = epoch(state, X_GREY, jnp.arange(X_GREY.shape[0]))
+  assert int(new.epoch) == 1 and np.isfinite(float(new.best_score))
+  score = images_train.validation_score(model, "iavae")(new.params, new.frozen, valid)
+  assert float(score) == pytest.approx(float(images_train.validation_elbo(
+      model, "iavae", new.params, new.frozen, valid)), abs=1e-3)
