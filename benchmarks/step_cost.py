@@ -13,8 +13,8 @@ noise hits all alike. Prints a line per model and, last, a JSON object: vae_step
 control_step_s (medians), control_ratio, and per IA-VAE (labelled by its design, or
 design/input when several inputs are asked for) iavae_step_s, ratio = iavae_step_s / vae_step_s
 and hypernet_params; examples per second of every model; the XLA options compiled with
-(images_train.Model.compiler_options, or none with --xla_defaults). Timings are wall-clock on whatever
-device JAX uses.
+(images_train.Model.compiler_options, or none with --xla_defaults). Timings are wall-clock on
+whatever device JAX uses.
 """
 
 import dataclasses
@@ -41,7 +41,6 @@ def main(argv):
   del argv
   import functools
   import jax
-  import jax.numpy as jnp
   from iavae_jax import blocks, hypernets, training
   from experiments import images_train
 
@@ -109,7 +108,8 @@ def main(argv):
                           for label, model in models.items()},
       "examples_per_s": {name: config.batch_size / median[name] for name in setups},
       "tier": FLAGS.tier, "hypernet": designs,
-      "compiler_options": {} if FLAGS.xla_defaults else vae_model.compiler_options, "hypernet_input": inputs,
+      "compiler_options": {} if FLAGS.xla_defaults else vae_model.compiler_options,
+      "hypernet_input": inputs,
       "batch_size": config.batch_size, "repeats": FLAGS.repeats,
       "backend": jax.default_backend(), "device": str(jax.devices()[0]),
   }
