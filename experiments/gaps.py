@@ -12,7 +12,8 @@ refinement curve (ELBO after K gradient steps from the encoder's output, and its
 Writes DIR/gaps.json, DIR/gaps.md and DIR/gaps_refinement.png (the schema and how to read them:
 experiments/gaps_eval.py) and per (model, seed) partial results under DIR/gaps/; the same
 command again resumes, and other settings in the same DIR are refused. The settings' defaults
-depend on the run's tier; every one can be overridden by the flag of its name. Bad input exits with code 2 and writes nothing.
+depend on the run's tier; every one can be overridden by the flag of its name. Bad input exits
+with code 2 and writes nothing.
 """
 
 import dataclasses

@@ -31,7 +31,8 @@ std is the sample standard deviation over seeds (ddof=1); null with a single see
 tests are iavae_jax.stats.paired_one_sided on test ELBO (H1: IA-VAE > the other model): Shapiro-
 Wilk on the per-seed differences, then a one-sided paired t-test if normality is not rejected at
 0.05, else a one-sided Wilcoxon signed-rank test (H1 of "a_vs_b": a > b). With a single seed no
-test is possible and "test", "p_value" and "shapiro_p" are null. Non-finite KL or IWAE values are written as null.
+test is possible and "test", "p_value" and "shapiro_p" are null. Non-finite KL or IWAE values are
+written as null.
 
 table4.md renders that dictionary (render_markdown is a pure function of it); a data set whose
 run was not on the paper's train/test split (paper_split false: e.g. OMNIGLOT from Lake's zips or
