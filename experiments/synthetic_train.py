@@ -9,7 +9,9 @@ Three populations are trained, each as one vmapped, scanned computation:
           widest so that they train side by side (see models.encoders.pad_hidden).
 Every number reported is computed from the trained parameters in this run: ELBOs and KLs in
 closed form (models.oracle.exact_elbo), log p(x), the MAP and the local Gaussian on a quadrature
-grid (posterior.py), q* by per-example Newton on the exact ELBO.
+grid (posterior.py), q* by per-example Newton on the exact ELBO. The VAEs and IA-VAEs are then
+evaluated the same way on a held-out set from the same generator (``heldout_data``), with the
+per-point tail of IA-VAE against its VAE (``tail_summary``).
 """
 
 import dataclasses
