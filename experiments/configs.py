@@ -9,6 +9,9 @@ from iavae_jax.data import DATASETS
 MAX_SEED = 2**31 - 1   # seeds are folded into JAX keys as 32-bit integers
 
 
+SYNTHETIC_HYPERNET_INPUTS = ("x", "tanh", "softclip")
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
   """The synthetic oracle experiment (paper section 4.1 and Table 1)."""
@@ -33,6 +36,11 @@ class SyntheticConfig:
   # model-selection candidate (epoch 0), scored like every epoch on the full data.
   start_as_candidate: bool = True
   checkpoint_every: int = 50        # epochs between resume checkpoints
+  # What the hypernetwork sees of x (SYNTHETIC_HYPERNET_INPUTS): "x" as in the paper (its delta
+  # grows linearly with |x|), or a bounded function of x, so every delta is bounded: "tanh" of x
+  # standardised by the training data's mean and std, or "softclip", x itself in the bulk
+  # (synthetic_train.hypernet_context; docs/results.md, "Held-out data").
+  hypernet_input: str = "x"
 
   def validate(self) -> "SyntheticConfig":
     positive = ["num_examples", "encoder_width", "embed_dim", "batch_size", "max_epochs",
@@ -50,6 +58,9 @@ class SyntheticConfig:
                           f"{getattr(self, name)}.")
     if not self.sweep_widths or min(self.sweep_widths) <= 0:
       raise ConfigError(f"--sweep_widths must be positive integers, got {list(self.sweep_widths)}.")
+    if self.hypernet_input not in SYNTHETIC_HYPERNET_INPUTS:
+      raise ConfigError(f"--hypernet_input={self.hypernet_input} is not known; choose one of "
+                        f"{', '.join(SYNTHETIC_HYPERNET_INPUTS)}.")
     if self.batch_size > self.num_examples:
       raise ConfigError(f"--batch_size={self.batch_size} exceeds --num_examples="
                         f"{self.num_examples}: no full batch can be formed.")

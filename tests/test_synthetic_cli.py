@@ -61,8 +61,29 @@ def test_outputs_and_schema(tiny_run):
     assert g["amortization_gap"] >= 0.0 and g["approximation_gap"] >= 0.0
     assert g["total_gap"] == pytest.approx(g["amortization_gap"] + g["approximation_gap"],
                                            abs=1e-3)
+  # Held-out: Table 3's keys and the gap decomposition's, with the same bounds.
+  heldout = r["heldout"]
+  for model in ("vae", "iavae"):
+    assert set(heldout[model]) == set(r["table3"][model])
+    assert 0.0 < heldout[model]["r_map"] <= 1.0 and heldout[model]["d_map"] >= 0.0
+  assert set(heldout["gaps"]) == set(gaps)
+  assert heldout["gaps"]["elbo_qstar"] <= heldout["gaps"]["log_px"]
+  assert heldout["gaps"]["elbo_qstar_minus_log_px_max"] <= 1e-3
+  for model in ("vae", "iavae"):
+    g = heldout["gaps"][model]
+    assert g["amortization_gap"] >= 0.0 and g["approximation_gap"] >= 0.0
+    assert g["max_excess_over_qstar"] <= 1e-3
+    assert g["total_gap"] == pytest.approx(g["amortization_gap"] + g["approximation_gap"],
+                                           abs=1e-3)
+  assert heldout["gaps"]["log_px"] != gaps["log_px"]    # other points
+  for tail in (heldout["tail"], heldout["train_tail"]):
+    assert sum(b["num_points"] for b in tail["by_norm"]) == 256
+    assert 0.0 <= tail["fraction_worse"] <= 1.0
+  assert sum(b["num_points"] for b in heldout["tail"]["by_distance_to_train"]) == 256
+  assert r["stage_seconds"]["heldout"] > 0
   assert r["wall_seconds"] > 0
-  assert "Table 2" in open(os.path.join(workdir, "results.md")).read()
+  markdown = open(os.path.join(workdir, "results.md")).read()
+  assert "Table 2" in markdown and "held-out data" in markdown
 
 
 @pytest.mark.slow
@@ -108,6 +129,7 @@ def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
     ({"seed": -1}, "--seed must be an integer in [0, 2147483647]"),
     ({"data_seed": 4294967296}, "--data_seed must be an integer in [0, 2147483647]"),
     ({"batch_size": 99999}, "--batch_size=99999 exceeds --num_examples"),
+    ({"hypernet_input": "image"}, "--hypernet_input=image is not known; choose one of x, tanh, softclip"),
 ])
 def test_bad_settings_are_refused(overrides, message):
   with pytest.raises(common.ConfigError, match=re.escape(message)):
@@ -168,7 +190,7 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_run, tmp_path):
   assert sorted(str(p) for p in workdir.rglob("*")) == listing   # nothing written
 
 
-NUMBERS = ("table2", "table3", "efficiency", "gaps", "figure6_examples")
+NUMBERS = ("table2", "table3", "efficiency", "gaps", "heldout", "figure6_examples")
 
 
 def _numbers(workdir):
