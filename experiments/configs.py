@@ -197,3 +197,89 @@ def image_config(dataset: str, tier: str) -> ImageConfig:
         iavae_epochs=2, patience=2, test_samples=2, iwae_samples=8, iwae_chunk=4,
         eval_batch_size=20, num_reconstructions=4).validate()
   raise ConfigError(f"--tier={tier} is not known; choose one of {', '.join(IMAGE_TIERS)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class GapsConfig:
+  """The gap decomposition and the refinement curve of a trained image run (experiments.gaps).
+
+  The paper tier's q* and refinement settings are iavae_jax.gaps' defaults: Cremer et al.'s for
+  q* (Adam 1e-3, 50 samples per step, a check every 100 steps, patience 10, 5,000 samples for
+  the final values and for log p^) and SA-VAE's test-time refinement, per example.
+  """
+  tier: str = "paper"
+  num_examples: int = 0               # the first N images of the test split (0: all of it)
+  batch_size: int = 50                # examples per jitted call
+  qstar_learning_rate: float = 1e-3   # Adam
+  qstar_samples: int = 50             # samples per step
+  qstar_check_every: int = 100        # steps between checks of a fixed-noise ELBO estimate
+  qstar_check_samples: int = 100      # samples of that estimate
+  qstar_patience: int = 10            # checks without improvement before stopping
+  qstar_max_steps: int = 100_000      # cap on the steps (rounded up to a whole check)
+  final_samples: int = 5000           # samples of the reported L[q] and L[q*]
+  iwae_samples: int = 5000            # K of log p^ (q* as the proposal)
+  sample_chunk: int = 100             # samples per decoder call
+  refine_steps: tuple[int, ...] = (1, 5, 20, 100)   # K recorded on the refinement curve
+  refine_learning_rate: float = 1 / 50               # SGD with momentum (SA-VAE per example)
+  refine_momentum: float = 0.5
+  refine_max_grad_norm: float = 5 * 50**0.5
+  refine_samples: int = 1             # samples per refinement step
+  refine_eval_samples: int = 5000     # samples of the ELBO at each K (the final noise of L[q])
+  convergence_examples: int = 100     # examples rerun with twice the patience and max_steps
+  convergence_tolerance: float = 0.05  # nats: the rule on the mean of L[q*] over them
+
+  def validate(self) -> "GapsConfig":
+    if self.tier not in IMAGE_TIERS:
+      raise ConfigError(f"tier {self.tier!r} is not known; choose one of "
+                        f"{', '.join(IMAGE_TIERS)}.")
+    positive = ["batch_size", "qstar_samples", "qstar_check_every",
+                "qstar_check_samples", "qstar_patience", "qstar_max_steps", "final_samples",
+                "iwae_samples", "sample_chunk", "refine_samples", "refine_eval_samples"]
+    for name in positive:
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+    for name in ("qstar_learning_rate", "refine_learning_rate", "refine_max_grad_norm",
+                 "convergence_tolerance"):
+      if not 0 < getattr(self, name) < float("inf"):
+        raise ConfigError(f"--{name} must be positive and finite, got {getattr(self, name)}.")
+    if not 0 <= self.refine_momentum < 1:
+      raise ConfigError(f"--refine_momentum must be in [0, 1), got {self.refine_momentum}.")
+    for name in ("num_examples", "convergence_examples"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"--{name} must be a non-negative integer, got "
+                          f"{getattr(self, name)}.")
+    if not self.refine_steps or min(self.refine_steps) <= 0:
+      raise ConfigError(f"--refine_steps must be positive step counts, got "
+                        f"{list(self.refine_steps)}.")
+    for name in ("qstar_check_samples", "final_samples", "iwae_samples", "refine_eval_samples"):
+      value = getattr(self, name)
+      if value > self.sample_chunk and value % self.sample_chunk:
+        raise ConfigError(f"--{name}={value} must be a multiple of --sample_chunk="
+                          f"{self.sample_chunk} (or at most it): every decoder call draws as "
+                          "many samples.")
+    return self
+
+
+def gaps_config(tier: str) -> GapsConfig:
+  """The gap decomposition's settings for a run of this tier (flags override fields after)."""
+  base = GapsConfig(tier=tier)
+  if tier == "paper":   # the whole test split, Cremer et al.'s settings
+    return base.validate()
+  if tier == "cpu":
+    # Cremer et al.'s settings cost ~6 CPU-minutes per image and model with the cpu tier's
+    # decoder (~3,000 Adam steps of 50 samples at ~500 forward+backward passes per CPU-second;
+    # benchmarks/gaps_cost.py). On a cpu-tier MNIST VAE, Adam 1e-2 with 4 samples per step came
+    # within 0.03 nats of Adam 1e-3 with 10 samples in ~550 steps rather than ~2,900; the
+    # convergence check says whether it did on each run.
+    return dataclasses.replace(
+        base, num_examples=50, batch_size=10, qstar_learning_rate=1e-2, qstar_samples=4,
+        qstar_check_every=50, qstar_check_samples=50, qstar_patience=5, qstar_max_steps=2000,
+        final_samples=500, iwae_samples=1000, refine_eval_samples=100,
+        convergence_examples=10).validate()
+  if tier == "smoke":
+    return dataclasses.replace(
+        base, num_examples=20, batch_size=10, qstar_samples=4, qstar_check_every=10,
+        qstar_check_samples=8, qstar_patience=2, qstar_max_steps=100, final_samples=32,
+        iwae_samples=32, sample_chunk=32, refine_eval_samples=32, convergence_examples=20
+        ).validate()
+  raise ConfigError(f"tier {tier!r} is not known; choose one of {', '.join(IMAGE_TIERS)}.")

@@ -111,7 +111,7 @@ def _finite_or_none(x: float) -> float | None:
   return float(x) if x is not None and math.isfinite(x) else None
 
 
-def _summary(values: list) -> dict:
+def summarize_seeds(values: list) -> dict:
   """Mean and sample std (ddof=1) of per-seed values; None where undefined or non-finite."""
   vals = [float("nan") if v is None else float(v) for v in values]
   n = len(vals)
@@ -155,9 +155,9 @@ def build_table4(workdir: str, paths: list[str]) -> dict:
     row = {"source": os.path.relpath(path, workdir), "tier": data.get("tier"),
            "seeds": data["seeds"], "wall_seconds": data.get("wall_seconds")}
     for model in MODELS:
-      summary = _summary(models[model]["test_elbo"])
-      summary["kl"] = _summary(models[model]["test_kl"])
-      summary["iwae"] = _summary(models[model]["test_iwae"])
+      summary = summarize_seeds(models[model]["test_elbo"])
+      summary["kl"] = summarize_seeds(models[model]["test_kl"])
+      summary["iwae"] = summarize_seeds(models[model]["test_iwae"])
       summary["diverged_seeds"] = _diverged_seeds(data["seeds"], models[model])
       row[model] = summary
     for key, other in COMPARISONS:

@@ -104,3 +104,28 @@ def learning_curves_figure(curves: dict, title: str):
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   return fig
+
+
+def refinement_figure(curves: dict, title: str):
+  """Test-time refinement: ELBO against refinement steps K and against wall time per example.
+  curves: {model name: (steps [C], seconds per example [C], elbo mean [C], elbo std [C])}."""
+  fig, (by_steps, by_time) = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+  for name, (steps, seconds, elbo, std) in curves.items():
+    line = by_steps.errorbar(steps, elbo, yerr=std, marker="o", capsize=3, label=name)
+    by_time.plot(1e3 * np.asarray(seconds), elbo, marker="o", color=line[0].get_color(),
+                 label=name)
+    for k, t, e in zip(steps, seconds, elbo):
+      by_time.annotate(f"K={k}", (1e3 * t, e), fontsize=6, xytext=(3, -8),
+                       textcoords="offset points")
+  by_steps.set_xscale("symlog", linthresh=1)
+  by_steps.set_xlabel("refinement steps K")
+  by_steps.set_ylabel("test ELBO (mean over seeds)")
+  by_time.set_xscale("log")
+  by_time.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  by_time.set_xlabel("wall time per example (ms): encoder pass + K steps")
+  for ax in (by_steps, by_time):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return fig

@@ -219,7 +219,7 @@ def test_missing_files_are_named_with_how_to_get_them(tmp_path, dataset, advice)
     images.load(dataset, data_dir=str(tmp_path))
 
 
-def test_bad_flags_are_refused(tmp_path):
+def test_bad_arguments_are_refused(tmp_path):
   missing = str(tmp_path / "nowhere")
   with pytest.raises(images.DataError, match="nowhere"):
     images.load("mnist", data_dir=missing)
@@ -228,7 +228,7 @@ def test_bad_flags_are_refused(tmp_path):
   write_idx(str(tmp_path / "images-idx3-ubyte.gz"), np.zeros((10, 28, 28), np.uint8))
   with pytest.raises(images.DataError, match="test_fraction=0.0 of 10 images holds out 0"):
     images.load("mnist", data_dir=str(tmp_path), test_fraction=0.0)
-  with pytest.raises(images.DataError, match="--source"):
+  with pytest.raises(images.DataError, match="source must be one of auto, local, tfds; got 'web'"):
     images.load("mnist", data_dir=str(tmp_path), source="web")
 
 

@@ -1,0 +1,621 @@
+"""The gap decomposition and the refinement curve of every model of an experiments.images run.
+
+The models are those the run's results.json lists, for each of its seeds, loaded from the best
+parameters and frozen inputs (``TrainState.best_params``, ``frozen``) of
+DIR/checkpoints/{model}_seed{seed}. What a model is follows from its parameters: an encoder with
+its own batch-norm statistics (the VAE), an encoder with frozen statistics (the control), or a
+hypernetwork over a frozen encoder phi_AVI (the IA-VAE); any other stage of one of these shapes
+is measured the same way (``images_train.stage_encode`` of its kind).
+
+The examples are the first N images of the test split (``images.load``'s, permuted by split_seed,
+not capped by max_test, so its first max_test images are those results.json was evaluated on).
+Each example's random inputs come from (seed, example index) alone, so every model of a seed
+sees the same noise (the model comparisons are paired), and results do not depend on
+--batch_size or on interruptions (up to rounding). Per example, with that model's decoder fixed:
+  L[q]    : the encoder's ELBO, final_samples samples;
+  L[q*]   : iavae_jax.gaps' search for q* from the encoder's output (driven from Python over
+            jitted steps, as ``gaps.drive_search``), then final_samples samples (the same noise
+            as L[q]);
+  log p^  : iavae_jax.gaps.log_px_estimate with q* as the proposal, iwae_samples samples;
+  refinement: iavae_jax.gaps' refinement from the encoder's output (``gaps.drive_refinement``),
+            the ELBO after each K (K = 0 is
+            the encoder's) with refine_eval_samples samples (the noise of L[q]: with as many
+            samples as L[q], the K = 0 point is L[q] itself);
+  convergence: on the first convergence_examples examples, q* again with twice the patience and
+            max_steps and the same noise; the rule (iavae_jax.gaps) is that the mean of L[q*]
+            moves by less than convergence_tolerance.
+
+DIR/gaps.json:
+  {"models": [names], "seeds": [...], "dataset", "tier", "num_examples", "settings": {the
+   GapsConfig}, "wall_seconds" (this invocation), "environment",
+   "refinement_steps_to_match_iavae": {model: {"per_seed": [K or null], "of_the_means": K or
+       null}}   (models other than iavae, when the run holds an iavae: the first recorded K at
+       which the model's refined ELBO reaches the IA-VAE's K = 0 ELBO; null: not within the
+       largest K),
+   <model>: {"log_px", "elbo_qstar", "elbo", "approximation_gap", "amortization_gap",
+             "share_of_vae_amortization_gap_closed" (models other than vae: 1 - its gap / the
+                 seed's VAE gap; each model's gap is with its own decoder),
+             "qstar_steps", "seconds_per_example": {phase: ...},
+             "decoder_passes_per_second": {"qstar": fwd+bwd per sample-step, "log_px": fwd},
+             "convergence": {"examples", "tolerance", "delta" (mean L[q*] with twice the
+                 budget minus without), "converged" (|delta| < tolerance for every seed)},
+             "refinement": {"steps": [0, K...], "elbo": [per K], "seconds_per_example":
+                 [per K: encoder pass + K steps]}},
+   ...}
+where every number is {"mean", "std", "per_seed"} over seeds (each seed's value the mean over
+the examples; std with ddof=1, null with one seed). DIR/gaps.md renders it, and
+DIR/gaps_refinement.png plots the refinement curves against K and against wall time.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from iavae_jax import blocks, gaps, plots
+from iavae_jax.data import images
+from experiments import common, images_train, report
+from experiments.configs import GapsConfig, ImageConfig
+from experiments.images_train import Model
+
+GAPS_KEY = 5    # folded into the seed's key: apart from the training stages' keys (1 to 4)
+# Per-example purposes, folded into the example's key.
+_QSTAR, _FINAL, _IWAE, _REFINE = range(4)
+PHASES = ("encode", "qstar", "elbo", "log_px", "refine", "refine_eval", "qstar_doubled")
+
+
+def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
+            data_dir: str | None = None) -> dict:
+  """Measures every model and seed of the run in workdir; writes gaps.json and gaps.md."""
+  start = time.time()
+  model = Model(image_config)
+  seeds, names = run_models(workdir)
+  loaded = {(name, seed): load_model(model, workdir, name, seed)
+            for seed in seeds for name in names}
+  test = test_images(image_config, workdir, data_dir)
+  num_examples = min(config.num_examples or test.shape[0], test.shape[0])
+  if config.num_examples > test.shape[0]:
+    print(f"note: the test split has {test.shape[0]} images; measuring all of them "
+          f"(--num_examples={config.num_examples} asked for more)", flush=True)
+  partial_dir = prepare_output(workdir, config, num_examples)
+
+  functions = Functions(model, config)
+  jobs = [(name, seed) for seed in seeds for name in names]
+  progress = _Progress(len(jobs) * (num_examples + 2 * min(config.convergence_examples,
+                                                            num_examples)))
+  per_job = {}
+  for name, seed in jobs:
+    per_job[name, seed] = _measure_job(
+        functions, loaded[name, seed], test[:num_examples], seed, config,
+        os.path.join(partial_dir, f"{name}_seed{seed}.json"), f"{name} seed {seed}", progress)
+
+  results = summarize(per_job, names, seeds, config)
+  results.update({
+      "dataset": image_config.dataset, "tier": image_config.tier, "num_examples": num_examples,
+      "settings": common.as_json(config), "wall_seconds": time.time() - start,
+      "environment": common.environment(None)})
+  common.write_json(os.path.join(workdir, "gaps.json"), results)
+  common.write_text(os.path.join(workdir, "gaps.md"), render_markdown(results))
+  common.save_figure(plots.refinement_figure(
+      {name: (results[name]["refinement"]["steps"],
+              [t["mean"] for t in results[name]["refinement"]["seconds_per_example"]],
+              [e["mean"] for e in results[name]["refinement"]["elbo"]],
+              [e["std"] or 0.0 for e in results[name]["refinement"]["elbo"]]) for name in names},
+      f"{image_config.dataset} ({image_config.tier} tier): SA-VAE's test-time refinement from "
+      f"each model's encoder, {num_examples} test images, seeds {seeds}"),
+      os.path.join(workdir, "gaps_refinement.png"))
+  print(f"wrote {workdir}/gaps.json ({results['wall_seconds']:.1f} s)", flush=True)
+  return results
+
+
+# Reading the run (nothing is written here: bad input leaves the workdir as it was).
+
+def _read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise common.ConfigError(f"{path} cannot be read ({e}); rerun the command that wrote "
+                             "it.") from e
+
+
+def run_models(workdir: str) -> tuple[list, list]:
+  """The seeds and model names DIR/results.json reports."""
+  path = os.path.join(workdir, "results.json")
+  run = _read_json(path)
+  seeds, models = (run.get(key) if isinstance(run, dict) else None for key in ("seeds", "models"))
+  if not isinstance(seeds, list) or not seeds or not isinstance(models, dict) or not models:
+    raise common.ConfigError(f"{path} lists no seeds or no models: there are no trained models "
+                             "to measure. Run experiments.images there to the end.")
+  return seeds, list(models)
+
+
+class Loaded(NamedTuple):
+  """One trained model: its parameters, what its encoder needs, and where it came from."""
+  kind: str            # "vae", "control" or "iavae" (see _kind)
+  params: dict         # best_params: the decoder's under "decoder"
+  frozen: dict         # what it uses but did not train (TrainState.frozen): phi_AVI, the VAE's
+                       # batch-norm statistics
+  encode: Callable     # encode(params, frozen, x [B, 28, 28, 1]) -> (mean, log_var) [B, k]
+  checkpoint: str      # "{directory} step {step}": partial results of another are refused
+
+
+def _kind(params) -> str | None:
+  keys = set(params) if isinstance(params, dict) else set()
+  return {frozenset({"encoder", "decoder", "batch_stats"}): "vae",
+          frozenset({"encoder", "decoder"}): "control",
+          frozenset({"hypernet", "decoder"}): "iavae"}.get(frozenset(keys))
+
+
+def _restore(workdir: str, name: str, seed: int) -> tuple[dict, dict, str]:
+  """best_params and frozen (None if absent) of DIR/checkpoints/{name}_seed{seed}'s latest
+  training state, as saved, and "{directory} step {step}"."""
+  directory = os.path.join(workdir, "checkpoints", f"{name}_seed{seed}")
+  if not os.path.isdir(directory):
+    raise common.ConfigError(f"{directory} is missing: results.json lists model {name!r} for "
+                             f"seed {seed}, but its checkpoint is gone. Rerun experiments.images "
+                             "in this workdir to restore it.")
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise common.ConfigError(f"{directory} holds no complete checkpoint; rerun "
+                               "experiments.images in this workdir.")
+    state = manager.restore(step, args=ocp.args.StandardRestore())
+  except common.ConfigError:
+    raise
+  except Exception as e:  # orbax raises several types for damaged files
+    raise common.ConfigError(f"the checkpoint in {directory} cannot be read ({type(e).__name__}: "
+                             f"{str(e)[:300]}).") from e
+  finally:
+    manager.close()
+  if not isinstance(state, dict) or not isinstance(state.get("best_params"), dict):
+    raise common.ConfigError(f"{directory} does not hold a training state with best_params.")
+  return state["best_params"], state.get("frozen"), f"{directory} step {step}"
+
+
+def _check_shapes(tree, expected, where: str, workdir: str) -> None:
+  """Refuses parameters of another architecture than DIR/config.json describes."""
+  flat = lambda t: {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(t)[0]}
+  got, want = flat(tree), flat(expected)
+  if got != want:
+    first = next(k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k))
+    raise common.ConfigError(
+        f"{where} holds parameters of another architecture than {workdir}/config.json describes "
+        f"(at {first}: checkpoint {got.get(first)}, config {want.get(first)}). Was config.json "
+        "edited? Restore it, or rerun experiments.images in a new workdir.")
+
+
+def load_model(model: Model, workdir: str, name: str, seed: int) -> Loaded:
+  """Model ``name`` of ``seed``: its best parameters and frozen inputs, checked against the
+  configuration, and the encoder of its kind (see the module docstring)."""
+  params, frozen, where = _restore(workdir, name, seed)
+  kind = _kind(params)
+  if kind is None:
+    raise common.ConfigError(f"{where}: model {name!r} has parameters {sorted(params)}, none of "
+                             "the shapes this command can measure (a VAE, an IA-VAE, a control).")
+  if kind == "vae":
+    frozen = {}
+  elif frozen is None:   # written before training states held their frozen inputs: the VAE's
+    vae = _restore(workdir, "vae", seed)[0]
+    frozen = ({"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]} if kind == "iavae"
+              else {"batch_stats": vae["batch_stats"]})
+  key, x0 = jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))
+  encoder = jax.eval_shape(model.encoder.init, key, x0)
+  decoder = jax.eval_shape(model.decoder.init, key, x0,
+                           jnp.zeros((1, model.config.latent_dim)))["params"]
+  if kind == "vae":
+    inference, expected_frozen = {"encoder": encoder["params"],
+                                  "batch_stats": encoder["batch_stats"]}, {}
+  elif kind == "control":
+    inference, expected_frozen = ({"encoder": encoder["params"]},
+                                  {"batch_stats": encoder["batch_stats"]})
+  else:
+    layout = blocks.BlockLayout.from_tree(encoder["params"])
+    inference = {"hypernet": jax.eval_shape(lambda k: model.init_hypernet(k, layout), key)}
+    expected_frozen = {"phi_avi": encoder["params"], "batch_stats": encoder["batch_stats"]}
+  _check_shapes({"params": params, "frozen": frozen},
+                {"params": {**inference, "decoder": decoder}, "frozen": expected_frozen},
+                where, workdir)
+  return Loaded(kind, params, frozen, images_train.stage_encode(model, kind, frozen), where)
+
+
+def test_images(config: ImageConfig, workdir: str, data_dir: str | None) -> np.ndarray:
+  """The run's test split [N, 28, 28] in {0, 1}, read where DIR/data.json says (or data_dir),
+  refused if it is not the data the run recorded."""
+  recorded = _read_json(os.path.join(workdir, "data.json"))
+  source = recorded.get("source", "auto")
+  if data_dir is None:
+    files = recorded.get("files") or []
+    data_dir = os.path.dirname(files[0]) if files else recorded.get("data_dir")
+  try:
+    data = images.load(config.dataset, data_dir=data_dir, source=source,
+                       split_seed=config.split_seed)
+  except images.DataError as e:
+    raise common.ConfigError(f"{e} (the run's data, as {workdir}/data.json records them; if "
+                             "they moved, pass --data_dir)") from e
+  if data.info != recorded:
+    raise common.ConfigError(f"the data read from {data_dir} are not those of the run in "
+                             f"{workdir} (recorded {recorded}, read {data.info}); pass the run's "
+                             "--data_dir.")
+  return data.test
+
+
+def prepare_output(workdir: str, config: GapsConfig, num_examples: int) -> str:
+  """The first write into the workdir (experiments.gaps holds its lock): DIR/gaps/ with the
+  settings of these measurements, or a check that they are those of the partial results already
+  there. Returns DIR/gaps."""
+  partial_dir = os.path.join(workdir, "gaps")
+  wanted = {**common.as_json(config), "num_examples": num_examples}
+  path = os.path.join(partial_dir, "settings.json")
+  if os.path.exists(path):
+    recorded = _read_json(path)
+    diffs = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
+    if diffs:
+      details = ", ".join(f"{k}: recorded {recorded.get(k)!r}, now {wanted.get(k)!r}"
+                          for k in diffs)
+      raise common.ConfigError(
+          f"{partial_dir} holds measurements with other settings ({details}). Use the same flags "
+          f"to resume them, or delete {partial_dir} to start over with these.")
+    return partial_dir
+  os.makedirs(partial_dir, exist_ok=True)
+  common.write_json(path, wanted)
+  return partial_dir
+
+
+# The measurements, for one chunk of examples at a time.
+
+def example_keys(seed: int, start: int, size: int) -> jax.Array:
+  root = jax.random.fold_in(jax.random.PRNGKey(seed), GAPS_KEY)
+  return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(start, start + size))
+
+
+class _Compiled:
+  """A function jitted and compiled once, ahead of its first call (the arguments' shapes never
+  change within a run), so that the phases can be timed without the compilation."""
+
+  def __init__(self, fn):
+    self._jitted, self._compiled = jax.jit(fn), None
+
+  def compile(self, *args):
+    """Compiles for args (arrays or jax.ShapeDtypeStruct) if not yet; returns the output's
+    shapes."""
+    if self._compiled is None:
+      self._compiled = self._jitted.lower(*args).compile()
+    return jax.eval_shape(self._jitted, *args)
+
+  def __call__(self, *args):
+    if self._compiled is None:
+      self.compile(*args)
+    return self._compiled(*args)
+
+
+class Functions:
+  """The jitted pieces of the measurements, each over a chunk of examples x [B, 28, 28, 1] with
+  per-example keys [B, 2] (see example_keys) or per-example states. The optimisations are driven
+  from Python over jitted steps (iavae_jax.gaps.drive_search, drive_refinement). The decoder's
+  functions serve every model; the encoders are per kind."""
+
+  def __init__(self, model: Model, config: GapsConfig):
+    self.model, self.config = model, config
+    self.qstar_settings = gaps.QStarSettings(
+        learning_rate=config.qstar_learning_rate, samples_per_step=config.qstar_samples,
+        check_every=config.qstar_check_every, check_samples=config.qstar_check_samples,
+        patience=config.qstar_patience, max_steps=config.qstar_max_steps,
+        sample_chunk=config.sample_chunk).validate()
+    self.refine_settings = gaps.RefineSettings(
+        learning_rate=config.refine_learning_rate, momentum=config.refine_momentum,
+        max_grad_norm=config.refine_max_grad_norm,
+        samples_per_step=config.refine_samples).validate()
+    self.refine_steps = (0, *config.refine_steps)
+    qstar, refine = self.qstar_settings, self.refine_settings
+    doubled = qstar.doubled()
+    fold = jax.random.fold_in
+    chunk = config.sample_chunk
+    self.encoders = {}
+    self.qstar_start = self._per_example(
+        lambda ll, m, v, key: gaps.start_search(ll, m, v, fold(key, _QSTAR), qstar))
+    self.qstar_step = self._per_example(lambda ll, s: gaps.search_step(ll, s, qstar))
+    self.qstar_check = self._per_example(lambda ll, s: gaps.search_check(ll, s, qstar))
+    self.qstar_check_doubled = self._per_example(lambda ll, s: gaps.search_check(ll, s, doubled))
+    self.elbo = self._per_example(lambda ll, m, v, key: gaps.elbo_estimate(
+        ll, m, v, fold(key, _FINAL), config.final_samples, chunk))
+    self.log_px = self._per_example(lambda ll, m, v, key: gaps.log_px_estimate(
+        ll, m, v, fold(key, _IWAE), config.iwae_samples, chunk))
+    self.refine_start = _Compiled(jax.vmap(
+        lambda m, v, key: gaps.start_refinement(m, v, fold(key, _REFINE), refine)))
+    self.refine_step = self._per_example(lambda ll, r: gaps.refinement_step(ll, r, refine))
+    self.refine_eval = self._per_example(lambda ll, m, v, key: jax.vmap(
+        lambda m_k, v_k: gaps.elbo_estimate(ll, m_k, v_k, fold(key, _FINAL),
+                                            config.refine_eval_samples, chunk))(m, v))
+
+  def _per_example(self, fn):
+    """fn(log_likelihood_fn, *args) for one example, as a compiled function of
+    (decoder_params, x [B, 28, 28, 1], *args with a leading axis B)."""
+    def batched(decoder_params, x, *args):
+      def one(x_i, *args_i):
+        log_likelihood = self.model.log_likelihood_fn(decoder_params, x_i[None])
+        return fn(lambda z: log_likelihood(z[:, None])[:, 0], *args_i)
+      return jax.vmap(one)(x, *args)
+    return _Compiled(batched)
+
+  def compile(self, loaded: Loaded, x: jax.Array, keys: jax.Array) -> None:
+    """Compiles every function a chunk like x [B, 28, 28, 1] calls, without running any (each
+    once per run, the encoder once per kind)."""
+    decoder = loaded.params["decoder"]
+    mean, log_var = self.encode(loaded).compile(loaded.params, loaded.frozen, x)
+    search = self.qstar_start.compile(decoder, x, mean, log_var, keys)
+    for fn in (self.qstar_step, self.qstar_check, self.qstar_check_doubled):
+      fn.compile(decoder, x, search)
+    for fn in (self.elbo, self.log_px):
+      fn.compile(decoder, x, mean, log_var, keys)
+    self.refine_step.compile(decoder, x, self.refine_start.compile(mean, log_var, keys))
+    curve = jax.ShapeDtypeStruct((mean.shape[0], len(self.refine_steps), mean.shape[1]),
+                                 mean.dtype)
+    self.refine_eval.compile(decoder, x, curve, curve, keys)
+
+  def encode(self, loaded: Loaded):
+    if loaded.kind not in self.encoders:
+      self.encoders[loaded.kind] = _Compiled(loaded.encode)
+    return self.encoders[loaded.kind]
+
+  def optimal_gaussian(self, decoder, x, mean, log_var, keys, count: int,
+                       doubled: bool = False) -> gaps.QStar:
+    """q* of the first count examples of the chunk (the padding is not searched), with the
+    doubled patience and max_steps if asked."""
+    search = self.qstar_start(decoder, x, mean, log_var, keys)
+    search = search._replace(done=search.done | (jnp.arange(x.shape[0]) >= count))
+    check = self.qstar_check_doubled if doubled else self.qstar_check
+    search = gaps.drive_search(lambda s: self.qstar_step(decoder, x, s),
+                               lambda s: check(decoder, x, s), search,
+                               self.qstar_settings.check_every)
+    return gaps.search_result(search)
+
+  def refine(self, decoder, x, mean, log_var, keys) -> gaps.Refined:
+    return gaps.drive_refinement(lambda r: self.refine_step(decoder, x, r),
+                                 self.refine_start(mean, log_var, keys), self.refine_steps)
+
+
+class _Progress:
+  """A line per chunk: where the job is, and a rough ETA of the whole run from this
+  invocation's rate (a convergence example counts as two: its q* runs at least twice as long)."""
+
+  def __init__(self, total_units: int):
+    self.total, self.done, self.done_here, self.start = total_units, 0, 0, time.time()
+
+  def skip(self, units: int) -> None:
+    self.done += units
+
+  def update(self, units: int, line: str) -> None:
+    self.done += units
+    self.done_here += units
+    rate = self.done_here / max(time.time() - self.start, 1e-9)
+    eta = (self.total - self.done) / rate
+    print(f"[gaps] {line}  run {100 * self.done / self.total:.0f}% done, ETA "
+          f"{_duration(eta)}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else
+          f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+def _pad(x: np.ndarray, size: int) -> jax.Array:
+  """x [n <= size, 28, 28] -> [size, 28, 28, 1] (zero images after the n)."""
+  padded = np.zeros((size, *x.shape[1:]), np.float32)
+  padded[:x.shape[0]] = x
+  return jnp.asarray(padded[..., None])
+
+
+def _new_partial(loaded: Loaded) -> dict:
+  return {"checkpoint": loaded.checkpoint, "examples_done": 0, "elbo": [], "elbo_qstar": [],
+          "log_px": [], "qstar_steps": [], "refinement_elbo": [],
+          "qstar_steps_computed": 0, "seconds": {phase: 0.0 for phase in PHASES},
+          "convergence_done": 0, "elbo_qstar_doubled": [], "qstar_steps_doubled": []}
+
+
+def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: int,
+                 config: GapsConfig, path: str, name: str, progress: _Progress) -> dict:
+  """One model and seed, chunk by chunk, its per-example results saved after every chunk in
+  path (a rerun goes on from there). Returns them."""
+  partial = _read_json(path) if os.path.exists(path) else _new_partial(loaded)
+  if partial["checkpoint"] != loaded.checkpoint:
+    raise common.ConfigError(
+        f"{path} measured {partial['checkpoint']}, but the model is now {loaded.checkpoint} (the "
+        f"run trained on). Delete {path} to measure the model as it is now.")
+  n, size = test.shape[0], config.batch_size
+  num_convergence = min(config.convergence_examples, n)
+  progress.skip(partial["examples_done"] + 2 * partial["convergence_done"])
+  decoder = loaded.params["decoder"]
+  seconds = partial["seconds"]
+  if partial["examples_done"] < n or partial["convergence_done"] < num_convergence:
+    functions.compile(loaded, _pad(test[:0], size), example_keys(seed, 0, size))
+
+  def timed(phase, fn, *args, **kwargs):
+    begin = time.perf_counter()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    seconds[phase] += time.perf_counter() - begin
+    return out
+
+  for begin in range(partial["examples_done"], n, size):
+    count = min(size, n - begin)
+    x, keys = _pad(test[begin:begin + count], size), example_keys(seed, begin, size)
+    mean, log_var = timed("encode", functions.encode(loaded), loaded.params, loaded.frozen, x)
+    q = timed("qstar", functions.optimal_gaussian, decoder, x, mean, log_var, keys, count)
+    elbo = timed("elbo", functions.elbo, decoder, x, mean, log_var, keys)
+    elbo_qstar = timed("elbo", functions.elbo, decoder, x, q.mean, q.log_var, keys)
+    log_px = timed("log_px", functions.log_px, decoder, x, q.mean, q.log_var, keys)
+    refined = timed("refine", functions.refine, decoder, x, mean, log_var, keys)
+    curve = timed("refine_eval", functions.refine_eval, decoder, x, refined.mean,
+                  refined.log_var, keys)
+    for field, values in (("elbo", elbo), ("elbo_qstar", elbo_qstar), ("log_px", log_px),
+                          ("qstar_steps", q.steps), ("refinement_elbo", curve)):
+      partial[field] += np.asarray(values)[:count].tolist()
+    partial["qstar_steps_computed"] += size * int(np.max(q.steps))  # the chunk's slowest
+    partial["examples_done"] = begin + count
+    common.write_json(path, partial)
+    progress.update(count, f"{name}: {begin + count}/{n} examples, L[q] "
+                    f"{np.mean(partial['elbo']):.2f}, L[q*] {np.mean(partial['elbo_qstar']):.2f}"
+                    f", log p^ {np.mean(partial['log_px']):.2f}, q* steps "
+                    f"{np.mean(partial['qstar_steps']):.0f}")
+
+  for begin in range(partial["convergence_done"], num_convergence, size):
+    count = min(size, num_convergence - begin)
+    x, keys = _pad(test[begin:begin + count], size), example_keys(seed, begin, size)
+    mean, log_var = functions.encode(loaded)(loaded.params, loaded.frozen, x)
+    q = timed("qstar_doubled", functions.optimal_gaussian, decoder, x, mean, log_var, keys,
+              count, doubled=True)
+    elbo_qstar = functions.elbo(decoder, x, q.mean, q.log_var, keys)
+    partial["elbo_qstar_doubled"] += np.asarray(elbo_qstar)[:count].tolist()
+    partial["qstar_steps_doubled"] += np.asarray(q.steps)[:count].tolist()
+    partial["convergence_done"] = begin + count
+    common.write_json(path, partial)
+    done = partial["convergence_done"]
+    moved = np.mean(partial["elbo_qstar_doubled"]) - np.mean(partial["elbo_qstar"][:done])
+    progress.update(2 * count, f"{name}: convergence check {done}/{num_convergence} examples, "
+                    f"twice the budget moves L[q*] by {moved:+.4f}")
+  return partial
+
+
+# The summary over seeds, and its rendering.
+
+def _per_seed_values(per_job: dict, name: str, seeds: list, fn) -> list:
+  return [fn(per_job[name, seed]) for seed in seeds]
+
+
+def summarize(per_job: dict, names: list, seeds: list, config: GapsConfig) -> dict:
+  """gaps.json's content (see the module docstring) from each job's per-example results."""
+  steps = [0, *config.refine_steps]
+  mean = lambda field: lambda job: float(np.mean(job[field]))
+  results = {"models": names, "seeds": seeds}
+  amortization = {}
+  for name in names:
+    values = functools.partial(_per_seed_values, per_job, name, seeds)
+    elbo, elbo_qstar, log_px = values(mean("elbo")), values(mean("elbo_qstar")), values(
+        mean("log_px"))
+    amortization[name] = [a - b for a, b in zip(elbo_qstar, elbo)]
+    per_example = lambda job, phase: job["seconds"][phase] / max(
+        job["convergence_done" if phase == "qstar_doubled" else "examples_done"], 1)
+    encode = values(lambda job: per_example(job, "encode"))
+    refine_step = values(lambda job: per_example(job, "refine") / max(steps))
+    curve = values(lambda job: np.mean(job["refinement_elbo"], axis=0).tolist())
+    entry = {
+        "log_px": report.summarize_seeds(log_px),
+        "elbo_qstar": report.summarize_seeds(elbo_qstar),
+        "elbo": report.summarize_seeds(elbo),
+        "approximation_gap": report.summarize_seeds([a - b for a, b in zip(log_px, elbo_qstar)]),
+        "amortization_gap": report.summarize_seeds(amortization[name]),
+        "qstar_steps": report.summarize_seeds(values(mean("qstar_steps"))),
+        "seconds_per_example": {phase: report.summarize_seeds(
+            values(lambda job, p=phase: per_example(job, p))) for phase in PHASES},
+        "decoder_passes_per_second": {
+            "qstar": report.summarize_seeds(values(
+                lambda job: job["qstar_steps_computed"] * config.qstar_samples
+                / max(job["seconds"]["qstar"], 1e-9))),
+            "log_px": report.summarize_seeds(values(
+                lambda job: job["examples_done"] * config.iwae_samples
+                / max(job["seconds"]["log_px"], 1e-9)))},
+        "refinement": {
+            "steps": steps,
+            "elbo": [report.summarize_seeds([c[i] for c in curve]) for i in range(len(steps))],
+            "seconds_per_example": [report.summarize_seeds(
+                [e + k * r for e, r in zip(encode, refine_step)]) for k in steps]},
+    }
+    num_convergence = len(per_job[name, seeds[0]]["elbo_qstar_doubled"])
+    if num_convergence:
+      delta = values(lambda job: float(np.mean(job["elbo_qstar_doubled"])
+                                       - np.mean(job["elbo_qstar"][:len(
+                                           job["elbo_qstar_doubled"])])))
+      entry["convergence"] = {
+          "examples": num_convergence, "tolerance": config.convergence_tolerance,
+          "delta": report.summarize_seeds(delta),
+          "converged": bool(all(abs(d) < config.convergence_tolerance for d in delta))}
+    results[name] = entry
+  if "vae" in names:
+    for name in names:
+      if name != "vae":
+        results[name]["share_of_vae_amortization_gap_closed"] = report.summarize_seeds(
+            [1 - g / v for g, v in zip(amortization[name], amortization["vae"])])
+  if "iavae" in names:
+    single_pass = results["iavae"]["refinement"]["elbo"][0]   # K = 0
+    results["refinement_steps_to_match_iavae"] = {}
+    for name in names:
+      if name != "iavae":
+        curve = results[name]["refinement"]["elbo"]
+        results["refinement_steps_to_match_iavae"][name] = {
+            "per_seed": [_first_reaching(steps, [c["per_seed"][i] for c in curve], target)
+                         for i, target in enumerate(single_pass["per_seed"])],
+            "of_the_means": _first_reaching(steps, [c["mean"] for c in curve],
+                                            single_pass["mean"])}
+  return results
+
+
+def _first_reaching(steps: list, curve: list, target: float) -> int | None:
+  return next((k for k, value in zip(steps, curve) if value >= target), None)
+
+
+def _cell(summary: dict, digits: int = 2) -> str:
+  if summary["mean"] is None:
+    return "n/a"
+  std = f" ± {summary['std']:.{digits}f}" if summary["std"] is not None else ""
+  return f"{summary['mean']:.{digits}f}{std}"
+
+
+def render_markdown(results: dict) -> str:
+  """gaps.md: the gap table, the refinement curve and how to read them."""
+  names, seeds, settings = results["models"], results["seeds"], results["settings"]
+  rows = []
+  for name in names:
+    r = results[name]
+    share = (_cell(r["share_of_vae_amortization_gap_closed"], 3)
+             if "share_of_vae_amortization_gap_closed" in r else "")
+    convergence = r.get("convergence")
+    moved = (f"{_cell(convergence['delta'], 4)} ({convergence['examples']} images: "
+             f"{'converged' if convergence['converged'] else 'NOT converged'})"
+             if convergence else "not checked")
+    rows.append([name, _cell(r["log_px"]), _cell(r["elbo_qstar"]), _cell(r["elbo"]),
+                 _cell(r["approximation_gap"], 3), _cell(r["amortization_gap"], 3), share,
+                 _cell(r["qstar_steps"], 0), moved])
+  lines = [
+      f"# {results['dataset']} ({results['tier']} tier): inference gaps on "
+      f"{results['num_examples']} test images, {len(seeds)} seed(s) {seeds}", "",
+      "Mean ± std over seeds of each seed's mean over the images; nats.", "",
+      *common.markdown_table(
+          ["model", "log p^", "L[q*]", "L[q]", "approximation gap", "amortization gap",
+           "VAE's amortization gap closed", "q* steps", "twice the q* budget moves L[q*] by"],
+          rows)]
+  steps = results[names[0]]["refinement"]["steps"]
+  lines += ["", "Test-time refinement (SA-VAE's SGD on each image's mean and log-variance from "
+            "the encoder's output, decoder fixed): ELBO after K steps, and wall time per image "
+            "(encoder pass + K steps).", "",
+            *common.markdown_table(
+                ["model", *(f"K = {k}" for k in steps)],
+                [[name, *(f"{_cell(e)} ({1e3 * t['mean']:.2f} ms)" for e, t in zip(
+                    results[name]["refinement"]["elbo"],
+                    results[name]["refinement"]["seconds_per_example"]))] for name in names])]
+  for name, match in results.get("refinement_steps_to_match_iavae", {}).items():
+    found = match["of_the_means"]
+    lines += ["", f"{name} reaches the IA-VAE's single-pass ELBO after "
+              + (f"K = {found} refinement steps" if found is not None else
+                 f"more than {max(steps)} refinement steps")
+              + f" (per seed: {match['per_seed']}; null: not within K = {max(steps)})."]
+  lines += [
+      "", "How to read: L[q] is the encoder's ELBO, L[q*] that of the best diagonal Gaussian "
+      "found per image with the decoder fixed, log p^ an importance-sampled estimate of log "
+      "p(x) with q* as the proposal. approximation gap = log p^ - L[q*] (the diagonal Gaussian "
+      "family's limit), amortization gap = L[q*] - L[q] (what the encoder leaves on the table). "
+      "Each model's gaps are measured with its own decoder, so the share of the VAE's "
+      "amortization gap a model closes is 1 - its gap / the VAE's gap of the same seed. L[q*] "
+      "counts as converged when twice the patience and max_steps move its mean by less than "
+      f"{settings['convergence_tolerance']} nats. Wall times were measured on a shared machine.",
+      "", f"Settings: {settings}. Wall time {results['wall_seconds']:.1f} s (this invocation).",
+      ""]
+  return "\n".join(lines)

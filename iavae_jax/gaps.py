@@ -1,0 +1,339 @@
+"""Inference gaps of a fixed decoder (Cremer, Li and Duvenaud 2018) and test-time refinement
+(semi-amortised variational inference, Kim et al. 2018), for any decoder.
+
+For one example x, a fixed decoder and q = N(mean, diag(exp(log_var))) over z [k]:
+
+  log p(x) - L[q] = (log p(x) - L[q*]) + (L[q*] - L[q])
+                  =  approximation gap  +  amortization gap,
+
+where q* is the best diagonal Gaussian for this one x, found by optimisation from the encoder's
+output (``optimize_gaussian``), and log p(x) is estimated by importance sampling with q* as the
+proposal (``log_px_estimate``).
+
+Every function is written for one example: the decoder enters as ``log_likelihood_fn(z [S, k])
+-> log p(x | z) [S]`` (an ``objectives.LogLikelihoodFn`` that closes over x and the decoder's
+parameters). vmap over examples and jit at the call site; the settings are static. Random inputs
+come as keys; large sample counts are drawn ``sample_chunk`` samples per decoder call. The two
+optimisations (q*, refinement) are also given as a state and its step functions, with Python
+drivers (``drive_search``, ``drive_refinement``) that give the same iterates: XLA:CPU runs
+convolution gradients inside lax loops ~4x slower (in CPU time) than as separate jitted calls.
+
+Convergence rule for q*: L[q*] counts as converged when the optimisation rerun with
+``QStarSettings.doubled()`` (twice the patience and twice max_steps, the same key: the longer run
+replays the shorter one and goes on) moves the mean of L[q*] over the examples by less than
+``CONVERGENCE_TOLERANCE`` nats, both estimated with the same final noise.
+"""
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from iavae_jax import objectives
+
+CONVERGENCE_TOLERANCE = 0.05   # nats, on the mean of L[q*] over the examples
+
+
+def _positive(owner: str, **values) -> None:
+  for name, value in values.items():
+    if not 0 < value < float("inf"):
+      raise ValueError(f"{owner}.{name} must be positive and finite, got {value}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class QStarSettings:
+  """How q* is found. The defaults are Cremer et al.'s (Adam 1e-3, 50 samples per step, a check
+  every 100 steps, stop after 10 checks without improvement), with two differences: a check is a
+  fixed-noise ELBO estimate of the current (mean, log_var) (theirs: the mean training loss of the
+  last 100 steps), and max_steps caps the run (theirs ran until the patience ran out)."""
+  learning_rate: float = 1e-3   # Adam
+  samples_per_step: int = 50    # reparameterised samples in each step's ELBO
+  check_every: int = 100        # steps between checks
+  check_samples: int = 100      # samples of the check's ELBO estimate (the same at every check)
+  patience: int = 10            # checks without improvement before stopping
+  max_steps: int = 100_000      # at most this many steps (rounded up to a whole check)
+  sample_chunk: int = 100       # samples per decoder call in the check
+
+  def validate(self) -> "QStarSettings":
+    _positive("QStarSettings", learning_rate=self.learning_rate,
+              samples_per_step=self.samples_per_step, check_every=self.check_every,
+              check_samples=self.check_samples, patience=self.patience,
+              max_steps=self.max_steps, sample_chunk=self.sample_chunk)
+    _chunk_size(self.check_samples, self.sample_chunk, "QStarSettings.check_samples")
+    return self
+
+  def doubled(self) -> "QStarSettings":
+    """The settings of the convergence check: twice the patience and twice max_steps."""
+    return dataclasses.replace(self, patience=2 * self.patience, max_steps=2 * self.max_steps)
+
+
+# SA-VAE's refinement (harvardnlp/sa-vae, train_img.py and optim_n2n.py at test time): SGD with
+# momentum 0.5 and learning rate 1 on the mean negative ELBO of a batch of 50 examples, one
+# sample per step, each of the batch's two [50, k] gradients (mean, log-variance) clipped to norm
+# 5. Per example, independent of any batch, that is learning rate 1/50 on the example's own
+# negative ELBO, and (for a batch whose examples' gradients have equal norms) a clip at 5 sqrt(50)
+# of each of the example's two gradients.
+SA_VAE_BATCH_SIZE = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineSettings:
+  """Test-time refinement of (mean, log_var) by gradient ascent on the ELBO (defaults: SA-VAE's
+  settings per example, see SA_VAE_BATCH_SIZE)."""
+  learning_rate: float = 1.0 / SA_VAE_BATCH_SIZE
+  momentum: float = 0.5                                  # heavy ball, as optax.sgd
+  max_grad_norm: float = 5.0 * math.sqrt(SA_VAE_BATCH_SIZE)  # each of the two gradients
+  samples_per_step: int = 1
+
+  def validate(self) -> "RefineSettings":
+    _positive("RefineSettings", learning_rate=self.learning_rate,
+              max_grad_norm=self.max_grad_norm, samples_per_step=self.samples_per_step)
+    if not 0 <= self.momentum < 1:
+      raise ValueError(f"RefineSettings.momentum must be in [0, 1), got {self.momentum}.")
+    return self
+
+
+def _chunk_size(num_samples: int, sample_chunk: int, name: str = "num_samples") -> int:
+  """Samples per decoder call: sample_chunk, or num_samples when that is smaller."""
+  if num_samples <= 0 or sample_chunk <= 0:
+    raise ValueError(f"{name} and sample_chunk must be positive, got {num_samples} and "
+                     f"{sample_chunk}.")
+  chunk = min(sample_chunk, num_samples)
+  if num_samples % chunk:
+    raise ValueError(f"{name}={num_samples} must be a multiple of sample_chunk={sample_chunk} "
+                     "(or at most it), so that every decoder call draws as many samples.")
+  return chunk
+
+
+def _map_chunks(fn, key: jax.Array, num_samples: int, sample_chunk: int,
+                latent_shape: tuple) -> jax.Array:
+  """fn(eps [c, k]) over num_samples / c chunks of fresh standard normal noise, one decoder call
+  per chunk (c: ``_chunk_size``). Returns fn's outputs stacked: [num_samples / c, ...]."""
+  chunk = _chunk_size(num_samples, sample_chunk)
+  keys = jax.random.split(key, num_samples // chunk)
+  return jax.lax.map(lambda k: fn(jax.random.normal(k, (chunk, *latent_shape))), keys)
+
+
+def elbo_estimate(log_likelihood_fn: objectives.LogLikelihoodFn, mean: jax.Array,
+                  log_var: jax.Array, key: jax.Array, num_samples: int,
+                  sample_chunk: int = 100) -> jax.Array:
+  """L[q]: the ELBO of q = N(mean, diag(exp(log_var))) with num_samples reparameterised samples
+  (KL in closed form). mean, log_var: [k] -> scalar."""
+  per_chunk = _map_chunks(
+      lambda eps: objectives.elbo(eps, mean, log_var, log_likelihood_fn).elbo, key, num_samples,
+      sample_chunk, mean.shape)
+  return jnp.mean(per_chunk)   # chunks of equal size
+
+
+def log_px_estimate(log_likelihood_fn: objectives.LogLikelihoodFn, mean: jax.Array,
+                    log_var: jax.Array, key: jax.Array, num_samples: int = 5000,
+                    sample_chunk: int = 100) -> jax.Array:
+  """log p^(x) = log (1/K) sum_k p(x, z_k) / q(z_k), z_k ~ q = N(mean, diag(exp(log_var))),
+  K = num_samples (the IWAE bound; with q = q*, Cremer et al.'s estimate). [k] -> scalar."""
+  log_weights = _map_chunks(
+      lambda eps: objectives.importance_log_weights(eps, mean, log_var, log_likelihood_fn), key,
+      num_samples, sample_chunk, mean.shape)
+  return jax.nn.logsumexp(log_weights.reshape(-1)) - jnp.log(num_samples)
+
+
+def _negative_elbo(log_likelihood_fn: objectives.LogLikelihoodFn):
+  """(params = (mean, log_var), eps [S, k]) -> -ELBO: the objective q* and refinement descend."""
+  return lambda params, eps: -objectives.elbo(eps, *params, log_likelihood_fn).elbo
+
+
+def _select(condition: jax.Array, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
+# q*. The search is a state and three pure functions of one example: ``start_search``, then
+# rounds of ``check_every`` x ``search_step`` and one ``search_check`` until ``done``.
+# ``optimize_gaussian`` runs it under lax.while_loop (one jittable function); ``drive_search``
+# runs it from Python over jitted steps, the fast form on CPU for convolutional decoders.
+
+class QStarSearch(NamedTuple):
+  params: tuple           # (mean [k], log_var [k]): the Adam iterate
+  opt_state: optax.OptState
+  steps: jax.Array        # Adam steps taken (int32)
+  best_params: tuple      # the best (mean, log_var) seen at a check
+  best_value: jax.Array   # their check value: the fixed-noise ELBO estimate (biased up by the
+                          # selection: report a fresh estimate, ``elbo_estimate`` with another key)
+  stale: jax.Array        # checks since the last improvement (int32)
+  done: jax.Array         # patience exhausted or max_steps reached (bool)
+  step_key: jax.Array     # step t draws its samples from fold_in(step_key, t)
+  check_key: jax.Array    # every check draws the same samples from it
+
+
+def _check_value(log_likelihood_fn, params, key, settings: QStarSettings) -> jax.Array:
+  return elbo_estimate(log_likelihood_fn, *params, key, settings.check_samples,
+                       settings.sample_chunk)
+
+
+def start_search(log_likelihood_fn: objectives.LogLikelihoodFn, mean: jax.Array,
+                 log_var: jax.Array, key: jax.Array,
+                 settings: QStarSettings = QStarSettings()) -> QStarSearch:
+  """The search for q* from (mean, log_var) [k] (the encoder's output), which is also the first
+  candidate: q* is never worse than the start on the check's noise."""
+  settings.validate()
+  step_key, check_key = jax.random.split(key)
+  start = (mean, log_var)
+  return QStarSearch(start, optax.adam(settings.learning_rate).init(start), jnp.int32(0), start,
+                     _check_value(log_likelihood_fn, start, check_key, settings), jnp.int32(0),
+                     jnp.bool_(False), step_key, check_key)
+
+
+def search_step(log_likelihood_fn: objectives.LogLikelihoodFn, search: QStarSearch,
+                settings: QStarSettings = QStarSettings()) -> QStarSearch:
+  """One Adam step on the ELBO with samples_per_step fresh samples (none once done)."""
+  eps = jax.random.normal(jax.random.fold_in(search.step_key, search.steps),
+                          (settings.samples_per_step, *search.params[0].shape))
+  grads = jax.grad(_negative_elbo(log_likelihood_fn))(search.params, eps)
+  updates, opt_state = optax.adam(settings.learning_rate).update(grads, search.opt_state)
+  stepped = search._replace(params=optax.apply_updates(search.params, updates),
+                            opt_state=opt_state, steps=search.steps + 1)
+  return _select(search.done, search, stepped)
+
+
+def search_check(log_likelihood_fn: objectives.LogLikelihoodFn, search: QStarSearch,
+                 settings: QStarSettings = QStarSettings()) -> QStarSearch:
+  """The check after a round of check_every steps: keeps the parameters if their check value is
+  the best so far (a non-finite value never is), and ends the search after ``patience`` checks
+  without improvement or at max_steps (rounded up to a whole round). Nothing once done."""
+  value = _check_value(log_likelihood_fn, search.params, search.check_key, settings)
+  better = value > search.best_value   # False for NaN
+  max_rounds = -(-settings.max_steps // settings.check_every)
+  stale = jnp.where(better, 0, search.stale + 1)
+  checked = search._replace(
+      best_params=_select(better, search.params, search.best_params),
+      best_value=jnp.where(better, value, search.best_value), stale=stale,
+      done=(stale >= settings.patience) | (search.steps >= max_rounds * settings.check_every))
+  return _select(search.done, search, checked)
+
+
+class QStar(NamedTuple):
+  mean: jax.Array         # [k] the best (mean, log_var) seen at a check
+  log_var: jax.Array      # [k]
+  steps: jax.Array        # Adam steps taken (int32, a multiple of check_every)
+  check_value: jax.Array  # their check value (see QStarSearch.best_value)
+
+
+def search_result(search: QStarSearch) -> QStar:
+  return QStar(*search.best_params, search.steps, search.best_value)
+
+
+def optimize_gaussian(log_likelihood_fn: objectives.LogLikelihoodFn, mean: jax.Array,
+                      log_var: jax.Array, key: jax.Array,
+                      settings: QStarSettings = QStarSettings()) -> QStar:
+  """q*: the diagonal Gaussian that maximises this example's ELBO, by Adam from (mean, log_var)
+  [k] (the encoder's output), as one jittable function.
+
+  Every ``check_every`` steps the ELBO of the current parameters is estimated with the same
+  ``check_samples`` samples; the best parameters so far are kept, and the search stops after
+  ``patience`` checks without improvement or at ``max_steps``.
+  """
+  def round_of_steps(search: QStarSearch) -> QStarSearch:
+    search = jax.lax.fori_loop(
+        0, settings.check_every,
+        lambda _, s: search_step(log_likelihood_fn, s, settings), search)
+    return search_check(log_likelihood_fn, search, settings)
+
+  search = start_search(log_likelihood_fn, mean, log_var, key, settings)
+  return search_result(jax.lax.while_loop(lambda s: ~s.done, round_of_steps, search))
+
+
+def drive_search(step_fn: Callable, check_fn: Callable, search: QStarSearch,
+                 check_every: int) -> QStarSearch:
+  """The search from Python: rounds of check_every ``step_fn(search)`` and one
+  ``check_fn(search)`` until every example is done. step_fn and check_fn are search_step and
+  search_check closed over the decoder and settings, jitted (and vmapped over examples) by the
+  caller. The same steps as ``optimize_gaussian``; one host sync per round."""
+  while not bool(jnp.all(search.done)):
+    for _ in range(check_every):
+      search = step_fn(search)
+    search = check_fn(search)
+  return search
+
+
+# Refinement: the same structure, a fixed number of steps.
+
+class Refinement(NamedTuple):
+  params: tuple           # (mean [k], log_var [k])
+  opt_state: optax.OptState
+  steps: jax.Array        # steps taken (int32)
+  key: jax.Array          # step t draws its samples from fold_in(key, t)
+
+
+class Refined(NamedTuple):
+  mean: jax.Array     # [C, k] after each requested number of steps
+  log_var: jax.Array  # [C, k]
+
+
+def _sgd(settings: RefineSettings) -> optax.GradientTransformation:
+  return optax.sgd(settings.learning_rate, momentum=settings.momentum or None)
+
+
+def _clip_norm(g: jax.Array, max_norm: float) -> jax.Array:
+  """g scaled to norm max_norm if longer (as SA-VAE's clip_grad_norm)."""
+  return g * jnp.minimum(1.0, max_norm / (jnp.linalg.norm(g) + 1e-6))
+
+
+def start_refinement(mean: jax.Array, log_var: jax.Array, key: jax.Array,
+                     settings: RefineSettings = RefineSettings()) -> Refinement:
+  settings.validate()
+  return Refinement((mean, log_var), _sgd(settings).init((mean, log_var)), jnp.int32(0), key)
+
+
+def refinement_step(log_likelihood_fn: objectives.LogLikelihoodFn, refinement: Refinement,
+                    settings: RefineSettings = RefineSettings()) -> Refinement:
+  """One step of gradient ascent on the ELBO, samples_per_step fresh samples, each of the two
+  gradients (mean, log_var) clipped to max_grad_norm."""
+  eps = jax.random.normal(jax.random.fold_in(refinement.key, refinement.steps),
+                          (settings.samples_per_step, *refinement.params[0].shape))
+  grads = tuple(_clip_norm(g, settings.max_grad_norm)
+                for g in jax.grad(_negative_elbo(log_likelihood_fn))(refinement.params, eps))
+  updates, opt_state = _sgd(settings).update(grads, refinement.opt_state)
+  return Refinement(optax.apply_updates(refinement.params, updates), opt_state,
+                    refinement.steps + 1, refinement.key)
+
+
+def _check_steps(steps: Sequence[int]) -> None:
+  if not steps or min(steps) < 0:
+    raise ValueError(f"steps must be non-negative step counts, got {list(steps)}.")
+
+
+def refine(log_likelihood_fn: objectives.LogLikelihoodFn, mean: jax.Array, log_var: jax.Array,
+           key: jax.Array, steps: Sequence[int] = (1, 5, 20, 100),
+           settings: RefineSettings = RefineSettings()) -> Refined:
+  """Semi-amortised inference at test time: gradient ascent on this example's ELBO from
+  (mean, log_var) [k] (the encoder's output), the decoder fixed, as one jittable function. One
+  run of max(steps) steps; returns the parameters after each number of steps in ``steps`` (0:
+  the start), [len(steps), k] each. Evaluate them with ``elbo_estimate``."""
+  _check_steps(steps)
+
+  def step(refinement, _):
+    refinement = refinement_step(log_likelihood_fn, refinement, settings)
+    return refinement, refinement.params
+
+  _, (means, log_vars) = jax.lax.scan(step, start_refinement(mean, log_var, key, settings),
+                                      None, length=max(steps))
+  at = jnp.asarray(steps)
+  return Refined(jnp.concatenate([mean[None], means])[at],
+                 jnp.concatenate([log_var[None], log_vars])[at])
+
+
+def drive_refinement(step_fn: Callable, refinement: Refinement,
+                     steps: Sequence[int]) -> Refined:
+  """``refine`` from Python over a jitted ``step_fn(refinement)`` (refinement_step closed over
+  the decoder and settings, jitted and vmapped over examples by the caller). Returns the
+  parameters after each number of steps in ``steps``, [..., len(steps), k] each."""
+  _check_steps(steps)
+  recorded = {}
+  for step in range(max(steps) + 1):
+    if step:
+      refinement = step_fn(refinement)
+    if step in steps:
+      recorded[step] = refinement.params
+  means, log_vars = zip(*(recorded[k] for k in steps))
+  return Refined(jnp.stack(means, axis=-2), jnp.stack(log_vars, axis=-2))
