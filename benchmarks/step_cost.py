@@ -1,15 +1,18 @@
 r"""The cost of one IA-VAE training step relative to one VAE step, measured side by side.
 
-  python -m benchmarks.step_cost                    # the paper architecture, batch 50
-  python -m benchmarks.step_cost --tier=cpu         # the cpu tier's smaller models
-  python -m benchmarks.step_cost --hypernet_input=encoder   # what the hypernetwork sees
+  python -m benchmarks.step_cost                      # the paper architecture, batch 50
+  python -m benchmarks.step_cost --tier=cpu           # the cpu tier's smaller models
+  python -m benchmarks.step_cost --hypernet=paper,ha,mlp    # several designs side by side
+  python -m benchmarks.step_cost --hypernet=mlp --hypernet_input=image_l2,penultimate
 
-Builds the real train steps of stage 1 (VAE), stage 2 (IA-VAE) and the control
-(experiments.images_train.train_step) on random data; compiles them; then times them interleaved
-(VAE, IA-VAE, control, VAE, ...) so that machine noise hits all alike. Prints a line per model
-and, last, a JSON object with vae_step_s, iavae_step_s, control_step_s (medians), ratio =
-iavae_step_s / vae_step_s and examples per second. Timings are wall-clock on whatever device JAX
-uses.
+Builds the real train steps of stage 1 (VAE), the control and stage 2 (IA-VAE: one per
+hypernetwork design and input asked for; experiments.images_train.train_step) on random data;
+compiles them; then times them interleaved (VAE, control, each IA-VAE, VAE, ...) so that machine
+noise hits all alike. Prints a line per model and, last, a JSON object: vae_step_s and
+control_step_s (medians), control_ratio, and per IA-VAE (labelled by its design, or
+design/input when several inputs are asked for) iavae_step_s, ratio = iavae_step_s / vae_step_s
+and hypernet_params; examples per second of every model. Timings are wall-clock on whatever
+device JAX uses.
 """
 
 import dataclasses
@@ -19,13 +22,15 @@ import time
 
 from absl import app, flags
 
-from experiments import configs
+from experiments import common, configs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("tier", "paper", list(configs.IMAGE_TIERS), "Which tier's architecture.")
 flags.DEFINE_integer("repeats", 5, "Timed steps per model (after one compiling step).")
-flags.DEFINE_enum("hypernet_input", None, list(configs.HYPERNET_INPUTS),
-                  "What the IA-VAE's hypernetwork sees (default: the configuration's).")
+flags.DEFINE_list("hypernet", None, "The IA-VAE's hypernetwork design(s), of "
+                  f"{', '.join(configs.HYPERNETS)} (default: the configuration's).")
+flags.DEFINE_list("hypernet_input", None, "What the IA-VAE's hypernetwork sees, of "
+                  f"{', '.join(configs.HYPERNET_INPUTS)} (default: the configuration's).")
 
 
 def main(argv):
@@ -33,35 +38,47 @@ def main(argv):
   import functools
   import jax
   import jax.numpy as jnp
-  from iavae_jax import blocks, training
+  from iavae_jax import blocks, hypernets, training
   from experiments import images_train
 
   config = configs.image_config("mnist", FLAGS.tier)
-  if FLAGS.hypernet_input:
-    config = dataclasses.replace(config, hypernet_input=FLAGS.hypernet_input)
-  model = images_train.Model(config)
+  designs = FLAGS.hypernet or [config.hypernet]
+  inputs = FLAGS.hypernet_input or [config.hypernet_input]
+  models = {}
+  for design in designs:
+    for kind in inputs:
+      label = design if len(inputs) == 1 else f"{design}/{kind}"
+      try:
+        models[label] = images_train.Model(dataclasses.replace(
+            config, hypernet=design, hypernet_input=kind).validate())
+      except common.ConfigError as e:
+        raise app.UsageError(str(e)) from e
+  vae_model = images_train.Model(config)
   x0 = jnp.zeros((1, 28, 28, 1))
-  enc_vars = model.encoder.init(jax.random.PRNGKey(0), x0)
-  dec_params = model.decoder.init(jax.random.PRNGKey(1), x0,
-                                  jnp.zeros((1, config.latent_dim)))["params"]
+  enc_vars = vae_model.encoder.init(jax.random.PRNGKey(0), x0)
+  dec_params = vae_model.decoder.init(jax.random.PRNGKey(1), x0,
+                                      jnp.zeros((1, config.latent_dim)))["params"]
   layout = blocks.BlockLayout.from_tree(enc_vars["params"])
-  psi = model.init_hypernet(jax.random.PRNGKey(2), layout)
+  iavae_frozen = {"phi_avi": enc_vars["params"], "batch_stats": enc_vars["batch_stats"]}
+  # name -> (model, stage, params, frozen)
   setups = {
-      "vae": ({"encoder": enc_vars["params"], "decoder": dec_params,
-               "batch_stats": enc_vars["batch_stats"]}, None),
-      "iavae": ({"hypernet": psi, "decoder": dec_params},
-                {"phi_avi": enc_vars["params"], "batch_stats": enc_vars["batch_stats"]}),
-      "control": ({"encoder": enc_vars["params"], "decoder": dec_params},
+      "vae": (vae_model, "vae", {"encoder": enc_vars["params"], "decoder": dec_params,
+                                 "batch_stats": enc_vars["batch_stats"]}, None),
+      "control": (vae_model, "control", {"encoder": enc_vars["params"], "decoder": dec_params},
                   {"batch_stats": enc_vars["batch_stats"]}),
   }
+  for label, model in models.items():
+    setups[f"iavae {label}"] = (model, "iavae", {
+        "hypernet": model.init_hypernet(jax.random.PRNGKey(2), layout),
+        "decoder": dec_params}, iavae_frozen)
   batch = images_train.Batch(
       jax.random.uniform(jax.random.PRNGKey(3), (config.batch_size, 28, 28)),
       jax.random.PRNGKey(4))
   steps, states = {}, {}
-  for name, (params, frozen) in setups.items():
-    steps[name] = jax.jit(functools.partial(images_train.train_step, model=model, stage=name,
+  for name, (model, stage, params, frozen) in setups.items():
+    steps[name] = jax.jit(functools.partial(images_train.train_step, model=model, stage=stage,
                                             steps_per_epoch=1))
-    states[name] = training.init_state(params, images_train.stage_optimizer(config, name),
+    states[name] = training.init_state(params, images_train.stage_optimizer(model.config, stage),
                                        jax.random.PRNGKey(5), frozen)
     t0 = time.perf_counter()
     states[name], metrics = steps[name](states[name], batch)
@@ -75,19 +92,24 @@ def main(argv):
       states[name], metrics = steps[name](states[name], batch)
       jax.block_until_ready((states[name], metrics))
       times[name].append(time.perf_counter() - t0)
-  result = {f"{name}_step_s": statistics.median(t) for name, t in times.items()}
+  median = {name: statistics.median(t) for name, t in times.items()}
   for name, t in times.items():
-    print(f"{name}: median {statistics.median(t):.4f} s per step of {config.batch_size} "
+    print(f"{name}: median {median[name]:.4f} s per step of {config.batch_size} "
           f"(min {min(t):.4f}, max {max(t):.4f}), "
-          f"{config.batch_size / statistics.median(t):.1f} examples/s", flush=True)
-  result.update({
-      "ratio": result["iavae_step_s"] / result["vae_step_s"],
-      "control_ratio": result["control_step_s"] / result["vae_step_s"],
-      "examples_per_s": {name: config.batch_size / result[f"{name}_step_s"] for name in setups},
-      "tier": FLAGS.tier, "hypernet_input": config.hypernet_input,
+          f"{config.batch_size / median[name]:.1f} examples/s", flush=True)
+  result = {
+      "vae_step_s": median["vae"], "control_step_s": median["control"],
+      "control_ratio": median["control"] / median["vae"],
+      "iavae_step_s": {label: median[f"iavae {label}"] for label in models},
+      "ratio": {label: median[f"iavae {label}"] / median["vae"] for label in models},
+      "hypernet_params": {label: hypernets.num_params(model.hypernet(layout),
+                                                      model.context_size)
+                          for label, model in models.items()},
+      "examples_per_s": {name: config.batch_size / median[name] for name in setups},
+      "tier": FLAGS.tier, "hypernet": designs, "hypernet_input": inputs,
       "batch_size": config.batch_size, "repeats": FLAGS.repeats,
       "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-  })
+  }
   print(json.dumps(result))
 
 

@@ -61,14 +61,17 @@ def check_tensorboard() -> None:
 
 def define_config_flags(config_type, exclude: tuple[str, ...] = ()) -> None:
   """A flag per field of the dataclass ``config_type`` (but ``exclude``), named after it:
-  integers, floats and strings as such, tuples of integers as comma-separated lists. Each flag
-  defaults to None: unset flags leave the configuration's value (see ``config_overrides``)."""
+  booleans (--name / --noname), integers, floats and strings as such, tuples of integers as
+  comma-separated lists. Each flag defaults to None: unset flags leave the configuration's value
+  (see ``config_overrides``)."""
   for field in dataclasses.fields(config_type):
     if field.name in exclude:
       continue
     help_text = (f"Override the configuration's {field.name} ({config_type.__name__}'s default "
                  f"{field.default}; a tier may set another).")
-    if field.type is int:
+    if field.type is bool:
+      flags.DEFINE_bool(field.name, None, help_text)
+    elif field.type is int:
       flags.DEFINE_integer(field.name, None, help_text)
     elif field.type is float:
       flags.DEFINE_float(field.name, None, help_text)

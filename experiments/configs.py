@@ -9,6 +9,9 @@ from iavae_jax.data import DATASETS
 MAX_SEED = 2**31 - 1   # seeds are folded into JAX keys as 32-bit integers
 
 
+SYNTHETIC_HYPERNET_INPUTS = ("x", "tanh", "softclip")
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
   """The synthetic oracle experiment (paper section 4.1 and Table 1)."""
@@ -29,7 +32,15 @@ class SyntheticConfig:
   sweep_widths: tuple[int, ...] = (2, 4, 6, 8, 10, 12, 14, 16, 18, 20)  # Figure 7
   num_sweep_seeds: int = 3          # VAEs per width in the sweep (the curve is their mean)
   epochs_per_call: int = 10         # epochs per jitted call (progress and checkpoint granularity)
+  # Stage 2's starting point (the IA-VAE at initialisation, ~its VAE's encoder) is a
+  # model-selection candidate (epoch 0), scored like every epoch on the full data.
+  start_as_candidate: bool = True
   checkpoint_every: int = 50        # epochs between resume checkpoints
+  # What the hypernetwork sees of x (SYNTHETIC_HYPERNET_INPUTS): "x" as in the paper (its delta
+  # grows linearly with |x|), or a bounded function of x, so every delta is bounded: "tanh" of x
+  # standardised by the training data's mean and std, or "softclip", x itself in the bulk
+  # (synthetic_train.hypernet_context; docs/results.md, "Held-out data").
+  hypernet_input: str = "x"
 
   def validate(self) -> "SyntheticConfig":
     positive = ["num_examples", "encoder_width", "embed_dim", "batch_size", "max_epochs",
@@ -47,6 +58,9 @@ class SyntheticConfig:
                           f"{getattr(self, name)}.")
     if not self.sweep_widths or min(self.sweep_widths) <= 0:
       raise ConfigError(f"--sweep_widths must be positive integers, got {list(self.sweep_widths)}.")
+    if self.hypernet_input not in SYNTHETIC_HYPERNET_INPUTS:
+      raise ConfigError(f"--hypernet_input={self.hypernet_input} is not known; choose one of "
+                        f"{', '.join(SYNTHETIC_HYPERNET_INPUTS)}.")
     if self.batch_size > self.num_examples:
       raise ConfigError(f"--batch_size={self.batch_size} exceeds --num_examples="
                         f"{self.num_examples}: no full batch can be formed.")
@@ -66,7 +80,11 @@ def synthetic_quick() -> SyntheticConfig:
 
 
 IMAGE_TIERS = ("paper", "cpu", "smoke")
-HYPERNET_INPUTS = ("image", "image_l2", "encoder")
+HYPERNET_INPUTS = ("image", "image_l2", "encoder", "penultimate")
+HYPERNETS = ("paper", "ha", "mlp")     # iavae_jax.hypernets.HYPERNETS
+# pixelcnn: the gated PixelCNN without a blind spot; pixelcnn_kim: Kim et al.'s masking exactly.
+DECODERS = ("pixelcnn", "pixelcnn_kim")
+WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 # Stage-2 weight decay: the paper's values for OMNIGLOT and MNIST; Fashion-MNIST (not given in the
 # paper) and binarized MNIST take MNIST's, the closer data set in size and image statistics.
 WEIGHT_DECAY = {"omniglot": 5e-3, "mnist": 5e-4, "fashion_mnist": 5e-4, "binarized_mnist": 5e-4}
@@ -90,6 +108,10 @@ class ImageConfig:
   decoder_features: int = 32
   decoder_kernel_sizes: tuple[int, ...] = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3)
   latent_feature_maps: int = 4
+  # DECODERS: "pixelcnn_kim" shifts the vertical stack in every layer (a blind spot) and masks the
+  # latent maps at the current pixel (the first pixel's logit is a constant), as Kim et al.'s
+  # code; "pixelcnn" sees every earlier pixel and z everywhere (models/pixelcnn.py).
+  decoder: str = "pixelcnn"
   # The structured hypernetwork (paper: e_l of 16, e_in of 8, output layers N(0, 1e-3^2)).
   # The paper's 1e-3 does not start stage 2 near the stage-1 encoder here: the x-part of every
   # conv slice's delta is the same vector, so it adds up coherently over the (non-negative)
@@ -97,8 +119,16 @@ class ImageConfig:
   # 1.6e3 x its norm (paper architecture; 2.6x for the cpu tier) at 1e-3, 0.73x / 0.16x at 1e-4,
   # 0.074x / 0.017x at 1e-5. 1e-5 keeps the start close, as the paper intends (docs/results.md).
   block_embed_dim: int = 16
-  input_embed_dim: int = 8
+  input_embed_dim: int = 8          # paper and mlp (ha has no input embeddings)
   hypernet_init_std: float = 1e-5
+  # The hypernetwork's design (HYPERNETS; docs/results.md, "Hypernetwork designs"): the paper's
+  # structured one, Ha et al.'s static hypernetwork, or a one-hidden-layer generator.
+  hypernet: str = "paper"
+  hypernet_hidden: int = 0          # ha's code size / mlp's hidden width (0: the design's own
+                                    # default, ha 16, mlp 64); not for paper
+  ha_block_gains: bool = False      # ha: a per-block gain on the x-part of the code
+  hypernet_projection: int = 0      # > 0: the design sees a learned projection of the context to
+                                    # this many numbers (ha's first layers grow with its size)
   # What the hypernetwork sees of x (HYPERNET_INPUTS; docs/results.md, "The structured
   # hypernetwork"). The paper's raw image diverged on Fashion-MNIST in every cpu-tier seed:
   # Adam's first step moves each W_x entry by ~lr, so every delta moves by ~lr x (ink pixels),
@@ -115,8 +145,14 @@ class ImageConfig:
   iavae_epochs: int = 100
   hypernet_learning_rate: float = 1e-4   # hypernetwork and embeddings (control: the encoder)
   decoder_learning_rate: float = 5e-5
-  weight_decay: float = 5e-4             # decoupled (AdamW); see WEIGHT_DECAY for the defaults
+  weight_decay: float = 5e-4             # see WEIGHT_DECAY for the defaults
+  # As PyTorch's Adam(weight_decay=...), which the paper's setup implies: the decay added to the
+  # clipped gradient before Adam's scaling; "decoupled" is AdamW's (the decay added to the update).
+  weight_decay_mode: str = "coupled"
   patience: int = 100                    # epochs without a better validation ELBO (both stages)
+  # Stage 2's and the control's starting point (the stage-1 VAE) is a model-selection candidate
+  # (epoch 0), so a run never selects something worse on validation than where it started.
+  start_as_candidate: bool = True
   # Evaluation.
   num_samples: int = 1              # z samples per example in the training ELBO
   valid_samples: int = 1            # per example for the validation ELBO (fixed noise)
@@ -136,6 +172,25 @@ class ImageConfig:
     if self.hypernet_input not in HYPERNET_INPUTS:
       raise ConfigError(f"--hypernet_input={self.hypernet_input} is not known; choose one of "
                         f"{', '.join(HYPERNET_INPUTS)}.")
+    if self.decoder not in DECODERS:
+      raise ConfigError(f"--decoder={self.decoder} is not known; choose one of "
+                        f"{', '.join(DECODERS)}.")
+    if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
+      raise ConfigError(f"--weight_decay_mode={self.weight_decay_mode} is not known; choose one "
+                        f"of {', '.join(WEIGHT_DECAY_MODES)}.")
+    if self.hypernet not in HYPERNETS:
+      raise ConfigError(f"--hypernet={self.hypernet} is not known; choose one of "
+                        f"{', '.join(HYPERNETS)}.")
+    for name in ("hypernet_hidden", "hypernet_projection"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"--{name} must be a non-negative integer (0: none, or the design's "
+                          f"default), got {getattr(self, name)}.")
+    if self.hypernet_hidden and self.hypernet == "paper":
+      raise ConfigError("--hypernet_hidden sets the hidden width of --hypernet=ha or mlp; the "
+                        "paper design has no hidden layer.")
+    if self.ha_block_gains and self.hypernet != "ha":
+      raise ConfigError(f"--ha_block_gains applies to --hypernet=ha only, not "
+                        f"{self.hypernet}.")
     positive = ["num_seeds", "latent_dim", "decoder_features", "latent_feature_maps",
                 "block_embed_dim",
                 "input_embed_dim", "batch_size", "vae_epochs", "iavae_epochs", "patience",

@@ -4,24 +4,25 @@ For each seed, three models are trained one after the other, each alone: ``train
 optimiser step of a stage, ``make_epoch_fn`` loops over it in Python (XLA:CPU is slow on
 convolution gradients inside lax.scan), and the shared ``training`` and ``stages`` machinery
 adds early stopping, Orbax checkpoints, resume and the learning curves:
-  vae     : SA-VAE's model (ResNet encoder with batch norm, gated PixelCNN decoder), KL warm-up;
-  iavae   : the VAE's encoder frozen as phi_AVI, batch-norm statistics frozen; the structured
+  vae     : SA-VAE's model (ResNet encoder with batch norm, gated PixelCNN decoder: without a
+            blind spot, or Kim et al.'s exactly with config.decoder), KL warm-up;
+  iavae   : the VAE's encoder frozen as phi_AVI, batch-norm statistics frozen; the
             hypernetwork, its embeddings and the decoder trained (paper section 4.2);
   control : the VAE trained on from its best parameters for as many epochs as stage 2 with the
             same optimiser, learning rates, weight decay and frozen batch-norm statistics, the
             encoder itself in the hypernetwork's place: so a gain of IA-VAE over the control is
             not just extra training. (Matched in epochs, not FLOPs: an IA-VAE step costs more.
-            Decoupled weight decay pulls the control's encoder toward 0 and the IA-VAE's
-            hypernetwork toward phi_AVI; at lr x wd = 1e-4 x 5e-4 per step the pull is ~5e-8 of
-            a weight per step, negligible over these runs.)
+            Weight decay pulls the control's encoder toward 0 and the IA-VAE's hypernetwork
+            toward phi_AVI.)
 Every model is selected on the validation ELBO and evaluated on the test split: ELBO and KL with
 ``test_samples`` samples per example, and an importance-weighted estimate of log p(x) with
 ``iwae_samples`` samples.
 
-What the hypernetwork sees of x is ``config.hypernet_input`` (``Model.hypernet_context``): the
-flattened binarised image (the paper's x), the same over its Euclidean norm (the default), or
-the frozen stage-1 encoder's mean and log-variance. Its x-part W_x x is one [d_max, m] matvec per
-example, shared by every block and slice.
+The hypernetwork is the design ``config.hypernet`` (``Model.hypernet``: the paper's structured
+one, Ha et al.'s static one, or an MLP generator; iavae_jax.hypernets). What it sees of x is
+``config.hypernet_input`` (``Model.hypernet_context``): the flattened binarised image (the paper's
+x), the same over its Euclidean norm (the default), or the frozen stage-1 encoder's mean and
+log-variance or penultimate feature.
 """
 
 import dataclasses
@@ -31,6 +32,7 @@ import os
 import time
 from typing import Callable, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,17 +68,33 @@ class Model:
   @property
   def decoder(self) -> pixelcnn.GatedPixelCNN:
     return pixelcnn.GatedPixelCNN(self.config.decoder_features, self.config.decoder_kernel_sizes,
-                                  self.config.latent_feature_maps)
+                                  self.config.latent_feature_maps,
+                                  sa_vae_masking=self.config.decoder == "pixelcnn_kim")
 
-  def hypernet(self, layout: blocks.BlockLayout) -> hypernets.StructuredHypernet:
-    return hypernets.StructuredHypernet(layout, self.config.block_embed_dim,
-                                        self.config.input_embed_dim,
-                                        self.config.hypernet_init_std)
+  def hypernet(self, layout: blocks.BlockLayout) -> nn.Module:
+    """The design ``config.hypernet`` over layout (``hypernets.make_hypernet``), with the
+    configuration's embedding sizes, initial scale and, where set, hidden width, gains and a
+    learned projection of the context (``hypernets.ProjectedContext``)."""
+    config = self.config
+    fields = {"block_embed_dim": config.block_embed_dim, "init_std": config.hypernet_init_std}
+    if config.hypernet == "ha":
+      fields["block_gains"] = config.ha_block_gains
+    else:
+      fields["input_embed_dim"] = config.input_embed_dim
+    if config.hypernet_hidden:
+      fields["hidden_dim"] = config.hypernet_hidden
+    hypernet = hypernets.make_hypernet(config.hypernet, layout, **fields)
+    if config.hypernet_projection:
+      return hypernets.ProjectedContext(hypernet, config.hypernet_projection)
+    return hypernet
 
   @property
   def context_size(self) -> int:
     """The size of what the hypernetwork sees of one example (see ``hypernet_context``)."""
-    return 2 * self.config.latent_dim if self.config.hypernet_input == "encoder" else 28 * 28
+    x0 = jnp.zeros((1, 28, 28, 1))
+    variables = jax.eval_shape(self.encoder.init, jax.random.PRNGKey(0), x0)
+    frozen = {"phi_avi": variables["params"], "batch_stats": variables["batch_stats"]}
+    return jax.eval_shape(self.hypernet_context, frozen, x0).shape[-1]
 
   def init_hypernet(self, key: jax.Array, layout: blocks.BlockLayout):
     return self.hypernet(layout).init(key, jnp.zeros(self.context_size))["params"]
@@ -84,14 +102,18 @@ class Model:
   def hypernet_context(self, frozen, x: jax.Array) -> jax.Array:
     """What the hypernetwork sees of each image x [B, 28, 28, 1]: [B, context_size].
 
-    image   : the flattened image (the paper's x);
-    image_l2: the flattened image over its Euclidean norm (0 for a blank image);
-    encoder : the frozen stage-1 encoder's [mean; log-variance], a learned feature of x.
+    image      : the flattened image (the paper's x);
+    image_l2   : the flattened image over its Euclidean norm (0 for a blank image);
+    encoder    : the frozen stage-1 encoder's [mean; log-variance], a learned feature of x;
+    penultimate: the frozen stage-1 encoder's penultimate feature (the input of its mean and
+                 log-variance layers; 576 numbers for the paper encoder).
     """
     kind = self.config.hypernet_input
-    if kind == "encoder":
-      mean, log_var = self.encoder.apply(
-          {"params": frozen["phi_avi"], "batch_stats": frozen["batch_stats"]}, x, train=False)
+    if kind in ("encoder", "penultimate"):
+      variables = {"params": frozen["phi_avi"], "batch_stats": frozen["batch_stats"]}
+      if kind == "penultimate":
+        return adaptive.submodule_input(self.encoder, variables, "mean", x, train=False)
+      mean, log_var = self.encoder.apply(variables, x, train=False)
       return jnp.concatenate([mean, log_var], axis=-1)
     if kind == "image_l2":
       return adaptive.normalized_context(x)
@@ -156,16 +178,26 @@ def stage_schedule(config: ImageConfig, stage: str) -> training.Schedule:
 
 def stage_optimizer(config: ImageConfig, stage: str) -> optax.GradientTransformation:
   """Gradients clipped to max_grad_norm, then stage 1: Adam (batch-norm statistics are left to
-  the step, which sets them); later stages: AdamW, the hypernetwork (IA-VAE) or the encoder
-  (control) at one rate, the decoder at another."""
+  the step, which sets them); later stages: Adam with weight decay, the hypernetwork (IA-VAE) or
+  the encoder (control) at one rate, the decoder at another.
+
+  Weight decay as ``config.weight_decay_mode``: "coupled" as PyTorch's Adam(weight_decay=wd),
+  wd x params added to the gradient before Adam's moments; after the clipping, as PyTorch's
+  clip_grad_norm_ acts on .grad before optimizer.step() adds the decay. "decoupled" as AdamW:
+  lr x wd x params added to Adam's update.
+  """
   if stage == "vae":
     labels = lambda params: {k: ("state" if k == "batch_stats" else "train") for k in params}
     transforms = {"train": optax.adam(config.vae_learning_rate), "state": optax.set_to_zero()}
   else:
+    def adam(learning_rate):
+      if config.weight_decay_mode == "decoupled":
+        return optax.adamw(learning_rate, weight_decay=config.weight_decay)
+      return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                         optax.adam(learning_rate))
     labels = lambda params: {k: ("decoder" if k == "decoder" else "inference") for k in params}
-    transforms = {
-        "inference": optax.adamw(config.hypernet_learning_rate, weight_decay=config.weight_decay),
-        "decoder": optax.adamw(config.decoder_learning_rate, weight_decay=config.weight_decay)}
+    transforms = {"inference": adam(config.hypernet_learning_rate),
+                  "decoder": adam(config.decoder_learning_rate)}
   return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                      optax.multi_transform(transforms, labels))
 
@@ -311,14 +343,23 @@ def _epoch_functions(model: Model, stage: str, steps_per_epoch: int,
     return key, batches, jax.random.split(steps_key, steps_per_epoch)
 
   def finish(state, trained, steps, valid):
-    """Scores the trained parameters by the validation ELBO (valid_samples samples per example,
-    the same noise every epoch) and closes the epoch (``training.end_epoch``)."""
-    score = dataset_elbo(model, stage_encode(model, stage, trained.frozen), trained.params,
-                         trained.frozen, valid, config.valid_samples, jax.random.PRNGKey(0))
+    """Scores the trained parameters (``validation_score``) and closes the epoch
+    (``training.end_epoch``)."""
+    score = validation_score(model, stage)(trained.params, trained.frozen, valid)
     return training.end_epoch(state, trained, steps, score, schedule)
 
   step = functools.partial(train_step, model=model, stage=stage, steps_per_epoch=steps_per_epoch)
   return jax.jit(start), jax.jit(step), jax.jit(finish)
+
+
+@functools.lru_cache(maxsize=None)  # one per stage: compiled once
+def validation_score(model: Model, stage: str):
+  """A stage's monitored score, jitted: score(params, frozen, valid [n, 28, 28]) -> the
+  validation ELBO (valid_samples samples per example, the same noise every time)."""
+  def score(params, frozen, valid):
+    return dataset_elbo(model, stage_encode(model, stage, frozen), params, frozen, valid,
+                        model.config.valid_samples, jax.random.PRNGKey(0))
+  return jax.jit(score)
 
 
 def make_epoch_fn(model: Model, stage: str, name: str, valid: jax.Array, train_size: int,
@@ -352,17 +393,19 @@ class Selected(NamedTuple):
   """A trained model as selected on the validation ELBO."""
   params: dict          # its best parameters
   frozen: dict | None   # what it uses but did not train (TrainState.frozen)
-  best_epoch: int
+  best_epoch: int       # 0: its starting point (config.start_as_candidate)
   valid_elbo: float     # its validation ELBO (the selection score)
+  valid_elbo_at_start: float | None   # of its starting point (stages 2 and 3; None in stage 1)
 
 
 def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
                timings: dict, resumed: list, parallel: parallel_lib.Parallel | None = None,
-               tensorboard: bool = False) -> tuple[dict, float]:
+               tensorboard: bool = False) -> dict:
   """Trains the three models of one seed (resuming what is in workdir); returns them,
-  {stage: Selected}, and the IA-VAE's validation ELBO before training. Each model is trained
-  alone (``make_epoch_fn``). Stages that start from a checkpoint are appended to
-  ``resumed``."""
+  {stage: Selected}. Each model is trained alone (``make_epoch_fn``). The IA-VAE and the
+  control start from the VAE, scored before their first step (``validation_score``): with
+  config.start_as_candidate that start is selected unless an epoch scores higher. Stages that
+  start from a checkpoint are appended to ``resumed``."""
   config = model.config
   train = jnp.asarray(data.train)
   valid = jnp.asarray(data.valid)
@@ -378,14 +421,18 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
     t0 = time.time()
     if os.path.isdir(os.path.join(workdir, "checkpoints", name)):
       resumed.append(name)
+    # Stages 2 and 3 start from the VAE (Proposition 1 for the IA-VAE): their starting score.
+    start = None if stage == "vae" else float(validation_score(model, stage)(params, frozen,
+                                                                              valid))
     state = stages.run_stage(
         name, workdir, make_epoch_fn(model, stage, name, valid, train.shape[0], parallel),
-        training.init_state(params, stage_optimizer(config, stage), train_key, frozen), train,
+        training.init_state(params, stage_optimizer(config, stage), train_key, frozen,
+                            start if config.start_as_candidate else None), train,
         np.array([seed, STAGE_IDS[stage]]), stage_schedule(config, stage),
         config.checkpoint_every, parallel=parallel, tensorboard=tensorboard)
     timings[name] = time.time() - t0
     selected[stage] = Selected(state.best_params, state.frozen, int(state.best_epoch),
-                               float(state.best_score))
+                               float(state.best_score), start)
     return state.best_params
 
   enc_key, dec_key = jax.random.split(keys["vae"][0])
@@ -397,14 +444,10 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
   frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
   layout = blocks.BlockLayout.from_tree(vae["encoder"])
   psi = model.init_hypernet(keys["iavae"][0], layout)
-  # Proposition 1 in practice: the IA-VAE's validation ELBO before any stage-2 step.
-  start = dataset_elbo(model, model.encode_fn("iavae", layout),
-                       {"hypernet": psi, "decoder": vae["decoder"]}, frozen, valid,
-                       config.valid_samples, jax.random.PRNGKey(0))
   run("iavae", {"hypernet": psi, "decoder": vae["decoder"]}, frozen)
   run("control", {"encoder": vae["encoder"], "decoder": vae["decoder"]},
       {"batch_stats": vae["batch_stats"]})
-  return selected, float(start)
+  return selected
 
 
 def param_counts(model: Model) -> dict:
@@ -445,27 +488,31 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
   print(f"config: {config}", flush=True)
   print(f"data: {data.info}; train {data.train.shape[0]}, valid {data.valid.shape[0]}, "
         f"test {data.test.shape[0]}", flush=True)
+  if config.tier == "paper" and data.info["paper_split"] is False:
+    print(f"WARNING: this is not the paper's train/test split of {config.dataset} (for OMNIGLOT: "
+          "Burda et al.'s chardata.mat in --data_dir); results.json and Table 4 say so.",
+          flush=True)
   timings, per_seed, recon, resumed = {}, {stage: [] for stage in STAGES}, {}, []
   test = jnp.asarray(data.test)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   for seed in seeds:
-    selected, valid_elbo_at_start = train_seed(model, workdir, seed, data, timings, resumed,
-                                               parallel, tensorboard)
+    selected = train_seed(model, workdir, seed, data, timings, resumed, parallel, tensorboard)
     t0 = time.time()
     eval_key = training.derive_key(seed, STAGE_IDS["eval"])
     for stage in STAGES:
-      params, frozen, best_epoch, valid_elbo = selected[stage]
+      params, frozen, best_epoch, valid_elbo, valid_elbo_at_start = selected[stage]
       encode = stage_encode(model, stage, frozen)
       metrics = jax.device_get(evaluate(model, encode, params, frozen, test, eval_key))
       per_seed[stage].append({
           "test_elbo": float(np.mean(metrics["elbo"])), "test_kl": float(np.mean(metrics["kl"])),
           "test_iwae": float(np.mean(metrics["iwae"])), "valid_elbo": valid_elbo,
           "best_epoch": best_epoch})
+      if valid_elbo_at_start is not None:
+        per_seed[stage][-1]["valid_elbo_at_start"] = valid_elbo_at_start
       if seed == seeds[0] and config.num_reconstructions:
         recon[stage] = np.asarray(reconstruct(
             model, encode, params, frozen, test[:config.num_reconstructions],
             jax.random.fold_in(eval_key, 1)))
-    per_seed["iavae"][-1]["valid_elbo_at_start"] = valid_elbo_at_start
     timings[f"eval_seed{seed}"] = time.time() - t0
     line = "  ".join(f"{stage} {per_seed[stage][-1]['test_elbo']:.2f}" for stage in STAGES)
     print(f"[seed {seed}] test ELBO: {line}", flush=True)

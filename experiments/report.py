@@ -12,6 +12,7 @@ others alphabetically), to
 
   {"source": "<results.json, relative to DIR>", "tier": ..., "seeds": [...],
    "wall_seconds": ... or null,
+   "paper_split": true, false or null,   # results.json data.paper_split (null: not recorded)
    "vae":     {"mean", "std", "per_seed",                # test ELBO
                "kl": {"mean", "std", "per_seed"},        # test KL
                "iwae": {"mean", "std", "per_seed"},      # test IWAE bound
@@ -27,8 +28,10 @@ Wilk on the per-seed differences, then a one-sided paired t-test if normality is
 0.05, else a one-sided Wilcoxon signed-rank test. With a single seed no test is possible and
 "test", "p_value" and "shapiro_p" are null. Non-finite KL or IWAE values are written as null.
 
-table4.md renders that dictionary (render_markdown is a pure function of it). Bad input (no
-results, two results for one data set, a malformed results file) exits with code 2.
+table4.md renders that dictionary (render_markdown is a pure function of it); a data set whose
+run was not on the paper's train/test split (paper_split false: e.g. OMNIGLOT from Lake's zips or
+TFDS rather than Burda et al.'s chardata.mat, or a subset of MNIST) is marked with a dagger. Bad
+input (no results, two results for one data set, a malformed results file) exits with code 2.
 """
 
 import glob
@@ -153,7 +156,8 @@ def build_table4(workdir: str, paths: list[str]) -> dict:
     path, data = by_dataset[name]
     models = data["models"]
     row = {"source": os.path.relpath(path, workdir), "tier": data.get("tier"),
-           "seeds": data["seeds"], "wall_seconds": data.get("wall_seconds")}
+           "seeds": data["seeds"], "wall_seconds": data.get("wall_seconds"),
+           "paper_split": (data.get("data") or {}).get("paper_split")}
     for model in MODELS:
       summary = summarize_seeds(models[model]["test_elbo"])
       summary["kl"] = summarize_seeds(models[model]["test_kl"])
@@ -208,20 +212,25 @@ def _wall_time(seconds) -> str:
   return f"{seconds / 3600:.1f} h"
 
 
+def _data_set(name: str, row: dict) -> str:
+  """The data set's name, with a dagger when its run was not on the paper's split."""
+  return DISPLAY_NAMES.get(name, name) + (" †" if row.get("paper_split") is False else "")
+
+
 def render_markdown(table: dict) -> str:
   """table4.md from the table4.json dictionary; a pure function, so it can be tested alone."""
   lines = ["# Table 4: test ELBO (mean ± std over seeds, higher is better)", ""]
   lines += common.markdown_table(
       ["Data set", "VAE", "IA-VAE", "control", "p (IA-VAE > VAE)", "test",
        "p (IA-VAE > control)", "test", "seeds", "wall time"],
-      [[DISPLAY_NAMES.get(name, name)] + [_mean_std(row[model]) for model in MODELS]
+      [[_data_set(name, row)] + [_mean_std(row[model]) for model in MODELS]
        + [cell for key, _ in COMPARISONS for cell in (_p_value(row[key]), _test_name(row[key]))]
        + [len(row["seeds"]), _wall_time(row["wall_seconds"])] for name, row in table.items()])
   lines += ["", "## Test KL and IWAE bound (mean ± std over seeds)", ""]
   lines += common.markdown_table(
       ["Data set"] + [f"KL {MODEL_NAMES[m]}" for m in MODELS]
       + [f"IWAE {MODEL_NAMES[m]}" for m in MODELS],
-      [[DISPLAY_NAMES.get(name, name)] + [_mean_std(row[model]["kl"]) for model in MODELS]
+      [[_data_set(name, row)] + [_mean_std(row[model]["kl"]) for model in MODELS]
        + [_mean_std(row[model]["iwae"]) for model in MODELS] for name, row in table.items()])
   diverged = [f"{DISPLAY_NAMES.get(name, name)} {MODEL_NAMES[m]} seeds "
               f"{row[m]['diverged_seeds']}" for name, row in table.items() for m in MODELS
@@ -230,6 +239,10 @@ def render_markdown(table: dict) -> str:
     lines += ["", "**Diverged** (no finite validation ELBO in any epoch, so the selected "
               "parameters are the initial ones and the test numbers are the starting point's): "
               + "; ".join(diverged) + "."]
+  if any(row.get("paper_split") is False for row in table.values()):
+    lines += ["", "† Not the paper's train/test split (OMNIGLOT: Burda et al.'s chardata.mat; "
+              "MNIST, Fashion-MNIST: the standard test set): see each run's results.json "
+              "\"data\"; these numbers do not compare with the paper's."]
   lines += ["",
             "Tests on test ELBO, paired by seed, H1: IA-VAE > the other model. Shapiro-Wilk "
             f"(SW) on the per-seed differences; if normality is not rejected at {ALPHA} a "

@@ -9,14 +9,16 @@ Three populations are trained, each as one vmapped, scanned computation:
           widest so that they train side by side (see models.encoders.pad_hidden).
 Every number reported is computed from the trained parameters in this run: ELBOs and KLs in
 closed form (models.oracle.exact_elbo), log p(x), the MAP and the local Gaussian on a quadrature
-grid (posterior.py), q* by per-example Newton on the exact ELBO.
+grid (posterior.py), q* by per-example Newton on the exact ELBO. The VAEs and IA-VAEs are then
+evaluated the same way on a held-out set from the same generator (``heldout_data``), with the
+per-point tail of IA-VAE against its VAE (``tail_summary``).
 """
 
 import dataclasses
 import functools
 import os
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,20 +56,58 @@ def vae_train_encode(phi, unused_frozen, x):
   return encoders.mlp_encode_examples_last(phi, x)
 
 
-def iavae_encode(config: SyntheticConfig, layout: blocks.BlockLayout) -> EncodeFn:
+def hypernet_context(config: SyntheticConfig, train_x) -> Callable | None:
+  """What the hypernetwork sees of x [..., 3] (config.hypernet_input): None for x itself (the
+  paper), else a function of x that is bounded, so a delta is bounded however far x lies from
+  the training data. With m and s the training data's mean and std per coordinate:
+    "tanh":     tanh((x - m) / s), in (-1, 1);
+    "softclip": m + 3 s tanh((x - m) / (3 s)), x itself within about a std of m (1% off at
+                0.5 s, 4% at s), then bounded by m +- 3 s: the paper's input in the bulk."""
+  if config.hypernet_input == "x":
+    return None
+  train_x = np.asarray(train_x, np.float64)
+  shift, scale = train_x.mean(0).astype(np.float32), train_x.std(0).astype(np.float32)
+  if config.hypernet_input == "tanh":
+    return lambda x: jnp.tanh((x - shift) / scale)
+  return lambda x: shift + 3 * scale * jnp.tanh((x - shift) / (3 * scale))
+
+
+def iavae_encode(config: SyntheticConfig, layout: blocks.BlockLayout,
+                 context: Callable | None = None) -> EncodeFn:
+  """IA-VAE inference: the hypernetwork sees context(x) (``hypernet_context``), or x."""
   encoder = encoders.MLPEncoder(config.encoder_width)
   hypernet = hypernets.LinearHypernet(layout, config.embed_dim, config.hypernet_init_std)
   encoder_apply = lambda phi, x: encoder.apply({"params": phi}, x)
   hypernet_apply = lambda psi, x: hypernet.apply({"params": psi}, x)
   return lambda psi, phi_avi, x: adaptive.instance_adaptive_encode(
-      encoder_apply, hypernet_apply, phi_avi, psi, x)
+      encoder_apply, hypernet_apply, phi_avi, psi, x, None if context is None else context(x))
 
 
-def iavae_train_encode(layout: blocks.BlockLayout) -> TrainEncodeFn:
+def iavae_train_encode(layout: blocks.BlockLayout,
+                       context: Callable | None = None) -> TrainEncodeFn:
+  """iavae_encode's function on examples along the last axis."""
   def encode(psi, phi_avi, x):
-    deltas = hypernets.linear_hypernet_deltas_examples_last(psi, layout, x)
+    c = x if context is None else context(x.T).T
+    deltas = hypernets.linear_hypernet_deltas_examples_last(psi, layout, c)
     return encoders.mlp_encode_examples_last(adaptive.modulate_examples_last(phi_avi, deltas), x)
   return encode
+
+
+def rows(examples_last: bool) -> Callable:
+  """[features, examples] -> [examples, features] for examples-last arrays, else identity."""
+  return (lambda a: a.T) if examples_last else (lambda a: a)
+
+
+def exact_score(config: SyntheticConfig, encode: TrainEncodeFn,
+                examples_last: bool = True) -> training.ScoreFn:
+  """The monitored score: score(params, frozen, x [3, N]) -> the exact ELBO, mean over x (an
+  EncodeFn and x [N, 3] with ``examples_last=False``)."""
+  to_rows = rows(examples_last)
+
+  def score_fn(params, frozen, x):
+    mean, log_var = encode(params, frozen, x)
+    return jnp.mean(oracle.exact_elbo(to_rows(x), to_rows(mean), to_rows(log_var), config.sigma))
+  return score_fn
 
 
 def make_epoch_fn(config: SyntheticConfig, encode: TrainEncodeFn,
@@ -77,7 +117,7 @@ def make_epoch_fn(config: SyntheticConfig, encode: TrainEncodeFn,
 
   ``encode`` is a TrainEncodeFn, or an EncodeFn with ``examples_last=False`` (benchmarks and
   tests compare the two). ``compiler_options``: see ``training.make_epoch_fn``."""
-  rows = (lambda a: a.T) if examples_last else (lambda a: a)   # [features, examples] -> [ex, f]
+  to_rows = rows(examples_last)
 
   def noise_fn(key, num_steps, unused_epoch):
     return jax.random.normal(
@@ -85,18 +125,15 @@ def make_epoch_fn(config: SyntheticConfig, encode: TrainEncodeFn,
 
   def loss_fn(params, frozen, x, eps):
     mean, log_var = encode(params, frozen, x)
-    terms = objectives.elbo(eps, rows(mean), rows(log_var),
-                            lambda z: oracle.log_likelihood(rows(x), z, config.sigma))
+    terms = objectives.elbo(eps, to_rows(mean), to_rows(log_var),
+                            lambda z: oracle.log_likelihood(to_rows(x), z, config.sigma))
     return -jnp.mean(terms.elbo), jnp.mean(terms.kl)
-
-  def score_fn(params, frozen, x):
-    mean, log_var = encode(params, frozen, x)
-    return jnp.mean(oracle.exact_elbo(rows(x), rows(mean), rows(log_var), config.sigma))
 
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   optimizer = optax.adam(config.learning_rate)
-  return training.make_epoch_fn(noise_fn, loss_fn, score_fn, optimizer, schedule,
-                                parallel=parallel, examples_last=examples_last,
+  return training.make_epoch_fn(noise_fn, loss_fn, exact_score(config, encode, examples_last),
+                                optimizer, schedule, parallel=parallel,
+                                examples_last=examples_last,
                                 compiler_options=compiler_options), optimizer
 
 
@@ -111,24 +148,57 @@ def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...
 def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: TrainEncodeFn,
                 params, frozen, train_keys, order_seeds, data,
                 parallel: parallel_lib.Parallel | None = None,
-                tensorboard: bool = False, cancelled=None) -> training.TrainState:
+                tensorboard: bool = False, start_as_candidate: bool = False,
+                cancelled=None) -> training.TrainState:
   """Trains (or resumes, or just loads) one population; returns its final states. frozen: the
-  models' frozen encoders, stacked (None for VAEs)."""
+  models' frozen encoders, stacked (None for VAEs). With ``start_as_candidate``, every model's
+  starting point is scored on the data and is a model-selection candidate (epoch 0)."""
   epoch_fn, optimizer = make_epoch_fn(
       config, encode, parallel,
       compiler_options=training.cpu_compiler_options(LOOP_EMITTERS[name]))
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
-  states = jax.vmap(lambda p, k, f: training.init_state(p, optimizer, k, f))(
-      params, train_keys, frozen)
+  scores = (jax.jit(jax.vmap(exact_score(config, encode), in_axes=(0, 0, None)))(
+      params, frozen, data.T) if start_as_candidate else None)
+  states = jax.vmap(lambda p, k, f, s: training.init_state(p, optimizer, k, f, s))(
+      params, train_keys, frozen, scores)
   names = [MODEL_NAMES[name].format(*map(int, row[2:])) for row in order_seeds]
   return stages.run_stage(name, workdir, epoch_fn, states, data, order_seeds, schedule,
                           config.checkpoint_every, config.epochs_per_call, names, parallel,
                           tensorboard, cancelled)
 
 
+class Truth(NamedTuple):
+  """The oracle's answers on one data set x [N, 3]: the true posterior and q*, per point."""
+  summary: posterior.PosteriorSummary   # log p(x), z_MAP, Laplace precision (posterior.py)
+  qstar_mean: jax.Array                  # [N, 2]
+  qstar_log_var: jax.Array               # [N, 2]
+  elbo_qstar: jax.Array                  # [N]  the ELBO of q*
+
+
+def true_posterior(x, sigma: float) -> Truth:
+  """log p(x), the MAP and the local Gaussian by quadrature, and q* by per-example Newton on
+  the exact ELBO from the Laplace diagonal: for the training data and the held-out data alike."""
+  summary = jax.jit(lambda x: posterior.summarize(x, sigma),
+                    compiler_options=training.cpu_compiler_options())(x)
+  init_mean, init_log_var = posterior.laplace_diagonal_init(summary)
+  qstar_mean, qstar_log_var = jax.jit(jax.vmap(
+      lambda xi, m, lv: posterior.optimal_gaussian(xi, sigma, m, lv)))(
+          x, init_mean, init_log_var)
+  return Truth(summary, qstar_mean, qstar_log_var,
+               oracle.exact_elbo(x, qstar_mean, qstar_log_var, sigma))
+
+
+def heldout_data(config: SyntheticConfig) -> synthetic.SyntheticData:
+  """The held-out set: as many new points from the same generator, under another key (the data
+  key folded with 1), so every model meets them first at evaluation."""
+  key = jax.random.fold_in(jax.random.PRNGKey(config.data_seed), 1)
+  return synthetic.generate(key, config.num_examples, config.sigma)
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def evaluate(encode: EncodeFn, params, frozen, x, sigma, summary, elbo_qstar):
-  """Per-model metrics averaged over the data: [M] arrays (and the per-point means [M, N, 2])."""
+  """Per-model metrics averaged over the data: [M] arrays; the per-point means [M, N, 2] and
+  per-point ELBOs [M, N]."""
   mean, log_var = jax.vmap(encode, in_axes=(0, 0, None))(params, frozen, x)
   elbo = oracle.exact_elbo(x, mean, log_var, sigma)
   return {
@@ -138,13 +208,123 @@ def evaluate(encode: EncodeFn, params, frozen, x, sigma, summary, elbo_qstar):
       "r_map": posterior.r_map(oracle.log_joint(mean, x, sigma), summary.log_joint_map).mean(-1),
       "amortization_gap": (elbo_qstar - elbo).mean(-1),
       "max_excess_over_qstar": (elbo - elbo_qstar).max(-1),
-  }, mean
+  }, mean, elbo
 
 
 def _stats(values) -> dict:
   values = np.asarray(values, np.float64)
   return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1
           else 0.0}
+
+
+def table3_entry(evaluation: dict) -> dict:
+  """A Table 3 row: mean and std over models of each model's mean over the data."""
+  entry = {}
+  for k in ("elbo", "kl", "d_map", "r_map"):
+    stats = _stats(evaluation[k])
+    entry[k], entry[f"{k}_std"] = stats["mean"], stats["std"]
+  entry["num_models"] = int(evaluation["elbo"].size)
+  return entry
+
+
+def gap_decomposition(truth: Truth, vae_eval: dict, iavae_eval: dict,
+                      num_iavae_seeds: int) -> dict:
+  """log p(x) = ELBO + approximation gap (log p(x) - L[q*]) + amortization gap (L[q*] - ELBO),
+  per model averaged over the data, and the share of each VAE's amortization gap its IA-VAEs
+  close. The evaluations are NumPy copies of ``evaluate``'s metrics on the data of ``truth``."""
+  log_px = np.asarray(truth.summary.log_px)
+  elbo_qstar = np.asarray(truth.elbo_qstar)
+  approximation_gap = float((log_px - elbo_qstar).mean())
+
+  def gap_entry(evaluation):
+    amortization = _stats(evaluation["amortization_gap"])
+    total = _stats(log_px.mean() - evaluation["elbo"])
+    return {"amortization_gap": amortization["mean"], "amortization_gap_std": amortization["std"],
+            "approximation_gap": approximation_gap,
+            "total_gap": total["mean"], "total_gap_std": total["std"],
+            "max_excess_over_qstar": float(evaluation["max_excess_over_qstar"].max())}
+
+  # Per VAE seed: the share of that VAE's amortization gap its IA-VAEs close, then averaged.
+  closed = 1.0 - (iavae_eval["amortization_gap"].reshape(-1, num_iavae_seeds).mean(1)
+                  / vae_eval["amortization_gap"])
+  return {
+      "log_px": float(log_px.mean()),
+      "elbo_qstar": float(elbo_qstar.mean()),
+      "kl_qstar": float(np.asarray(distributions.kl_to_standard_normal(
+          truth.qstar_mean, truth.qstar_log_var)).mean()),
+      "elbo_qstar_minus_log_px_max": float((elbo_qstar - log_px).max()),
+      "vae": gap_entry(vae_eval),
+      "iavae": gap_entry(iavae_eval),
+      "fraction_of_vae_amortization_gap_closed": _stats(closed)["mean"],
+      "fraction_closed_per_vae_seed": closed.tolist(),
+  }
+
+
+# The tail analysis: quantiles of the per-point difference IA-VAE minus VAE, and bins of points
+# by |x| (and, for held-out points, by distance to the nearest training point), as quantiles of
+# that measure on the data at hand.
+TAIL_QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95)
+TAIL_BINS = (0.0, 0.5, 0.9, 0.99, 1.0)
+
+
+def nearest_distance(x, reference, chunk: int = 1024) -> np.ndarray:
+  """Euclidean distance of each row of x [N, d] to its nearest row of reference [R, d]."""
+  x, reference = np.asarray(x, np.float64), np.asarray(reference, np.float64)
+  return np.concatenate([
+      np.sqrt(((part[:, None, :] - reference[None]) ** 2).sum(-1).min(1))
+      for part in np.array_split(x, max(1, -(-len(x) // chunk)))])
+
+
+def tail_summary(x, vae_elbo, iavae_elbo, elbo_qstar, train_x=None) -> dict:
+  """How IA-VAE compares with its own VAE point by point, not only on average.
+
+  vae_elbo [V, N] and iavae_elbo [V * S, N] (S IA-VAEs per VAE, row-major) are per-point
+  ELBOs on x [N, 3]; diff[v, s, i] = IA-VAE (v, s) minus VAE v at point i, which is also the
+  VAE's amortization gap at that point minus the IA-VAE's. Quantiles are pooled over the V * S
+  pairs and the N points; "fraction_worse" is the share of (pair, point) with diff < 0. Bins
+  group the points by |x| (``TAIL_BINS`` quantiles of |x| on x); with ``train_x``, also by the
+  distance to the nearest training point.
+  """
+  x = np.asarray(x, np.float64)
+  vae_elbo = np.asarray(vae_elbo, np.float64)
+  iavae_elbo = np.asarray(iavae_elbo, np.float64).reshape(vae_elbo.shape[0], -1, x.shape[0])
+  diff = iavae_elbo - vae_elbo[:, None, :]                       # [V, S, N]
+  qstar = np.asarray(elbo_qstar, np.float64)
+
+  def group(mask):
+    d = diff[..., mask]
+    return {"num_points": int(mask.sum()),
+            "vae_elbo": float(vae_elbo[:, mask].mean()),
+            "iavae_elbo": float(iavae_elbo[..., mask].mean()),
+            "vae_amortization_gap": float((qstar[mask] - vae_elbo[:, mask]).mean()),
+            "iavae_amortization_gap": float((qstar[mask] - iavae_elbo[..., mask]).mean()),
+            "diff_mean": float(d.mean()), "diff_min": float(d.min()),
+            "fraction_worse": float((d < 0).mean())}
+
+  def bins(measure, name):
+    edges = np.quantile(measure, TAIL_BINS)
+    rows = []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+      mask = (measure >= lo) & ((measure < hi) if i < len(edges) - 2 else (measure <= hi))
+      rows.append({"quantiles": [TAIL_BINS[i], TAIL_BINS[i + 1]],
+                   name: [float(lo), float(hi)], **group(mask)})
+    return rows
+
+  norm = np.linalg.norm(x, axis=1)
+  point_diff = diff.mean((0, 1))                                   # [N], over the pairs
+  summary = {
+      "diff_quantiles": {str(q): float(np.quantile(diff, q)) for q in TAIL_QUANTILES},
+      "diff_min": float(diff.min()),
+      "fraction_worse": float((diff < 0).mean()),
+      "points_worse_on_average": float((point_diff < 0).mean()),
+      # Spearman's rank correlation of each point's mean diff with |x|.
+      "diff_norm_rank_correlation": float(np.corrcoef(
+          np.argsort(np.argsort(point_diff)), np.argsort(np.argsort(norm)))[0, 1]),
+      "by_norm": bins(norm, "norm"),
+  }
+  if train_x is not None:
+    summary["by_distance_to_train"] = bins(nearest_distance(x, train_x), "distance")
+  return summary
 
 
 def train_and_evaluate(config: SyntheticConfig, workdir: str,
@@ -173,22 +353,17 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
         for (w, _), k in zip(sweep_indices, init_keys)]
     sweep_params0 = jax.tree.map(lambda *a: jnp.stack(a), *sweep_params0)
     sweep_states = train_stage("sweep", workdir, config, vae_train_encode, sweep_params0, None,
-                               train_keys, order_seeds, x, parallel, tensorboard, cancelled)
+                               train_keys, order_seeds, x, parallel, tensorboard,
+                               cancelled=cancelled)
     timings["sweep"] = time.time() - t0
 
     # The true posterior, log p(x) and q*.
     if cancelled():
       raise common.Cancelled("posterior")
     t0 = time.time()
-    summary = jax.jit(lambda x: posterior.summarize(x, config.sigma),
-                      compiler_options=training.cpu_compiler_options())(x)
-    init_mean, init_log_var = posterior.laplace_diagonal_init(summary)
-    qstar_mean, qstar_log_var = jax.jit(jax.vmap(
-        lambda xi, m, lv: posterior.optimal_gaussian(xi, config.sigma, m, lv)))(
-            x, init_mean, init_log_var)
-    elbo_qstar = oracle.exact_elbo(x, qstar_mean, qstar_log_var, config.sigma)
+    truth = true_posterior(x, config.sigma)
     timings["posterior"] = time.time() - t0
-    return sweep_states, summary, qstar_mean, qstar_log_var, elbo_qstar
+    return sweep_states, truth
 
   # Stage 3 and the posterior need nothing from stages 1-2: with one device of one process they
   # run on a second thread meanwhile (on a CPU, a second core), else after them.
@@ -215,25 +390,48 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   init_keys, train_keys, order_seeds = model_keys(config, "iavae", iavae_indices)
   psi0 = jax.vmap(lambda k: hypernet.init(k, x[0])["params"])(init_keys)
   frozen_phi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi_avi)
-  iavae_states = train_stage("iavae", workdir, config, iavae_train_encode(layout), psi0,
-                             frozen_phi, train_keys, order_seeds, x, parallel, tensorboard)
+  context = hypernet_context(config, x)
+  iavae_fn = iavae_encode(config, layout, context)
+  iavae_states = train_stage("iavae", workdir, config, iavae_train_encode(layout, context), psi0,
+                             frozen_phi, train_keys, order_seeds, x, parallel, tensorboard,
+                             config.start_as_candidate)
   timings["iavae"] = time.time() - t0
 
-  sweep_states, summary, qstar_mean, qstar_log_var, elbo_qstar = (
-      background.result() if background else sweep_and_posterior(lambda: False))
+  sweep_states, truth = background.result() if background else sweep_and_posterior(
+      lambda: False)
+  summary = truth.summary
   timings = {k: timings[k] for k in ("vae", "iavae", "sweep", "posterior")}
 
   t0 = time.time()
-  vae_eval, vae_means = evaluate(vae_encode(config.encoder_width), phi_avi, None, x,
-                                 config.sigma, summary, elbo_qstar)
-  iavae_eval, iavae_means = evaluate(iavae_encode(config, layout), iavae_states.best_params,
-                                     frozen_phi, x, config.sigma, summary, elbo_qstar)
-  sweep_eval, _ = evaluate(vae_encode(max_width), sweep_states.best_params, None, x,
-                           config.sigma, summary, elbo_qstar)
+  vae_fn = vae_encode(config.encoder_width)
+
+  def evaluate_pair(x, truth):
+    """The VAEs and IA-VAEs on data x: NumPy metrics, means and per-point ELBOs of each."""
+    args = (x, config.sigma, truth.summary, truth.elbo_qstar)
+    return (jax.tree.map(np.asarray, evaluate(vae_fn, phi_avi, None, *args)),
+            jax.tree.map(np.asarray, evaluate(iavae_fn, iavae_states.best_params, frozen_phi,
+                                              *args)))
+
+  (vae_eval, vae_means, vae_points), (iavae_eval, iavae_means, iavae_points) = evaluate_pair(
+      x, truth)
+  sweep_eval, _, _ = jax.tree.map(np.asarray, evaluate(
+      vae_encode(max_width), sweep_states.best_params, None, x, config.sigma, summary,
+      truth.elbo_qstar))
   timings["evaluation"] = time.time() - t0
 
-  vae_eval, iavae_eval, sweep_eval = (jax.tree.map(np.asarray, e)
-                                      for e in (vae_eval, iavae_eval, sweep_eval))
+  # Held-out: the same models on new points from the same generator, the truth computed alike.
+  t0 = time.time()
+  heldout_x = heldout_data(config).x
+  heldout_truth = true_posterior(heldout_x, config.sigma)
+  (ho_vae_eval, _, ho_vae_points), (ho_iavae_eval, _, ho_iavae_points) = evaluate_pair(
+      heldout_x, heldout_truth)
+  heldout = {"vae": table3_entry(ho_vae_eval), "iavae": table3_entry(ho_iavae_eval),
+             "gaps": gap_decomposition(heldout_truth, ho_vae_eval, ho_iavae_eval,
+                                       config.num_iavae_seeds),
+             "tail": tail_summary(heldout_x, ho_vae_points, ho_iavae_points,
+                                  heldout_truth.elbo_qstar, x),
+             "train_tail": tail_summary(x, vae_points, iavae_points, truth.elbo_qstar)}
+  timings["heldout"] = time.time() - t0
   shape = (config.num_vae_seeds, config.num_iavae_seeds)
   iavae_grid = {k: v.reshape(shape) for k, v in iavae_eval.items()}
 
@@ -250,14 +448,6 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
     row["iavae"]["best_epoch_per_seed"] = np.asarray(
         iavae_states.best_epoch).reshape(shape)[v].tolist()
     table2.append(row)
-
-  def table3_entry(evaluation):
-    entry = {}
-    for k in ("elbo", "kl", "d_map", "r_map"):
-      stats = _stats(evaluation[k])
-      entry[k], entry[f"{k}_std"] = stats["mean"], stats["std"]
-    entry["num_models"] = int(evaluation["elbo"].size)
-    return entry
 
   table3 = {"vae": table3_entry(vae_eval), "iavae": table3_entry(iavae_eval)}
 
@@ -282,33 +472,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
       "smallest_matching_params": matching[0]["params"] if matching else None,
   }
 
-  log_px = np.asarray(summary.log_px)
-  elbo_qstar_np = np.asarray(elbo_qstar)
-  approximation_gap = float((log_px - elbo_qstar_np).mean())
-
-  def gap_entry(evaluation):
-    amortization = _stats(evaluation["amortization_gap"])
-    total = _stats(log_px.mean() - evaluation["elbo"])
-    return {"amortization_gap": amortization["mean"], "amortization_gap_std": amortization["std"],
-            "approximation_gap": approximation_gap,
-            "total_gap": total["mean"], "total_gap_std": total["std"],
-            "max_excess_over_qstar": float(evaluation["max_excess_over_qstar"].max())}
-
-  vae_gap = gap_entry(vae_eval)
-  iavae_gap = gap_entry(iavae_eval)
-  # Per VAE seed: the share of that VAE's amortization gap its IA-VAEs close, then averaged.
-  closed = 1.0 - iavae_grid["amortization_gap"].mean(1) / vae_eval["amortization_gap"]
-  gaps = {
-      "log_px": float(log_px.mean()),
-      "elbo_qstar": float(elbo_qstar_np.mean()),
-      "kl_qstar": float(np.asarray(
-          distributions.kl_to_standard_normal(qstar_mean, qstar_log_var)).mean()),
-      "elbo_qstar_minus_log_px_max": float((elbo_qstar_np - log_px).max()),
-      "vae": vae_gap,
-      "iavae": iavae_gap,
-      "fraction_of_vae_amortization_gap_closed": _stats(closed)["mean"],
-      "fraction_closed_per_vae_seed": closed.tolist(),
-  }
+  gaps = gap_decomposition(truth, vae_eval, iavae_eval, config.num_iavae_seeds)
 
   # Figure 6: two random observations, VAE seed 0 and its first IA-VAE.
   rng = np.random.default_rng(config.seed)
@@ -341,6 +505,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
       "table3": table3,
       "efficiency": efficiency,
       "gaps": gaps,
+      "heldout": heldout,
       "figure6_examples": [int(i) for i in chosen],
       "stage_seconds": timings,
       "wall_seconds": time.time() - start,
@@ -356,6 +521,8 @@ def render_markdown(r: dict) -> str:
   lines = ["# Synthetic oracle experiment", "",
            f"Wall time {r['wall_seconds']:.1f} s; stages (s): "
            + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items()), "",
+           *([f"IA-VAE's hypernetwork sees --hypernet_input={r['config']['hypernet_input']}, "
+              "not the paper's x.", ""] if r["config"].get("hypernet_input", "x") != "x" else []),
            "## Table 2: robustness to random initialisation", "",
            "ELBO (KL) per VAE seed; IA-VAE: mean +- std over "
            f"{r['config']['num_iavae_seeds']} seeds on that VAE's frozen encoder.", ""]
@@ -399,4 +566,51 @@ def render_markdown(r: dict) -> str:
         pm(g[key], "amortization_gap", 3)] for name, key in (("VAE", "vae"), ("IA-VAE", "iavae"))])
   lines += ["", f"IA-VAE closes {100 * g['fraction_of_vae_amortization_gap_closed']:.1f}% of its "
             "VAE's amortization gap (mean over VAE seeds).", ""]
+  if "heldout" in r:
+    lines += render_heldout(r, pm)
   return "\n".join(lines)
+
+
+def render_heldout(r: dict, pm) -> list[str]:
+  """Table 3 and the gaps on the training and the held-out data side by side, and the tail."""
+  h, g, t3 = r["heldout"], r["gaps"], r["table3"]
+  lines = ["## Beyond the paper: held-out data", "",
+           f"{r['config']['num_examples']} new points from the same generator (another key), "
+           "never trained on; the truth on them computed as on the training data.", ""]
+  rows = []
+  for name, key in (("VAE", "vae"), ("IA-VAE", "iavae")):
+    for split, table, gaps in (("train", t3, g), ("held-out", h, h["gaps"])):
+      rows.append([name, split, pm(table[key], "elbo", 2), f"{table[key]['kl']:.2f}",
+                   pm(table[key], "d_map", 2), pm(table[key], "r_map", 2),
+                   f"{gaps['log_px']:.3f}", f"{gaps[key]['approximation_gap']:.3f}",
+                   pm(gaps[key], "amortization_gap", 3)])
+  lines += common.markdown_table(
+      ["Method", "data", "ELBO (up)", "KL", "d_MAP (down)", "r_MAP (up)", "log p(x)",
+       "approximation gap", "amortization gap"], rows)
+  lines += ["", f"IA-VAE closes {100 * h['gaps']['fraction_of_vae_amortization_gap_closed']:.1f}%"
+            f" of its VAE's amortization gap on held-out data "
+            f"({100 * g['fraction_of_vae_amortization_gap_closed']:.1f}% on the training data).",
+            "", "Per point: diff = IA-VAE's ELBO minus its own VAE's at that point (pooled over "
+            "every IA-VAE and point); points binned by quantiles of |x|, and held-out points by "
+            "distance to the nearest training point.", ""]
+  quantiles = list(h["tail"]["diff_quantiles"])
+  lines += common.markdown_table(
+      ["data", *[f"q{float(q) * 100:g}%" for q in quantiles], "min", "share worse"],
+      [[split, *[f"{tail['diff_quantiles'][q]:.3f}" for q in quantiles],
+        f"{tail['diff_min']:.3f}", f"{100 * tail['fraction_worse']:.2f}%"]
+       for split, tail in (("train", h["train_tail"]), ("held-out", h["tail"]))])
+  lines += [""]
+  rows = []
+  for split, tail, kind, measure in (("train", h["train_tail"], "by_norm", "norm"),
+                                     ("held-out", h["tail"], "by_norm", "norm"),
+                                     ("held-out", h["tail"], "by_distance_to_train", "distance")):
+    for b in tail.get(kind, []):
+      lo, hi = b["quantiles"]
+      rows.append([split, f"{measure} q{100 * lo:g}-{100 * hi:g}%",
+                   f"{b[measure][0]:.2f}-{b[measure][1]:.2f}", b["num_points"],
+                   f"{b['vae_elbo']:.2f}", f"{b['iavae_elbo']:.2f}", f"{b['diff_mean']:.3f}",
+                   f"{b['diff_min']:.3f}", f"{100 * b['fraction_worse']:.2f}%"])
+  lines += common.markdown_table(
+      ["data", "bin", "range", "points", "VAE ELBO", "IA-VAE ELBO", "mean diff", "min diff",
+       "share worse"], rows)
+  return lines + [""]

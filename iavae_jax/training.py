@@ -96,11 +96,18 @@ class Schedule:
 
 
 def init_state(params: PyTree, optimizer: optax.GradientTransformation, key: jax.Array,
-               frozen: PyTree = None) -> TrainState:
-  """A fresh state for one model (vmap it over stacked params and keys for a population)."""
+               frozen: PyTree = None, score: jax.Array | float | None = None) -> TrainState:
+  """A fresh state for one model (vmap it over stacked params and keys for a population).
+
+  ``score``: the monitored score of ``params`` as given. With it, the starting point is a
+  candidate for best-model selection (as epoch 0: kept unless an epoch scores higher, and early
+  stopping counts from it), e.g. the stage-1 encoder that a stage 2 starts from. Without it, the
+  first epoch is selected whatever its score.
+  """
   return TrainState(params=params, frozen=frozen, opt_state=optimizer.init(params), key=key,
                     step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
-                    best_params=params, best_score=jnp.array(-jnp.inf, jnp.float32),
+                    best_params=params,
+                    best_score=jnp.asarray(-jnp.inf if score is None else score, jnp.float32),
                     best_epoch=jnp.zeros((), jnp.int32), stopped=jnp.zeros((), bool))
 
 

@@ -307,6 +307,35 @@ def test_omniglot_full_zips_train_on_background_test_on_evaluation(tmp_path):
   np.testing.assert_allclose(splits.train[:, 8:, :], 0.0)
 
 
+def test_paper_split_says_whether_the_split_is_the_papers(tmp_path):
+  # OMNIGLOT: Burda et al.'s chardata.mat is the paper's split, Lake's zips are not; MNIST: the
+  # standard train and test files are, a pool is not; binarized_mnist is not in the paper.
+  columns = np.zeros((784, 4), np.float32)
+  page = np.ones((105, 105), bool)
+  writers = {
+      ("omniglot", True): lambda d: scipy.io.savemat(str(d / "chardata.mat"),
+                                                     {"data": columns, "testdata": columns}),
+      ("omniglot", False): lambda d: [write_omniglot_zip(
+          str(d / f"images_{top}.zip"), f"images_{top}",
+          {f"Latin/character01/{i}_01.png": page for i in range(4)})
+          for top in ("background", "evaluation")],
+      ("mnist", True): lambda d: [write_idx(str(d / f"{name}-images-idx3-ubyte.gz"),
+                                            np.zeros((4, 28, 28), np.uint8))
+                                  for name in ("train", "t10k")],
+      ("mnist", False): lambda d: write_idx(str(d / "images-idx3-ubyte.gz"),
+                                            np.zeros((8, 28, 28), np.uint8)),
+      ("binarized_mnist", None): lambda d: [np.savetxt(str(d / f"binarized_mnist_{s}.amat"),
+                                                       np.zeros((4, 784)), fmt="%d")
+                                            for s in ("train", "valid", "test")],
+  }
+  for (dataset, paper_split), write in writers.items():
+    directory = tmp_path / f"{dataset}_{paper_split}"
+    directory.mkdir()
+    write(directory)
+    info = images.load(dataset, data_dir=str(directory), valid_fraction=0.25).info
+    assert info["paper_split"] is paper_split, (dataset, info)
+
+
 def test_omniglot_drawing_of_the_wrong_size_is_refused(tmp_path):
   write_omniglot_zip(str(tmp_path / "images_background_small1.zip"), "images_background_small1",
                       {"Latin/character01/1_01.png": np.ones((64, 64), bool)})

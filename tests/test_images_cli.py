@@ -15,13 +15,14 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from iavae_jax import blocks, checkpoints, objectives, training
+from iavae_jax import blocks, checkpoints, hypernets, objectives, training
 from iavae_jax.data import images
 from experiments import common, configs, images_train
 
-from conftest import SMOKE, run_module as run
+from conftest import SMOKE, run_module as run, toy_images
 
 KEY = jax.random.PRNGKey(6)
 
@@ -52,7 +53,7 @@ def test_outputs_and_schema(smoke_run):
   assert r["data"]["train"] == 100 and r["data"]["test"] == 40
   for model in ("vae", "iavae", "control"):
     m = r["models"][model]
-    extra = {"valid_elbo_at_start"} if model == "iavae" else set()
+    extra = set() if model == "vae" else {"valid_elbo_at_start"}
     assert set(m) == {"test_elbo", "test_kl", "test_iwae", "valid_elbo", "best_epoch"} | extra
     assert all(len(v) == 2 for v in m.values())
     assert all(math.isfinite(v) and v < 0 for v in m["test_elbo"] + m["test_iwae"])
@@ -75,6 +76,21 @@ def test_report_gathers_the_run(smoke_run):
   assert row["vae"]["mean"] == pytest.approx(np.mean(r["models"]["vae"]["test_elbo"]))
   assert row["iavae_vs_control"]["test"] in ("t-test", "wilcoxon")
   assert "MNIST" in open(os.path.join(root, "table4.md")).read()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, recorded", [
+    (["--hypernet=ha", "--ha_block_gains", "--decoder=pixelcnn_kim"],
+     {"hypernet": "ha", "ha_block_gains": True, "decoder": "pixelcnn_kim"}),
+    (["--hypernet=mlp", "--hypernet_input=penultimate"],
+     {"hypernet": "mlp", "hypernet_input": "penultimate"})])
+def test_other_designs_run_end_to_end(smoke_flags, tmp_path, flags, recorded):
+  result = run("experiments.images", f"--workdir={tmp_path}", *smoke_flags, "--num_seeds=1",
+               *flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = _results(tmp_path)
+  assert {key: r["config"][key] for key in recorded} == recorded
+  assert all(math.isfinite(v) for v in r["models"]["iavae"]["test_elbo"])
 
 
 @pytest.mark.slow
@@ -141,6 +157,12 @@ def test_bad_flags_exit_2_and_write_nothing(flags, message):
     ({"batch_size": 0}, "--batch_size must be a positive integer"),
     ({"decoder_learning_rate": -1.0}, "--decoder_learning_rate must be positive"),
     ({"decoder_kernel_sizes": (4,)}, "--decoder_kernel_sizes must be odd"),
+    ({"hypernet": "lstm"}, "--hypernet=lstm is not known; choose one of paper, ha, mlp"),
+    ({"decoder": "made"}, "--decoder=made is not known; choose one of pixelcnn, pixelcnn_kim"),
+    ({"weight_decay_mode": "l1"}, "--weight_decay_mode=l1 is not known; choose one of coupled"),
+    ({"hypernet_hidden": 8}, "--hypernet_hidden sets the hidden width of --hypernet=ha or mlp"),
+    ({"hypernet": "mlp", "ha_block_gains": True}, "--ha_block_gains applies to --hypernet=ha"),
+    ({"hypernet_projection": -1}, "--hypernet_projection must be a non-negative integer"),
 ])
 def test_bad_settings_are_refused(overrides, message):
   with pytest.raises(common.ConfigError, match=re.escape(message)):
@@ -200,11 +222,12 @@ def _smoke_model(**overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", configs.HYPERNET_INPUTS)
-def test_stage_2_starts_at_the_stage_1_elbo(kind):
+@pytest.mark.parametrize("design, kind", [("paper", kind) for kind in configs.HYPERNET_INPUTS]
+                         + [("ha", "image_l2"), ("mlp", "penultimate")])
+def test_stage_2_starts_at_the_stage_1_elbo(design, kind):
   # Proposition 1 on the image model: with the hypernetwork's output layers zero, the IA-VAE's
   # ELBO is the VAE's (same noise); at the default N(0, 1e-5^2) initialisation it is close.
-  model = _smoke_model(hypernet_input=kind)
+  model = _smoke_model(hypernet=design, hypernet_input=kind)
   vae_params, frozen = _initial(model, "vae")
   iavae_params, _ = _initial(model, "iavae")
   layout = blocks.BlockLayout.from_tree(frozen["phi_avi"])
@@ -232,10 +255,72 @@ def test_hypernet_contexts():
   chex.assert_trees_all_close(contexts["image_l2"][0] * jnp.linalg.norm(x[0]),
                               x[0].reshape(-1), atol=1e-5)
   model = _smoke_model(hypernet_input="encoder")
-  mean, log_var = model.encoder.apply(
-      {"params": frozen["phi_avi"], "batch_stats": frozen["batch_stats"]}, x, train=False)
+  variables = {"params": frozen["phi_avi"], "batch_stats": frozen["batch_stats"]}
+  mean, log_var = model.encoder.apply(variables, x, train=False)
   chex.assert_shape(contexts["encoder"], (3, model.context_size))
   chex.assert_trees_all_close(contexts["encoder"], jnp.concatenate([mean, log_var], -1))
+  # The smoke encoder's penultimate feature: 2 stride-2 stages of 4 channels, 7 x 7 x 4.
+  penultimate = _smoke_model(hypernet_input="penultimate")
+  assert penultimate.context_size == 7 * 7 * 4
+  h = variables["params"]["mean"]["kernel"]
+  chex.assert_trees_all_close(contexts["penultimate"] @ h + variables["params"]["mean"]["bias"],
+                              mean, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"hypernet": "ha", "hypernet_hidden": 8, "ha_block_gains": True, "hypernet_projection": 16},
+    {"hypernet": "mlp", "hypernet_hidden": 12, "hypernet_input": "penultimate"},
+])
+def test_the_configured_hypernetwork(overrides):
+  # Model.hypernet is make_hypernet's design with the configuration's fields.
+  model = _smoke_model(**overrides)
+  config = model.config
+  _, frozen = _initial(model, "vae")
+  layout = blocks.BlockLayout.from_tree(frozen["phi_avi"])
+  hypernet = model.hypernet(layout)
+  if config.hypernet_projection:
+    assert isinstance(hypernet, hypernets.ProjectedContext)
+    assert hypernet.dim == config.hypernet_projection
+    hypernet = hypernet.hypernet
+  assert isinstance(hypernet, hypernets.HYPERNETS[config.hypernet])
+  assert (hypernet.block_embed_dim, hypernet.init_std) == (config.block_embed_dim,
+                                                           config.hypernet_init_std)
+  if config.hypernet == "ha":
+    assert (hypernet.hidden_dim, hypernet.block_gains) == (8, True)
+  else:
+    assert hypernet.input_embed_dim == config.input_embed_dim
+  if config.hypernet == "mlp":
+    assert hypernet.hidden_dim == 12
+  psi = model.init_hypernet(jax.random.PRNGKey(0), layout)
+  assert sum(np.size(a) for a in jax.tree.leaves(psi)) == hypernets.num_params(
+      model.hypernet(layout), model.context_size)
+
+
+@pytest.mark.slow
+def test_stages_2_and_3_never_select_below_their_start(tmp_path):
+  # One seed on toy images (three models trained and compiled: ~45 s of CPU), with a decoder
+  # learning rate (20) that makes the IA-VAE and the control worse than the VAE they start from
+  # (their epoch-1 validation ELBO, in metrics.jsonl, is below the start's): each selects its
+  # start, epoch 0, with the start's score and parameters.
+  config = dataclasses.replace(
+      configs.image_config("mnist", "smoke"), vae_epochs=1, iavae_epochs=1, patience=1,
+      decoder_learning_rate=20.0).validate()
+  grey = np.asarray(toy_images(140), np.float32) / 255
+  binary = (grey[100:] > 0.5).astype(np.float32)
+  data = images.ImageSplits(train=grey[:100], valid=binary, test=binary, info={})
+  selected = images_train.train_seed(images_train.Model(config), str(tmp_path), 0, data, {}, [])
+  with open(tmp_path / "metrics.jsonl") as f:
+    epoch_1 = {line["stage"]: line["valid_elbo"][0] for line in map(json.loads, f)}
+  vae = selected["vae"].params
+  starts = {"iavae": vae["decoder"], "control": {"encoder": vae["encoder"],
+                                                 "decoder": vae["decoder"]}}
+  for stage in ("iavae", "control"):
+    chosen = selected[stage]
+    assert epoch_1[f"{stage}_seed0"] < chosen.valid_elbo_at_start, stage
+    assert (chosen.best_epoch, chosen.valid_elbo) == (0, chosen.valid_elbo_at_start), stage
+    chex.assert_trees_all_equal(chosen.params["decoder"] if stage == "iavae" else chosen.params,
+                                starts[stage])
 
 
 def _train_step(model, stage):
@@ -246,6 +331,57 @@ def _train_step(model, stage):
 def _state(model, stage, params, frozen):
   return training.init_state(params, images_train.stage_optimizer(model.config, stage),
                              jax.random.PRNGKey(0), frozen)
+
+
+def _pytorch_adam(params, grads, learning_rates, weight_decay, max_norm, mode):
+  """Two steps of PyTorch's recipe, written out on {group: array}: clip_grad_norm_ over every
+  parameter (.grad scaled by max_norm / norm when over it), then optimizer.step() per group:
+  torch.optim.Adam(weight_decay=wd) adds wd x p to the gradient ("coupled"), torch.optim.AdamW
+  moves p by -lr x wd x p ("decoupled"); betas (0.9, 0.999), eps 1e-8."""
+  m = {k: np.zeros_like(v) for k, v in params.items()}
+  v = {k: np.zeros_like(p) for k, p in params.items()}
+  params = dict(params)
+  for t, step_grads in enumerate(grads, start=1):
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in step_grads.values()))
+    scale = min(1.0, max_norm / norm)
+    for k, g in step_grads.items():
+      g, p, lr = g * scale, params[k], learning_rates[k]
+      if mode == "coupled":
+        g = g + weight_decay * p
+      else:
+        p = p - lr * weight_decay * p
+      m[k] = 0.9 * m[k] + 0.1 * g
+      v[k] = 0.999 * v[k] + 0.001 * g ** 2
+      m_hat, v_hat = m[k] / (1 - 0.9 ** t), v[k] / (1 - 0.999 ** t)
+      params[k] = p - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+  return params
+
+
+@pytest.mark.parametrize("mode", configs.WEIGHT_DECAY_MODES)
+def test_stage_2_optimizer_is_pytorchs_adam_with_weight_decay(mode):
+  # Large weights and decay, so that the decay visibly changes the step; the first gradient is
+  # clipped (norm 13 > 2), the second is not.
+  config = dataclasses.replace(configs.image_config("mnist", "smoke"), weight_decay=0.3,
+                               weight_decay_mode=mode, max_grad_norm=2.0,
+                               hypernet_learning_rate=0.01, decoder_learning_rate=0.002)
+  params = {"hypernet": np.array([3.0, -2.0, 0.5], np.float32),
+            "decoder": np.array([1.0, -4.0], np.float32)}
+  grads = [{"hypernet": np.array([12.0, 3.0, -4.0], np.float32),
+            "decoder": np.array([0.0, 0.0], np.float32)},
+           {"hypernet": np.array([0.1, -0.2, 0.3], np.float32),
+            "decoder": np.array([0.5, 0.1], np.float32)}]
+  optimizer = images_train.stage_optimizer(config, "iavae")
+  state, got = optimizer.init(params), params
+  for g in grads:
+    updates, state = optimizer.update(g, state, got)
+    got = optax.apply_updates(got, updates)
+  want = _pytorch_adam(params, grads, {"hypernet": 0.01, "decoder": 0.002}, 0.3, 2.0, mode)
+  chex.assert_trees_all_close(got, want, rtol=1e-5)
+  # The other mode's numbers differ: the test tells the two apart.
+  other = "decoupled" if mode == "coupled" else "coupled"
+  assert not np.allclose(want["hypernet"], _pytorch_adam(
+      params, grads, {"hypernet": 0.01, "decoder": 0.002}, 0.3, 2.0, other)["hypernet"],
+      rtol=1e-3)
 
 
 def test_kl_warm_up_is_linear_per_step_in_stage_1_only():

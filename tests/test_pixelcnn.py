@@ -1,5 +1,7 @@
 """Gated PixelCNN decoder: exact receptive field (autoregressive, no blind spot), z dependence,
-batch independence, the paper config's shape and parameter count."""
+batch independence, the paper config's shape and parameter count; and sa-vae's masking
+(``sa_vae_masking``): its receptive field with the blind spot, the constant first logit, the
+same parameter count."""
 
 import chex
 import jax
@@ -38,11 +40,27 @@ def _predicted_support(kernel_sizes, size, r, c):
   return above | left
 
 
+def _sa_vae_predicted_support(kernel_sizes, size, r, c):
+  """[size, size] bool: the input pixels the logit at (r, c) should depend on with sa-vae's
+  masking. With P_l = p_1 + ... + p_l, P = P_L: row r at columns c-1-P..c-1, and for each layer
+  l, rows r-l-P_l..r-l at columns c-P..c+P_l (the vertical stack moves down a row per layer)."""
+  rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+  big_p = sum(k // 2 for k in kernel_sizes)
+  support = (rows == r) & (cols >= c - 1 - big_p) & (cols <= c - 1)
+  p_l = 0
+  for layer, k in enumerate(kernel_sizes, start=1):
+    p_l += k // 2
+    support |= ((rows >= r - layer - p_l) & (rows <= r - layer) & (cols >= c - big_p)
+                & (cols <= c + p_l))
+  return support
+
+
 class AutoregressiveTest(chex.TestCase):
 
-  def _image_jacobian(self, kernel_sizes, size):
+  def _image_jacobian(self, kernel_sizes, size, sa_vae_masking=False):
     """d logit[r, c] / d x[r', c'] as a [size * size, size * size] array (raster order)."""
-    model = pixelcnn.GatedPixelCNN(features=8, kernel_sizes=kernel_sizes)
+    model = pixelcnn.GatedPixelCNN(features=8, kernel_sizes=kernel_sizes,
+                                   sa_vae_masking=sa_vae_masking)
     x, z = _inputs(1, size)
     params = _random_params(model, x, z)
     jacobian = self.variant(jax.jacrev(lambda x: model.apply({"params": params}, x, z)))
@@ -72,7 +90,41 @@ class AutoregressiveTest(chex.TestCase):
       np.testing.assert_array_equal(jac[i] != 0, support, err_msg=f"pixel {(r, c)}")
 
 
+  @chex.variants(with_jit=True)
+  def test_sa_vae_masking_support_is_its_receptive_field_with_the_blind_spot(self):
+    kernel_sizes, size = (5, 3, 3), 10
+    jac = self._image_jacobian(kernel_sizes, size, sa_vae_masking=True)
+    for i in range(size * size):
+      r, c = divmod(i, size)
+      support = _sa_vae_predicted_support(kernel_sizes, size, r, c).reshape(-1)
+      np.testing.assert_array_equal(jac[i] != 0, support, err_msg=f"pixel {(r, c)}")
+    # Autoregressive, but blind: the deep stack that sees every earlier pixel without the
+    # shift misses (r-1, c+3) (beyond the first 5-wide kernel's reach) with it.
+    jac = self._image_jacobian((5, 5, 5, 3, 3), 8, sa_vae_masking=True)
+    i, j = np.indices(jac.shape)
+    self.assertTrue(np.all(jac[j >= i] == 0), "a logit depends on its own or a later pixel")
+    r, c = 5, 2
+    self.assertEqual(jac[r * 8 + c, (r - 1) * 8 + c + 3], 0)
+    self.assertNotEqual(self._image_jacobian((5, 5, 5, 3, 3), 8)[r * 8 + c, (r - 1) * 8 + c + 3],
+                        0)
+
+
 class ConditioningTest(chex.TestCase):
+
+  @chex.variants(with_jit=True)
+  def test_sa_vae_masking_makes_the_first_logit_a_constant(self):
+    # Mask A hides the latent maps at the current pixel too: pixel (0, 0) sees neither x nor z;
+    # every later pixel sees z.
+    model = pixelcnn.GatedPixelCNN(features=8, kernel_sizes=(5, 3, 3), sa_vae_masking=True)
+    x, z = _inputs(1, 6)
+    params = _random_params(model, x, z)
+    logits = self.variant(lambda x, z: model.apply({"params": params}, x, z))
+    jac_x, jac_z = self.variant(jax.jacrev(
+        lambda x, z: model.apply({"params": params}, x, z), argnums=(0, 1)))(x, z)
+    jac_x, jac_z = np.asarray(jac_x).reshape(36, -1), np.asarray(jac_z).reshape(36, -1)
+    self.assertTrue(np.all(jac_x[0] == 0) and np.all(jac_z[0] == 0))
+    self.assertTrue(np.all(np.abs(jac_z[1:]).sum(-1) > 0))
+    self.assertEqual(float(logits(x, z)[0, 0, 0, 0]), float(logits(1 - x, z + 1.0)[0, 0, 0, 0]))
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_every_logit_depends_on_z(self):
@@ -121,6 +173,24 @@ class ConditioningTest(chex.TestCase):
 
 
 class PaperConfigTest(chex.TestCase):
+
+  def test_sa_vae_masking_has_sa_vaes_parameters(self):
+    # sa-vae's GatedMaskedConv2d(in, F, k) per layer: v_conv (p+1) k C_in 2F + 2F, vh_conv
+    # 4F^2 + 2F, h_conv (p+1) C_in 2F + 2F (one conv over the image and the 4 latent maps in
+    # layer 0), h_conv_res F^2 + F; then z_linear (k + 1) 4 x 784 and the 1x1 output conv.
+    model = pixelcnn.GatedPixelCNN(sa_vae_masking=True)
+    x, z = _inputs(2, 28, latent_dim=32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, z)["params"]
+    f, count = 32, 0
+    for i, k in enumerate(model.kernel_sizes):
+      p, c_in = k // 2, 5 if i == 0 else f
+      count += ((p + 1) * k * c_in * 2 * f + 2 * f) + (4 * f * f + 2 * f) + (
+          (p + 1) * c_in * 2 * f + 2 * f) + (f * f + f)
+    count += 33 * 4 * 784 + (f + 1)
+    self.assertEqual(count, 744_801)
+    self.assertEqual(sum(a.size for a in jax.tree.leaves(shapes)), count)
+    self.assertEqual(shapes["layer_0"]["h_conv"]["kernel"].shape, (1, 5, 5, 2 * f))
+    self.assertNotIn("h_conv_cond", shapes["layer_0"])
 
   @chex.variants(with_jit=True)
   def test_paper_config_shape_and_744801_parameters(self):

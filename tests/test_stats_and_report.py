@@ -205,6 +205,24 @@ def test_report_end_to_end(workdir):
   assert not [n for n in os.listdir(workdir) if n.endswith(".tmp")]
 
 
+def test_a_run_off_the_papers_split_is_marked(workdir):
+  # OMNIGLOT from Lake's zips (paper_split false) gets a dagger and the footnote; MNIST from its
+  # standard files does not; a results.json without the field (older runs) is not marked.
+  rng = np.random.default_rng(1)
+  write(os.path.join(workdir, "nested", "omni", "results.json"),
+        fake_results("omniglot", range(3), -90.3, rng, data={"paper_split": False}))
+  write(os.path.join(workdir, "mnist", "results.json"),
+        fake_results("mnist", range(3), -79.4, rng, data={"paper_split": True}))
+  write(os.path.join(workdir, "fashion", "results.json"),
+        fake_results("fashion_mnist", range(3), -225.9, rng))
+  table = report.write_report(workdir)
+  assert [table[name]["paper_split"] for name in table] == [False, True, None]
+  md = report.render_markdown(table)
+  assert "| OMNIGLOT † |" in md and "| MNIST |" in md and "| Fashion MNIST |" in md
+  assert md.count("†") == 3   # both tables and the footnote
+  assert "Not the paper's train/test split" in md
+
+
 def test_render_markdown_marks_significance_and_single_seed():
   def summary(mean, std):
     return {"mean": mean, "std": std, "per_seed": [],

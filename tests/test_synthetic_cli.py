@@ -8,9 +8,14 @@ import os
 import re
 import shutil
 
+import jax
+import numpy as np
 import pytest
 
-from experiments import common, configs
+from experiments import common, configs, synthetic_train
+from iavae_jax import blocks, hypernets
+from iavae_jax.data import synthetic
+from iavae_jax.models import encoders
 from conftest import TINY, run_module
 
 
@@ -59,8 +64,29 @@ def test_outputs_and_schema(tiny_run):
     assert g["amortization_gap"] >= 0.0 and g["approximation_gap"] >= 0.0
     assert g["total_gap"] == pytest.approx(g["amortization_gap"] + g["approximation_gap"],
                                            abs=1e-3)
+  # Held-out: Table 3's keys and the gap decomposition's, with the same bounds.
+  heldout = r["heldout"]
+  for model in ("vae", "iavae"):
+    assert set(heldout[model]) == set(r["table3"][model])
+    assert 0.0 < heldout[model]["r_map"] <= 1.0 and heldout[model]["d_map"] >= 0.0
+  assert set(heldout["gaps"]) == set(gaps)
+  assert heldout["gaps"]["elbo_qstar"] <= heldout["gaps"]["log_px"]
+  assert heldout["gaps"]["elbo_qstar_minus_log_px_max"] <= 1e-3
+  for model in ("vae", "iavae"):
+    g = heldout["gaps"][model]
+    assert g["amortization_gap"] >= 0.0 and g["approximation_gap"] >= 0.0
+    assert g["max_excess_over_qstar"] <= 1e-3
+    assert g["total_gap"] == pytest.approx(g["amortization_gap"] + g["approximation_gap"],
+                                           abs=1e-3)
+  assert heldout["gaps"]["log_px"] != gaps["log_px"]    # other points
+  for tail in (heldout["tail"], heldout["train_tail"]):
+    assert sum(b["num_points"] for b in tail["by_norm"]) == 256
+    assert 0.0 <= tail["fraction_worse"] <= 1.0
+  assert sum(b["num_points"] for b in heldout["tail"]["by_distance_to_train"]) == 256
+  assert r["stage_seconds"]["heldout"] > 0
   assert r["wall_seconds"] > 0
-  assert "Table 2" in open(os.path.join(workdir, "results.md")).read()
+  markdown = open(os.path.join(workdir, "results.md")).read()
+  assert "Table 2" in markdown and "held-out data" in markdown
 
 
 @pytest.mark.slow
@@ -106,6 +132,7 @@ def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
     ({"seed": -1}, "--seed must be an integer in [0, 2147483647]"),
     ({"data_seed": 4294967296}, "--data_seed must be an integer in [0, 2147483647]"),
     ({"batch_size": 99999}, "--batch_size=99999 exceeds --num_examples"),
+    ({"hypernet_input": "image"}, "--hypernet_input=image is not known; choose one of x, tanh, softclip"),
 ])
 def test_bad_settings_are_refused(overrides, message):
   with pytest.raises(common.ConfigError, match=re.escape(message)):
@@ -166,7 +193,7 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_run, tmp_path):
   assert sorted(str(p) for p in workdir.rglob("*")) == listing   # nothing written
 
 
-NUMBERS = ("table2", "table3", "efficiency", "gaps", "figure6_examples")
+NUMBERS = ("table2", "table3", "efficiency", "gaps", "heldout", "figure6_examples")
 
 
 def _numbers(workdir):
@@ -224,3 +251,53 @@ def test_debug_nans_stops_at_the_operation(tmp_path):
   result = run(f"--workdir={tmp_path}", *TINY, "--learning_rate=1e30", "--debug_nans")
   assert result.returncode != 0
   assert "FloatingPointError" in result.stderr and "nan" in result.stderr.lower()
+
+
+@pytest.mark.parametrize("start_as_candidate", [True, False])
+def test_stage_2_never_selects_below_its_start(tmp_path, start_as_candidate):
+  # Two IA-VAEs on a good encoder (mean (x1, x2), about the posterior mean of z since x1, x2 =
+  # z1, z2 + noise; log-variance -5), with a learning rate (1e-2) that makes stage 2 worse:
+  # with the start as a candidate each selects it (epoch 0, its exact ELBO, psi unchanged);
+  # without, the better of two worse epochs.
+  config = dataclasses.replace(configs.synthetic_quick(), num_examples=256, max_epochs=2,
+                               patience=2, epochs_per_call=2, learning_rate=1e-2).validate()
+  x = synthetic.generate(jax.random.PRNGKey(0), config.num_examples, config.sigma).x
+  phi = {"Dense_0": {"kernel": np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], np.float32),
+                     "bias": np.array([10.0, 10.0], np.float32)},     # relu(x1 + 10), relu(x2 + 10)
+         "Dense_1": {"kernel": np.eye(2, 4, dtype=np.float32),
+                     "bias": np.array([-10.0, -10.0, -5.0, -5.0], np.float32)}}
+  layout = blocks.BlockLayout.from_tree(phi)
+  hypernet = hypernets.LinearHypernet(layout, config.embed_dim, config.hypernet_init_std)
+  init_keys, train_keys, order_seeds = synthetic_train.model_keys(config, "iavae",
+                                                                  [(0, 0), (0, 1)])
+  psi0 = jax.vmap(lambda k: hypernet.init(k, x[0])["params"])(init_keys)
+  frozen = jax.tree.map(lambda a: np.stack([a, a]), phi)
+  states = synthetic_train.train_stage("iavae", str(tmp_path), config,
+                                       synthetic_train.iavae_train_encode(layout), psi0, frozen,
+                                       train_keys, order_seeds, x,
+                                       start_as_candidate=start_as_candidate)
+  start = jax.vmap(synthetic_train.exact_score(config, synthetic_train.iavae_encode(
+      config, layout), examples_last=False), in_axes=(0, 0, None))(psi0, frozen, x)
+  if start_as_candidate:
+    np.testing.assert_array_equal(states.best_epoch, [0, 0])
+    np.testing.assert_allclose(states.best_score, start, rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, states.best_params, psi0)
+  else:
+    assert np.all(np.asarray(states.best_epoch) >= 1)
+    assert np.all(np.asarray(states.best_score) < np.asarray(start))
+
+
+@pytest.mark.parametrize("hypernet_input", ["x", "tanh", "softclip"])
+def test_training_form_of_the_iavae_computes_the_evaluated_one(hypernet_input):
+  # Stage 2 trains on iavae_train_encode (examples last); evaluation applies iavae_encode.
+  config = dataclasses.replace(configs.synthetic_quick(), hypernet_input=hypernet_input)
+  x = synthetic.generate(jax.random.PRNGKey(0), 64, config.sigma).x
+  phi = encoders.MLPEncoder(config.encoder_width).init(jax.random.PRNGKey(1), x[0])["params"]
+  layout = blocks.BlockLayout.from_tree(phi)
+  psi = hypernets.LinearHypernet(layout, config.embed_dim, 0.3).init(
+      jax.random.PRNGKey(2), x[0])["params"]
+  context = synthetic_train.hypernet_context(config, x)
+  mean, log_var = synthetic_train.iavae_encode(config, layout, context)(psi, phi, x)
+  mean_t, log_var_t = synthetic_train.iavae_train_encode(layout, context)(psi, phi, x.T)
+  np.testing.assert_allclose(mean_t.T, mean, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(log_var_t.T, log_var, rtol=1e-5, atol=1e-5)

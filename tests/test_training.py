@@ -63,6 +63,25 @@ class TrainingTest(chex.TestCase):
     self.assertFalse(bool(states.stopped[1]))
     self.assertEqual(int(states.best_epoch[1]), 30)
 
+  def test_a_scored_start_is_a_selection_candidate(self):
+    # The score -w falls as training raises w by 0.5 an epoch. Given the start's score, the start
+    # stays selected (epoch 0, its parameters and score) and early stopping counts from it;
+    # without it, the first epoch is selected.
+    schedule = training.Schedule(batch_size=8, max_epochs=10, patience=3)
+    epoch_fn = training.make_epoch_fn(lambda key, n, unused_epoch: jnp.zeros((n,)),
+                                      lambda p, f, x, noise: (-p["w"] + 0.0 * noise, 0.0),
+                                      lambda p, f, d: -p["w"], optax.sgd(0.1), schedule)
+    params = {"w": jnp.array(0.0)}
+    run = lambda score: training.train_model(
+        epoch_fn, training.init_state(params, optax.sgd(0.1), jax.random.PRNGKey(0), None,
+                                      score), DATA, np.array([0]), schedule)
+    with_start, without = run(0.0), run(None)
+    self.assertEqual((int(with_start.best_epoch), int(with_start.epoch)), (0, 3))
+    self.assertEqual(float(with_start.best_score), 0.0)
+    chex.assert_trees_all_equal(with_start.best_params, params)
+    self.assertEqual((int(without.best_epoch), int(without.epoch)), (1, 4))
+    np.testing.assert_allclose(float(without.best_score), -0.5, atol=1e-6)
+
   def test_stopped_models_are_frozen(self):
     schedule = training.Schedule(batch_size=8, max_epochs=5, patience=50)
     epoch_fn = _epoch_fn(schedule, lambda p, f, d: -(p["w"] - f) ** 2)

@@ -17,6 +17,12 @@ recognised set of them, else TFDS. Local files recognised, the first complete se
       images_background_small2.zip (pooled; the drawings in both, Greek and Latin, kept once).
   binarized_mnist: Larochelle's binarized_mnist_{train,valid,test}.amat.
 
+``info["paper_split"]`` says whether the train/test split is the one the paper (after Kim et al.)
+uses: True for MNIST and Fashion-MNIST from their standard train and test files (local or TFDS)
+and for OMNIGLOT from Burda et al.'s chardata.mat (24,345 train, 8,070 test); False from any other
+source (a pool such as the 5,000-image MNIST subset; Lake's zips or TFDS's Omniglot, whose split
+is Lake's background/evaluation); None for data sets the paper does not use (binarized_mnist).
+
 Splits depend only on split_seed (never on a model seed), through NumPy generators
 ``np.random.default_rng([split_seed, purpose])``:
   test: the shipped test split; where there is none, a random test_fraction of the pool
@@ -49,6 +55,7 @@ from iavae_jax.data import DATASETS, SOURCES
 
 IMAGE_SIZE = 28
 
+PAPER_DATASETS = ("omniglot", "mnist", "fashion_mnist")
 _FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _IDX_IMAGES_MAGIC = 2051
 _OMNIGLOT_SIZE = 105
@@ -139,10 +146,13 @@ def load(dataset: str, *, data_dir: Optional[str] = None, source: str = "auto",
                     f"Get {_HOW_TO_GET[dataset]}.")
   if found is not None:
     read = _read_local(*found)
+    paper_split = found[0] in ("idx", "chardata")
   else:
     no_local = (f"no local files ({_LOOKED_FOR[dataset]}) in {directory}, and "
                 if source == "auto" and directory is not None else "")
     read = _read_tfds(dataset, data_dir, no_local)
+    paper_split = dataset != "omniglot"
+  read.info["paper_split"] = paper_split if dataset in PAPER_DATASETS else None
   return _split(dataset, read, split_seed, valid_fraction, test_fraction)
 
 

@@ -28,6 +28,13 @@ Two deliberate departures from sa-vae, both keeping its parameter count:
 * mask A applies to the image channel only. The latent feature maps are not autoregressive
   variables, so the first horizontal conv sees them at the current pixel too; otherwise the logit
   of pixel (0, 0) would depend on neither x nor z.
+
+``sa_vae_masking=True`` undoes both, for numbers comparable with Kim et al.'s: the vertical stack
+is shifted in every layer, and mask A covers the latent maps too (one h_conv over the image and
+the maps, shifted right), so the logit of pixel (0, 0) is a constant. Its receptive field, with
+P_l = p_1 + ... + p_l and P = P_L: row r at columns c-1-P..c-1, and for each layer l the rows
+r-l-P_l..r-l at columns c-P..c+P_l; the pixels above-right outside that (the blind spot) are
+never seen. Same parameters, same shapes.
 """
 
 from typing import Sequence
@@ -59,6 +66,8 @@ class GatedMaskedConv(nn.Module):
   For mask "A", h must be the layer input (image and latent maps) and ``image_channels`` says how
   many leading channels of h are image channels (masked); the rest are conditioning maps
   (unmasked). Mask "B" adds h to the output (residual), so h must have ``features`` channels.
+  ``shift_vertical_stack``: the vertical output is shifted down a row too, as sa-vae does (a
+  blind spot; see the module docstring).
   Parameters: v_conv (p+1) k C_in 2F + 2F, vh_conv 4F^2 + 2F, h_conv (p+1) C_in 2F + 2F,
   h_res F^2 + F.
   """
@@ -66,6 +75,7 @@ class GatedMaskedConv(nn.Module):
   kernel_size: int
   mask_type: str = "B"
   image_channels: int = 1
+  shift_vertical_stack: bool = False
 
   @nn.compact
   def __call__(self, v: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -77,8 +87,9 @@ class GatedMaskedConv(nn.Module):
     two_f = 2 * self.features
 
     v_pre = nn.Conv(two_f, (p + 1, self.kernel_size), padding=((p, 0), (p, p)), name="v_conv")(v)
+    v_shifted = _shift_down(v_pre)
     # 1x1 after the shift (as sa-vae), so row 0 gets the bias only: nothing lies above it.
-    vh = nn.Conv(two_f, (1, 1), name="vh_conv")(_shift_down(v_pre))
+    vh = nn.Conv(two_f, (1, 1), name="vh_conv")(v_shifted)
 
     h_conv = lambda name, use_bias: nn.Conv(two_f, (1, p + 1), padding=((0, 0), (p, 0)),
                                             use_bias=use_bias, name=name)
@@ -94,7 +105,7 @@ class GatedMaskedConv(nn.Module):
     h_out = nn.Conv(self.features, (1, 1), name="h_res")(_gate(h_pre + vh))
     if self.mask_type == "B":
       h_out = h_out + h
-    return _gate(v_pre), h_out
+    return _gate(v_shifted if self.shift_vertical_stack else v_pre), h_out
 
 
 class GatedPixelCNN(nn.Module):
@@ -107,11 +118,13 @@ class GatedPixelCNN(nn.Module):
   (z ignored). One GatedMaskedConv per entry of ``kernel_sizes`` (the first mask A), then a 1x1
   conv to one channel. The paper config (32 features, kernels (9,9,9,7,7,7,5,5,5,3,3,3), 4 maps,
   k = 32, 28 x 28) has 744,801 parameters: 641,280 in the gated layers, 103,488 in the Dense
-  layer (3,136 (k + 1)), 33 in the output conv.
+  layer (3,136 (k + 1)), 33 in the output conv. ``sa_vae_masking``: Kim et al.'s masking
+  exactly, blind spot included (see the module docstring); the same parameters.
   """
   features: int = 32
   kernel_sizes: Sequence[int] = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3)
   latent_feature_maps: int = 4
+  sa_vae_masking: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
@@ -131,8 +144,11 @@ class GatedPixelCNN(nn.Module):
       z_maps = z_maps.reshape(batch, height, width, self.latent_feature_maps)
       inputs = jnp.concatenate([x, z_maps.astype(x.dtype)], axis=-1)
 
+    # sa-vae's mask A hides the latent maps at the current pixel too: all channels are masked.
+    masked = inputs.shape[-1] if self.sa_vae_masking else x.shape[-1]
     v = h = inputs
     for i, kernel_size in enumerate(self.kernel_sizes):
       v, h = GatedMaskedConv(self.features, kernel_size, "A" if i == 0 else "B",
-                             image_channels=x.shape[-1], name=f"layer_{i}")(v, h)
+                             image_channels=masked, shift_vertical_stack=self.sa_vae_masking,
+                             name=f"layer_{i}")(v, h)
     return nn.Conv(1, (1, 1), name="logits")(h)
