@@ -4,6 +4,8 @@ decomposition) from scratch in a temporary workdir, and prints the measured seco
   python -m benchmarks.synthetic_protocol [--quick]
 
 The last line is a JSON object: {"wall_seconds": ..., "stage_seconds": {...}, "devices": ...}.
+On one device the stages "sweep" and "posterior" run on a second thread while "vae" and "iavae"
+run, so the stage seconds add up to more than the wall seconds.
 """
 
 import json

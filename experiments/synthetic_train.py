@@ -36,12 +36,24 @@ STAGE_IDS = {"vae": 1, "iavae": 2, "sweep": 3}
 # How errors name a model of a stage, from its index tuple (see model_keys).
 MODEL_NAMES = {"vae": "VAE seed {}", "iavae": "IA-VAE seed {1} on VAE seed {0}",
                "sweep": "sweep VAE of width {} (seed {})"}
-EncodeFn = Callable  # encode(params, frozen, x [B, 3]) -> (mean [B, 2], log_var [B, 2])
+# Which stages compile with XLA:CPU's loop emitters (training.cpu_compiler_options): the
+# IA-VAEs' epochs ran 1.3x faster with them, the VAEs' 1.3x slower (benchmarks/synthetic_step.py).
+LOOP_EMITTERS = {"vae": False, "iavae": True, "sweep": False}
+# encode(params, frozen, x [B, 3]) -> (mean [B, 2], log_var [B, 2]): the models as the paper
+# defines them, one example at a time (Flax modules, vmapped); evaluation uses these.
+EncodeFn = Callable
+# The same functions on examples along the last axis, x [3, B] -> (mean [2, B], log_var [2, B]):
+# how the populations train, several times faster on CPU (see encoders.mlp_encode_examples_last).
+TrainEncodeFn = Callable
 
 
 def vae_encode(width: int) -> EncodeFn:
   encoder = encoders.MLPEncoder(width)
   return lambda phi, unused_frozen, x: encoder.apply({"params": phi}, x)
+
+
+def vae_train_encode(phi, unused_frozen, x):
+  return encoders.mlp_encode_examples_last(phi, x)
 
 
 def hypernet_context(config: SyntheticConfig, train_x) -> Callable | None:
@@ -71,31 +83,58 @@ def iavae_encode(config: SyntheticConfig, layout: blocks.BlockLayout,
       encoder_apply, hypernet_apply, phi_avi, psi, x, None if context is None else context(x))
 
 
-def exact_score(config: SyntheticConfig, encode: EncodeFn) -> training.ScoreFn:
-  """The monitored score: score(params, frozen, x [N, 3]) -> the exact ELBO, mean over x."""
+def iavae_train_encode(layout: blocks.BlockLayout,
+                       context: Callable | None = None) -> TrainEncodeFn:
+  """iavae_encode's function on examples along the last axis."""
+  def encode(psi, phi_avi, x):
+    c = x if context is None else context(x.T).T
+    deltas = hypernets.linear_hypernet_deltas_examples_last(psi, layout, c)
+    return encoders.mlp_encode_examples_last(adaptive.modulate_examples_last(phi_avi, deltas), x)
+  return encode
+
+
+def rows(examples_last: bool) -> Callable:
+  """[features, examples] -> [examples, features] for examples-last arrays, else identity."""
+  return (lambda a: a.T) if examples_last else (lambda a: a)
+
+
+def exact_score(config: SyntheticConfig, encode: TrainEncodeFn,
+                examples_last: bool = True) -> training.ScoreFn:
+  """The monitored score: score(params, frozen, x [3, N]) -> the exact ELBO, mean over x (an
+  EncodeFn and x [N, 3] with ``examples_last=False``)."""
+  to_rows = rows(examples_last)
+
   def score_fn(params, frozen, x):
     mean, log_var = encode(params, frozen, x)
-    return jnp.mean(oracle.exact_elbo(x, mean, log_var, config.sigma))
+    return jnp.mean(oracle.exact_elbo(to_rows(x), to_rows(mean), to_rows(log_var), config.sigma))
   return score_fn
 
 
-def make_epoch_fn(config: SyntheticConfig, encode: EncodeFn,
-                  parallel: parallel_lib.Parallel | None = None):
-  """The training epoch: S-sample Monte Carlo ELBO for the gradient, exact ELBO monitored."""
+def make_epoch_fn(config: SyntheticConfig, encode: TrainEncodeFn,
+                  parallel: parallel_lib.Parallel | None = None, examples_last: bool = True,
+                  compiler_options: dict | None = None):
+  """The training epoch: S-sample Monte Carlo ELBO for the gradient, exact ELBO monitored.
+
+  ``encode`` is a TrainEncodeFn, or an EncodeFn with ``examples_last=False`` (benchmarks and
+  tests compare the two). ``compiler_options``: see ``training.make_epoch_fn``."""
+  to_rows = rows(examples_last)
+
   def noise_fn(key, num_steps, unused_epoch):
     return jax.random.normal(
         key, (num_steps, config.num_samples, config.batch_size, oracle.LATENT_DIM))
 
   def loss_fn(params, frozen, x, eps):
     mean, log_var = encode(params, frozen, x)
-    terms = objectives.elbo(
-        eps, mean, log_var, lambda z: oracle.log_likelihood(x, z, config.sigma))
+    terms = objectives.elbo(eps, to_rows(mean), to_rows(log_var),
+                            lambda z: oracle.log_likelihood(to_rows(x), z, config.sigma))
     return -jnp.mean(terms.elbo), jnp.mean(terms.kl)
 
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   optimizer = optax.adam(config.learning_rate)
-  return training.make_epoch_fn(noise_fn, loss_fn, exact_score(config, encode), optimizer,
-                                schedule, parallel=parallel), optimizer
+  return training.make_epoch_fn(noise_fn, loss_fn, exact_score(config, encode, examples_last),
+                                optimizer, schedule, parallel=parallel,
+                                examples_last=examples_last,
+                                compiler_options=compiler_options), optimizer
 
 
 def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...]]):
@@ -106,23 +145,26 @@ def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...
   return jnp.stack(init_keys), jnp.stack(train_keys), np.array(paths)
 
 
-def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: EncodeFn,
+def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: TrainEncodeFn,
                 params, frozen, train_keys, order_seeds, data,
                 parallel: parallel_lib.Parallel | None = None,
-                tensorboard: bool = False, start_as_candidate: bool = False) -> training.TrainState:
+                tensorboard: bool = False, start_as_candidate: bool = False,
+                cancelled=None) -> training.TrainState:
   """Trains (or resumes, or just loads) one population; returns its final states. frozen: the
   models' frozen encoders, stacked (None for VAEs). With ``start_as_candidate``, every model's
   starting point is scored on the data and is a model-selection candidate (epoch 0)."""
-  epoch_fn, optimizer = make_epoch_fn(config, encode, parallel)
+  epoch_fn, optimizer = make_epoch_fn(
+      config, encode, parallel,
+      compiler_options=training.cpu_compiler_options(LOOP_EMITTERS[name]))
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   scores = (jax.jit(jax.vmap(exact_score(config, encode), in_axes=(0, 0, None)))(
-      params, frozen, data) if start_as_candidate else None)
+      params, frozen, data.T) if start_as_candidate else None)
   states = jax.vmap(lambda p, k, f, s: training.init_state(p, optimizer, k, f, s))(
       params, train_keys, frozen, scores)
   names = [MODEL_NAMES[name].format(*map(int, row[2:])) for row in order_seeds]
   return stages.run_stage(name, workdir, epoch_fn, states, data, order_seeds, schedule,
                           config.checkpoint_every, config.epochs_per_call, names, parallel,
-                          tensorboard)
+                          tensorboard, cancelled)
 
 
 class Truth(NamedTuple):
@@ -136,7 +178,8 @@ class Truth(NamedTuple):
 def true_posterior(x, sigma: float) -> Truth:
   """log p(x), the MAP and the local Gaussian by quadrature, and q* by per-example Newton on
   the exact ELBO from the Laplace diagonal: for the training data and the held-out data alike."""
-  summary = jax.jit(lambda x: posterior.summarize(x, sigma))(x)
+  summary = jax.jit(lambda x: posterior.summarize(x, sigma),
+                    compiler_options=training.cpu_compiler_options())(x)
   init_mean, init_log_var = posterior.laplace_diagonal_init(summary)
   qstar_mean, qstar_log_var = jax.jit(jax.vmap(
       lambda xi, m, lv: posterior.optimal_gaussian(xi, sigma, m, lv)))(
@@ -298,6 +341,34 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
                             config.sigma)
   x = data.x
   print(f"config: {config}", flush=True)
+  max_width = max(config.sweep_widths)
+
+  def sweep_and_posterior(cancelled):
+    # Stage 3: the width sweep, zero-padded to the widest encoder.
+    t0 = time.time()
+    sweep_indices = [(w, s) for w in config.sweep_widths for s in range(config.num_sweep_seeds)]
+    init_keys, train_keys, order_seeds = model_keys(config, "sweep", sweep_indices)
+    sweep_params0 = [
+        encoders.pad_hidden(encoders.MLPEncoder(w).init(k, x[0])["params"], max_width)
+        for (w, _), k in zip(sweep_indices, init_keys)]
+    sweep_params0 = jax.tree.map(lambda *a: jnp.stack(a), *sweep_params0)
+    sweep_states = train_stage("sweep", workdir, config, vae_train_encode, sweep_params0, None,
+                               train_keys, order_seeds, x, parallel, tensorboard,
+                               cancelled=cancelled)
+    timings["sweep"] = time.time() - t0
+
+    # The true posterior, log p(x) and q*.
+    if cancelled():
+      raise common.Cancelled("posterior")
+    t0 = time.time()
+    truth = true_posterior(x, config.sigma)
+    timings["posterior"] = time.time() - t0
+    return sweep_states, truth
+
+  # Stage 3 and the posterior need nothing from stages 1-2: with one device of one process they
+  # run on a second thread meanwhile (on a CPU, a second core), else after them.
+  background = (common.Background(sweep_and_posterior) if (parallel is None or parallel.mode ==
+                "none") and jax.process_count() == 1 else None)
 
   # Stage 1: VAEs.
   t0 = time.time()
@@ -305,8 +376,8 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   vae_indices = [(v,) for v in range(config.num_vae_seeds)]
   init_keys, train_keys, order_seeds = model_keys(config, "vae", vae_indices)
   vae_params0 = jax.vmap(lambda k: encoder.init(k, x[0])["params"])(init_keys)
-  vae_states = train_stage("vae", workdir, config, vae_encode(config.encoder_width), vae_params0,
-                           None, train_keys, order_seeds, x, parallel, tensorboard)
+  vae_states = train_stage("vae", workdir, config, vae_train_encode, vae_params0, None,
+                           train_keys, order_seeds, x, parallel, tensorboard)
   phi_avi = vae_states.best_params
   timings["vae"] = time.time() - t0
 
@@ -319,30 +390,17 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   init_keys, train_keys, order_seeds = model_keys(config, "iavae", iavae_indices)
   psi0 = jax.vmap(lambda k: hypernet.init(k, x[0])["params"])(init_keys)
   frozen_phi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi_avi)
-  iavae_fn = iavae_encode(config, layout, hypernet_context(config, x))
-  iavae_states = train_stage("iavae", workdir, config, iavae_fn, psi0, frozen_phi, train_keys,
-                             order_seeds, x, parallel, tensorboard, config.start_as_candidate)
+  context = hypernet_context(config, x)
+  iavae_fn = iavae_encode(config, layout, context)
+  iavae_states = train_stage("iavae", workdir, config, iavae_train_encode(layout, context), psi0,
+                             frozen_phi, train_keys, order_seeds, x, parallel, tensorboard,
+                             config.start_as_candidate)
   timings["iavae"] = time.time() - t0
 
-  # Stage 3: the width sweep, zero-padded to the widest encoder.
-  t0 = time.time()
-  max_width = max(config.sweep_widths)
-  sweep_indices = [(w, s) for w in config.sweep_widths for s in range(config.num_sweep_seeds)]
-  init_keys, train_keys, order_seeds = model_keys(config, "sweep", sweep_indices)
-  sweep_params0 = [
-      encoders.pad_hidden(encoders.MLPEncoder(w).init(k, x[0])["params"], max_width)
-      for (w, _), k in zip(sweep_indices, init_keys)]
-  sweep_params0 = jax.tree.map(lambda *a: jnp.stack(a), *sweep_params0)
-  sweep_fn = vae_encode(max_width)
-  sweep_states = train_stage("sweep", workdir, config, sweep_fn, sweep_params0, None,
-                             train_keys, order_seeds, x, parallel, tensorboard)
-  timings["sweep"] = time.time() - t0
-
-  # The true posterior, log p(x) and q*.
-  t0 = time.time()
-  truth = true_posterior(x, config.sigma)
+  sweep_states, truth = background.result() if background else sweep_and_posterior(
+      lambda: False)
   summary = truth.summary
-  timings["posterior"] = time.time() - t0
+  timings = {k: timings[k] for k in ("vae", "iavae", "sweep", "posterior")}
 
   t0 = time.time()
   vae_fn = vae_encode(config.encoder_width)
@@ -357,7 +415,8 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   (vae_eval, vae_means, vae_points), (iavae_eval, iavae_means, iavae_points) = evaluate_pair(
       x, truth)
   sweep_eval, _, _ = jax.tree.map(np.asarray, evaluate(
-      sweep_fn, sweep_states.best_params, None, x, config.sigma, summary, truth.elbo_qstar))
+      vae_encode(max_width), sweep_states.best_params, None, x, config.sigma, summary,
+      truth.elbo_qstar))
   timings["evaluation"] = time.time() - t0
 
   # Held-out: the same models on new points from the same generator, the truth computed alike.

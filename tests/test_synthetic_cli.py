@@ -15,6 +15,7 @@ import pytest
 from experiments import common, configs, synthetic_train
 from iavae_jax import blocks, hypernets
 from iavae_jax.data import synthetic
+from iavae_jax.models import encoders
 from conftest import TINY, run_module
 
 
@@ -31,8 +32,10 @@ def test_outputs_and_schema(tiny_run):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f]
   models = {"vae": 2, "iavae": 4, "sweep": 2}
-  assert [(l["stage"], l["epoch"]) for l in lines] == [
-      (stage, epoch) for stage in models for epoch in (1, 2, 3, 4)]
+  # The sweep trains beside stages 1-2 (on a second thread): stages' lines interleave.
+  assert {stage: [l["epoch"] for l in lines if l["stage"] == stage] for stage in models} == {
+      stage: [1, 2, 3, 4] for stage in models}
+  assert len(lines) == 3 * 4
   for line in lines:
     for key in ("train_loss", "train_kl", "grad_norm", "valid_elbo"):
       assert len(line[key]) == models[line["stage"]], (key, line)
@@ -270,12 +273,12 @@ def test_stage_2_never_selects_below_its_start(tmp_path, start_as_candidate):
                                                                   [(0, 0), (0, 1)])
   psi0 = jax.vmap(lambda k: hypernet.init(k, x[0])["params"])(init_keys)
   frozen = jax.tree.map(lambda a: np.stack([a, a]), phi)
-  encode = synthetic_train.iavae_encode(config, layout)
-  states = synthetic_train.train_stage("iavae", str(tmp_path), config, encode, psi0, frozen,
+  states = synthetic_train.train_stage("iavae", str(tmp_path), config,
+                                       synthetic_train.iavae_train_encode(layout), psi0, frozen,
                                        train_keys, order_seeds, x,
                                        start_as_candidate=start_as_candidate)
-  start = jax.vmap(synthetic_train.exact_score(config, encode), in_axes=(0, 0, None))(
-      psi0, frozen, x)
+  start = jax.vmap(synthetic_train.exact_score(config, synthetic_train.iavae_encode(
+      config, layout), examples_last=False), in_axes=(0, 0, None))(psi0, frozen, x)
   if start_as_candidate:
     np.testing.assert_array_equal(states.best_epoch, [0, 0])
     np.testing.assert_allclose(states.best_score, start, rtol=1e-6)
@@ -283,3 +286,19 @@ def test_stage_2_never_selects_below_its_start(tmp_path, start_as_candidate):
   else:
     assert np.all(np.asarray(states.best_epoch) >= 1)
     assert np.all(np.asarray(states.best_score) < np.asarray(start))
+
+
+@pytest.mark.parametrize("hypernet_input", ["x", "tanh", "softclip"])
+def test_training_form_of_the_iavae_computes_the_evaluated_one(hypernet_input):
+  # Stage 2 trains on iavae_train_encode (examples last); evaluation applies iavae_encode.
+  config = dataclasses.replace(configs.synthetic_quick(), hypernet_input=hypernet_input)
+  x = synthetic.generate(jax.random.PRNGKey(0), 64, config.sigma).x
+  phi = encoders.MLPEncoder(config.encoder_width).init(jax.random.PRNGKey(1), x[0])["params"]
+  layout = blocks.BlockLayout.from_tree(phi)
+  psi = hypernets.LinearHypernet(layout, config.embed_dim, 0.3).init(
+      jax.random.PRNGKey(2), x[0])["params"]
+  context = synthetic_train.hypernet_context(config, x)
+  mean, log_var = synthetic_train.iavae_encode(config, layout, context)(psi, phi, x)
+  mean_t, log_var_t = synthetic_train.iavae_train_encode(layout, context)(psi, phi, x.T)
+  np.testing.assert_allclose(mean_t.T, mean, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(log_var_t.T, log_var, rtol=1e-5, atol=1e-5)
