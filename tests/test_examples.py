@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -17,6 +19,7 @@ def test_readme_example_trains_an_iavae_above_its_vae():
   assert namespace["after"] > namespace["before"] + 1.0, (namespace["before"], namespace["after"])
 
 
+@pytest.mark.slow   # a whole script in a subprocess
 def test_own_encoder_example_prints_the_elbo_before_and_after_stage_2():
   # As after `pip install -e .`: the library importable, the script run by path.
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))

@@ -109,6 +109,7 @@ class ClosedFormTest(chex.TestCase):
     self.assertTrue(np.all(log_px - elbo_qstar > 0.05))
     self.assertTrue(np.all(q.steps % gaps.QStarSettings().check_every == 0))
 
+  @pytest.mark.slow   # the rule is also checked on every run of test_gaps_cli
   def test_doubling_the_budget_moves_the_mean_by_less_than_the_tolerance(self):
     w, b, x = _model()
     mean, log_var = _encoder_output(*_exact(w, b, x)[:2])
