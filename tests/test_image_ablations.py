@@ -80,8 +80,13 @@ def test_matched_vae_has_the_smallest_widening_that_reaches_vae_plus_hypernetwor
   assert images_train.param_counts(smaller)["encoder"] < target
 
 
+def _dense_model():
+  """The smoke tier with small dense models: what the ablations do does not depend on them."""
+  return _model(encoder="mlp", encoder_hidden=(16,), decoder="mlp", decoder_hidden=(16,))
+
+
 def test_mean_context_gives_every_example_the_training_mean_input():
-  model = _model()
+  model = _dense_model()
   vae = model.init_vae(jax.random.PRNGKey(0))
   frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
   train = jax.random.uniform(jax.random.PRNGKey(4), (70, 28, 28))
@@ -98,7 +103,7 @@ def test_mean_context_gives_every_example_the_training_mean_input():
 def test_mean_context_iavae_is_one_encoder_for_all_examples():
   # With the mean context every example gets the same deltas: the IA-VAE encodes as the plain
   # encoder with parameters phi_AVI + h(mean context).
-  model = _model()
+  model = _dense_model()
   vae = model.init_vae(jax.random.PRNGKey(0))
   layout = blocks.BlockLayout.from_tree(vae["encoder"])
   hypernet = model.hypernet(layout)
@@ -152,7 +157,7 @@ def test_converged_tier_trains_every_model_to_early_stopping():
 def test_dense_models_train_an_epoch_with_their_compiler_options():
   # Dense encoders and decoders compile with XLA:CPU options of their own; the epoch's jitted
   # pieces (steps and the validation ELBO inside the epoch's end) must accept them.
-  model = _model(encoder="mlp", encoder_hidden=(16,), decoder="mlp", decoder_hidden=(16,))
+  model = _dense_model()
   assert model.compiler_options == training.cpu_compiler_options(loop_emitters=True)
   assert _model().compiler_options == {}   # the convolutional models keep XLA's defaults
   state, _ = _stage_2(model, "iavae", freeze_decoder=False)
