@@ -53,7 +53,8 @@ def test_placement_on_this_process_devices():
 
 
 def _run_on_4_devices(module, *args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ,
+             XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
   return run_module(module, *args, env=env)
 
 
