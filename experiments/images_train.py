@@ -653,7 +653,7 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
       per_seed[name].append({
           "test_elbo": float(np.mean(metrics["elbo"])), "test_kl": float(np.mean(metrics["kl"])),
           "test_iwae": float(np.mean(metrics["iwae"])),
-          "valid_elbo": float("nan") if name == MEAN_CONTEXT else source.valid_elbo,
+          "valid_elbo": None if name == MEAN_CONTEXT else source.valid_elbo,   # never scored
           "best_epoch": source.best_epoch})
       if name != MEAN_CONTEXT and source.valid_elbo_at_start is not None:
         per_seed[name][-1]["valid_elbo_at_start"] = source.valid_elbo_at_start
@@ -723,13 +723,17 @@ def subset(data: images.ImageSplits, config: ImageConfig) -> images.ImageSplits:
                              test=cap(data.test, config.max_test))
 
 
+def _cell(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.3f}"
+
+
 def render_markdown(results: dict) -> str:
   lines = [f"# {results['dataset']} ({results['tier']} tier): test metrics per seed", ""]
   lines += common.markdown_table(
       ["seed", "model", "test ELBO", "test KL",
        f"IWAE bound (K={results['config']['iwae_samples']})", "valid ELBO (selection score)",
        "best epoch"],
-      [[seed, stage] + [f"{results['models'][stage][key][i]:.3f}"
+      [[seed, stage] + [_cell(results["models"][stage][key][i])
                         for key in ("test_elbo", "test_kl", "test_iwae", "valid_elbo")]
        + [results["models"][stage]["best_epoch"][i]]
        for i, seed in enumerate(results["seeds"]) for stage in results["models"]])

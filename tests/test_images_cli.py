@@ -59,6 +59,10 @@ def test_outputs_and_schema(smoke_run):
     assert all(math.isfinite(v) and v < 0 for v in m["test_elbo"] + m["test_iwae"])
     assert all(v >= 0 for v in m["test_kl"])
     assert all(1 <= e <= 2 for e in m["best_epoch"])
+  # The mean-context IA-VAE has no selection score of its own: null, so the file is strict JSON.
+  assert r["models"]["iavae_mean_context"]["valid_elbo"] == [None, None]
+  with open(os.path.join(workdir, "results.json")) as f:
+    json.loads(f.read(), parse_constant=lambda token: pytest.fail(f"results.json holds {token}"))
   assert r["parameters"]["encoder_blocks"] == 26
   assert r["wall_seconds"] > 0
 
