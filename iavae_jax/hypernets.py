@@ -51,6 +51,22 @@ def _groups(cuts: tuple[blocks.Slicing, ...]) -> dict[str, tuple[int, int]]:
           for group in sorted({c.group for c in cuts})}
 
 
+class _SlicedHypernet(_Hypernet):
+  """What the image designs share: block embeddings e_l, output layers at N(0, init_std^2), and
+  the blocks cut into slices along their input-feature axes (``input_axes``: see
+  ``blocks.slicings``)."""
+  block_embed_dim: int = 16
+  init_std: float = 1e-5
+  embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
+  input_axes: InputAxes = None
+
+  def _begin(self, c: jax.Array) -> tuple[tuple[blocks.Slicing, ...], jax.Array]:
+    """Checks one example's context c [m]; returns the blocks' slicings and e_l [L, l]."""
+    self._check_example(c)
+    return (blocks.slicings(self.layout, self.input_axes),
+            self._block_embeddings(self.block_embed_dim, self.embedding_init))
+
+
 class LinearHypernet(_Hypernet):
   """The synthetic experiment's hypernetwork (paper section 4.1).
 
@@ -98,7 +114,7 @@ def linear_hypernet_deltas_examples_last(psi: PyTree, layout: BlockLayout,
   return jax.tree.unflatten(layout.treedef, leaves)
 
 
-class StructuredHypernet(_Hypernet):
+class StructuredHypernet(_SlicedHypernet):
   """The image experiments' hypernetwork (paper section 4.2): design "paper".
 
   Every block is cut into slices (``blocks.Slicing``); slice j of block l gets
@@ -122,17 +138,11 @@ class StructuredHypernet(_Hypernet):
   returns a tree shaped like the encoder's parameters. ``input_axes`` names a block's
   input-feature axes where Flax's layout does not (``blocks.slicings``).
   """
-  block_embed_dim: int = 16
   input_embed_dim: int = 8
-  init_std: float = 1e-5
-  embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
-  input_axes: InputAxes = None
 
   @nn.compact
   def __call__(self, c: jax.Array) -> PyTree:
-    self._check_example(c)
-    cuts = blocks.slicings(self.layout, self.input_axes)
-    block_embeddings = self._block_embeddings(self.block_embed_dim, self.embedding_init)
+    cuts, block_embeddings = self._begin(c)
     m, l = c.shape[0], self.block_embed_dim
     out = {}
     for group, (n_max, d_max) in _groups(cuts).items():
@@ -151,7 +161,7 @@ class StructuredHypernet(_Hypernet):
     return self._assemble(cuts, slices)
 
 
-class HaHypernet(_Hypernet):
+class HaHypernet(_SlicedHypernet):
   """Ha et al.'s static hypernetwork (HyperNetworks, 2016, section 3.1) on [c; e_l]: design "ha".
 
   Slice j of block l, in group g (``blocks.Slicing``), gets a code of ``hidden_dim`` numbers and
@@ -178,18 +188,12 @@ class HaHypernet(_Hypernet):
 
   Call on one example's context c: [m]; returns a tree shaped like the encoder's parameters.
   """
-  block_embed_dim: int = 16
   hidden_dim: int = 16
-  init_std: float = 1e-5
   block_gains: bool = False
-  embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
-  input_axes: InputAxes = None
 
   @nn.compact
   def __call__(self, c: jax.Array) -> PyTree:
-    self._check_example(c)
-    cuts = blocks.slicings(self.layout, self.input_axes)
-    block_embeddings = self._block_embeddings(self.block_embed_dim, self.embedding_init)
+    cuts, block_embeddings = self._begin(c)
     gains = (self.param("block_gains", nn.initializers.ones,
                         (self.layout.num_blocks, self.hidden_dim)) if self.block_gains else None)
     m, l = c.shape[0], self.block_embed_dim
@@ -214,7 +218,7 @@ class HaHypernet(_Hypernet):
     return self._assemble(cuts, slices)
 
 
-class MLPHypernet(_Hypernet):
+class MLPHypernet(_SlicedHypernet):
   """A nonlinear generator: design "mlp".
 
   Slice j of block l, in group g (``blocks.Slicing``), gets
@@ -233,19 +237,13 @@ class MLPHypernet(_Hypernet):
 
   Call on one example's context c: [m]; returns a tree shaped like the encoder's parameters.
   """
-  block_embed_dim: int = 16
   input_embed_dim: int = 8
   hidden_dim: int = 64
-  init_std: float = 1e-5
   activation: Callable[[jax.Array], jax.Array] = nn.gelu
-  embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
-  input_axes: InputAxes = None
 
   @nn.compact
   def __call__(self, c: jax.Array) -> PyTree:
-    self._check_example(c)
-    cuts = blocks.slicings(self.layout, self.input_axes)
-    block_embeddings = self._block_embeddings(self.block_embed_dim, self.embedding_init)
+    cuts, block_embeddings = self._begin(c)
     m, l = c.shape[0], self.block_embed_dim
     u = self.param("U", nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-1,
                                                          out_axis=-2),

@@ -187,7 +187,8 @@ class DesignTest(chex.TestCase, parameterized.TestCase):
     encoder = encoders.ResNetEncoder((16, 16, 16), 32)
     layout = blocks.BlockLayout.from_tree(jax.eval_shape(
         encoder.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"])
-    hypernet = hypernets.StructuredHypernet(layout, 16, 8, 1e-3)
+    hypernet = hypernets.StructuredHypernet(layout, block_embed_dim=16, input_embed_dim=8,
+                                            init_std=1e-3)
     c = jax.random.bernoulli(jax.random.PRNGKey(2), 0.3, (784,)).astype(jnp.float32)
     psi = jax.jit(hypernet.init)(jax.random.PRNGKey(3), c)["params"]
 
