@@ -146,7 +146,8 @@ def summarize_seeds(values: list) -> dict:
           "per_seed": [_finite_or_none(v) for v in vals]}
 
 
-def _comparison(a: list, b: list) -> dict:
+def paired_comparison(a: list, b: list) -> dict:
+  """The paired one-sided test of H1: a > b (per-seed lists), as a JSON-able dictionary."""
   diffs = [x - y for x, y in zip(a, b)]
   if len(a) < 2:
     return {"test": None, "p_value": None, "shapiro_p": None,
@@ -190,7 +191,7 @@ def build_table4(workdir: str, paths: list[str]) -> dict:
       row[model] = summary
     for key, model, other in COMPARISONS + ABLATION_COMPARISONS:
       if model in row and other in row:
-        row[key] = _comparison(models[model]["test_elbo"], models[other]["test_elbo"])
+        row[key] = paired_comparison(models[model]["test_elbo"], models[other]["test_elbo"])
     table[name] = row
   return table
 
@@ -204,14 +205,14 @@ def _diverged_seeds(seeds: list, model: dict) -> list:
           if v is None or not math.isfinite(float(v))]
 
 
-def _mean_std(summary: dict) -> str:
+def mean_std(summary: dict) -> str:
   mean, std = summary["mean"], summary["std"]
   if mean is None:
     return "n/a"
   return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
 
 
-def _p_value(comparison: dict) -> str:
+def p_value_cell(comparison: dict) -> str:
   p = comparison["p_value"]
   if p is None:
     return "—"
@@ -219,7 +220,7 @@ def _p_value(comparison: dict) -> str:
   return text + ("*" if p < ALPHA else "")
 
 
-def _test_name(comparison: dict) -> str:
+def test_name_cell(comparison: dict) -> str:
   if comparison["test"] is None:
     return f"none ({comparison['n']} seed)"
   if comparison["shapiro_p"] is None:
@@ -248,15 +249,16 @@ def render_markdown(table: dict) -> str:
   lines += common.markdown_table(
       ["Data set", "VAE", "IA-VAE", "control", "p (IA-VAE > VAE)", "test",
        "p (IA-VAE > control)", "test", "seeds", "wall time"],
-      [[_data_set(name, row)] + [_mean_std(row[model]) for model in MODELS]
-       + [cell for key, _, _ in COMPARISONS for cell in (_p_value(row[key]), _test_name(row[key]))]
+      [[_data_set(name, row)] + [mean_std(row[model]) for model in MODELS]
+       + [cell for key, _, _ in COMPARISONS
+          for cell in (p_value_cell(row[key]), test_name_cell(row[key]))]
        + [len(row["seeds"]), _wall_time(row["wall_seconds"])] for name, row in table.items()])
   lines += ["", "## Test KL and IWAE bound (mean ± std over seeds)", ""]
   lines += common.markdown_table(
       ["Data set"] + [f"KL {MODEL_NAMES[m]}" for m in MODELS]
       + [f"IWAE {MODEL_NAMES[m]}" for m in MODELS],
-      [[_data_set(name, row)] + [_mean_std(row[model]["kl"]) for model in MODELS]
-       + [_mean_std(row[model]["iwae"]) for model in MODELS] for name, row in table.items()])
+      [[_data_set(name, row)] + [mean_std(row[model]["kl"]) for model in MODELS]
+       + [mean_std(row[model]["iwae"]) for model in MODELS] for name, row in table.items()])
   lines += _ablations_markdown(table)
   diverged = [f"{DISPLAY_NAMES.get(name, name)} {MODEL_NAMES[m]} seeds "
               f"{row[m]['diverged_seeds']}" for name, row in table.items()
@@ -280,9 +282,9 @@ def render_markdown(table: dict) -> str:
 
 def _ablations_markdown(table: dict) -> list[str]:
   """The ablations' test ELBO and their paired tests, for the data sets that ran any."""
-  rows = [[_data_set(name, row), MODEL_NAMES[model], _mean_std(row[model]),
-           MODEL_NAMES[other], f"{row[key]['mean_difference']:+.2f}", _p_value(row[key]),
-           _test_name(row[key])]
+  rows = [[_data_set(name, row), MODEL_NAMES[model], mean_std(row[model]),
+           MODEL_NAMES[other], f"{row[key]['mean_difference']:+.2f}", p_value_cell(row[key]),
+           test_name_cell(row[key])]
           for name, row in table.items() for key, model, other in ABLATION_COMPARISONS
           if key in row]
   if not rows:

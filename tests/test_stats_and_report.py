@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp_stats
 
-from experiments import common, report
+from experiments import common, designs, report
 from iavae_jax import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -357,3 +357,69 @@ def test_ablations_are_summarised_and_compared_where_present(tmp_path):
   write(str(tmp_path / "mnist" / "results.json"), data)
   with pytest.raises(common.ConfigError, match="models.vae_matched.test_elbo has 1 values"):
     report.write_report(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments.designs
+
+
+def design_run(tmp_path, dataset, hypernet, seeds, shift, rng, **config):
+  """A results.json of design ``hypernet`` whose VAE and control are those of fake_results with
+  the same rng seed, and whose IA-VAE is shifted by ``shift``."""
+  data = fake_results(dataset, seeds, -100.0, np.random.default_rng(0))
+  data["config"] = {"hypernet": hypernet, **config}
+  iavae = np.array(data["models"]["iavae"]["test_elbo"]) + shift + rng.normal(0, 0.02, len(seeds))
+  mean_context = np.array(data["models"]["iavae"]["test_elbo"]) + rng.normal(0, 0.02, len(seeds))
+  for name, elbo in (("iavae", iavae), ("iavae_mean_context", mean_context)):
+    data["models"][name] = {"test_elbo": elbo.tolist(), "test_kl": elbo.tolist(),
+                            "test_iwae": elbo.tolist(), "best_epoch": [3] * len(seeds),
+                            "valid_elbo": (elbo - 2.0).tolist()
+                            if name == "iavae" else [None] * len(seeds)}
+  run = tmp_path / f"{hypernet}_{dataset}"
+  write(str(run / "results.json"), data)
+  return data, run
+
+
+def test_designs_are_compared_on_the_seeds_they_share(tmp_path):
+  rng = np.random.default_rng(2)
+  paper, _ = design_run(tmp_path, "mnist", "paper", range(5), 0.0, rng)
+  mlp, run = design_run(tmp_path, "mnist", "mlp", range(3), 0.5, rng,
+                        hypernet_input="penultimate")
+  write(str(run / "gaps.json"), {"seeds": [0, 1, 2], "iavae": {
+      "share_of_vae_amortization_gap_closed": {"per_seed": [0.1, 0.2, 0.3]}}})
+  table = designs.write_designs(str(tmp_path))
+  row = table["mnist"]
+  assert row["seeds"] == [0, 1, 2] and row["same_vae"]
+  assert list(row["designs"]) == ["paper", "mlp input=penultimate"]   # paper first
+  got = row["designs"]["mlp input=penultimate"]
+  assert got["iavae"]["per_seed"] == mlp["models"]["iavae"]["test_elbo"]
+  expected = stats.paired_one_sided(mlp["models"]["iavae"]["test_elbo"],
+                                    paper["models"]["iavae"]["test_elbo"][:3])
+  assert got["vs_paper"]["p_value"] == expected.p_value < 0.05
+  assert got["vs_paper"]["mean_difference"] == pytest.approx(expected.mean_difference)
+  assert got["vs_mean_input"]["mean_difference"] > 0.4
+  assert got["gap_closed"]["mean"] == pytest.approx(0.2)
+  assert row["designs"]["paper"]["gap_closed"] is None and "vs_paper" not in row["designs"]["paper"]
+  assert row["best_on_validation"] == "mlp input=penultimate"
+  md = (tmp_path / "designs.md").read_text()
+  assert "| MNIST | mlp input=penultimate | " in md and "20.0 ± 10.0%" in md
+  assert "the same VAE in every run; best on validation: mlp input=penultimate" in md
+
+
+def test_designs_flag_different_vaes_and_refuse_what_cannot_be_compared(tmp_path):
+  rng = np.random.default_rng(3)
+  design_run(tmp_path, "mnist", "paper", range(3), 0.0, rng)
+  data, run = design_run(tmp_path, "mnist", "ha", range(3), 0.1, rng)
+  data["models"]["vae"]["test_elbo"][1] += 0.01
+  write(str(run / "results.json"), data)
+  assert not designs.write_designs(str(tmp_path))["mnist"]["same_vae"]
+  assert "**the runs' VAEs differ**" in (tmp_path / "designs.md").read_text()
+  design_run(tmp_path / "again", "mnist", "ha", range(3), 0.1, rng)
+  with pytest.raises(common.ConfigError, match="two runs of design 'ha' on mnist"):
+    designs.write_designs(str(tmp_path))
+  design_run(tmp_path / "apart", "fashion_mnist", "paper", range(2), 0.0, rng)
+  design_run(tmp_path / "apart", "fashion_mnist", "mlp", range(2, 4), 0.0, rng)
+  with pytest.raises(common.ConfigError, match="share no seed"):
+    designs.write_designs(str(tmp_path / "apart"))
+  with pytest.raises(common.ConfigError, match="is not a directory"):
+    designs.write_designs(str(tmp_path / "missing"))

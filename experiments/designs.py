@@ -1,0 +1,215 @@
+r"""The image hypernetwork designs side by side, from runs of experiments.images that differ in
+--hypernet (or its flags) and share everything else.
+
+  python -m experiments.designs --workdir=runs/designs
+
+Finds every results.json of experiments.images under DIR (recursively) and the gaps.json of
+experiments.gaps beside it where there is one, groups the runs by data set and design (the
+--hypernet name, then the design flags that differ from their defaults, e.g. "mlp
+input=penultimate"), and writes DIR/designs.json and DIR/designs.md (exit code 2 while another
+command holds DIR). Nothing is trained or recomputed. Per data set, on the seeds every design's
+run has:
+
+  {"seeds": [...],
+   "same_vae": true,       # every run's VAE has the same test ELBO at every seed: the designs
+                           # start from the same stage-1 model (false: other settings or
+                           # machines, and the paired tests compare different VAEs too)
+   "vae", "control": summary,          # test ELBO, from the first design's run
+   "designs": {label: {
+       "source": "<results.json, relative to DIR>",
+       "iavae": summary,               # test ELBO
+       "valid_elbo": summary,          # validation ELBO of the selected epoch (held-out data:
+                                       # the score the run selected on)
+       "iavae_mean_context": summary,  # where the run reports it
+       "gap_closed": summary or null,  # fraction of the VAE's amortization gap the IA-VAE
+                                       # closes (gaps.json, where it covers the seeds)
+       "vs_control", "vs_mean_input", "vs_paper": paired tests (H1: this design's IA-VAE >
+                                       # the other), vs_paper where a "paper" run is present
+   }},
+   "best_on_validation": label}        # the highest mean validation ELBO
+
+Summaries and tests as in experiments.report (mean, sample std and per-seed values; Shapiro-
+Wilk, then a one-sided paired t-test or Wilcoxon signed-rank test). Bad input exits with code 2.
+"""
+
+import dataclasses
+import json
+import math
+import os
+
+from absl import app, flags
+
+from experiments import common, configs, report
+
+FLAGS = flags.FLAGS
+
+PAPER = "paper"
+MEAN_CONTEXT = "iavae_mean_context"
+# The flags that change a design, shown in its label where they differ from their defaults.
+DESIGN_FLAGS = {"hypernet_input": "input", "hypernet_hidden": "hidden",
+                "ha_block_gains": "block_gains", "hypernet_projection": "projection"}
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(configs.ImageConfig)}
+
+
+def design_label(config: dict) -> str:
+  """The design a run trained, from its results.json "config": e.g. "paper", "mlp hidden=32"."""
+  changed = [f"{short}={config[name]}" for name, short in DESIGN_FLAGS.items()
+             if name in config and config[name] != DEFAULTS[name]]
+  return " ".join([config.get("hypernet", PAPER)] + changed)
+
+
+def load_runs(workdir: str) -> dict[str, dict[str, tuple[str, dict, dict | None]]]:
+  """data set -> design label -> (results.json path, its contents, the gaps.json beside it or
+  None); designs in order: "paper" first, then alphabetically."""
+  runs = {}
+  for path in report.find_results(workdir):
+    data = report.load_results(path)
+    label = design_label(data.get("config") or {})
+    by_design = runs.setdefault(data["dataset"], {})
+    if label in by_design:
+      raise common.ConfigError(
+          f"two runs of design {label!r} on {data['dataset']}: {by_design[label][0]} and {path}; "
+          f"move one of them out of --workdir={workdir}.")
+    by_design[label] = (path, data, _read_gaps(os.path.join(os.path.dirname(path), "gaps.json")))
+  return {name: dict(sorted(by_design.items(), key=lambda item: (item[0] != PAPER, item[0])))
+          for name, by_design in runs.items()}
+
+
+def _read_gaps(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise common.ConfigError(f"{path} cannot be read as JSON ({e}); rerun experiments.gaps on "
+                             "that run or remove the file.") from e
+
+
+def _on_seeds(values: list, run_seeds: list, seeds: list) -> list:
+  index = {seed: i for i, seed in enumerate(run_seeds)}
+  return [values[index[seed]] for seed in seeds]
+
+
+def _gap_closed(gaps: dict | None, seeds: list) -> dict | None:
+  """The IA-VAE's share of its VAE's amortization gap closed on the seeds, if gaps.json has it."""
+  entry = (gaps or {}).get("iavae", {}).get("share_of_vae_amortization_gap_closed")
+  if entry is None or not set(seeds) <= set(gaps.get("seeds", [])):
+    return None
+  return report.summarize_seeds(_on_seeds(entry["per_seed"], gaps["seeds"], seeds))
+
+
+def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
+  """One data set's entry of designs.json (see the module docstring)."""
+  seeds = sorted(set.intersection(*(set(data["seeds"]) for _, data, _ in by_design.values())))
+  if not seeds:
+    raise common.ConfigError(f"the runs on {name} share no seed ({', '.join(by_design)}); run "
+                             "every design with the same --seed and --num_seeds.")
+
+  def test_elbo(data: dict, model: str, key: str = "test_elbo") -> list:
+    return _on_seeds(data["models"][model][key], data["seeds"], seeds)
+
+  first = next(iter(by_design.values()))[1]
+  vae = test_elbo(first, "vae")
+  row = {"seeds": seeds,
+         "same_vae": all(test_elbo(data, "vae") == vae for _, data, _ in by_design.values()),
+         "vae": report.summarize_seeds(vae),
+         "control": report.summarize_seeds(test_elbo(first, "control")), "designs": {}}
+  for label, (path, data, gaps) in by_design.items():
+    iavae = test_elbo(data, "iavae")
+    entry = {"source": os.path.relpath(path, workdir), "iavae": report.summarize_seeds(iavae),
+             "valid_elbo": report.summarize_seeds(test_elbo(data, "iavae", "valid_elbo")),
+             "gap_closed": _gap_closed(gaps, seeds),
+             "vs_control": report.paired_comparison(iavae, test_elbo(data, "control"))}
+    if MEAN_CONTEXT in data["models"]:
+      mean_context = test_elbo(data, MEAN_CONTEXT)
+      entry[MEAN_CONTEXT] = report.summarize_seeds(mean_context)
+      entry["vs_mean_input"] = report.paired_comparison(iavae, mean_context)
+    if PAPER in by_design and label != PAPER:
+      entry["vs_paper"] = report.paired_comparison(iavae, test_elbo(by_design[PAPER][1], "iavae"))
+    row["designs"][label] = entry
+  score = lambda label: row["designs"][label]["valid_elbo"]["mean"]
+  row["best_on_validation"] = max(row["designs"], key=lambda label: (
+      -math.inf if score(label) is None else score(label)))
+  return row
+
+
+def build(workdir: str) -> dict:
+  runs = load_runs(workdir)
+  return {name: compare_dataset(workdir, name, runs[name]) for name in report.dataset_order(runs)}
+
+
+def _difference(entry: dict, key: str) -> list[str]:
+  if key not in entry:
+    return ["—", "—"]
+  return [f"{entry[key]['mean_difference']:+.2f}", report.p_value_cell(entry[key])]
+
+
+def render_markdown(table: dict) -> str:
+  """designs.md from the designs.json dictionary (a pure function of it)."""
+  lines = ["# Hypernetwork designs: the IA-VAE's test ELBO (mean ± std over seeds)", ""]
+  lines += common.markdown_table(
+      ["Data set", "design", "IA-VAE", "validation ELBO", "vs control", "p", "vs mean input",
+       "p", "vs paper", "p", "VAE gap closed", "seeds"],
+      [[report.DISPLAY_NAMES.get(name, name), label, report.mean_std(entry["iavae"]),
+        report.mean_std(entry["valid_elbo"])]
+       + _difference(entry, "vs_control") + _difference(entry, "vs_mean_input")
+       + _difference(entry, "vs_paper")
+       + [_percent(entry["gap_closed"]), len(row["seeds"])]
+       for name, row in table.items() for label, entry in row["designs"].items()])
+  lines.append("")
+  for name, row in table.items():
+    lines.append(
+        f"- {report.DISPLAY_NAMES.get(name, name)} (seeds {row['seeds']}): VAE "
+        f"{report.mean_std(row['vae'])}, control {report.mean_std(row['control'])}; "
+        + ("the same VAE in every run" if row["same_vae"] else
+           "**the runs' VAEs differ** (other settings or machines): the paired tests compare "
+           "different VAEs as well")
+        + f"; best on validation: {row['best_on_validation']}.")
+  lines += ["", "vs X: mean per-seed difference in test ELBO, and p of the one-sided paired "
+            "test of H1: this design's IA-VAE > X (Shapiro-Wilk, then a t-test or Wilcoxon "
+            f"signed-rank test; `*`: p < {report.ALPHA}). Validation ELBO: the selected epoch's "
+            "(the selection score, on held-out data). VAE gap closed: the IA-VAE's share of its "
+            "VAE's amortization gap (experiments.gaps). std: sample standard deviation.", ""]
+  return "\n".join(lines)
+
+
+def _percent(summary: dict | None) -> str:
+  if summary is None or summary["mean"] is None:
+    return "—"
+  std = "" if summary["std"] is None else f" ± {100 * summary['std']:.1f}"
+  return f"{100 * summary['mean']:.1f}{std}%"
+
+
+def write_designs(workdir: str) -> dict:
+  """Writes workdir/designs.json and workdir/designs.md; returns the table."""
+  if not workdir or not os.path.isdir(workdir):
+    raise common.ConfigError(f"--workdir={workdir} is not a directory: name the directory that "
+                             "holds the runs of experiments.images to compare.")
+  table = build(workdir)
+  if not table:
+    raise common.ConfigError(f"no results.json from experiments.images under {workdir}.")
+  with common.workdir_lock(workdir):
+    common.write_json(os.path.join(workdir, "designs.json"), table)
+    common.write_text(os.path.join(workdir, "designs.md"), render_markdown(table))
+  return table
+
+
+def _define_flags() -> None:
+  # Defined only when run as a program (as experiments.report): --workdir is other modules' too.
+  flags.DEFINE_string("workdir", None, "Directory searched recursively for the runs of "
+                      "experiments.images (and their gaps.json) to compare; designs.json and "
+                      "designs.md are written there.")
+
+
+def main(argv: list[str]) -> None:
+  def body():
+    print(render_markdown(write_designs(FLAGS.workdir)), end="")
+    print(f"wrote {os.path.join(FLAGS.workdir, 'designs.json')} and "
+          f"{os.path.join(FLAGS.workdir, 'designs.md')}")
+  common.run_command(argv, body)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
