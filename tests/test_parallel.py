@@ -92,7 +92,9 @@ def test_images_data_parallel_on_4_devices_matches_1_device(smoke_run, smoke_fla
   for model in one:
     for metric, values in one[model].items():
       atol = 0.01 if metric == "test_kl" else 0.05
-      if metric != "best_epoch":
+      if None in values:   # the mean-context IA-VAE's validation ELBO: never scored, null
+        assert four[model][metric] == values
+      elif metric != "best_epoch":
         np.testing.assert_allclose(four[model][metric], values, atol=atol, err_msg=metric)
 
 
