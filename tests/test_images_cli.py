@@ -86,8 +86,8 @@ def test_report_gathers_the_run(smoke_run):
 @pytest.mark.parametrize("flags, recorded", [
     (["--hypernet=ha", "--ha_block_gains", "--decoder=pixelcnn_kim"],
      {"hypernet": "ha", "ha_block_gains": True, "decoder": "pixelcnn_kim"}),
-    (["--hypernet=mlp", "--hypernet_input=penultimate"],
-     {"hypernet": "mlp", "hypernet_input": "penultimate"})])
+    (["--hypernet=paper", "--hypernet_input=penultimate"],
+     {"hypernet": "paper", "hypernet_input": "penultimate"})])
 def test_other_designs_run_end_to_end(smoke_flags, tmp_path, flags, recorded):
   result = run("experiments.images", f"--workdir={tmp_path}", *smoke_flags, "--num_seeds=1",
                *flags)
@@ -164,7 +164,8 @@ def test_bad_flags_exit_2_and_write_nothing(flags, message):
     ({"hypernet": "lstm"}, "--hypernet=lstm is not known; choose one of paper, ha, mlp"),
     ({"decoder": "made"}, "--decoder=made is not known; choose one of pixelcnn, pixelcnn_kim"),
     ({"weight_decay_mode": "l1"}, "--weight_decay_mode=l1 is not known; choose one of coupled"),
-    ({"hypernet_hidden": 8}, "--hypernet_hidden sets the hidden width of --hypernet=ha or mlp"),
+    ({"hypernet": "paper", "hypernet_hidden": 8},
+     "--hypernet_hidden sets the hidden width of --hypernet=ha or mlp"),
     ({"hypernet": "mlp", "ha_block_gains": True}, "--ha_block_gains applies to --hypernet=ha"),
     ({"hypernet_projection": -1}, "--hypernet_projection must be a non-negative integer"),
 ])
@@ -272,9 +273,10 @@ def test_hypernet_contexts():
 
 
 @pytest.mark.parametrize("overrides", [
-    {},
+    {"hypernet": "paper"},
     {"hypernet": "ha", "hypernet_hidden": 8, "ha_block_gains": True, "hypernet_projection": 16},
     {"hypernet": "mlp", "hypernet_hidden": 12, "hypernet_input": "penultimate"},
+    {},
 ])
 def test_the_configured_hypernetwork(overrides):
   # Model.hypernet is make_hypernet's design with the configuration's fields.
@@ -294,8 +296,9 @@ def test_the_configured_hypernetwork(overrides):
     assert (hypernet.hidden_dim, hypernet.block_gains) == (8, True)
   else:
     assert hypernet.input_embed_dim == config.input_embed_dim
+  assert overrides or config.hypernet == "mlp"   # the default design
   if config.hypernet == "mlp":
-    assert hypernet.hidden_dim == 12
+    assert hypernet.hidden_dim == overrides.get("hypernet_hidden", 64)
   psi = model.init_hypernet(jax.random.PRNGKey(0), layout)
   assert sum(np.size(a) for a in jax.tree.leaves(psi)) == hypernets.num_params(
       model.hypernet(layout), model.context_size)
