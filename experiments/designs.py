@@ -37,11 +37,9 @@ import json
 import math
 import os
 
-from absl import app, flags
+from absl import app
 
 from experiments import common, configs, report
-
-FLAGS = flags.FLAGS
 
 PAPER = "paper"
 MEAN_CONTEXT = "iavae_mean_context"
@@ -195,21 +193,8 @@ def write_designs(workdir: str) -> dict:
   return table
 
 
-def _define_flags() -> None:
-  # Defined only when run as a program (as experiments.report): --workdir is other modules' too.
-  flags.DEFINE_string("workdir", None, "Directory searched recursively for the runs of "
-                      "experiments.images (and their gaps.json) to compare; designs.json and "
-                      "designs.md are written there.")
-
-
-def main(argv: list[str]) -> None:
-  def body():
-    print(render_markdown(write_designs(FLAGS.workdir)), end="")
-    print(f"wrote {os.path.join(FLAGS.workdir, 'designs.json')} and "
-          f"{os.path.join(FLAGS.workdir, 'designs.md')}")
-  common.run_command(argv, body)
-
-
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  app.run(report.summary_main(
+      write_designs, render_markdown, "designs.json", "designs.md",
+      workdir_help="Directory searched recursively for the runs of experiments.images (and "
+      "their gaps.json) to compare; designs.json and designs.md are written there."))

@@ -44,6 +44,7 @@ import glob
 import json
 import math
 import os
+from typing import Callable
 
 from absl import app, flags
 
@@ -315,21 +316,24 @@ def write_report(workdir: str) -> dict:
   return table
 
 
-def _define_flags() -> None:
-  # Defined only when run as a program: other experiment modules define --workdir too, and
-  # importing them together (as the tests do) would otherwise be a duplicate-flag error.
-  flags.DEFINE_string("workdir", None, "Directory searched recursively for results.json of "
-                      "experiments.images; table4.json and table4.md are written there.")
+def summary_main(write: Callable[[str], dict], render: Callable[[dict], str], *outputs: str,
+                 workdir_help: str) -> Callable[[list[str]], None]:
+  """The absl main of a command that summarises the runs under --workdir: defines --workdir
+  (only when run as a program: other experiment modules define it too, and importing them
+  together, as the tests do, would be a duplicate-flag error), then prints render(write(DIR))
+  and the files written there (``outputs``)."""
+  flags.DEFINE_string("workdir", None, workdir_help)
 
-
-def main(argv: list[str]) -> None:
-  def body():
-    print(render_markdown(write_report(FLAGS.workdir)), end="")
-    print(f"wrote {os.path.join(FLAGS.workdir, 'table4.json')} and "
-          f"{os.path.join(FLAGS.workdir, 'table4.md')}")
-  common.run_command(argv, body)
+  def main(argv: list[str]) -> None:
+    def body():
+      print(render(write(FLAGS.workdir)), end="")
+      print("wrote " + " and ".join(os.path.join(FLAGS.workdir, name) for name in outputs))
+    common.run_command(argv, body)
+  return main
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  app.run(summary_main(
+      write_report, render_markdown, "table4.json", "table4.md",
+      workdir_help="Directory searched recursively for results.json of experiments.images; "
+      "table4.json and table4.md are written there."))

@@ -143,8 +143,8 @@ def write(path, obj):
     json.dump(obj, f)
 
 
-def run_cli(*args):
-  return subprocess.run([sys.executable, "-m", "experiments.report", *args], cwd=ROOT,
+def run_cli(*args, module="experiments.report"):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
 
 
@@ -423,3 +423,15 @@ def test_designs_flag_different_vaes_and_refuse_what_cannot_be_compared(tmp_path
     designs.write_designs(str(tmp_path / "apart"))
   with pytest.raises(common.ConfigError, match="is not a directory"):
     designs.write_designs(str(tmp_path / "missing"))
+
+
+def test_designs_command_line(tmp_path):
+  rng = np.random.default_rng(4)
+  design_run(tmp_path, "mnist", "paper", range(3), 0.0, rng)
+  design_run(tmp_path, "mnist", "mlp", range(3), 0.5, rng)
+  result = run_cli(f"--workdir={tmp_path}", module="experiments.designs")
+  assert result.returncode == 0, result.stderr
+  assert "| MNIST | mlp | " in result.stdout and "designs.json and" in result.stdout
+  assert json.loads((tmp_path / "designs.json").read_text())["mnist"]["best_on_validation"] == "mlp"
+  result = run_cli(f"--workdir={tmp_path / 'missing'}", module="experiments.designs")
+  assert result.returncode == 2 and "is not a directory" in result.stderr
