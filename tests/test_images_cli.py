@@ -436,8 +436,9 @@ def test_stage_1_step_sets_the_batch_norm_running_statistics():
 
 
 def _first_step_move(kind, x_grey):
-  """How far one stage-2 step moves the encoder's mean on x_grey (relative to its norm)."""
-  model = _smoke_model(hypernet_input=kind)
+  """How far one stage-2 step of the paper design moves the encoder's mean on x_grey (relative
+  to its norm)."""
+  model = _smoke_model(hypernet="paper", hypernet_input=kind)
   params, frozen = _initial(model, "iavae")
   state, _ = _train_step(model, "iavae")(_state(model, "iavae", params, frozen),
                                          images_train.Batch(x_grey, jax.random.PRNGKey(6)))
@@ -451,7 +452,7 @@ def _first_step_move(kind, x_grey):
 
 @pytest.mark.slow
 def test_normalised_image_input_keeps_the_first_step_small():
-  # The Fashion-MNIST divergence: with the raw image as the hypernetwork's x, Adam's first step
+  # The paper design's Fashion-MNIST divergence: with the raw image as its x, Adam's first step
   # moves every conv delta by ~lr x (ink pixels) coherently; over its norm, ~lr x sqrt(ink).
   x_grey = jnp.where(jax.random.uniform(jax.random.PRNGKey(8), (20, 28, 28)) < 0.5, 1.0, 0.0)
   raw, normalised = (_first_step_move(kind, x_grey) for kind in ("image", "image_l2"))
