@@ -33,7 +33,6 @@ Wilk, then a one-sided paired t-test or Wilcoxon signed-rank test). Bad input ex
 """
 
 import dataclasses
-import json
 import math
 import os
 
@@ -60,7 +59,7 @@ def load_runs(workdir: str) -> dict[str, dict[str, tuple[str, dict, dict | None]
   """data set -> design label -> (results.json path, its contents, the gaps.json beside it or
   None); designs in order: "paper" first, then alphabetically."""
   runs = {}
-  for path in report.find_results(workdir):
+  for path in report.results_under(workdir):
     data = report.load_results(path)
     label = design_label(data.get("config") or {})
     by_design = runs.setdefault(data["dataset"], {})
@@ -76,12 +75,7 @@ def load_runs(workdir: str) -> dict[str, dict[str, tuple[str, dict, dict | None]
 def _read_gaps(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise common.ConfigError(f"{path} cannot be read as JSON ({e}); rerun experiments.gaps on "
-                             "that run or remove the file.") from e
+  return report.read_json(path, "rerun experiments.gaps on that run or remove the file")
 
 
 def _on_seeds(values: list, run_seeds: list, seeds: list) -> list:
@@ -104,27 +98,27 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
     raise common.ConfigError(f"the runs on {name} share no seed ({', '.join(by_design)}); run "
                              "every design with the same --seed and --num_seeds.")
 
-  def test_elbo(data: dict, model: str, key: str = "test_elbo") -> list:
+  def per_seed(data: dict, model: str, key: str = "test_elbo") -> list:
     return _on_seeds(data["models"][model][key], data["seeds"], seeds)
 
   first = next(iter(by_design.values()))[1]
-  vae = test_elbo(first, "vae")
+  vae = per_seed(first, "vae")
   row = {"seeds": seeds,
-         "same_vae": all(test_elbo(data, "vae") == vae for _, data, _ in by_design.values()),
+         "same_vae": all(per_seed(data, "vae") == vae for _, data, _ in by_design.values()),
          "vae": report.summarize_seeds(vae),
-         "control": report.summarize_seeds(test_elbo(first, "control")), "designs": {}}
+         "control": report.summarize_seeds(per_seed(first, "control")), "designs": {}}
   for label, (path, data, gaps) in by_design.items():
-    iavae = test_elbo(data, "iavae")
+    iavae = per_seed(data, "iavae")
     entry = {"source": os.path.relpath(path, workdir), "iavae": report.summarize_seeds(iavae),
-             "valid_elbo": report.summarize_seeds(test_elbo(data, "iavae", "valid_elbo")),
+             "valid_elbo": report.summarize_seeds(per_seed(data, "iavae", "valid_elbo")),
              "gap_closed": _gap_closed(gaps, seeds),
-             "vs_control": report.paired_comparison(iavae, test_elbo(data, "control"))}
+             "vs_control": report.paired_comparison(iavae, per_seed(data, "control"))}
     if MEAN_CONTEXT in data["models"]:
-      mean_context = test_elbo(data, MEAN_CONTEXT)
+      mean_context = per_seed(data, MEAN_CONTEXT)
       entry[MEAN_CONTEXT] = report.summarize_seeds(mean_context)
       entry["vs_mean_input"] = report.paired_comparison(iavae, mean_context)
     if PAPER in by_design and label != PAPER:
-      entry["vs_paper"] = report.paired_comparison(iavae, test_elbo(by_design[PAPER][1], "iavae"))
+      entry["vs_paper"] = report.paired_comparison(iavae, per_seed(by_design[PAPER][1], "iavae"))
     row["designs"][label] = entry
   score = lambda label: row["designs"][label]["valid_elbo"]["mean"]
   row["best_on_validation"] = max(row["designs"], key=lambda label: (
@@ -181,12 +175,7 @@ def _percent(summary: dict | None) -> str:
 
 def write_designs(workdir: str) -> dict:
   """Writes workdir/designs.json and workdir/designs.md; returns the table."""
-  if not workdir or not os.path.isdir(workdir):
-    raise common.ConfigError(f"--workdir={workdir} is not a directory: name the directory that "
-                             "holds the runs of experiments.images to compare.")
   table = build(workdir)
-  if not table:
-    raise common.ConfigError(f"no results.json from experiments.images under {workdir}.")
   with common.workdir_lock(workdir):
     common.write_json(os.path.join(workdir, "designs.json"), table)
     common.write_text(os.path.join(workdir, "designs.md"), render_markdown(table))

@@ -74,19 +74,38 @@ MODEL_NAMES = {"vae": "VAE", "iavae": "IA-VAE", "control": "control",
 ALPHA = 0.05
 
 
+def read_json(path: str, remedy: str = "rerun the experiment that wrote it or remove it"):
+  """The JSON in path; a file that cannot be read as JSON is a ConfigError saying ``remedy``."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise common.ConfigError(f"{path} cannot be read as JSON ({e}); {remedy}.") from e
+
+
 def find_results(workdir: str) -> list[str]:
   """Paths of every results.json under workdir written by experiments.images, sorted."""
   found = []
   for path in sorted(glob.glob(os.path.join(workdir, "**", "results.json"), recursive=True)):
-    try:
-      with open(path) as f:
-        data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise common.ConfigError(f"{path} cannot be read as JSON ({e}); rerun the experiment that "
-                               "wrote it or remove it.") from e
+    data = read_json(path)
     if isinstance(data, dict) and data.get("experiment") == EXPERIMENT:
       found.append(path)
   return found
+
+
+def results_under(workdir: str) -> list[str]:
+  """find_results(workdir), refusing a missing workdir and one that holds no image results."""
+  if not workdir:
+    raise common.ConfigError("--workdir is required: the directory holding the results of "
+                             "experiments.images.")
+  if not os.path.isdir(workdir):
+    raise common.ConfigError(f"--workdir={workdir} is not a directory.")
+  paths = find_results(workdir)
+  if not paths:
+    raise common.ConfigError(f"no results.json from experiments.images under {workdir}; run "
+                             f"python -m experiments.images --workdir={workdir}/<dataset> ... "
+                             "first.")
+  return paths
 
 
 def load_results(path: str) -> dict:
@@ -297,17 +316,7 @@ def _ablations_markdown(table: dict) -> list[str]:
 
 def write_report(workdir: str) -> dict:
   """Writes workdir/table4.json and workdir/table4.md; returns the table."""
-  if not workdir:
-    raise common.ConfigError("--workdir is required: the directory holding the results of "
-                             "experiments.images.")
-  if not os.path.isdir(workdir):
-    raise common.ConfigError(f"--workdir={workdir} is not a directory.")
-  paths = find_results(workdir)
-  if not paths:
-    raise common.ConfigError(f"no results.json from experiments.images under {workdir}; run "
-                             f"python -m experiments.images --workdir={workdir}/<dataset> ... "
-                             "first.")
-  table = build_table4(workdir, paths)
+  table = build_table4(workdir, results_under(workdir))
   # Only workdir itself is locked: the runs under it may still be training, as their
   # results.json is replaced whole, never half-written.
   with common.workdir_lock(workdir):
