@@ -454,7 +454,7 @@ def environment(parallel) -> dict:
   import iavae_jax  # pylint: disable=g-import-not-at-top
   return {"iavae_jax": iavae_jax.__version__, "jax": jax.__version__,
           "python": platform.python_version(), "backend": jax.default_backend(),
-          "devices": jax.device_count(),
+          "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
           "parallel": "none" if parallel is None else parallel.mode,
           "machine": platform.machine(), "cpu_count": os.cpu_count()}
 

@@ -65,6 +65,7 @@ def test_outputs_and_schema(smoke_run):
     json.loads(f.read(), parse_constant=lambda token: pytest.fail(f"results.json holds {token}"))
   assert r["parameters"]["encoder_blocks"] == 26
   assert r["wall_seconds"] > 0
+  assert r["environment"]["device_kind"] == jax.devices()[0].device_kind   # the card, on a GPU
 
 
 @pytest.mark.slow
