@@ -110,8 +110,7 @@ def results_under(workdir: str) -> list[str]:
 
 def load_results(path: str) -> dict:
   """Reads one images results.json and checks the fields Table 4 needs."""
-  with open(path) as f:
-    data = json.load(f)
+  data = read_json(path)
   for key in ("dataset", "seeds", "models"):
     if key not in data:
       raise common.ConfigError(f"{path} has no {key!r}; it is not a complete results.json of "
