@@ -7,14 +7,16 @@ r"""The cost of one IA-VAE training step relative to one VAE step, measured side
   python -m benchmarks.step_cost --tier=converged --xla_defaults   # without the model's options
 
 Builds the real train steps of stage 1 (VAE), the control and stage 2 (IA-VAE: one per
-hypernetwork design and input asked for; experiments.images_train.train_step) on random data;
-compiles them; then times them interleaved (VAE, control, each IA-VAE, VAE, ...) so that machine
-noise hits all alike. Prints a line per model and, last, a JSON object: vae_step_s and
-control_step_s (medians), control_ratio, and per IA-VAE (labelled by its design, or
-design/input when several inputs are asked for) iavae_step_s, ratio = iavae_step_s / vae_step_s
-and hypernet_params; examples per second of every model; the XLA options compiled with
-(images_train.Model.compiler_options, or none with --xla_defaults). Timings are wall-clock on
-whatever device JAX uses.
+hypernetwork design and input asked for; experiments.images_train.train_step), each IA-VAE on
+the modulated path (the default: no example's parameters formed) and, with --reference (on by
+default), on the reference path (each example's parameters formed, the encoder vmapped), on
+random data; compiles them; then times them interleaved (VAE, control, each IA-VAE, VAE, ...) so
+that machine noise hits all alike. Prints a line per model and, last, a JSON object: vae_step_s
+and control_step_s (medians), control_ratio, and per IA-VAE (labelled by its design, or
+design/input when several inputs are asked for) iavae_step_s, ratio = iavae_step_s / vae_step_s,
+reference_step_s and reference_ratio (the reference path's) and hypernet_params; examples per
+second of every model; the XLA options compiled with (images_train.Model.compiler_options, or
+none with --xla_defaults). Timings are wall-clock on whatever device JAX uses.
 """
 
 import dataclasses
@@ -33,6 +35,9 @@ flags.DEFINE_bool("xla_defaults", False, "Compile with XLA's default options ins
                   "model's own (images_train.Model.compiler_options).")
 flags.DEFINE_list("hypernet", None, "The IA-VAE's hypernetwork design(s), of "
                   f"{', '.join(configs.HYPERNETS)} (default: the configuration's).")
+flags.DEFINE_bool("reference", True, "Also time each IA-VAE on the reference path (every "
+                  "example's parameters formed, the encoder vmapped), beside the default "
+                  "modulated path (iavae_jax.modulated).")
 flags.DEFINE_list("hypernet_input", None, "What the IA-VAE's hypernetwork sees, of "
                   f"{', '.join(configs.HYPERNET_INPUTS)} (default: the configuration's).")
 
@@ -68,9 +73,12 @@ def main(argv):
                   {"batch_stats": vae["batch_stats"]}),
   }
   for label, model in models.items():
-    setups[f"iavae {label}"] = (model, "iavae", {
-        "hypernet": model.init_hypernet(jax.random.PRNGKey(2), layout),
-        "decoder": dec_params}, iavae_frozen)
+    params = {"hypernet": model.init_hypernet(jax.random.PRNGKey(2), layout),
+              "decoder": dec_params}
+    setups[f"iavae {label}"] = (model, "iavae", params, iavae_frozen)
+    if FLAGS.reference:
+      setups[f"iavae {label} reference"] = (dataclasses.replace(model, modulated=False), "iavae",
+                                            params, iavae_frozen)
   batch = images_train.Batch(
       jax.random.uniform(jax.random.PRNGKey(3), (config.batch_size, 28, 28)),
       jax.random.PRNGKey(4))
@@ -103,6 +111,9 @@ def main(argv):
       "control_ratio": median["control"] / median["vae"],
       "iavae_step_s": {label: median[f"iavae {label}"] for label in models},
       "ratio": {label: median[f"iavae {label}"] / median["vae"] for label in models},
+      **({"reference_step_s": {label: median[f"iavae {label} reference"] for label in models},
+          "reference_ratio": {label: median[f"iavae {label} reference"] / median["vae"]
+                              for label in models}} if FLAGS.reference else {}),
       "hypernet_params": {label: hypernets.num_params(model.hypernet(layout),
                                                       model.context_size)
                           for label, model in models.items()},

@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from iavae_jax import adaptive, blocks, distributions, hypernets, objectives, plots, training
+from iavae_jax import adaptive, blocks, distributions, hypernets, modulated, objectives
+from iavae_jax import plots, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import images
 from iavae_jax.models import decoders, encoders, pixelcnn
@@ -86,8 +87,15 @@ EncodeFn = Callable
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """The modules of one configuration (hashable: closed over by jitted functions)."""
+  """The modules of one configuration (hashable: closed over by jitted functions).
+
+  ``modulated`` selects how the IA-VAE applies its hypernetwork's deltas: without forming any
+  example's parameters (``modulated.modulated_encode``, the default), or on the reference path,
+  each example's parameters formed and the encoder vmapped over them
+  (``adaptive.instance_adaptive_encode``). The two agree to float rounding.
+  """
   config: ImageConfig
+  modulated: bool = True
 
   @property
   def encoder(self):
@@ -106,8 +114,8 @@ class Model:
 
   @property
   def per_example_encoder(self):
-    """The encoder as applied to one example's own parameters under vmap (convolutions as
-    matmuls; a dense encoder vmaps well as it is)."""
+    """The encoder as applied to one example's own parameters under vmap on the reference path
+    (convolutions as matmuls; a dense encoder vmaps well as it is)."""
     if self.config.encoder == "mlp":
       return self.encoder
     return encoders.ResNetEncoder(self.config.encoder_channels, self.config.latent_dim,
@@ -187,6 +195,16 @@ class Model:
   @functools.lru_cache(maxsize=None)  # one function per stage: jitted callers compile once
   def encode_fn(self, stage: str, layout: blocks.BlockLayout | None = None) -> EncodeFn:
     """The encoder of a stage's model with frozen (running-average) batch-norm statistics."""
+    if stage == "iavae" and self.modulated:
+      hypernet = self.hypernet(layout)
+
+      def encode(params, frozen, x):
+        encoder_apply = lambda phi, x: self.encoder.apply(
+            {"params": phi, "batch_stats": frozen["batch_stats"]}, x, train=False)
+        return modulated.modulated_encode(encoder_apply, hypernet, frozen["phi_avi"],
+                                          params["hypernet"], x,
+                                          context=self.hypernet_context(frozen, x))
+      return encode
     if stage == "iavae":
       encoder, hypernet = self.per_example_encoder, self.hypernet(layout)
 

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iavae_jax import blocks
+from iavae_jax import blocks, modulated
 from iavae_jax.blocks import BlockLayout, PyTree
 
 # Per-block input-feature axes by block path (see ``blocks.slicings``); None: Flax's layout.
@@ -33,6 +33,11 @@ class _Hypernet(nn.Module):
     if c.ndim != 1:
       raise ValueError(f"{type(self).__name__}: expected one example's input of shape [m], got "
                        f"{c.shape}; flatten it and vmap over the batch (see iavae_jax.adaptive).")
+
+  def _check_batch(self, contexts: jax.Array):
+    if contexts.ndim != 2:
+      raise ValueError(f"{type(self).__name__}.factors: expected a batch of inputs of shape "
+                       f"[B, m], got {contexts.shape}.")
 
   def _block_embeddings(self, dim: int, init: nn.initializers.Initializer) -> jax.Array:
     """e_l for every block: [num_blocks, dim]."""
@@ -54,17 +59,32 @@ def _groups(cuts: tuple[blocks.Slicing, ...]) -> dict[str, tuple[int, int]]:
 class _SlicedHypernet(_Hypernet):
   """What the image designs share: block embeddings e_l, output layers at N(0, init_std^2), and
   the blocks cut into slices along their input-feature axes (``input_axes``: see
-  ``blocks.slicings``)."""
+  ``blocks.slicings``).
+
+  Each design computes its deltas for a batch of contexts in factored form, ``factors`` [B, m]
+  -> a ``modulated.Factors`` per block (the form ``modulated.modulated_encode`` applies without
+  forming them); called on one example's context c [m], a design returns that example's deltas,
+  formed: a tree shaped like the encoder's parameters.
+  """
   block_embed_dim: int = 16
   init_std: float = 1e-5
   embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
   input_axes: InputAxes = None
 
-  def _begin(self, c: jax.Array) -> tuple[tuple[blocks.Slicing, ...], jax.Array]:
-    """Checks one example's context c [m]; returns the blocks' slicings and e_l [L, l]."""
+  @property
+  def cuts(self) -> tuple[blocks.Slicing, ...]:
+    """How every block is cut into slices (``blocks.slicings``), in the layout's order."""
+    return blocks.slicings(self.layout, self.input_axes)
+
+  def __call__(self, c: jax.Array) -> PyTree:
     self._check_example(c)
-    return (blocks.slicings(self.layout, self.input_axes),
-            self._block_embeddings(self.block_embed_dim, self.embedding_init))
+    deltas = modulated.materialize(self.factors(c[None]), self.cuts, self.layout)
+    return jax.tree.map(lambda delta: delta[0], deltas)
+
+  def _begin(self, contexts: jax.Array) -> tuple[tuple[blocks.Slicing, ...], jax.Array]:
+    """Checks a batch of contexts [B, m]; returns the blocks' slicings and e_l [L, l]."""
+    self._check_batch(contexts)
+    return self.cuts, self._block_embeddings(self.block_embed_dim, self.embedding_init)
 
 
 class LinearHypernet(_Hypernet):
@@ -141,9 +161,11 @@ class StructuredHypernet(_SlicedHypernet):
   input_embed_dim: int = 8
 
   @nn.compact
-  def __call__(self, c: jax.Array) -> PyTree:
-    cuts, block_embeddings = self._begin(c)
-    m, l = c.shape[0], self.block_embed_dim
+  def factors(self, contexts: jax.Array) -> tuple[modulated.Factors, ...]:
+    """contexts [B, m] -> per block: codes = ones [n_l, 1], basis = (W_x c + b + W_e e_l)[:d_l]
+    [B, 1, d_l] (the example's one vector), offset = (W_in e_in_j)[:d_l] [n_l, d_l]."""
+    cuts, block_embeddings = self._begin(contexts)
+    m, l = contexts.shape[1], self.block_embed_dim
     out = {}
     for group, (n_max, d_max) in _groups(cuts).items():
       w = self.param(f"W_{group}", nn.initializers.normal(self.init_std),
@@ -152,13 +174,15 @@ class StructuredHypernet(_SlicedHypernet):
       input_embeddings = self.param(f"input_embeddings_{group}", self.embedding_init,
                                     (n_max, self.input_embed_dim))
       w_x, w_e, w_in = w[:, :m], w[:, m:m + l], w[:, m + l:]
-      out[group] = (w_x @ c + b, block_embeddings @ w_e.T, input_embeddings @ w_in.T)
-    slices = []
+      out[group] = (contexts @ w_x.T + b, block_embeddings @ w_e.T, input_embeddings @ w_in.T)
+    factors = []
     for index, cut in enumerate(cuts):
       x_part, block_part, input_part = out[cut.group]
       n, d = cut.num_slices, cut.slice_size
-      slices.append((x_part[:d] + block_part[index, :d])[None, :] + input_part[:n, :d])
-    return self._assemble(cuts, slices)
+      factors.append(modulated.Factors(jnp.ones((n, 1), x_part.dtype),
+                                       (x_part[:, :d] + block_part[index, :d])[:, None, :],
+                                       input_part[:n, :d]))
+    return tuple(factors)
 
 
 class HaHypernet(_SlicedHypernet):
@@ -192,11 +216,13 @@ class HaHypernet(_SlicedHypernet):
   block_gains: bool = False
 
   @nn.compact
-  def __call__(self, c: jax.Array) -> PyTree:
-    cuts, block_embeddings = self._begin(c)
+  def factors(self, contexts: jax.Array) -> tuple[modulated.Factors, ...]:
+    """contexts [B, m] -> per block: codes = s_l * (W_{g,j,c} c) [B, n_l, hidden_dim], basis =
+    W_out,g[:d_l]^T [hidden_dim, d_l], offset = W_out,g (W_{g,j,e} e_l + B_{g,j}) + b_out,g."""
+    cuts, block_embeddings = self._begin(contexts)
     gains = (self.param("block_gains", nn.initializers.ones,
                         (self.layout.num_blocks, self.hidden_dim)) if self.block_gains else None)
-    m, l = c.shape[0], self.block_embed_dim
+    m, l = contexts.shape[1], self.block_embed_dim
     first_layer_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-1,
                                                         out_axis=-2, batch_axis=0)
     layers = {}
@@ -206,16 +232,16 @@ class HaHypernet(_SlicedHypernet):
       w_out = self.param(f"W_out_{group}", nn.initializers.normal(self.init_std),
                          (d_max, self.hidden_dim))
       b_out = self.param(f"b_out_{group}", nn.initializers.zeros, (d_max,))
-      code_x = jnp.einsum("jhm,m->jh", w[..., :m], c)           # W_{g,j,c} c, every j
+      code_x = jnp.einsum("jhm,bm->bjh", w[..., :m], contexts)   # W_{g,j,c} c, every j
       layers[group] = (code_x, w[..., m:], b, w_out, b_out)
-    slices = []
+    factors = []
     for index, cut in enumerate(cuts):
       code_x, w_e, b, w_out, b_out = layers[cut.group]
       n, d = cut.num_slices, cut.slice_size
-      code_x = code_x[:n] if gains is None else code_x[:n] * gains[index]
+      code_x = code_x[:, :n] if gains is None else code_x[:, :n] * gains[index]
       code_e = w_e[:n] @ block_embeddings[index] + b[:n]       # [n, hidden_dim], x-independent
-      slices.append(code_x @ w_out[:d].T + (code_e @ w_out[:d].T + b_out[:d]))
-    return self._assemble(cuts, slices)
+      factors.append(modulated.Factors(code_x, w_out[:d].T, code_e @ w_out[:d].T + b_out[:d]))
+    return tuple(factors)
 
 
 class MLPHypernet(_SlicedHypernet):
@@ -242,9 +268,11 @@ class MLPHypernet(_SlicedHypernet):
   activation: Callable[[jax.Array], jax.Array] = nn.gelu
 
   @nn.compact
-  def __call__(self, c: jax.Array) -> PyTree:
-    cuts, block_embeddings = self._begin(c)
-    m, l = c.shape[0], self.block_embed_dim
+  def factors(self, contexts: jax.Array) -> tuple[modulated.Factors, ...]:
+    """contexts [B, m] -> per block: codes = the slices' hidden units [B, n_l, hidden_dim],
+    basis = W_out,g[:d_l]^T [hidden_dim, d_l], offset = b_out,g[:d_l] on every slice."""
+    cuts, block_embeddings = self._begin(contexts)
+    m, l = contexts.shape[1], self.block_embed_dim
     u = self.param("U", nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-1,
                                                          out_axis=-2),
                    (self.hidden_dim, m + l + self.input_embed_dim))
@@ -259,16 +287,15 @@ class MLPHypernet(_SlicedHypernet):
                          (d_max, self.hidden_dim))
       b_out = self.param(f"b_out_{group}", nn.initializers.zeros, (d_max,))
       layers[group] = (input_embeddings @ u_in.T, w_out, b_out)
-    pre_e = jnp.concatenate([block_part[index] + layers[cut.group][0][:cut.num_slices]
-                             for index, cut in enumerate(cuts)])  # [S, hidden_dim]
-    hidden = self.activation(pre_e + (u_c @ c + b))
-    slices, start = [], 0
-    for cut in cuts:
-      _, w_out, b_out = layers[cut.group]
+    pre_c = (contexts @ u_c.T + b)[:, None, :]                   # [B, 1, hidden_dim]
+    factors = []
+    for index, cut in enumerate(cuts):
+      input_part, w_out, b_out = layers[cut.group]
       n, d = cut.num_slices, cut.slice_size
-      slices.append(hidden[start:start + n] @ w_out[:d].T + b_out[:d])
-      start += n
-    return self._assemble(cuts, slices)
+      # Recomputed in the backward pass rather than stored: [B, n, hidden_dim] per block.
+      hidden = jax.checkpoint(self.activation)(block_part[index] + input_part[:n] + pre_c)
+      factors.append(modulated.Factors(hidden, w_out[:d].T, jnp.broadcast_to(b_out[:d], (n, d))))
+    return tuple(factors)
 
 
 class ProjectedContext(nn.Module):
@@ -281,9 +308,25 @@ class ProjectedContext(nn.Module):
   hypernet: nn.Module
   dim: int
 
-  @nn.compact
+  @property
+  def layout(self) -> BlockLayout:
+    return self.hypernet.layout
+
+  @property
+  def cuts(self) -> tuple[blocks.Slicing, ...]:
+    return self.hypernet.cuts
+
   def __call__(self, c: jax.Array) -> PyTree:
-    return self.hypernet(nn.Dense(self.dim, use_bias=False, name="projection")(c))
+    if c.ndim != 1:
+      raise ValueError(f"ProjectedContext: expected one example's input of shape [m], got "
+                       f"{c.shape}; flatten it and vmap over the batch (see iavae_jax.adaptive).")
+    deltas = modulated.materialize(self.factors(c[None]), self.cuts, self.layout)
+    return jax.tree.map(lambda delta: delta[0], deltas)
+
+  @nn.compact
+  def factors(self, contexts: jax.Array) -> tuple[modulated.Factors, ...]:
+    """contexts [B, m] -> the design's factors on [B, dim]."""
+    return self.hypernet.factors(nn.Dense(self.dim, use_bias=False, name="projection")(contexts))
 
 
 HYPERNETS = {"paper": StructuredHypernet, "ha": HaHypernet, "mlp": MLPHypernet}

@@ -96,7 +96,8 @@ _he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 class Conv(nn.Module):
-  """A 2-D convolution with nn.Conv's parameters (kernel [kh, kw, C_in, C_out], bias [C_out]).
+  """A 2-D convolution with nn.Conv's parameters (kernel [kh, kw, C_in, C_out], bias [C_out]
+  unless ``use_bias`` is False).
 
   ``as_matmul`` selects the implementation: XLA's convolution (fast for shared weights) or
   ``conv_as_matmul`` (fast when vmapped over per-example weights). Same parameters, same result.
@@ -106,18 +107,20 @@ class Conv(nn.Module):
   strides: tuple[int, int] = (1, 1)
   padding: str | tuple = "SAME"
   as_matmul: bool = False
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", _torch_conv_init,
                         (*self.kernel_size, x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
     if self.as_matmul:
       y = conv_as_matmul(x, kernel, self.strides, self.padding)
     else:
       y = jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding,
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + bias
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+    return y
 
 
 class ResidualBlock(nn.Module):
