@@ -87,12 +87,16 @@ class RefineSettings:
   momentum: float = 0.5                                  # heavy ball, as optax.sgd
   max_grad_norm: float = 5.0 * math.sqrt(SA_VAE_BATCH_SIZE)  # each of the two gradients
   samples_per_step: int = 1
+  optimizer: str = "sgd"      # "sgd" (with momentum) or "adam" (momentum unused)
 
   def validate(self) -> "RefineSettings":
     _positive("RefineSettings", learning_rate=self.learning_rate,
               max_grad_norm=self.max_grad_norm, samples_per_step=self.samples_per_step)
     if not 0 <= self.momentum < 1:
       raise ValueError(f"RefineSettings.momentum must be in [0, 1), got {self.momentum}.")
+    if self.optimizer not in ("sgd", "adam"):
+      raise ValueError(f"RefineSettings.optimizer must be 'sgd' or 'adam', got "
+                       f"{self.optimizer!r}.")
     return self
 
 
@@ -270,7 +274,9 @@ class Refined(NamedTuple):
   log_var: jax.Array  # [C, k]
 
 
-def _sgd(settings: RefineSettings) -> optax.GradientTransformation:
+def _optimizer(settings: RefineSettings) -> optax.GradientTransformation:
+  if settings.optimizer == "adam":
+    return optax.adam(settings.learning_rate)
   return optax.sgd(settings.learning_rate, momentum=settings.momentum or None)
 
 
@@ -282,7 +288,8 @@ def _clip_norm(g: jax.Array, max_norm: float) -> jax.Array:
 def start_refinement(mean: jax.Array, log_var: jax.Array, key: jax.Array,
                      settings: RefineSettings = RefineSettings()) -> Refinement:
   settings.validate()
-  return Refinement((mean, log_var), _sgd(settings).init((mean, log_var)), jnp.int32(0), key)
+  return Refinement((mean, log_var), _optimizer(settings).init((mean, log_var)), jnp.int32(0),
+                    key)
 
 
 def refinement_step(log_likelihood_fn: objectives.LogLikelihoodFn, refinement: Refinement,
@@ -293,7 +300,7 @@ def refinement_step(log_likelihood_fn: objectives.LogLikelihoodFn, refinement: R
                           (settings.samples_per_step, *refinement.params[0].shape))
   grads = tuple(_clip_norm(g, settings.max_grad_norm)
                 for g in jax.grad(_negative_elbo(log_likelihood_fn))(refinement.params, eps))
-  updates, opt_state = _sgd(settings).update(grads, refinement.opt_state)
+  updates, opt_state = _optimizer(settings).update(grads, refinement.opt_state)
   return Refinement(optax.apply_updates(refinement.params, updates), opt_state,
                     refinement.steps + 1, refinement.key)
 

@@ -42,8 +42,8 @@ from iavae_jax import blocks
 from iavae_jax.blocks import BlockLayout, PyTree
 from iavae_jax.models import encoders
 
-__all__ = ["Factors", "materialize", "modulated_encode", "Rule", "RULES", "linear_rule",
-           "normalization_rule"]
+__all__ = ["Factors", "materialize", "concat_factors", "apply_factors", "modulated_encode",
+           "iterative_encode", "Rule", "RULES", "linear_rule", "normalization_rule"]
 
 
 class Factors(NamedTuple):
@@ -287,6 +287,55 @@ def _join(prefix: str, path: str) -> str:
   return f"{prefix}/{path}" if prefix else path
 
 
+def concat_factors(first: Factors, second: Factors) -> Factors:
+  """The factors of the sum of two deltas of one block: the codes and bases side by side (rank
+  r_1 + r_2), the offsets added. A part that carries the example in one and not in the other is
+  broadcast over the batch."""
+  batch = next((a.shape[0] for a in (first.codes, first.basis, second.codes, second.basis)
+                if a.ndim == 3), None)
+
+  def side_by_side(a, b, axis):
+    if a.ndim != b.ndim:
+      a, b = (jnp.broadcast_to(t, (batch, *t.shape[-2:])) for t in (a, b))
+    return jnp.concatenate([a, b], axis=axis)
+  return Factors(side_by_side(first.codes, second.codes, -1),
+                 side_by_side(first.basis, second.basis, -2), first.offset + second.offset)
+
+
+def apply_factors(encoder_apply: Callable[[PyTree, jax.Array], Any], phi_avi: PyTree,
+                  factors: Sequence[Factors], cuts: Sequence[blocks.Slicing], x: jax.Array,
+                  rules: dict[type, Rule] | None = None):
+  """encoder_apply on x [B, ...] with every example's parameters phi_AVI + (its deltas, given
+  as ``factors``, one per block of phi_avi in the order of its leaves, cut as ``cuts``), none
+  of them formed. See ``modulated_encode``."""
+  layout = BlockLayout.from_tree(phi_avi)
+  if len(factors) != layout.num_blocks or len(cuts) != layout.num_blocks:
+    raise ValueError(f"apply_factors: phi_avi has {layout.num_blocks} blocks, but "
+                     f"{len(factors)} factors and {len(cuts)} cuts were given; give one of each "
+                     "per block, in the order of jax.tree.leaves(phi_avi).")
+  shared = [leaf + cut.assemble(f.offset)
+            for leaf, f, cut in zip(jax.tree.leaves(phi_avi), factors, cuts)]
+  interceptor = _Interceptor(
+      {path: _Block(f, cut) for path, f, cut in zip(layout.paths, factors, cuts)},
+      x.shape[0], RULES if rules is None else rules)
+  with nn.intercept_methods(interceptor):
+    return encoder_apply(jax.tree.unflatten(layout.treedef, shared), x)
+
+
+def _check_hypernet(owner: str, hypernet: nn.Module, phi_avi: PyTree):
+  layout = BlockLayout.from_tree(phi_avi)
+  if layout != hypernet.layout:
+    raise ValueError(f"{owner}: phi_avi's blocks {layout.shapes} are not those the hypernet was "
+                     f"built for ({hypernet.layout.shapes}); build it on "
+                     "BlockLayout.from_tree(phi_avi).")
+
+
+def _check_context(owner: str, contexts: jax.Array, batch: int):
+  if contexts.ndim != 2 or contexts.shape[0] != batch:
+    raise ValueError(f"{owner}: context must be [B, m] with B = {batch} (x's leading axis), got "
+                     f"{contexts.shape}.")
+
+
 def modulated_encode(encoder_apply: Callable[[PyTree, jax.Array], Any], hypernet: nn.Module,
                      phi_avi: PyTree, psi: PyTree, x: jax.Array,
                      context: jax.Array | None = None,
@@ -304,21 +353,38 @@ def modulated_encode(encoder_apply: Callable[[PyTree, jax.Array], Any], hypernet
   Returns what encoder_apply returns: the same, to float rounding, as
   ``adaptive.instance_adaptive_encode`` with the encoder applied to one example's parameters.
   """
-  layout = BlockLayout.from_tree(phi_avi)
-  if layout != hypernet.layout:
-    raise ValueError(f"modulated_encode: phi_avi's blocks {layout.shapes} are not those the "
-                     f"hypernet was built for ({hypernet.layout.shapes}); build it on "
-                     "BlockLayout.from_tree(phi_avi).")
+  _check_hypernet("modulated_encode", hypernet, phi_avi)
   contexts = x.reshape(x.shape[0], -1) if context is None else context
-  if contexts.ndim != 2 or contexts.shape[0] != x.shape[0]:
-    raise ValueError(f"modulated_encode: context must be [B, m] with B = {x.shape[0]} (x's "
-                     f"leading axis), got {contexts.shape}.")
+  _check_context("modulated_encode", contexts, x.shape[0])
   factors = hypernet.apply({"params": psi}, contexts, method="factors")
-  cuts = hypernet.cuts
-  shared = [leaf + cut.assemble(f.offset)
-            for leaf, f, cut in zip(jax.tree.leaves(phi_avi), factors, cuts)]
-  interceptor = _Interceptor(
-      {path: _Block(f, cut) for path, f, cut in zip(layout.paths, factors, cuts)},
-      x.shape[0], RULES if rules is None else rules)
-  with nn.intercept_methods(interceptor):
-    return encoder_apply(jax.tree.unflatten(layout.treedef, shared), x)
+  return apply_factors(encoder_apply, phi_avi, factors, hypernet.cuts, x, rules)
+
+
+def iterative_encode(encoder_apply: Callable[[PyTree, jax.Array], tuple[jax.Array, jax.Array]],
+                     hypernet: nn.Module, phi_avi: PyTree, psi: PyTree, x: jax.Array,
+                     context_fn: Callable[[int, jax.Array, jax.Array], jax.Array],
+                     num_passes: int = 1, rules: dict[type, Rule] | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Instance adaptation in ``num_passes`` passes, each seeing the encoder's current output.
+
+  lambda_0 = (mean_0, log_var_0) = encoder_apply(phi_avi, x); then for t = 1 .. T:
+      c_t = context_fn(t, mean_{t-1}, log_var_{t-1})         [B, m] (no gradient flows into it)
+      phi_t(x_i) = phi_{t-1}(x_i) + h(c_t,i; psi),   lambda_t = encoder(phi_t(x_i), x_i),
+  so every pass adds a delta to the example's parameters (phi_0 = phi_AVI), none of them formed
+  (``apply_factors`` of the passes' factors side by side: ``concat_factors``). context_fn
+  builds the hypernetwork's input from the current guess, e.g. x's feature with the decoder's
+  feedback at it (``iavae_jax.feedback``). encoder_apply must return (mean, log_var) [B, k].
+  Returns (mean_T, log_var_T).
+  """
+  _check_hypernet("iterative_encode", hypernet, phi_avi)
+  if num_passes < 1:
+    raise ValueError(f"iterative_encode: num_passes must be at least 1, got {num_passes}.")
+  mean, log_var = encoder_apply(phi_avi, x)
+  factors = None
+  for t in range(1, num_passes + 1):
+    contexts = jax.lax.stop_gradient(context_fn(t, mean, log_var))
+    _check_context("iterative_encode", contexts, x.shape[0])
+    new = hypernet.apply({"params": psi}, contexts, method="factors")
+    factors = new if factors is None else tuple(map(concat_factors, factors, new))
+    mean, log_var = apply_factors(encoder_apply, phi_avi, factors, hypernet.cuts, x, rules)
+  return mean, log_var

@@ -129,3 +129,22 @@ def refinement_figure(curves: dict, title: str):
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   return fig
+
+
+def passes_figure(curves: dict, points: dict, title: str):
+  """ELBO against decoder passes per example (a forward or backward pass of one sample each):
+  curves {label: (passes [C], elbo [C])} as lines (iterative inference, e.g. refinement),
+  points {label: (passes, elbo)} as markers (amortized models; 0 passes for one encoder pass)."""
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, (passes, elbo) in curves.items():
+    ax.plot(passes, elbo, marker=".", label=label)
+  for index, (label, (passes, elbo)) in enumerate(points.items()):
+    ax.scatter([passes], [elbo], marker="os^vD<>p*hX"[index % 11], s=50, zorder=3, label=label)
+  ax.set_xscale("symlog", linthresh=1)
+  ax.set_xlabel("decoder passes per example")
+  ax.set_ylabel("test ELBO (mean over seeds)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  return fig
