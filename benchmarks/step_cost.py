@@ -22,7 +22,6 @@ none with --xla_defaults). Timings are wall-clock on whatever device JAX uses.
 import dataclasses
 import json
 import statistics
-import time
 
 from absl import app, flags
 
@@ -44,63 +43,23 @@ flags.DEFINE_list("hypernet_input", None, "What the IA-VAE's hypernetwork sees, 
 
 def main(argv):
   del argv
-  import functools
   import jax
-  from iavae_jax import blocks, hypernets, training
-  from experiments import images_train
+  from benchmarks import train_steps
 
   config = configs.image_config("mnist", FLAGS.tier)
   designs = FLAGS.hypernet or [config.hypernet]
   inputs = FLAGS.hypernet_input or [config.hypernet_input]
-  models = {}
+  iavaes = {}
   for design in designs:
     for kind in inputs:
       label = design if len(inputs) == 1 else f"{design}/{kind}"
       try:
-        models[label] = images_train.Model(dataclasses.replace(
-            config, hypernet=design, hypernet_input=kind).validate())
+        iavaes[label] = dataclasses.replace(config, hypernet=design,
+                                            hypernet_input=kind).validate()
       except common.ConfigError as e:
         raise app.UsageError(str(e)) from e
-  vae_model = images_train.Model(config)
-  vae = vae_model.init_vae(jax.random.PRNGKey(0))
-  dec_params = vae["decoder"]
-  layout = blocks.BlockLayout.from_tree(vae["encoder"])
-  iavae_frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
-  # name -> (model, stage, params, frozen)
-  setups = {
-      "vae": (vae_model, "vae", vae, None),
-      "control": (vae_model, "control", {"encoder": vae["encoder"], "decoder": dec_params},
-                  {"batch_stats": vae["batch_stats"]}),
-  }
-  for label, model in models.items():
-    params = {"hypernet": model.init_hypernet(jax.random.PRNGKey(2), layout),
-              "decoder": dec_params}
-    setups[f"iavae {label}"] = (model, "iavae", params, iavae_frozen)
-    if FLAGS.reference:
-      setups[f"iavae {label} reference"] = (dataclasses.replace(model, modulated=False), "iavae",
-                                            params, iavae_frozen)
-  batch = images_train.Batch(
-      jax.random.uniform(jax.random.PRNGKey(3), (config.batch_size, 28, 28)),
-      jax.random.PRNGKey(4))
-  steps, states = {}, {}
-  for name, (model, stage, params, frozen) in setups.items():
-    steps[name] = jax.jit(
-        functools.partial(images_train.train_step, model=model, stage=stage, steps_per_epoch=1),
-        compiler_options={} if FLAGS.xla_defaults else model.compiler_options)
-    states[name] = training.init_state(params, images_train.stage_optimizer(model.config, stage),
-                                       jax.random.PRNGKey(5), frozen)
-    t0 = time.perf_counter()
-    states[name], metrics = steps[name](states[name], batch)
-    jax.block_until_ready(metrics)
-    print(f"{name}: compiled and ran one step in {time.perf_counter() - t0:.1f} s", flush=True)
-
-  times = {name: [] for name in setups}
-  for _ in range(FLAGS.repeats):
-    for name in setups:
-      t0 = time.perf_counter()
-      states[name], metrics = steps[name](states[name], batch)
-      jax.block_until_ready((states[name], metrics))
-      times[name].append(time.perf_counter() - t0)
+  setups = train_steps.build(config, iavaes, FLAGS.reference, FLAGS.xla_defaults)
+  times = train_steps.time_steps(setups, FLAGS.repeats)
   median = {name: statistics.median(t) for name, t in times.items()}
   for name, t in times.items():
     print(f"{name}: median {median[name]:.4f} s per step of {config.batch_size} "
@@ -109,17 +68,16 @@ def main(argv):
   result = {
       "vae_step_s": median["vae"], "control_step_s": median["control"],
       "control_ratio": median["control"] / median["vae"],
-      "iavae_step_s": {label: median[f"iavae {label}"] for label in models},
-      "ratio": {label: median[f"iavae {label}"] / median["vae"] for label in models},
-      **({"reference_step_s": {label: median[f"iavae {label} reference"] for label in models},
+      "iavae_step_s": {label: median[f"iavae {label}"] for label in iavaes},
+      "ratio": {label: median[f"iavae {label}"] / median["vae"] for label in iavaes},
+      **({"reference_step_s": {label: median[f"iavae {label} reference"] for label in iavaes},
           "reference_ratio": {label: median[f"iavae {label} reference"] / median["vae"]
-                              for label in models}} if FLAGS.reference else {}),
-      "hypernet_params": {label: hypernets.num_params(model.hypernet(layout),
-                                                      model.context_size)
-                          for label, model in models.items()},
+                              for label in iavaes}} if FLAGS.reference else {}),
+      "hypernet_params": {label: train_steps.hypernet_params(setups[f"iavae {label}"])
+                          for label in iavaes},
       "examples_per_s": {name: config.batch_size / median[name] for name in setups},
       "tier": FLAGS.tier, "hypernet": designs,
-      "compiler_options": {} if FLAGS.xla_defaults else vae_model.compiler_options,
+      "compiler_options": {} if FLAGS.xla_defaults else setups["vae"].model.compiler_options,
       "hypernet_input": inputs,
       "batch_size": config.batch_size, "repeats": FLAGS.repeats,
       "backend": jax.default_backend(), "device": str(jax.devices()[0]),

@@ -86,8 +86,12 @@ IMAGE_ENCODERS = ("resnet", "mlp")
 IMAGE_DECODERS = ("pixelcnn", "pixelcnn_kim", "mlp")
 # The models an image run can train (experiments.images_train.MODEL_SPECS says what each is).
 IMAGE_MODELS = ("vae", "iavae", "control", "iavae_frozen_decoder", "control_frozen_decoder",
-                "vae_matched")
-HYPERNET_INPUTS = ("image", "image_l2", "encoder", "penultimate")
+                "vae_matched", "corrector", "corrector_frozen_decoder")   # the converged tier's:
+                                                                         # the first six
+# What the hypernetwork sees of x (images_train.Model.hypernet_context), or, with the decoder's
+# feedback on the encoder's current guess (iavae_jax.feedback), x with that guess and feedback.
+FEEDBACK_INPUTS = ("gradient", "residual")
+HYPERNET_INPUTS = ("image", "image_l2", "encoder", "penultimate") + FEEDBACK_INPUTS
 HYPERNETS = ("paper", "ha", "mlp")     # iavae_jax.hypernets.HYPERNETS
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 # Stage-2 weight decay: the paper's values for OMNIGLOT and MNIST; Fashion-MNIST (not given in the
@@ -143,6 +147,15 @@ class ImageConfig:
   # Adam's first step moves each W_x entry by ~lr, so every delta moves by ~lr x (ink pixels),
   # coherently. Over its Euclidean norm the move is ~lr x sqrt(ink pixels).
   hypernet_input: str = "image_l2"
+  # The feedback inputs (FEEDBACK_INPUTS): [x over its norm; mean; log-variance; feedback] at the
+  # encoder's current output, recomputed at each of ``passes`` passes; ``gradient`` estimated
+  # with feedback_samples fixed noise draws (2 feedback_samples decoder passes per pass).
+  feedback_samples: int = 8
+  passes: int = 1
+  # The direct-correction model (corrector, corrector_frozen_decoder: iavae_jax.feedback's
+  # Corrector on the hypernetwork's input): the width of its two ELU layers, 0 for the width that
+  # gives it about as many parameters as the hypernetwork.
+  corrector_hidden: int = 0
   # Stage 1 as in [20]: Adam 1e-3, batch 50, KL weight 0.1 -> 1 over 10 epochs, clip 5.
   batch_size: int = 50
   vae_epochs: int = 100
@@ -159,6 +172,9 @@ class ImageConfig:
   # clipped gradient before Adam's scaling; "decoupled" is AdamW's (the decay added to the update).
   weight_decay_mode: str = "coupled"
   patience: int = 100                    # epochs without a better validation ELBO (both stages)
+  # > 0: stage 2's and the control's patience counted in optimiser steps (rounded up to whole
+  # epochs), so that it does not shrink with the training set.
+  stage2_patience_steps: int = 0
   # Stage 2's and the control's starting point (the stage-1 VAE) is a model-selection candidate
   # (epoch 0), so a run never selects something worse on validation than where it started.
   start_as_candidate: bool = True
@@ -210,8 +226,15 @@ class ImageConfig:
     if self.ha_block_gains and self.hypernet != "ha":
       raise ConfigError(f"--ha_block_gains applies to --hypernet=ha only, not "
                         f"{self.hypernet}.")
+    if self.passes > 1 and self.hypernet_input not in FEEDBACK_INPUTS:
+      raise ConfigError(f"--passes={self.passes}: later passes differ from the first only through "
+                        f"the decoder's feedback; use --hypernet_input="
+                        f"{' or '.join(FEEDBACK_INPUTS)}, or --passes=1.")
+    if self.corrector_hidden < 0:
+      raise ConfigError(f"--corrector_hidden must be a non-negative integer (0: as many "
+                        f"parameters as the hypernetwork), got {self.corrector_hidden}.")
     positive = ["num_seeds", "latent_dim", "decoder_features", "latent_feature_maps",
-                "block_embed_dim",
+                "block_embed_dim", "feedback_samples", "passes",
                 "input_embed_dim", "batch_size", "vae_epochs", "iavae_epochs", "patience",
                 "num_samples", "valid_samples", "test_samples", "iwae_samples",
                 "eval_batch_size", "iwae_chunk", "checkpoint_every"]
@@ -223,7 +246,7 @@ class ImageConfig:
       if not 0 < getattr(self, name) < float("inf"):
         raise ConfigError(f"--{name} must be positive and finite, got {getattr(self, name)}.")
     for name in ("split_seed", "max_train", "max_valid", "max_test", "seed", "warmup_epochs",
-                 "num_reconstructions"):
+                 "num_reconstructions", "stage2_patience_steps"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name} must be a non-negative integer, got {getattr(self, name)}.")
     if not 0 <= self.weight_decay < float("inf"):
@@ -273,7 +296,7 @@ def image_config(dataset: str, tier: str) -> ImageConfig:
     # --tier=converged: an IA-VAE step ~3.4x a VAE step) to fit 3 data sets x 5 seeds x 6
     # models in about two hours on a 2-core CPU.
     return dataclasses.replace(
-        base, num_seeds=5, models=IMAGE_MODELS, encoder="mlp", encoder_hidden=(64,),
+        base, num_seeds=5, models=IMAGE_MODELS[:6], encoder="mlp", encoder_hidden=(64,),
         decoder="mlp", decoder_hidden=(100, 100), max_train=1500, max_valid=500, max_test=500,
         batch_size=100, vae_epochs=1000, iavae_epochs=1000, patience=10, valid_samples=5,
         test_samples=10, iwae_samples=500, iwae_chunk=100, eval_batch_size=250,
@@ -313,6 +336,12 @@ class GapsConfig:
   refine_momentum: float = 0.5
   refine_max_grad_norm: float = 5 * 50**0.5
   refine_samples: int = 1             # samples per refinement step
+  refine_optimizer: str = "sgd"       # "sgd" (heavy ball, refine_momentum) or "adam"
+  # > 0: the VAE's refinement is also tuned, its optimiser, step size and samples per step chosen
+  # by the ELBO on this many validation images after tune_budget decoder passes per image
+  # (gaps_eval.tune_refinement); the tuned curve is measured beside SA-VAE's.
+  tune_examples: int = 0
+  tune_budget: int = 200
   refine_eval_samples: int = 5000     # samples of the ELBO at each K (the final noise of L[q])
   convergence_examples: int = 100     # examples rerun with twice the patience and max_steps
   convergence_tolerance: float = 0.05  # nats: the rule on the mean of L[q*] over them
@@ -333,6 +362,11 @@ class GapsConfig:
         raise ConfigError(f"--{name} must be positive and finite, got {getattr(self, name)}.")
     if not 0 <= self.refine_momentum < 1:
       raise ConfigError(f"--refine_momentum must be in [0, 1), got {self.refine_momentum}.")
+    if self.refine_optimizer not in ("sgd", "adam"):
+      raise ConfigError(f"--refine_optimizer must be sgd or adam, got {self.refine_optimizer}.")
+    if self.tune_examples < 0 or self.tune_budget <= 0:
+      raise ConfigError(f"--tune_examples must be a non-negative and --tune_budget a positive "
+                        f"integer, got {self.tune_examples} and {self.tune_budget}.")
     for name in ("num_examples", "convergence_examples"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name} must be a non-negative integer, got "
@@ -375,7 +409,8 @@ def gaps_config(tier: str) -> GapsConfig:
         base, num_examples=50, batch_size=50, qstar_learning_rate=1e-2, qstar_samples=10,
         qstar_check_every=50, qstar_check_samples=100, qstar_patience=5, qstar_max_steps=5000,
         final_samples=500, iwae_samples=5000, sample_chunk=500, refine_eval_samples=200,
-        convergence_examples=10).validate()
+        convergence_examples=10, tune_examples=50,
+        refine_steps=(1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200)).validate()
   if tier == "smoke":
     return dataclasses.replace(
         base, num_examples=20, batch_size=10, qstar_samples=4, qstar_check_every=10,

@@ -47,6 +47,7 @@ the examples; std with ddof=1, null with one seed). DIR/gaps.md renders it, and
 DIR/gaps_refinement.png plots the refinement curves against K and against wall time.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -76,7 +77,7 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
   start = time.time()
   model = Model(image_config)
   seeds, names = run_models(workdir)
-  train, test = run_images(image_config, workdir, data_dir)
+  train, valid, test = run_images(image_config, workdir, data_dir)
   loaded = {(name, seed): load_model(model, workdir, name, seed, train)
             for seed in seeds for name in names}
   num_examples = min(config.num_examples or test.shape[0], test.shape[0])
@@ -96,6 +97,13 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
         os.path.join(partial_dir, f"{name}_seed{seed}.json"), f"{name} seed {seed}", progress)
 
   results = summarize(per_job, names, seeds, config)
+  results["decoder_passes_per_example"] = run_passes(workdir, names)
+  if "vae" in names:
+    results.update(compare_with_refinement(
+        model, config, functions, results, {seed: loaded["vae", seed] for seed in seeds},
+        [name for name in names if name != "vae" and all(
+            _same_decoder(loaded[name, seed], loaded["vae", seed]) for seed in seeds)],
+        valid, test[:num_examples], partial_dir))
   results.update({
       "dataset": image_config.dataset, "tier": image_config.tier, "num_examples": num_examples,
       "settings": common.as_json(config), "wall_seconds": time.time() - start,
@@ -110,6 +118,10 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
       f"{image_config.dataset} ({image_config.tier} tier): SA-VAE's test-time refinement from "
       f"each model's encoder, {num_examples} test images, seeds {seeds}"),
       os.path.join(workdir, "gaps_refinement.png"))
+  if "vae_refinement" in results:
+    common.save_figure(passes_figure(results, f"{image_config.dataset} ({image_config.tier} "
+                                              f"tier), {num_examples} test images, seeds {seeds}"),
+                       os.path.join(workdir, "gaps_passes.png"))
   print(f"wrote {workdir}/gaps.json ({results['wall_seconds']:.1f} s)", flush=True)
   return results
 
@@ -138,7 +150,7 @@ def run_models(workdir: str) -> tuple[list, list]:
 
 class Loaded(NamedTuple):
   """One trained model: its parameters, what its encoder needs, and where it came from."""
-  kind: str            # "vae", "control" or "iavae" (see _kind)
+  kind: str            # "vae", "control", "iavae" or "corrector" (see _kind)
   params: dict         # best_params: the decoder's under "decoder"
   frozen: dict         # what it uses but did not train (TrainState.frozen): phi_AVI, the VAE's
                        # batch-norm statistics
@@ -150,7 +162,8 @@ def _kind(params) -> str | None:
   keys = set(params) if isinstance(params, dict) else set()
   return {frozenset({"encoder", "decoder", "batch_stats"}): "vae",
           frozenset({"encoder", "decoder"}): "control",
-          frozenset({"hypernet", "decoder"}): "iavae"}.get(frozenset(keys))
+          frozenset({"hypernet", "decoder"}): "iavae",
+          frozenset({"corrector", "decoder"}): "corrector"}.get(frozenset(keys))
 
 
 def _restore(workdir: str, name: str, seed: int) -> tuple[dict, dict, str]:
@@ -198,11 +211,11 @@ def load_model(model: Model, workdir: str, name: str, seed: int, train: np.ndarr
   configuration, and the encoder of its kind (see the module docstring). The mean-context
   IA-VAE is the seed's IA-VAE with the hypernetwork's input averaged over ``train`` (the run's
   training split, as images_train evaluated it); ``vae_matched`` has its widened encoder."""
-  if name == images_train.MEAN_CONTEXT:
-    iavae = load_model(model, workdir, "iavae", seed, train)
-    frozen = {**iavae.frozen,
-              "mean_context": images_train.mean_context(model, iavae.frozen, jnp.asarray(train))}
-    return iavae._replace(frozen=frozen, checkpoint=f"{iavae.checkpoint} (mean context)")
+  if images_train.ablated(name):
+    iavae = load_model(model, workdir, images_train.ablated(name), seed, train)
+    frozen = {**iavae.frozen, **images_train.mean_inputs(model, iavae.params, iavae.frozen,
+                                                         jnp.asarray(train))}
+    return iavae._replace(frozen=frozen, checkpoint=f"{iavae.checkpoint} (mean input)")
   spec = images_train.MODEL_SPECS.get(name)
   if spec is not None and spec.matched:
     model = images_train.matched_model(model)
@@ -210,13 +223,14 @@ def load_model(model: Model, workdir: str, name: str, seed: int, train: np.ndarr
   kind = _kind(params)
   if kind is None:
     raise common.ConfigError(f"{where}: model {name!r} has parameters {sorted(params)}, none of "
-                             "the shapes this command can measure (a VAE, an IA-VAE, a control).")
+                             "the shapes this command can measure (a VAE, an IA-VAE, a control, "
+                             "a corrector).")
   if kind == "vae":
     frozen = {}
   elif frozen is None:   # written before training states held their frozen inputs: the VAE's
     vae = _restore(workdir, "vae", seed)[0]
-    frozen = ({"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]} if kind == "iavae"
-              else {"batch_stats": vae["batch_stats"]})
+    frozen = ({"batch_stats": vae["batch_stats"]} if kind == "control"
+              else {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]})
   key, x0 = jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))
   encoder = jax.eval_shape(model.encoder.init, key, x0)
   encoder.setdefault("batch_stats", {})   # none for an encoder without batch norm
@@ -230,7 +244,9 @@ def load_model(model: Model, workdir: str, name: str, seed: int, train: np.ndarr
                                   {"batch_stats": encoder["batch_stats"]})
   else:
     layout = blocks.BlockLayout.from_tree(encoder["params"])
-    inference = {"hypernet": jax.eval_shape(lambda k: model.init_hypernet(k, layout), key)}
+    inference = ({"hypernet": jax.eval_shape(lambda k: model.init_hypernet(k, layout), key)}
+                 if kind == "iavae" else
+                 {"corrector": jax.eval_shape(model.init_corrector, key)})
     expected_frozen = {"phi_avi": encoder["params"], "batch_stats": encoder["batch_stats"]}
   _check_shapes({"params": params, "frozen": frozen},
                 {"params": {**inference, "decoder": decoder}, "frozen": expected_frozen},
@@ -238,11 +254,20 @@ def load_model(model: Model, workdir: str, name: str, seed: int, train: np.ndarr
   return Loaded(kind, params, frozen, images_train.stage_encode(model, kind, frozen), where)
 
 
+def run_passes(workdir: str, names: list) -> dict:
+  """Each model's decoder passes per example, as DIR/results.json records them (0 for a run
+  written before it did: no model then had feedback)."""
+  recorded = _read_json(os.path.join(workdir, "results.json")).get(
+      "decoder_passes_per_example", {})
+  return {name: int(recorded.get(name, 0)) for name in names}
+
+
 def run_images(config: ImageConfig, workdir: str, data_dir: str | None
-               ) -> tuple[np.ndarray, np.ndarray]:
-  """The run's training images [n, 28, 28] (grey, capped by max_train as the run used them) and
-  its test split [N, 28, 28] in {0, 1} (not capped), read where DIR/data.json says (or
-  data_dir), refused if they are not the data the run recorded."""
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The run's training images [n, 28, 28] (grey, capped by max_train as the run used them), its
+  validation images (in {0, 1}, capped by max_valid) and its test split [N, 28, 28] in {0, 1}
+  (not capped), read where DIR/data.json says (or data_dir), refused if they are not the data
+  the run recorded."""
   recorded = _read_json(os.path.join(workdir, "data.json"))
   source = recorded.get("source", "auto")
   if data_dir is None:
@@ -258,7 +283,8 @@ def run_images(config: ImageConfig, workdir: str, data_dir: str | None
     raise common.ConfigError(f"the data read from {data_dir} are not those of the run in "
                              f"{workdir} (recorded {recorded}, read {data.info}); pass the run's "
                              "--data_dir.")
-  return images_train.subset(data, config).train, data.test
+  used = images_train.subset(data, config)
+  return used.train, used.valid, data.test
 
 
 def prepare_output(workdir: str, config: GapsConfig, num_examples: int) -> str:
@@ -325,8 +351,8 @@ class Functions:
         sample_chunk=config.sample_chunk).validate()
     self.refine_settings = gaps.RefineSettings(
         learning_rate=config.refine_learning_rate, momentum=config.refine_momentum,
-        max_grad_norm=config.refine_max_grad_norm,
-        samples_per_step=config.refine_samples).validate()
+        max_grad_norm=config.refine_max_grad_norm, samples_per_step=config.refine_samples,
+        optimizer=config.refine_optimizer).validate()
     self.refine_steps = (0, *config.refine_steps)
     qstar, refine = self.qstar_settings, self.refine_settings
     doubled = qstar.doubled()
@@ -501,7 +527,181 @@ def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: i
   return partial
 
 
+# Refinement from the VAE's encoder on the VAE's decoder: SA-VAE's settings and a tuned variant,
+# and what each amortized model on that decoder is worth in its steps.
+
+_TUNE = 7   # folded into a validation image's key: apart from the test images' purposes
+# The tuned variant's candidates: the optimiser and its step sizes (SGD's as multiples of
+# SA-VAE's), each with these samples per step.
+TUNE_RATES = {"sgd": tuple(f / gaps.SA_VAE_BATCH_SIZE for f in (0.1, 0.3, 1.0, 3.0)),
+              "adam": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)}
+TUNE_SAMPLES = (1, 4, 16)
+FIRST_STEP_SAMPLES = (1, 10, 100)   # SA-VAE's first step with this many samples (diagnostic)
+
+
+def _same_decoder(loaded: Loaded, other: Loaded) -> bool:
+  return all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded.params["decoder"]),
+                                                   jax.tree.leaves(other.params["decoder"])))
+
+
+def refinement_curve(functions: Functions, loaded: Loaded, x: np.ndarray, keys: jax.Array
+                     ) -> np.ndarray:
+  """The ELBO after each of functions' refinement steps (0 first), from the model's encoder on
+  images x [n, 28, 28] with per-example keys [n, 2]: [n, 1 + len(steps)]."""
+  size, rows = functions.config.batch_size, []
+  for begin in range(0, x.shape[0], size):
+    count = min(size, x.shape[0] - begin)
+    chunk = _pad(x[begin:begin + count], size)
+    chunk_keys = jnp.concatenate([keys[begin:begin + count],
+                                  jnp.zeros((size - count, *keys.shape[1:]), keys.dtype)])
+    decoder = loaded.params["decoder"]
+    mean, log_var = functions.encode(loaded)(loaded.params, loaded.frozen, chunk)
+    refined = functions.refine(decoder, chunk, mean, log_var, chunk_keys)
+    rows.append(np.asarray(functions.refine_eval(decoder, chunk, refined.mean, refined.log_var,
+                                                 chunk_keys))[:count])
+  return np.concatenate(rows)
+
+
+def _with_refinement(config: GapsConfig, **settings) -> GapsConfig:
+  return dataclasses.replace(config, **{f"refine_{k}": v for k, v in settings.items()})
+
+
+def tune_refinement(model: Model, config: GapsConfig, vae: Loaded, valid: np.ndarray,
+                    seed: int) -> dict:
+  """The VAE's refinement tuned on validation images valid [n, 28, 28]: every candidate
+  (TUNE_RATES x TUNE_SAMPLES) run for tune_budget decoder passes per image (steps = budget /
+  (2 x samples per step)), the one with the highest mean ELBO chosen; and, as a diagnostic,
+  SA-VAE's first step with FIRST_STEP_SAMPLES samples."""
+  keys = jax.vmap(lambda k: jax.random.fold_in(k, _TUNE))(example_keys(seed, 0, valid.shape[0]))
+
+  def elbo_after(steps, **settings):
+    functions = Functions(model, _with_refinement(config, steps=(steps,), **settings))
+    return np.mean(refinement_curve(functions, vae, valid, keys), axis=0)   # [K = 0, steps]
+  candidates = []
+  for optimizer, rates in TUNE_RATES.items():
+    for learning_rate in rates:
+      for samples in TUNE_SAMPLES:
+        steps = max(1, config.tune_budget // (2 * samples))
+        start, end = elbo_after(steps, optimizer=optimizer, learning_rate=learning_rate,
+                                samples=samples)
+        candidates.append({"optimizer": optimizer, "learning_rate": learning_rate,
+                           "samples_per_step": samples, "steps": steps,
+                           "elbo_at_start": float(start), "elbo": float(end)})
+        print(f"[gaps] tuning the VAE's refinement: {candidates[-1]}", flush=True)
+  finite = [c for c in candidates if np.isfinite(c["elbo"])]
+  chosen = max(finite, key=lambda c: c["elbo"])
+  first_step = [{"samples_per_step": samples, **dict(zip(
+      ("elbo_at_start", "elbo"), map(float, elbo_after(1, samples=samples))))}
+      for samples in FIRST_STEP_SAMPLES]
+  return {"examples": int(valid.shape[0]), "seed": seed, "budget": config.tune_budget,
+          "candidates": candidates, "chosen": chosen, "sa_vae_first_step": first_step}
+
+
+def _steps_to_reach(steps: list, curve: list, target: float) -> float | None:
+  """The (linearly interpolated) number of steps at which the curve first reaches target; 0 if
+  it starts there, None if it never does."""
+  for i, (k, value) in enumerate(zip(steps, curve)):
+    if value >= target:
+      if i == 0:
+        return 0.0
+      k0, v0 = steps[i - 1], curve[i - 1]
+      return float(k0 + (k - k0) * (target - v0) / (value - v0))
+  return None
+
+
+def compare_with_refinement(model: Model, config: GapsConfig, functions: Functions,
+                            results: dict, vaes: dict, shared: list, valid: np.ndarray,
+                            test: np.ndarray, partial_dir: str) -> dict:
+  """gaps.json's "vae_refinement" (the VAE's refinement curves on its decoder against decoder
+  passes: SA-VAE's and, with tune_examples, the tuned variant's), "same_decoder_as_vae" and
+  "refinement_steps_worth" (for each model on the VAE's decoder: the steps, and decoder passes,
+  of each curve at which the refined VAE reaches the model's ELBO)."""
+  steps = results["vae"]["refinement"]["steps"]
+  curves = {"sa_vae": {"settings": dataclasses.asdict(functions.refine_settings),
+                       "steps": steps, "elbo": results["vae"]["refinement"]["elbo"]}}
+  if config.tune_examples:
+    path = os.path.join(partial_dir, "tuned_refinement.json")
+    recorded = _read_json(path) if os.path.exists(path) else {}
+    seed = min(vaes)
+    if "tuning" not in recorded:
+      recorded["tuning"] = tune_refinement(model, config, vaes[seed], valid[:config.tune_examples],
+                                           seed)
+      common.write_json(path, recorded)
+    chosen = recorded["tuning"]["chosen"]
+    tuned = Functions(model, _with_refinement(
+        config, optimizer=chosen["optimizer"], learning_rate=chosen["learning_rate"],
+        samples=chosen["samples_per_step"]))
+    for vae_seed, vae in vaes.items():
+      if str(vae_seed) not in recorded:
+        keys = example_keys(vae_seed, 0, test.shape[0])
+        recorded[str(vae_seed)] = np.mean(refinement_curve(tuned, vae, test, keys),
+                                          axis=0).tolist()
+        common.write_json(path, recorded)
+    curves["tuned"] = {
+        "settings": dataclasses.asdict(tuned.refine_settings), "steps": steps,
+        "elbo": [report.summarize_seeds([recorded[str(s)][i] for s in vaes])
+                 for i in range(len(steps))],
+        "tuning": recorded["tuning"]}
+  for curve in curves.values():
+    curve["decoder_passes"] = [2 * curve["settings"]["samples_per_step"] * k for k in steps]
+  worth = {}
+  for name in shared:
+    target = results[name]["refinement"]["elbo"][0]   # the model's own ELBO, K = 0
+    worth[name] = {label: {
+        "per_seed": [_steps_to_reach(steps, [e["per_seed"][i] for e in curve["elbo"]], t)
+                     for i, t in enumerate(target["per_seed"])],
+        "of_the_means": _steps_to_reach(steps, [e["mean"] for e in curve["elbo"]],
+                                        target["mean"])} for label, curve in curves.items()}
+  return {"vae_refinement": curves, "same_decoder_as_vae": shared,
+          "refinement_steps_worth": worth}
+
+
+def passes_figure(results: dict, title: str):
+  """Test ELBO against decoder passes per example, on the VAE's decoder: its refinement curves
+  (lines) and every model that shares that decoder (points)."""
+  curves = {f"VAE + {'SA-VAE' if label == 'sa_vae' else 'tuned'} refinement":
+            (curve["decoder_passes"], [e["mean"] for e in curve["elbo"]])
+            for label, curve in results["vae_refinement"].items()}
+  points = {name: (results["decoder_passes_per_example"][name],
+                   results[name]["refinement"]["elbo"][0]["mean"])
+            for name in ["vae", *results["same_decoder_as_vae"]]}
+  return plots.passes_figure(curves, points, title)
+
+
 # The summary over seeds, and its rendering.
+
+def _render_vae_refinement(results: dict) -> list[str]:
+  """gaps.md's part on the VAE's decoder: every model on it, with its decoder passes and the
+  refinement steps from the VAE it is worth; the tuned refinement's choice."""
+  if "vae_refinement" not in results:
+    return []
+  curves = results["vae_refinement"]
+  passes = results["decoder_passes_per_example"]
+  samples = {label: curve["settings"]["samples_per_step"] for label, curve in curves.items()}
+  worth = lambda n, label: n if n is None else f"{n:.1f} ({2 * samples[label] * n:.0f} passes)"
+  rows = [[name, passes[name], _cell(results[name]["refinement"]["elbo"][0]),
+           *(worth(results["refinement_steps_worth"][name][label]["of_the_means"], label)
+             if name != "vae" else "" for label in curves)]
+          for name in ["vae", *results["same_decoder_as_vae"]]]
+  lines = ["", "On the VAE's decoder (the models that share it): each model's ELBO (the "
+           "refinement estimator's, K = 0), its decoder passes per image, and the refinement "
+           "steps from the VAE's encoder at which the VAE reaches it (interpolated between "
+           "the recorded K, from the means over seeds; None: not within the largest K).", "",
+           *common.markdown_table(["model", "decoder passes", "ELBO",
+                                   *(f"worth, in {label} refinement steps" for label in curves)],
+                                  rows)]
+  if "tuned" in curves:
+    tuning = curves["tuned"]["tuning"]
+    chosen = tuning["chosen"]
+    lines += ["", f"Tuned refinement: {chosen['optimizer']}, learning rate "
+              f"{chosen['learning_rate']:.4g}, {chosen['samples_per_step']} samples per step, "
+              f"chosen among {len(tuning['candidates'])} candidates by the mean ELBO on "
+              f"{tuning['examples']} validation images (seed {tuning['seed']}'s VAE) after "
+              f"{tuning['budget']} decoder passes per image. SA-VAE's first step on them: "
+              + "; ".join(f"{f['samples_per_step']} sample(s) per step: {f['elbo_at_start']:.2f}"
+                          f" -> {f['elbo']:.2f}" for f in tuning["sa_vae_first_step"]) + "."]
+  return lines
+
 
 def _per_seed_values(per_job: dict, name: str, seeds: list, fn) -> list:
   return [fn(per_job[name, seed]) for seed in seeds]
@@ -617,6 +817,7 @@ def render_markdown(results: dict) -> str:
                 [[name, *(f"{_cell(e)} ({1e3 * t['mean']:.2f} ms)" for e, t in zip(
                     results[name]["refinement"]["elbo"],
                     results[name]["refinement"]["seconds_per_example"]))] for name in names])]
+  lines += _render_vae_refinement(results)
   for name, match in results.get("refinement_steps_to_match_iavae", {}).items():
     found = match["of_the_means"]
     lines += ["", f"{name} reaches the IA-VAE's single-pass ELBO after "

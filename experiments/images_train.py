@@ -38,6 +38,7 @@ log-variance or penultimate feature.
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Callable, NamedTuple
@@ -49,20 +50,27 @@ import numpy as np
 import optax
 
 from iavae_jax import adaptive, blocks, distributions, hypernets, modulated, objectives
+from iavae_jax import feedback as feedback_lib
 from iavae_jax import plots, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import images
 from iavae_jax.models import decoders, encoders, pixelcnn
 from experiments import common, stages
-from experiments.configs import ImageConfig
+from experiments.configs import FEEDBACK_INPUTS, ImageConfig
 
-STAGE_IDS = {"vae": 1, "iavae": 2, "control": 3, "eval": 4, "vae_matched": 5}
-MEAN_CONTEXT = "iavae_mean_context"   # the evaluated-only ablation of a trained IA-VAE
+STAGE_IDS = {"vae": 1, "iavae": 2, "control": 3, "eval": 4, "vae_matched": 5, "corrector": 6}
+FEEDBACK_KEY = 7   # the fixed noise of the gradient feedback, folded with the pass
+# An IA-VAE's evaluated-only ablation: its hypernetwork's input (with a feedback input, the
+# feedback) replaced by its mean over the training split, named after the IA-VAE with this suffix.
+MEAN_SUFFIX = "_mean_context"
+MEAN_CONTEXT = "iavae" + MEAN_SUFFIX
+ADAPTED = ("iavae", "iavae_frozen_decoder")   # the IA-VAEs whose ablation is evaluated
 
 
 class ModelSpec(NamedTuple):
   """One trainable model of an image run."""
-  kind: str                     # "vae", "iavae" or "control": its step, encoder and optimiser
+  kind: str                     # "vae", "iavae", "control" or "corrector": its step, encoder
+                                # and optimiser
   stage_id: int                 # its keys: initialisation, data order and noise (STAGE_IDS)
   freeze_decoder: bool = False  # stage 2 with the VAE's decoder fixed
   matched: bool = False         # its encoder widened to the VAE's encoder + hypernetwork size
@@ -75,14 +83,28 @@ MODEL_SPECS = {
     "iavae_frozen_decoder": ModelSpec("iavae", STAGE_IDS["iavae"], freeze_decoder=True),
     "control_frozen_decoder": ModelSpec("control", STAGE_IDS["control"], freeze_decoder=True),
     "vae_matched": ModelSpec("vae", STAGE_IDS["vae_matched"], matched=True),
+    "corrector": ModelSpec("corrector", STAGE_IDS["corrector"]),
+    "corrector_frozen_decoder": ModelSpec("corrector", STAGE_IDS["corrector"],
+                                          freeze_decoder=True),
 }
 
 
 def evaluated_models(config: ImageConfig) -> tuple[str, ...]:
-  """The models a run reports: those it trains, and the mean-context IA-VAE if it trains one."""
-  return config.models + ((MEAN_CONTEXT,) if "iavae" in config.models else ())
+  """The models a run reports: those it trains, and the mean-input ablation of each IA-VAE it
+  trains (ADAPTED)."""
+  return config.models + tuple(name + MEAN_SUFFIX for name in ADAPTED if name in config.models)
+
+
+def ablated(name: str) -> str | None:
+  """The trained IA-VAE whose mean-input ablation ``name`` is, or None."""
+  return name[:-len(MEAN_SUFFIX)] if name.endswith(MEAN_SUFFIX) else None
+
+
 # encode(params, frozen, x [B, 28, 28, 1]) -> (mean [B, k], log_var [B, k]), batch norm frozen.
 EncodeFn = Callable
+# context_fn(t, mean [B, k], log_var [B, k]) -> [B, context_size]: the inference network's input
+# at pass t (Model.context_fn).
+ContextFn = Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,26 +180,68 @@ class Model:
     return hypernet
 
   @property
+  def feedback(self) -> str | None:
+    """The decoder's feedback the inference sees (a FEEDBACK_INPUTS kind), or None."""
+    kind = self.config.hypernet_input
+    return kind if kind in FEEDBACK_INPUTS else None
+
+  @property
+  def feedback_size(self) -> int:
+    """The size of one example's feedback: gradient 4 k (log-magnitude and sign of the two
+    [k] gradients), residual the image's 784 pixels; 0 without feedback."""
+    return {"gradient": 4 * self.config.latent_dim, "residual": 28 * 28, None: 0}[self.feedback]
+
+  @property
   def context_size(self) -> int:
-    """The size of what the hypernetwork sees of one example (see ``hypernet_context``)."""
+    """The size of what the hypernetwork (or the corrector) sees of one example
+    (``context_fn``)."""
     x0 = jnp.zeros((1, 28, 28, 1))
     variables = jax.eval_shape(self.encoder.init, jax.random.PRNGKey(0), x0)
     frozen = {"phi_avi": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    return jax.eval_shape(self.hypernet_context, frozen, x0).shape[-1]
+    size = jax.eval_shape(self.hypernet_context, frozen, x0).shape[-1]
+    return size + (2 * self.config.latent_dim + self.feedback_size if self.feedback else 0)
 
   def init_hypernet(self, key: jax.Array, layout: blocks.BlockLayout):
     return self.hypernet(layout).init(key, jnp.zeros(self.context_size))["params"]
 
+  @property
+  def corrector(self) -> feedback_lib.Corrector:
+    """The direct-correction model: iavae_jax.feedback's Corrector on the hypernetwork's input,
+    two ELU layers of config.corrector_hidden units, or (0) of the width that gives it about as
+    many parameters as the hypernetwork."""
+    width = self.config.corrector_hidden
+    if not width:
+      layout = blocks.BlockLayout.from_tree(_encoder_shapes(self)["params"])
+      target = hypernets.num_params(self.hypernet(layout), self.context_size)
+      # (m + 1) w + (w + 1) w + (w + 1) 2k parameters = target, for w.
+      k2, b = 2 * self.config.latent_dim, self.context_size + 2 + 2 * self.config.latent_dim
+      width = max(1, round((-b + math.sqrt(b * b + 4 * (target - k2))) / 2))
+    return feedback_lib.Corrector(self.config.latent_dim, (width, width))
+
+  def init_corrector(self, key: jax.Array):
+    return self.corrector.init(key, jnp.zeros((1, self.context_size)))["params"]
+
+  def decoder_passes(self, kind: str) -> int:
+    """Decoder passes per example (a forward or backward pass of one sample counting one) that
+    the inference of a model of this kind costs: the feedback's, for an IA-VAE or a corrector
+    on a feedback input; none otherwise."""
+    if kind not in ("iavae", "corrector"):
+      return 0
+    return feedback_lib.decoder_passes(self.feedback, self.config.passes,
+                                       self.config.feedback_samples)
+
   def hypernet_context(self, frozen, x: jax.Array) -> jax.Array:
-    """What the hypernetwork sees of each image x [B, 28, 28, 1]: [B, context_size].
+    """What the hypernetwork sees of each image x [B, 28, 28, 1] (the x part, with the feedback
+    inputs: see ``context_fn``): [B, m].
 
     image      : the flattened image (the paper's x);
-    image_l2   : the flattened image over its Euclidean norm (0 for a blank image);
+    image_l2   : the flattened image over its Euclidean norm (0 for a blank image), also the x
+                 part of the feedback inputs;
     encoder    : the frozen stage-1 encoder's [mean; log-variance], a learned feature of x;
     penultimate: the frozen stage-1 encoder's penultimate feature (the input of its mean and
                  log-variance layers; 576 numbers for the paper encoder);
     and, whatever the kind, frozen["mean_context"] [context_size] for every example where it is
-    given (``MEAN_CONTEXT``).
+    given (the mean-input ablation).
     """
     if "mean_context" in frozen:   # the no-retraining ablation: one context for every example
       return jnp.broadcast_to(frozen["mean_context"], (x.shape[0], self.context_size))
@@ -188,36 +252,84 @@ class Model:
         return adaptive.submodule_input(self.encoder, variables, "mean", x, train=False)
       mean, log_var = self.encoder.apply(variables, x, train=False)
       return jnp.concatenate([mean, log_var], axis=-1)
-    if kind == "image_l2":
+    if kind in ("image_l2",) + FEEDBACK_INPUTS:
       return adaptive.normalized_context(x)
     return x.reshape(x.shape[0], -1)
+
+  def context_fn(self, params, frozen, x: jax.Array) -> ContextFn:
+    """context_fn(t, mean, log_var) -> [B, context_size]: what the inference network sees at
+    pass t (1, 2, ...) of images x [B, 28, 28, 1] whose current guess is (mean, log_var) [B, k].
+    Without feedback, ``hypernet_context`` at every pass; with it, [x over its norm; mean;
+    log_var; the decoder's feedback at (mean, log_var)] (iavae_jax.feedback.context), or, where
+    frozen["mean_feedback"] [passes, feedback_size] is given (the mean-feedback ablation), that
+    pass's row in the feedback's place."""
+    if self.feedback is None:
+      context = self.hypernet_context(frozen, x)
+      return lambda t, mean, log_var: context
+    x_feature = adaptive.normalized_context(x)
+
+    def context_fn(t, mean, log_var):
+      if "mean_feedback" in frozen:
+        value = jnp.broadcast_to(frozen["mean_feedback"][t - 1], (x.shape[0], self.feedback_size))
+      else:
+        value = self.feedback_value(params["decoder"], x, mean, log_var, t)
+      return feedback_lib.context(x_feature, mean, log_var, value)
+    return context_fn
+
+  def feedback_value(self, decoder_params, x: jax.Array, mean: jax.Array, log_var: jax.Array,
+                     t: int) -> jax.Array:
+    """The decoder's feedback at (mean, log_var) [B, k] for images x: [B, feedback_size].
+    gradient: the ELBO's gradient with feedback_samples draws, the same for every example and
+    step (a fixed key per pass t), preprocessed; residual: x - sigmoid(logits at z = mean)."""
+    if self.feedback == "gradient":
+      key = jax.random.fold_in(jax.random.PRNGKey(FEEDBACK_KEY), t)
+      eps = jax.random.normal(key, (self.config.feedback_samples, self.config.latent_dim))
+      grads = feedback_lib.elbo_gradient(self.log_likelihood_fn(decoder_params, x), mean,
+                                         log_var, eps)
+      return feedback_lib.preprocess_gradient(jnp.concatenate(grads, axis=-1))
+    logits = self.decoder.apply({"params": decoder_params}, x, mean)
+    return feedback_lib.residual(x, jax.nn.sigmoid(logits))
+
+  def base_apply(self, frozen) -> Callable:
+    """apply(phi, x) -> (mean, log_var): the stage-1 encoder with parameters phi on a batch, its
+    batch norm on frozen["batch_stats"]."""
+    return lambda phi, x: self.encoder.apply({"params": phi, "batch_stats": frozen["batch_stats"]},
+                                             x, train=False)
+
+  def infer(self, stage: str, layout: blocks.BlockLayout | None, params, frozen, x: jax.Array,
+            context_fn: ContextFn) -> tuple[jax.Array, jax.Array]:
+    """(mean, log_var) [B, k] of a stage-2 model (an IA-VAE or a corrector) on images x, its
+    network seeing ``context_fn`` (see ``context_fn``)."""
+    if stage == "corrector":
+      mean, log_var = self.base_apply(frozen)(frozen["phi_avi"], x)
+      corrector = self.corrector
+      return feedback_lib.iterative_correct(
+          lambda c: corrector.apply({"params": params["corrector"]}, c), mean, log_var,
+          context_fn, self.config.passes)
+    hypernet = self.hypernet(layout)
+    if self.feedback is not None:
+      return modulated.iterative_encode(self.base_apply(frozen), hypernet, frozen["phi_avi"],
+                                        params["hypernet"], x, context_fn, self.config.passes)
+    context = context_fn(1, None, None)
+    if self.modulated:
+      return modulated.modulated_encode(self.base_apply(frozen), hypernet, frozen["phi_avi"],
+                                        params["hypernet"], x, context=context)
+    encoder = self.per_example_encoder
+
+    def encoder_apply(phi, x_i):
+      mean, log_var = encoder.apply({"params": phi, "batch_stats": frozen["batch_stats"]},
+                                    x_i[None], train=False)
+      return mean[0], log_var[0]
+    hypernet_apply = lambda psi, c_i: hypernet.apply({"params": psi}, c_i)
+    return adaptive.instance_adaptive_encode(encoder_apply, hypernet_apply, frozen["phi_avi"],
+                                             params["hypernet"], x, context=context)
 
   @functools.lru_cache(maxsize=None)  # one function per stage: jitted callers compile once
   def encode_fn(self, stage: str, layout: blocks.BlockLayout | None = None) -> EncodeFn:
     """The encoder of a stage's model with frozen (running-average) batch-norm statistics."""
-    if stage == "iavae" and self.modulated:
-      hypernet = self.hypernet(layout)
-
-      def encode(params, frozen, x):
-        encoder_apply = lambda phi, x: self.encoder.apply(
-            {"params": phi, "batch_stats": frozen["batch_stats"]}, x, train=False)
-        return modulated.modulated_encode(encoder_apply, hypernet, frozen["phi_avi"],
-                                          params["hypernet"], x,
-                                          context=self.hypernet_context(frozen, x))
-      return encode
-    if stage == "iavae":
-      encoder, hypernet = self.per_example_encoder, self.hypernet(layout)
-
-      def encode(params, frozen, x):
-        def encoder_apply(phi, x_i):
-          mean, log_var = encoder.apply({"params": phi, "batch_stats": frozen["batch_stats"]},
-                                        x_i[None], train=False)
-          return mean[0], log_var[0]
-        hypernet_apply = lambda psi, c_i: hypernet.apply({"params": psi}, c_i)
-        return adaptive.instance_adaptive_encode(encoder_apply, hypernet_apply,
-                                                 frozen["phi_avi"], params["hypernet"], x,
-                                                 context=self.hypernet_context(frozen, x))
-      return encode
+    if stage in ("iavae", "corrector"):
+      return lambda params, frozen, x: self.infer(stage, layout, params, frozen, x,
+                                                  self.context_fn(params, frozen, x))
 
     def encode(params, frozen, x):
       stats = params["batch_stats"] if stage == "vae" else frozen["batch_stats"]
@@ -253,10 +365,14 @@ class Batch(NamedTuple):
   key: jax.Array     # the step's PRNG key: the binarisation and the z samples
 
 
-def stage_schedule(config: ImageConfig, stage: str) -> training.Schedule:
+def stage_schedule(config: ImageConfig, stage: str, steps_per_epoch: int) -> training.Schedule:
+  """A stage's batch size, epochs and patience: ``patience`` epochs, or for stage 2 and the
+  control with stage2_patience_steps, as many epochs as hold that many optimiser steps."""
+  patience = config.patience
+  if stage != "vae" and config.stage2_patience_steps:
+    patience = -(-config.stage2_patience_steps // steps_per_epoch)
   return training.Schedule(config.batch_size,
-                           config.vae_epochs if stage == "vae" else config.iavae_epochs,
-                           config.patience)
+                           config.vae_epochs if stage == "vae" else config.iavae_epochs, patience)
 
 
 def stage_optimizer(config: ImageConfig, stage: str,
@@ -421,7 +537,7 @@ def reconstruct(model: Model, encode: EncodeFn, params, frozen, x: jax.Array,
 def _epoch_functions(model: Model, stage: str, steps_per_epoch: int,
                      parallel: parallel_lib.Parallel | None, freeze_decoder: bool = False):
   """The jitted pieces of a stage's epoch: start, train_step and finish (see make_epoch_fn)."""
-  config, schedule = model.config, stage_schedule(model.config, stage)
+  config, schedule = model.config, stage_schedule(model.config, stage, steps_per_epoch)
 
   def start(key, train, order):
     """The epoch's batches [steps, B, 28, 28] and step keys, and the next epoch's key."""
@@ -467,8 +583,8 @@ def make_epoch_fn(model: Model, stage: str, name: str, valid: jax.Array, train_s
   (XLA:CPU runs convolution gradients inside a loop ~8x slower than outside one), a progress
   line at most every 30 s of a long epoch, then the validation ELBO on ``valid`` [n, 28, 28]
   as the monitored score."""
-  schedule = stage_schedule(model.config, stage)
   steps_per_epoch = train_size // model.config.batch_size
+  schedule = stage_schedule(model.config, stage, steps_per_epoch)
   start, step, finish = _epoch_functions(model, stage, steps_per_epoch, parallel,
                                          freeze_decoder)
 
@@ -556,7 +672,8 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
                       spec.freeze_decoder),
         training.init_state(params, stage_optimizer(config, spec.kind, spec.freeze_decoder),
                             train_key, frozen, start if config.start_as_candidate else None),
-        train, np.array([seed, spec.stage_id]), stage_schedule(config, spec.kind),
+        train, np.array([seed, spec.stage_id]),
+        stage_schedule(config, spec.kind, train.shape[0] // config.batch_size),
         config.checkpoint_every, parallel=parallel, tensorboard=tensorboard)
     timings[stage_name] = time.time() - t0
     selected[name] = Selected(state.best_params, state.frozen, int(state.best_epoch),
@@ -575,6 +692,9 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
       run(name, spec, matched_model(model) if spec.matched else model, None, None)
     elif spec.kind == "iavae":
       run(name, spec, model, {"hypernet": psi, "decoder": vae["decoder"]}, frozen)
+    elif spec.kind == "corrector":
+      omega = model.init_corrector(training.model_keys(seed, STAGE_IDS["corrector"])[0])
+      run(name, spec, model, {"corrector": omega, "decoder": vae["decoder"]}, frozen)
     else:
       run(name, spec, model, {"encoder": vae["encoder"], "decoder": vae["decoder"]},
           {"batch_stats": vae["batch_stats"]})
@@ -586,9 +706,9 @@ def evaluation_inputs(model: Model, name: str, selected: dict, train: jax.Array
   """(model, encode, params, frozen) to evaluate the model ``name`` of ``evaluated_models``
   from a seed's trained models {name: Selected} (``train``: the training split, for the
   mean context)."""
-  if name == MEAN_CONTEXT:
-    iavae = selected["iavae"]
-    frozen = {**iavae.frozen, "mean_context": mean_context(model, iavae.frozen, train)}
+  if ablated(name):
+    iavae = selected[ablated(name)]
+    frozen = {**iavae.frozen, **mean_inputs(model, iavae.params, iavae.frozen, train)}
     return model, stage_encode(model, "iavae", frozen), iavae.params, frozen
   spec = MODEL_SPECS[name]
   run_model = matched_model(model) if spec.matched else model
@@ -596,13 +716,29 @@ def evaluation_inputs(model: Model, name: str, selected: dict, train: jax.Array
   return run_model, stage_encode(run_model, spec.kind, frozen), params, frozen
 
 
-def mean_context(model: Model, frozen: dict, train: jax.Array) -> jax.Array:
-  """The hypernetwork's input averaged over the training split [N, 28, 28] (binarised once,
-  with a fixed key): [context_size]."""
+def mean_inputs(model: Model, params: dict, frozen: dict, train: jax.Array) -> dict:
+  """What the mean-input ablation of a trained IA-VAE adds to its frozen inputs: over the
+  training split [N, 28, 28] (binarised once, with a fixed key), the mean of its hypernetwork's
+  input ({"mean_context": [context_size]}) or, with a feedback input, the mean of the feedback
+  at each pass ({"mean_feedback": [passes, feedback_size]})."""
   x = _as_images(images.binarize(jax.random.PRNGKey(0), train))
   chunks, weights = _chunks(x, model.config.eval_batch_size)
-  contexts = jax.lax.map(lambda chunk: model.hypernet_context(frozen, chunk), chunks)
-  return jnp.einsum("cb,cbm->m", weights, contexts) / jnp.sum(weights)
+  if model.feedback is None:
+    contexts = jax.lax.map(lambda chunk: model.hypernet_context(frozen, chunk), chunks)
+    return {"mean_context": jnp.einsum("cb,cbm->m", weights, contexts) / jnp.sum(weights)}
+  layout = blocks.BlockLayout.from_tree(frozen["phi_avi"])
+
+  def chunk_feedback(chunk):   # [passes, B, feedback_size] along the IA-VAE's own passes
+    seen, context_fn = [], model.context_fn(params, frozen, chunk)
+
+    def recording(t, mean, log_var):
+      context = context_fn(t, mean, log_var)
+      seen.append(context[:, context.shape[1] - model.feedback_size:])
+      return context
+    model.infer("iavae", layout, params, frozen, chunk, recording)
+    return jnp.stack(seen)
+  values = jax.lax.map(chunk_feedback, chunks)
+  return {"mean_feedback": jnp.einsum("cb,ctbf->tf", weights, values) / jnp.sum(weights)}
 
 
 def _count(tree) -> int:
@@ -621,7 +757,9 @@ def param_counts(model: Model) -> dict:
                        jnp.zeros((1, model.config.latent_dim)))
   layout = blocks.BlockLayout.from_tree(enc["params"])
   psi = jax.eval_shape(lambda key: model.init_hypernet(key, layout), jax.random.PRNGKey(0))
+  omega = jax.eval_shape(model.init_corrector, jax.random.PRNGKey(0))
   return {"encoder": _count(enc["params"]), "decoder": _count(dec["params"]),
+          "corrector": _count(omega),
           "hypernetwork": _count(psi), "encoder_blocks": layout.num_blocks}
 
 
@@ -666,14 +804,14 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
     for name in names:
       run_model, encode, params, frozen = evaluation_inputs(model, name, selected, train)
       metrics = jax.device_get(evaluate(run_model, encode, params, frozen, test, eval_key))
-      # The mean-context IA-VAE is the selected IA-VAE, not selected on its own score.
-      source = selected["iavae" if name == MEAN_CONTEXT else name]
+      # A mean-input ablation is its selected IA-VAE, not selected on its own score.
+      source = selected[ablated(name) or name]
       per_seed[name].append({
           "test_elbo": float(np.mean(metrics["elbo"])), "test_kl": float(np.mean(metrics["kl"])),
           "test_iwae": float(np.mean(metrics["iwae"])),
-          "valid_elbo": None if name == MEAN_CONTEXT else source.valid_elbo,   # never scored
+          "valid_elbo": None if ablated(name) else source.valid_elbo,   # never scored
           "best_epoch": source.best_epoch})
-      if name != MEAN_CONTEXT and source.valid_elbo_at_start is not None:
+      if not ablated(name) and source.valid_elbo_at_start is not None:
         per_seed[name][-1]["valid_elbo_at_start"] = source.valid_elbo_at_start
       if seed == seeds[0] and config.num_reconstructions:
         recon[name] = np.asarray(reconstruct(
@@ -700,6 +838,11 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
                         for key in per_seed[name][0]} for name in names},
       "data": {**data.info, "train": int(data.train.shape[0]), "valid": int(data.valid.shape[0]),
                "test": int(data.test.shape[0])},
+      # Per example, the decoder passes (one sample's forward or backward pass each) that the
+      # model's inference costs: its feedback's; 0 for a mean-input ablation (no feedback).
+      "decoder_passes_per_example": {
+          name: 0 if ablated(name) else model.decoder_passes(MODEL_SPECS[name].kind)
+          for name in names},
       "parameters": {**param_counts(model),
                      **({"matched_encoder": param_counts(matched_model(model))["encoder"]}
                         if "vae_matched" in config.models else {})},

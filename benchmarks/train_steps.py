@@ -1,0 +1,88 @@
+"""What the step benchmarks share: the image experiments' real train steps of the VAE, the
+control and IA-VAEs (one per design and input, on the modulated path and, if asked, on the
+reference path), built on random data, and their steps timed interleaved (VAE, control, each
+IA-VAE, VAE, ...) so that machine noise hits all alike."""
+
+import dataclasses
+import functools
+import time
+from typing import NamedTuple
+
+import jax
+
+from experiments import images_train
+from experiments.configs import ImageConfig
+from iavae_jax import blocks, hypernets, training
+
+
+class Setup(NamedTuple):
+  """One model's jitted step, its state and its batch."""
+  step: object
+  state: training.TrainState
+  batch: images_train.Batch
+  model: images_train.Model
+  layout: blocks.BlockLayout
+
+
+def build(config: ImageConfig, iavaes: dict[str, ImageConfig], reference: bool = False,
+          xla_defaults: bool = False, control: bool = True) -> dict[str, Setup]:
+  """{"vae"[, "control"], "iavae LABEL"[, "iavae LABEL reference"]: Setup}: the train step of
+  each model, compiled (one step run), on a random batch of config.batch_size images.
+  ``iavaes`` maps a label to an IA-VAE's configuration (the same architecture as ``config``)."""
+  vae_model = images_train.Model(config)
+  vae = vae_model.init_vae(jax.random.PRNGKey(0))
+  layout = blocks.BlockLayout.from_tree(vae["encoder"])
+  iavae_frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
+  models = {"vae": (vae_model, "vae", vae, None)}   # name -> (model, stage, params, frozen)
+  if control:
+    models["control"] = (vae_model, "control",
+                         {"encoder": vae["encoder"], "decoder": vae["decoder"]},
+                         {"batch_stats": vae["batch_stats"]})
+  for label, iavae_config in iavaes.items():
+    model = images_train.Model(iavae_config)
+    params = {"hypernet": model.init_hypernet(jax.random.PRNGKey(2), layout),
+              "decoder": vae["decoder"]}
+    models[f"iavae {label}"] = (model, "iavae", params, iavae_frozen)
+    if reference:
+      models[f"iavae {label} reference"] = (dataclasses.replace(model, modulated=False), "iavae",
+                                            params, iavae_frozen)
+  batch = images_train.Batch(
+      jax.random.uniform(jax.random.PRNGKey(3), (config.batch_size, 28, 28)),
+      jax.random.PRNGKey(4))
+  setups = {}
+  for name, (model, stage, params, frozen) in models.items():
+    step = jax.jit(
+        functools.partial(images_train.train_step, model=model, stage=stage, steps_per_epoch=1),
+        compiler_options={} if xla_defaults else model.compiler_options)
+    state = training.init_state(params, images_train.stage_optimizer(model.config, stage),
+                                jax.random.PRNGKey(5), frozen)
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    print(f"{name}: compiled and ran one step in {time.perf_counter() - t0:.1f} s", flush=True)
+    setups[name] = Setup(step, state, batch, model, layout)
+  return setups
+
+
+def time_steps(setups: dict[str, Setup], repeats: int) -> dict[str, list[float]]:
+  """The seconds of each model's ``repeats`` steps, its steps interleaved with the others'."""
+  states = {name: setup.state for name, setup in setups.items()}
+  times = {name: [] for name in setups}
+  for _ in range(repeats):
+    for name, setup in setups.items():
+      t0 = time.perf_counter()
+      states[name], metrics = setup.step(states[name], setup.batch)
+      jax.block_until_ready((states[name], metrics))
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
+def peak_bytes(setup: Setup) -> int:
+  """The step's peak memory as XLA's buffer assignment plans it (arguments, outputs and
+  temporaries live at once), from its compiled form."""
+  return int(setup.step.lower(setup.state, setup.batch).compile().memory_analysis()
+             .peak_memory_in_bytes)
+
+
+def hypernet_params(setup: Setup) -> int:
+  return hypernets.num_params(setup.model.hypernet(setup.layout), setup.model.context_size)
