@@ -44,7 +44,13 @@ PAPER = "paper"
 MEAN_CONTEXT = "iavae_mean_context"
 # The flags that change a design, shown in its label where they differ from their defaults.
 DESIGN_FLAGS = {"hypernet_input": "input", "hypernet_hidden": "hidden",
-                "ha_block_gains": "block_gains", "hypernet_projection": "projection"}
+                "ha_block_gains": "block_gains", "hypernet_projection": "projection",
+                "passes": "passes", "feedback_samples": "samples"}
+# The models on the VAE's frozen decoder that the second table compares, and the tests of its
+# IA-VAE against each other one (where the run trained it).
+FROZEN = "iavae_frozen_decoder"
+FROZEN_OTHERS = {"vs_control": "control_frozen_decoder", "vs_corrector": "corrector_frozen_decoder",
+                 "vs_mean_input": FROZEN + "_mean_context"}
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(configs.ImageConfig)}
 
 
@@ -105,9 +111,15 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
   vae = per_seed(first, "vae")
   row = {"seeds": seeds,
          "same_vae": all(per_seed(data, "vae") == vae for _, data, _ in by_design.values()),
-         "vae": report.summarize_seeds(vae),
-         "control": report.summarize_seeds(per_seed(first, "control")), "designs": {}}
-  for label, (path, data, gaps) in by_design.items():
+         "vae": report.summarize_seeds(vae), "designs": {},
+         "frozen_decoder": {label: frozen_entry(data, gaps, seeds)
+                            for label, (_, data, gaps) in by_design.items()
+                            if FROZEN in data["models"]}}
+  with_iavae = {label: run for label, run in by_design.items() if "iavae" in run[1]["models"]}
+  if with_iavae:
+    row["control"] = report.summarize_seeds(per_seed(next(iter(with_iavae.values()))[1],
+                                                     "control"))
+  for label, (path, data, gaps) in with_iavae.items():
     iavae = per_seed(data, "iavae")
     entry = {"source": os.path.relpath(path, workdir), "iavae": report.summarize_seeds(iavae),
              "valid_elbo": report.summarize_seeds(per_seed(data, "iavae", "valid_elbo")),
@@ -121,9 +133,37 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
       entry["vs_paper"] = report.paired_comparison(iavae, per_seed(by_design[PAPER][1], "iavae"))
     row["designs"][label] = entry
   score = lambda label: row["designs"][label]["valid_elbo"]["mean"]
-  row["best_on_validation"] = max(row["designs"], key=lambda label: (
-      -math.inf if score(label) is None else score(label)))
+  if row["designs"]:
+    row["best_on_validation"] = max(row["designs"], key=lambda label: (
+        -math.inf if score(label) is None else score(label)))
   return row
+
+
+def frozen_entry(data: dict, gaps: dict | None, seeds: list) -> dict:
+  """One design's models on the VAE's frozen decoder: each one's test ELBO, decoder passes per
+  example, share of the VAE's amortization gap closed and the refinement steps from the VAE it
+  is worth (from gaps.json, where it covers the seeds), and the paired tests of the IA-VAE
+  against the others (FROZEN_OTHERS)."""
+  per_seed = lambda model: _on_seeds(data["models"][model]["test_elbo"], data["seeds"], seeds)
+  passes = data.get("decoder_passes_per_example", {})
+  covered = gaps is not None and set(seeds) <= set(gaps.get("seeds", []))
+  models = {}
+  for model in [FROZEN, *FROZEN_OTHERS.values()]:
+    if model not in data["models"]:
+      continue
+    entry = {"test_elbo": report.summarize_seeds(per_seed(model)),
+             "decoder_passes": passes.get(model, 0), "gap_closed": None, "worth_steps": None}
+    if covered and model in gaps:
+      closed = gaps[model].get("share_of_vae_amortization_gap_closed")
+      entry["gap_closed"] = closed and report.summarize_seeds(
+          _on_seeds(closed["per_seed"], gaps["seeds"], seeds))
+      entry["worth_steps"] = {label: worth["of_the_means"] for label, worth in
+                              gaps.get("refinement_steps_worth", {}).get(model, {}).items()}
+    models[model] = entry
+  iavae = per_seed(FROZEN)
+  tests = {key: report.paired_comparison(iavae, per_seed(other))
+           for key, other in FROZEN_OTHERS.items() if other in data["models"]}
+  return {"models": models, **tests}
 
 
 def build(workdir: str) -> dict:
@@ -153,17 +193,51 @@ def render_markdown(table: dict) -> str:
   for name, row in table.items():
     lines.append(
         f"- {report.DISPLAY_NAMES.get(name, name)} (seeds {row['seeds']}): VAE "
-        f"{report.mean_std(row['vae'])}, control {report.mean_std(row['control'])}; "
+        f"{report.mean_std(row['vae'])}"
+        + (f", control {report.mean_std(row['control'])}" if "control" in row else "") + "; "
         + ("the same VAE in every run" if row["same_vae"] else
            "**the runs' VAEs differ** (other settings or machines): the paired tests compare "
            "different VAEs as well")
-        + f"; best on validation: {row['best_on_validation']}.")
+        + (f"; best on validation: {row['best_on_validation']}" if row["designs"] else "")
+        + ".")
   lines += ["", "vs X: mean per-seed difference in test ELBO, and p of the one-sided paired "
             "test of H1: this design's IA-VAE > X (Shapiro-Wilk, then a t-test or Wilcoxon "
             f"signed-rank test; `*`: p < {report.ALPHA}). Validation ELBO: the selected epoch's "
             "(the selection score, on held-out data). VAE gap closed: the IA-VAE's share of its "
             "VAE's amortization gap (experiments.gaps). std: sample standard deviation.", ""]
+  lines += _render_frozen(table)
   return "\n".join(lines)
+
+
+def _render_frozen(table: dict) -> list[str]:
+  """designs.md's second table: the models on the VAE's frozen decoder."""
+  rows = []
+  for name, row in table.items():
+    for label, entry in row["frozen_decoder"].items():
+      for model, values in entry["models"].items():
+        worth = values["worth_steps"] or {}
+        tests = (_difference(entry, "vs_control") + _difference(entry, "vs_corrector")
+                 + _difference(entry, "vs_mean_input")) if model == FROZEN else ["", ""] * 3
+        rows.append([report.DISPLAY_NAMES.get(name, name), label,
+                     report.MODEL_NAMES.get(model, model), report.mean_std(values["test_elbo"]),
+                     values["decoder_passes"], _percent(values["gap_closed"]),
+                     *(_steps(worth.get(key)) for key in ("sa_vae", "tuned")), *tests,
+                     len(row["seeds"])])
+  if not rows:
+    return []
+  return ["## With the decoder frozen (the VAE's): inference alone", "",
+          *common.markdown_table(
+              ["Data set", "design", "model", "test ELBO", "decoder passes", "VAE gap closed",
+               "worth SA-VAE steps", "worth tuned steps", "IA-VAE vs control", "p",
+               "vs corrector", "p", "vs mean input", "p", "seeds"], rows),
+          "", "Every model here has the VAE's decoder, so the gap closed and the refinement "
+          "steps it is worth (the steps of the VAE's refinement, SA-VAE's or tuned, at which it "
+          "reaches the model's ELBO: experiments.gaps, on its test images) measure inference "
+          "alone. Decoder passes: per example, of the model's inference (the feedback's).", ""]
+
+
+def _steps(value: float | None) -> str:
+  return "—" if value is None else f"{value:.1f}"
 
 
 def _percent(summary: dict | None) -> str:

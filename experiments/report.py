@@ -70,7 +70,9 @@ DISPLAY_NAMES = {"omniglot": "OMNIGLOT", "mnist": "MNIST", "fashion_mnist": "Fas
 MODEL_NAMES = {"vae": "VAE", "iavae": "IA-VAE", "control": "control",
                "iavae_mean_context": "IA-VAE, mean input", "iavae_frozen_decoder":
                "IA-VAE, decoder frozen", "control_frozen_decoder": "control, decoder frozen",
-               "vae_matched": "VAE, matched encoder"}
+               "vae_matched": "VAE, matched encoder", "corrector": "corrector",
+               "corrector_frozen_decoder": "corrector, decoder frozen",
+               "iavae_frozen_decoder_mean_context": "IA-VAE, decoder frozen, mean input"}
 ALPHA = 0.05
 
 

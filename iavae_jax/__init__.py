@@ -3,4 +3,4 @@
 The library is pure functions over PyTrees: no flags, no file I/O (see ``experiments/``).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
