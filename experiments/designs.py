@@ -112,8 +112,8 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
   row = {"seeds": seeds,
          "same_vae": all(per_seed(data, "vae") == vae for _, data, _ in by_design.values()),
          "vae": report.summarize_seeds(vae), "designs": {},
-         "frozen_decoder": {label: frozen_entry(data, gaps, seeds)
-                            for label, (_, data, gaps) in by_design.items()
+         "frozen_decoder": {label: frozen_entry(path, data, gaps, seeds)
+                            for label, (path, data, gaps) in by_design.items()
                             if FROZEN in data["models"]}}
   with_iavae = {label: run for label, run in by_design.items() if "iavae" in run[1]["models"]}
   if with_iavae:
@@ -139,20 +139,45 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
   return row
 
 
-def frozen_entry(data: dict, gaps: dict | None, seeds: list) -> dict:
+def longest_waits(metrics_path: str, data: dict) -> dict:
+  """Per trained model of a run, the longest wait, in optimiser steps, for an improvement of its
+  validation ELBO (from its start, for a stage-2 model, or its first epoch), over every seed:
+  any patience at least this long selects the epochs the run selected."""
+  curves = common.read_learning_curves(metrics_path)
+  steps_per_epoch = data["data"]["train"] // data["config"]["batch_size"]
+  waits = {}
+  for model, entry in data["models"].items():
+    if model not in curves:
+      continue
+    starts = entry.get("valid_elbo_at_start") or [None] * len(data["seeds"])
+    wait = 0
+    for column, start in zip(curves[model]["valid_elbo"].T, starts):
+      best, last = (-math.inf if start is None else start), 0
+      for epoch, value in zip(curves[model]["epoch"], column):
+        if value > best:   # False for NaN: epochs after the model stopped
+          wait, best, last = max(wait, int(epoch) - last), value, int(epoch)
+    waits[model] = wait * steps_per_epoch
+  return waits
+
+
+def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
   """One design's models on the VAE's frozen decoder: each one's test ELBO, decoder passes per
   example, share of the VAE's amortization gap closed and the refinement steps from the VAE it
-  is worth (from gaps.json, where it covers the seeds), and the paired tests of the IA-VAE
+  is worth (from gaps.json, where it covers the seeds), the longest wait for an improvement in
+  its training (``longest_waits``) beside the patience, and the paired tests of the IA-VAE
   against the others (FROZEN_OTHERS)."""
   per_seed = lambda model: _on_seeds(data["models"][model]["test_elbo"], data["seeds"], seeds)
   passes = data.get("decoder_passes_per_example", {})
+  metrics = os.path.join(os.path.dirname(path), "metrics.jsonl")
+  waits = longest_waits(metrics, data) if os.path.exists(metrics) else {}
   covered = gaps is not None and set(seeds) <= set(gaps.get("seeds", []))
   models = {}
   for model in [FROZEN, *FROZEN_OTHERS.values()]:
     if model not in data["models"]:
       continue
     entry = {"test_elbo": report.summarize_seeds(per_seed(model)),
-             "decoder_passes": passes.get(model, 0), "gap_closed": None, "worth_steps": None}
+             "decoder_passes": passes.get(model, 0), "gap_closed": None, "worth_steps": None,
+             "longest_wait_steps": waits.get(model)}
     if covered and model in gaps:
       closed = gaps[model].get("share_of_vae_amortization_gap_closed")
       entry["gap_closed"] = closed and report.summarize_seeds(
@@ -163,7 +188,10 @@ def frozen_entry(data: dict, gaps: dict | None, seeds: list) -> dict:
   iavae = per_seed(FROZEN)
   tests = {key: report.paired_comparison(iavae, per_seed(other))
            for key, other in FROZEN_OTHERS.items() if other in data["models"]}
-  return {"models": models, **tests}
+  config = data["config"]
+  patience = config.get("stage2_patience_steps") or config["patience"] * (
+      data["data"]["train"] // config["batch_size"])
+  return {"models": models, "patience_steps": patience, **tests}
 
 
 def build(workdir: str) -> dict:
@@ -222,6 +250,7 @@ def _render_frozen(table: dict) -> list[str]:
                      report.MODEL_NAMES.get(model, model), report.mean_std(values["test_elbo"]),
                      values["decoder_passes"], _percent(values["gap_closed"]),
                      *(_steps(worth.get(key)) for key in ("sa_vae", "tuned")), *tests,
+                     f"{values['longest_wait_steps']} / {entry['patience_steps']}",
                      len(row["seeds"])])
   if not rows:
     return []
@@ -229,11 +258,14 @@ def _render_frozen(table: dict) -> list[str]:
           *common.markdown_table(
               ["Data set", "design", "model", "test ELBO", "decoder passes", "VAE gap closed",
                "worth SA-VAE steps", "worth tuned steps", "IA-VAE vs control", "p",
-               "vs corrector", "p", "vs mean input", "p", "seeds"], rows),
+               "vs corrector", "p", "vs mean input", "p", "longest wait / patience (steps)",
+               "seeds"], rows),
           "", "Every model here has the VAE's decoder, so the gap closed and the refinement "
           "steps it is worth (the steps of the VAE's refinement, SA-VAE's or tuned, at which it "
           "reaches the model's ELBO: experiments.gaps, on its test images) measure inference "
-          "alone. Decoder passes: per example, of the model's inference (the feedback's).", ""]
+          "alone. Decoder passes: per example, of the model's inference (the feedback's). "
+          "Longest wait: the most optimiser steps any seed's training waited for a better "
+          "validation ELBO; a patience above it selects the same epochs.", ""]
 
 
 def _steps(value: float | None) -> str:
