@@ -8,8 +8,14 @@ from iavae_jax.data import DATASETS
 
 MAX_SEED = 2**31 - 1   # seeds are folded into JAX keys as 32-bit integers
 
+# The decoder's feedback on the encoder's current guess (iavae_jax.feedback) as the inference
+# network's input, beside x and that guess.
+FEEDBACK_INPUTS = ("gradient", "residual")
 
-SYNTHETIC_HYPERNET_INPUTS = ("x", "tanh", "softclip")
+
+# What the synthetic hypernetwork sees: x itself, a bounded function of it, or (FEEDBACK_INPUTS)
+# x with the encoder's current guess and the true decoder's feedback on it.
+SYNTHETIC_HYPERNET_INPUTS = ("x", "tanh", "softclip", "gradient", "residual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +46,10 @@ class SyntheticConfig:
   # grows linearly with |x|), or a bounded function of x, so every delta is bounded: "tanh" of x
   # standardised by the training data's mean and std, or "softclip", x itself in the bulk
   # (synthetic_train.hypernet_context; docs/results.md, "Held-out data").
+  # "gradient" (the exact ELBO's, the decoder being known) or "residual" (x - f(mean)) with x,
+  # mean and log-variance: recomputed at each of ``passes`` passes, each adding a delta.
   hypernet_input: str = "x"
+  passes: int = 1
 
   def validate(self) -> "SyntheticConfig":
     positive = ["num_examples", "encoder_width", "embed_dim", "batch_size", "max_epochs",
@@ -61,6 +70,10 @@ class SyntheticConfig:
     if self.hypernet_input not in SYNTHETIC_HYPERNET_INPUTS:
       raise ConfigError(f"--hypernet_input={self.hypernet_input} is not known; choose one of "
                         f"{', '.join(SYNTHETIC_HYPERNET_INPUTS)}.")
+    if self.passes < 1 or (self.passes > 1 and self.hypernet_input not in FEEDBACK_INPUTS):
+      raise ConfigError(f"--passes={self.passes}: give 1, or more with --hypernet_input="
+                        f"{' or '.join(FEEDBACK_INPUTS)} (later passes differ from the first "
+                        "only through the decoder's feedback).")
     if self.batch_size > self.num_examples:
       raise ConfigError(f"--batch_size={self.batch_size} exceeds --num_examples="
                         f"{self.num_examples}: no full batch can be formed.")
@@ -89,8 +102,7 @@ IMAGE_MODELS = ("vae", "iavae", "control", "iavae_frozen_decoder", "control_froz
                 "vae_matched", "corrector", "corrector_frozen_decoder")   # the converged tier's:
                                                                          # the first six
 # What the hypernetwork sees of x (images_train.Model.hypernet_context), or, with the decoder's
-# feedback on the encoder's current guess (iavae_jax.feedback), x with that guess and feedback.
-FEEDBACK_INPUTS = ("gradient", "residual")
+# feedback on the encoder's current guess (FEEDBACK_INPUTS), x with that guess and feedback.
 HYPERNET_INPUTS = ("image", "image_l2", "encoder", "penultimate") + FEEDBACK_INPUTS
 HYPERNETS = ("paper", "ha", "mlp")     # iavae_jax.hypernets.HYPERNETS
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")

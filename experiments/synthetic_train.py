@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from iavae_jax import adaptive, blocks, distributions, hypernets, objectives, plots
+from iavae_jax import adaptive, blocks, distributions, feedback, hypernets, objectives, plots
 from iavae_jax import parallel as parallel_lib, posterior, training
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders, oracle
 from experiments import common, stages
-from experiments.configs import SyntheticConfig
+from experiments.configs import FEEDBACK_INPUTS, SyntheticConfig
 
 STAGE_IDS = {"vae": 1, "iavae": 2, "sweep": 3}
 # How errors name a model of a stage, from its index tuple (see model_keys).
@@ -63,7 +63,7 @@ def hypernet_context(config: SyntheticConfig, train_x) -> Callable | None:
     "tanh":     tanh((x - m) / s), in (-1, 1);
     "softclip": m + 3 s tanh((x - m) / (3 s)), x itself within about a std of m (1% off at
                 0.5 s, 4% at s), then bounded by m +- 3 s: the paper's input in the bulk."""
-  if config.hypernet_input == "x":
+  if config.hypernet_input in ("x",) + FEEDBACK_INPUTS:
     return None
   train_x = np.asarray(train_x, np.float64)
   shift, scale = train_x.mean(0).astype(np.float32), train_x.std(0).astype(np.float32)
@@ -72,9 +72,43 @@ def hypernet_context(config: SyntheticConfig, train_x) -> Callable | None:
   return lambda x: shift + 3 * scale * jnp.tanh((x - shift) / (3 * scale))
 
 
+def feedback_context(config: SyntheticConfig) -> Callable | None:
+  """With a feedback input, context(x [B, 3], mean [B, 2], log_var [B, 2]) -> [B, m]: x, the
+  current guess and the true decoder's feedback on it (iavae_jax.feedback.context):
+    "gradient": the exact ELBO's gradient in (mean, log_var), preprocessed (m = 15);
+    "residual": x - f(mean) (m = 10).
+  None for the other inputs."""
+  if config.hypernet_input == "gradient":
+    def value(x, mean, log_var):
+      total = lambda m, v: jnp.sum(oracle.exact_elbo(x, m, v, config.sigma))
+      grads = jax.grad(total, argnums=(0, 1))(mean, log_var)
+      return feedback.preprocess_gradient(jnp.concatenate(grads, axis=-1))
+  elif config.hypernet_input == "residual":
+    value = lambda x, mean, log_var: x - oracle.decoder(mean)
+  else:
+    return None
+  return lambda x, mean, log_var: feedback.context(x, mean, log_var, value(x, mean, log_var))
+
+
+def context_size(config: SyntheticConfig) -> int:
+  """The size of what the hypernetwork sees of one example."""
+  return {"gradient": 15, "residual": 10}.get(config.hypernet_input, oracle.DATA_DIM)
+
+
+def decoder_passes(config: SyntheticConfig) -> int:
+  """Per example, the decoder passes of the IA-VAE's inference: its feedback's, a forward and a
+  backward of the exact ELBO (gradient) or a forward of f (residual) per pass; 0 without."""
+  return {"gradient": 2, "residual": 1}.get(config.hypernet_input, 0) * config.passes
+
+
 def iavae_encode(config: SyntheticConfig, layout: blocks.BlockLayout,
                  context: Callable | None = None) -> EncodeFn:
-  """IA-VAE inference: the hypernetwork sees context(x) (``hypernet_context``), or x."""
+  """IA-VAE inference: the hypernetwork sees context(x) (``hypernet_context``), or x; with a
+  feedback input, ``iavae_train_encode``'s passes, on rows."""
+  if feedback_context(config) is not None:
+    train_encode = iavae_train_encode(layout, feedback=feedback_context(config),
+                                      passes=config.passes)
+    return lambda psi, phi_avi, x: tuple(a.T for a in train_encode(psi, phi_avi, x.T))
   encoder = encoders.MLPEncoder(config.encoder_width)
   hypernet = hypernets.LinearHypernet(layout, config.embed_dim, config.hypernet_init_std)
   encoder_apply = lambda phi, x: encoder.apply({"params": phi}, x)
@@ -83,13 +117,29 @@ def iavae_encode(config: SyntheticConfig, layout: blocks.BlockLayout,
       encoder_apply, hypernet_apply, phi_avi, psi, x, None if context is None else context(x))
 
 
-def iavae_train_encode(layout: blocks.BlockLayout,
-                       context: Callable | None = None) -> TrainEncodeFn:
-  """iavae_encode's function on examples along the last axis."""
+def iavae_train_encode(layout: blocks.BlockLayout, context: Callable | None = None,
+                       feedback: Callable | None = None, passes: int = 1) -> TrainEncodeFn:
+  """iavae_encode's function on examples along the last axis. With ``feedback``
+  (``feedback_context``): from the VAE's output, ``passes`` passes, each adding the deltas of
+  the hypernetwork on feedback(x, current guess) to every example's parameters (no gradient
+  flowing into that input)."""
+  def modulated(psi, phi_avi, deltas, c):
+    new = hypernets.linear_hypernet_deltas_examples_last(psi, layout, c)
+    return new if deltas is None else jax.tree.map(jnp.add, deltas, new)
+
   def encode(psi, phi_avi, x):
-    c = x if context is None else context(x.T).T
-    deltas = hypernets.linear_hypernet_deltas_examples_last(psi, layout, c)
-    return encoders.mlp_encode_examples_last(adaptive.modulate_examples_last(phi_avi, deltas), x)
+    if feedback is None:
+      deltas = modulated(psi, phi_avi, None, x if context is None else context(x.T).T)
+      return encoders.mlp_encode_examples_last(adaptive.modulate_examples_last(phi_avi, deltas),
+                                               x)
+    mean, log_var = encoders.mlp_encode_examples_last(phi_avi, x)
+    deltas = None
+    for _ in range(passes):
+      c = jax.lax.stop_gradient(feedback(x.T, mean.T, log_var.T)).T
+      deltas = modulated(psi, phi_avi, deltas, c)
+      mean, log_var = encoders.mlp_encode_examples_last(
+          adaptive.modulate_examples_last(phi_avi, deltas), x)
+    return mean, log_var
   return encode
 
 
@@ -223,6 +273,7 @@ def table3_entry(evaluation: dict) -> dict:
   for k in ("elbo", "kl", "d_map", "r_map"):
     stats = _stats(evaluation[k])
     entry[k], entry[f"{k}_std"] = stats["mean"], stats["std"]
+  entry["elbo_median"] = float(np.median(np.asarray(evaluation["elbo"], np.float64)))
   entry["num_models"] = int(evaluation["elbo"].size)
   return entry
 
@@ -388,11 +439,13 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   iavae_indices = [(v, s) for v in range(config.num_vae_seeds)
                    for s in range(config.num_iavae_seeds)]
   init_keys, train_keys, order_seeds = model_keys(config, "iavae", iavae_indices)
-  psi0 = jax.vmap(lambda k: hypernet.init(k, x[0])["params"])(init_keys)
+  psi0 = jax.vmap(lambda k: hypernet.init(k, jnp.zeros(context_size(config)))["params"])(
+      init_keys)
   frozen_phi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi_avi)
   context = hypernet_context(config, x)
   iavae_fn = iavae_encode(config, layout, context)
-  iavae_states = train_stage("iavae", workdir, config, iavae_train_encode(layout, context), psi0,
+  iavae_states = train_stage("iavae", workdir, config, iavae_train_encode(
+      layout, context, feedback_context(config), config.passes), psi0,
                              frozen_phi, train_keys, order_seeds, x, parallel, tensorboard,
                              config.start_as_candidate)
   timings["iavae"] = time.time() - t0
@@ -459,7 +512,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
                   "elbo_std": stats["std"], "elbo_per_seed": sweep_elbo[i].tolist()})
   iavae_elbo = _stats(iavae_eval["elbo"])
   matching = [c for c in curve if c["elbo"] >= iavae_elbo["mean"]]
-  hypernet_params = layout.d_max * (x.shape[1] + config.embed_dim) + layout.d_max
+  hypernet_params = layout.d_max * (context_size(config) + config.embed_dim) + layout.d_max
   efficiency = {
       "base_params": layout.num_params,
       "hypernet_params": hypernet_params,
@@ -506,6 +559,9 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
       "efficiency": efficiency,
       "gaps": gaps,
       "heldout": heldout,
+      # Per example, the decoder passes of each model's inference (the feedback's, see
+      # decoder_passes).
+      "decoder_passes_per_example": {"vae": 0, "iavae": decoder_passes(config)},
       "figure6_examples": [int(i) for i in chosen],
       "stage_seconds": timings,
       "wall_seconds": time.time() - start,
@@ -539,9 +595,10 @@ def render_markdown(r: dict) -> str:
             "inferred mean from z_MAP under the Laplace Gaussian; r_MAP = p(mu|x) / p(z_MAP|x).",
             ""]
   lines += common.markdown_table(
-      ["Method", "ELBO (up)", "KL", "d_MAP (down)", "r_MAP (up)"],
-      [[name, pm(t3[key], "elbo", 2), f"{t3[key]['kl']:.2f}", pm(t3[key], "d_map", 2),
-        pm(t3[key], "r_map", 2)] for name, key in (("VAE", "vae"), ("IA-VAE", "iavae"))])
+      ["Method", "ELBO (up)", "ELBO, median over models", "KL", "d_MAP (down)", "r_MAP (up)"],
+      [[name, pm(t3[key], "elbo", 2), f"{t3[key]['elbo_median']:.2f}", f"{t3[key]['kl']:.2f}",
+        pm(t3[key], "d_map", 2), pm(t3[key], "r_map", 2)]
+       for name, key in (("VAE", "vae"), ("IA-VAE", "iavae"))])
   eff = r["efficiency"]
   lines += ["", "## Figure 7: parameter efficiency", "",
             f"IA-VAE: {eff['iavae_params']} parameters (base {eff['base_params']} + hypernetwork "
