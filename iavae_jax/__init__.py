@@ -1,6 +1,8 @@
 """iavae_jax: instance-adaptive variational autoencoders in JAX/Flax.
 
-The library is pure functions over PyTrees: no flags, no file I/O (see ``experiments/``).
+Pure functions over PyTrees; no flags (``experiments/`` holds the command lines), and files are
+read or written only where that is the job: ``checkpoints`` (Orbax) and ``data`` (the data sets).
+Every module lists its public names in ``__all__``; CHANGELOG.md records their changes.
 """
 
 __version__ = "0.2.0"

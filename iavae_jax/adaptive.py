@@ -8,6 +8,9 @@ import jax.numpy as jnp
 
 from iavae_jax.blocks import PyTree
 
+__all__ = ["ApplyFn", "modulate", "modulate_examples_last", "adaptive_encoder_params",
+           "instance_adaptive_encode", "submodule_input", "normalized_context"]
+
 # apply(params, x) for one example.
 ApplyFn = Callable[[PyTree, jax.Array], PyTree]
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["PyTree", "BlockLayout", "input_feature_axes", "Slicing", "slicings"]
+
 PyTree = Any
 
 

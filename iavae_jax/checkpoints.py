@@ -16,6 +16,8 @@ import orbax.checkpoint as ocp
 
 from iavae_jax.blocks import PyTree
 
+__all__ = ["Checkpointer"]
+
 # Orbax's managers share process-wide state: two saving at once from two threads (two stages
 # training side by side) broke a checkpoint. Every Orbax call here holds this lock.
 _ORBAX = threading.RLock()

@@ -8,6 +8,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+__all__ = ["LOG_2PI", "reparameterize", "diag_gaussian_sample", "diag_gaussian_log_prob",
+           "standard_normal_log_prob", "kl_to_standard_normal", "gaussian_log_likelihood",
+           "bernoulli_log_likelihood"]
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 

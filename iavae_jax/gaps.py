@@ -34,6 +34,12 @@ import optax
 
 from iavae_jax import objectives
 
+__all__ = ["CONVERGENCE_TOLERANCE", "QStarSettings", "SA_VAE_BATCH_SIZE", "RefineSettings",
+           "elbo_estimate", "log_px_estimate", "QStarSearch", "start_search", "search_step",
+           "search_check", "QStar", "search_result", "optimize_gaussian", "drive_search",
+           "Refinement", "Refined", "start_refinement", "refinement_step", "refine",
+           "drive_refinement"]
+
 CONVERGENCE_TOLERANCE = 0.05   # nats, on the mean of L[q*] over the examples
 
 

@@ -21,6 +21,10 @@ import jax.numpy as jnp
 from iavae_jax import blocks, modulated
 from iavae_jax.blocks import BlockLayout, PyTree
 
+__all__ = ["InputAxes", "LinearHypernet", "linear_hypernet_deltas_examples_last",
+           "StructuredHypernet", "HaHypernet", "MLPHypernet", "ProjectedContext", "HYPERNETS",
+           "make_hypernet", "num_params"]
+
 # Per-block input-feature axes by block path (see ``blocks.slicings``); None: Flax's layout.
 InputAxes = Mapping[str, Sequence[int]] | None
 

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from iavae_jax import distributions
 
+__all__ = ["LogLikelihoodFn", "ElboTerms", "elbo", "importance_log_weights", "iwae_bound"]
+
 LogLikelihoodFn = Callable[[jax.Array], jax.Array]
 
 

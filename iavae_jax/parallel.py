@@ -24,6 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from iavae_jax.blocks import PyTree
 
+__all__ = ["MODES", "AXIS", "to_host", "Parallel", "pad_models"]
+
 MODES = ("none", "seeds", "data")
 AXIS = "devices"
 

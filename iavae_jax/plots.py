@@ -7,6 +7,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+__all__ = ["posterior_figure", "efficiency_figure", "reconstruction_figure",
+           "learning_curves_figure", "refinement_figure", "passes_figure"]
+
 
 def posterior_figure(panels: list[dict]):
   """Figure 6: one panel per observation.

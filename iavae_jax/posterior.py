@@ -21,6 +21,9 @@ import jax.numpy as jnp
 
 from iavae_jax.models import oracle
 
+__all__ = ["PosteriorSummary", "newton_maximize", "latent_grid", "summarize_one", "summarize",
+           "d_map", "r_map", "optimal_gaussian", "laplace_diagonal_init"]
+
 
 class PosteriorSummary(NamedTuple):
   log_px: jax.Array         # [...]        log p(x) by quadrature

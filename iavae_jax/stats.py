@@ -31,6 +31,8 @@ from typing import Sequence
 import numpy as np
 from scipy import stats as sp_stats
 
+__all__ = ["T_TEST", "WILCOXON", "PairedTest", "paired_one_sided"]
+
 T_TEST = "t-test"
 WILCOXON = "wilcoxon"
 

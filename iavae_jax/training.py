@@ -41,6 +41,11 @@ import optax
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.blocks import PyTree
 
+__all__ = ["NoiseFn", "LossFn", "ScoreFn", "TrainState", "StepMetrics", "EpochMetrics", "diverged",
+           "Schedule", "init_state", "derive_key", "model_keys", "is_done", "idle_metrics",
+           "end_epoch", "make_step_fn", "make_epoch_fn", "train_model", "cpu_compiler_options",
+           "make_population_step", "data_orders", "train_population"]
+
 NoiseFn = Callable[[jax.Array, int, jax.Array], PyTree]
 LossFn = Callable[[PyTree, PyTree, jax.Array, PyTree], tuple[jax.Array, jax.Array]]
 ScoreFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]

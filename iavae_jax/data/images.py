@@ -53,6 +53,9 @@ from PIL import Image, UnidentifiedImageError
 
 from iavae_jax.data import DATASETS, SOURCES
 
+__all__ = ["IMAGE_SIZE", "PAPER_DATASETS", "DataError", "ImageSplits", "default_data_dir",
+           "binarize", "load"]
+
 IMAGE_SIZE = 28
 
 PAPER_DATASETS = ("omniglot", "mnist", "fashion_mnist")

@@ -6,6 +6,8 @@ import jax
 
 from iavae_jax.models import oracle
 
+__all__ = ["SyntheticData", "generate"]
+
 
 class SyntheticData(NamedTuple):
   x: jax.Array       # [N, 3] observations

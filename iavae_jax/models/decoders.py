@@ -5,6 +5,8 @@ import math
 import flax.linen as nn
 import jax
 
+__all__ = ["MLPDecoder"]
+
 
 class MLPDecoder(nn.Module):
   """Independent Bernoulli pixels given z: z [B, k] -> a ReLU layer per width in ``hidden`` ->

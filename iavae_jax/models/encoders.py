@@ -6,6 +6,9 @@ import jax.numpy as jnp
 
 from iavae_jax.blocks import PyTree
 
+__all__ = ["MLPEncoder", "mlp_encode_examples_last", "pad_hidden", "conv_as_matmul", "Conv",
+           "ResidualBlock", "ResNetEncoder", "MLPImageEncoder"]
+
 
 class MLPEncoder(nn.Module):
   """One hidden ReLU layer of width ``hidden``, one output layer giving mean and log-variance.

@@ -10,6 +10,9 @@ import numpy as np
 
 from iavae_jax import distributions
 
+__all__ = ["A", "LATENT_DIM", "DATA_DIM", "decoder", "log_likelihood", "log_joint",
+           "expected_log_likelihood", "exact_elbo"]
+
 A = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)
 LATENT_DIM = 2
 DATA_DIM = 3

@@ -43,6 +43,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+__all__ = ["GatedMaskedConv", "GatedPixelCNN"]
+
 
 def _shift_down(x: jax.Array) -> jax.Array:
   """[B, H, W, C] -> [B, H, W, C]: row r holds row r-1 of x, row 0 is zero."""
