@@ -14,7 +14,8 @@ random data; compiles them; then times them interleaved (VAE, control, each IA-V
 that machine noise hits all alike. Prints a line per model and, last, a JSON object: vae_step_s
 and control_step_s (medians), control_ratio, and per IA-VAE (labelled by its design, or
 design/input when several inputs are asked for) iavae_step_s, ratio = iavae_step_s / vae_step_s,
-reference_step_s and reference_ratio (the reference path's) and hypernet_params; examples per
+reference_step_s and reference_ratio (the reference path's, where it has one: not for the
+feedback inputs) and hypernet_params; examples per
 second of every model; the XLA options compiled with (images_train.Model.compiler_options, or
 none with --xla_defaults). Timings are wall-clock on whatever device JAX uses.
 """
@@ -70,9 +71,10 @@ def main(argv):
       "control_ratio": median["control"] / median["vae"],
       "iavae_step_s": {label: median[f"iavae {label}"] for label in iavaes},
       "ratio": {label: median[f"iavae {label}"] / median["vae"] for label in iavaes},
-      **({"reference_step_s": {label: median[f"iavae {label} reference"] for label in iavaes},
-          "reference_ratio": {label: median[f"iavae {label} reference"] / median["vae"]
-                              for label in iavaes}} if FLAGS.reference else {}),
+      "reference_step_s": {label: median[f"iavae {label} reference"] for label in iavaes
+                           if f"iavae {label} reference" in median},
+      "reference_ratio": {label: median[f"iavae {label} reference"] / median["vae"]
+                          for label in iavaes if f"iavae {label} reference" in median},
       "hypernet_params": {label: train_steps.hypernet_params(setups[f"iavae {label}"])
                           for label in iavaes},
       "examples_per_s": {name: config.batch_size / median[name] for name in setups},

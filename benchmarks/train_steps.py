@@ -43,7 +43,7 @@ def build(config: ImageConfig, iavaes: dict[str, ImageConfig], reference: bool =
     params = {"hypernet": model.init_hypernet(jax.random.PRNGKey(2), layout),
               "decoder": vae["decoder"]}
     models[f"iavae {label}"] = (model, "iavae", params, iavae_frozen)
-    if reference:
+    if reference and model.feedback is None:   # the feedback inputs have no reference path
       models[f"iavae {label} reference"] = (dataclasses.replace(model, modulated=False), "iavae",
                                             params, iavae_frozen)
   batch = images_train.Batch(

@@ -184,8 +184,9 @@ class ImageConfig:
   # clipped gradient before Adam's scaling; "decoupled" is AdamW's (the decay added to the update).
   weight_decay_mode: str = "coupled"
   patience: int = 100                    # epochs without a better validation ELBO (both stages)
-  # > 0: stage 2's and the control's patience counted in optimiser steps (rounded up to whole
-  # epochs), so that it does not shrink with the training set.
+  # > 0: the patience of every model that starts from the VAE (IA-VAEs, controls, correctors)
+  # counted in optimiser steps (rounded up to whole epochs), so that it does not shrink with the
+  # training set.
   stage2_patience_steps: int = 0
   # Stage 2's and the control's starting point (the stage-1 VAE) is a model-selection candidate
   # (epoch 0), so a run never selects something worse on validation than where it started.
@@ -323,6 +324,10 @@ def image_config(dataset: str, tier: str) -> ImageConfig:
   raise ConfigError(f"--tier={tier} is not known; choose one of {', '.join(IMAGE_TIERS)}.")
 
 
+# Samples per step of the tuned refinement's candidates (experiments.gaps_eval.tune_refinement).
+TUNE_SAMPLES = (1, 4, 16)
+
+
 @dataclasses.dataclass(frozen=True)
 class GapsConfig:
   """The gap decomposition and the refinement curve of a trained image run (experiments.gaps).
@@ -351,7 +356,7 @@ class GapsConfig:
   refine_optimizer: str = "sgd"       # "sgd" (heavy ball, refine_momentum) or "adam"
   # > 0: the VAE's refinement is also tuned, its optimiser, step size and samples per step chosen
   # by the ELBO on this many validation images after tune_budget decoder passes per image
-  # (gaps_eval.tune_refinement); the tuned curve is measured beside SA-VAE's.
+  # (gaps_eval.tune_refinement); the tuned curve is measured beside the configured one.
   tune_examples: int = 0
   tune_budget: int = 200
   refine_eval_samples: int = 5000     # samples of the ELBO at each K (the final noise of L[q])
@@ -376,9 +381,11 @@ class GapsConfig:
       raise ConfigError(f"--refine_momentum must be in [0, 1), got {self.refine_momentum}.")
     if self.refine_optimizer not in ("sgd", "adam"):
       raise ConfigError(f"--refine_optimizer must be sgd or adam, got {self.refine_optimizer}.")
-    if self.tune_examples < 0 or self.tune_budget <= 0:
-      raise ConfigError(f"--tune_examples must be a non-negative and --tune_budget a positive "
-                        f"integer, got {self.tune_examples} and {self.tune_budget}.")
+    if self.tune_examples < 0 or self.tune_budget < 2 * max(TUNE_SAMPLES):
+      raise ConfigError(f"--tune_examples must be a non-negative integer and --tune_budget at "
+                        f"least {2 * max(TUNE_SAMPLES)} (one step of the largest candidate, "
+                        f"{max(TUNE_SAMPLES)} samples, forward and backward), got "
+                        f"{self.tune_examples} and {self.tune_budget}.")
     for name in ("num_examples", "convergence_examples"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name} must be a non-negative integer, got "

@@ -26,7 +26,18 @@ run has:
        "vs_control", "vs_mean_input", "vs_paper": paired tests (H1: this design's IA-VAE >
                                        # the other), vs_paper where a "paper" run is present
    }},
-   "best_on_validation": label}        # the highest mean validation ELBO
+   "best_on_validation": label,        # the highest mean validation ELBO
+   "frozen_decoder": {label: {         # the runs that trained iavae_frozen_decoder
+       "models": {model: {             # it, control_frozen_decoder, corrector_frozen_decoder and
+                                       # iavae_frozen_decoder_mean_context, where trained
+           "test_elbo": summary, "decoder_passes": per example, "gap_closed": summary or null,
+           "worth_steps": {"sa_vae", "tuned": refinement steps or null} or null,
+           "longest_wait_steps": the longest wait for a better validation ELBO}},
+       "patience_steps": the stage-2 patience the run trained with, in steps,
+       "vs_control", "vs_corrector", "vs_mean_input": paired tests (H1: the IA-VAE > the other)
+   }}}
+The runs without an unfrozen IA-VAE (iavae) appear only under "frozen_decoder"; "control" and
+"best_on_validation" are there when some run has one.
 
 Summaries and tests as in experiments.report (mean, sample std and per-seed values; Shapiro-
 Wilk, then a one-sided paired t-test or Wilcoxon signed-rank test). Bad input exits with code 2.
@@ -129,8 +140,8 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
       mean_context = per_seed(data, MEAN_CONTEXT)
       entry[MEAN_CONTEXT] = report.summarize_seeds(mean_context)
       entry["vs_mean_input"] = report.paired_comparison(iavae, mean_context)
-    if PAPER in by_design and label != PAPER:
-      entry["vs_paper"] = report.paired_comparison(iavae, per_seed(by_design[PAPER][1], "iavae"))
+    if PAPER in with_iavae and label != PAPER:
+      entry["vs_paper"] = report.paired_comparison(iavae, per_seed(with_iavae[PAPER][1], "iavae"))
     row["designs"][label] = entry
   score = lambda label: row["designs"][label]["valid_elbo"]["mean"]
   if row["designs"]:
@@ -141,15 +152,18 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
 
 def longest_waits(metrics_path: str, data: dict) -> dict:
   """Per trained model of a run, the longest wait, in optimiser steps, for an improvement of its
-  validation ELBO (from its start, for a stage-2 model, or its first epoch), over every seed:
-  any patience at least this long selects the epochs the run selected."""
+  validation ELBO (from its start where that was a candidate, else its first epoch), over every
+  seed. A run with a longer patience that stopped before its last epoch waited its whole patience
+  at the end without improving; a patience between the two would have selected the same
+  epochs."""
   curves = common.read_learning_curves(metrics_path)
   steps_per_epoch = data["data"]["train"] // data["config"]["batch_size"]
   waits = {}
   for model, entry in data["models"].items():
     if model not in curves:
       continue
-    starts = entry.get("valid_elbo_at_start") or [None] * len(data["seeds"])
+    starts = ((data["config"].get("start_as_candidate", True)
+               and entry.get("valid_elbo_at_start")) or [None] * len(data["seeds"]))
     wait = 0
     for column, start in zip(curves[model]["valid_elbo"].T, starts):
       best, last = (-math.inf if start is None else start), 0
@@ -189,9 +203,10 @@ def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
   tests = {key: report.paired_comparison(iavae, per_seed(other))
            for key, other in FROZEN_OTHERS.items() if other in data["models"]}
   config = data["config"]
-  patience = config.get("stage2_patience_steps") or config["patience"] * (
-      data["data"]["train"] // config["batch_size"])
-  return {"models": models, "patience_steps": patience, **tests}
+  steps_per_epoch = data["data"]["train"] // config["batch_size"]
+  patience_epochs = (-(-config["stage2_patience_steps"] // steps_per_epoch)   # as images_train
+                     if config.get("stage2_patience_steps") else config["patience"])
+  return {"models": models, "patience_steps": patience_epochs * steps_per_epoch, **tests}
 
 
 def build(workdir: str) -> dict:
@@ -265,7 +280,8 @@ def _render_frozen(table: dict) -> list[str]:
           "reaches the model's ELBO: experiments.gaps, on its test images) measure inference "
           "alone. Decoder passes: per example, of the model's inference (the feedback's). "
           "Longest wait: the most optimiser steps any seed's training waited for a better "
-          "validation ELBO; a patience above it selects the same epochs.", ""]
+          "validation ELBO, beside the patience it trained with (a model that stopped early "
+          "then waited the whole patience without improving).", ""]
 
 
 def _steps(value: float | None) -> str:

@@ -61,7 +61,7 @@ import orbax.checkpoint as ocp
 
 from iavae_jax import blocks, gaps, plots
 from iavae_jax.data import images
-from experiments import common, images_train, report
+from experiments import common, configs, images_train, report
 from experiments.configs import GapsConfig, ImageConfig
 from experiments.images_train import Model
 
@@ -531,11 +531,12 @@ def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: i
 # and what each amortized model on that decoder is worth in its steps.
 
 _TUNE = 7   # folded into a validation image's key: apart from the test images' purposes
-# The tuned variant's candidates: the optimiser and its step sizes (SGD's as multiples of
-# SA-VAE's), each with these samples per step.
-TUNE_RATES = {"sgd": tuple(f / gaps.SA_VAE_BATCH_SIZE for f in (0.1, 0.3, 1.0, 3.0)),
-              "adam": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)}
-TUNE_SAMPLES = (1, 4, 16)
+# The tuned variant's candidates: SA-VAE's SGD with momentum at these multiples of its step size
+# (its clipping and momentum kept), and Adam at these step sizes; each with these samples per
+# step (configs.GapsConfig checks that tune_budget affords the largest).
+SGD_RATE_FACTORS = (0.1, 0.3, 1.0, 3.0)
+ADAM_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+TUNE_SAMPLES = configs.TUNE_SAMPLES
 FIRST_STEP_SAMPLES = (1, 10, 100)   # SA-VAE's first step with this many samples (diagnostic)
 
 
@@ -544,16 +545,18 @@ def _same_decoder(loaded: Loaded, other: Loaded) -> bool:
                                                    jax.tree.leaves(other.params["decoder"])))
 
 
-def refinement_curve(functions: Functions, loaded: Loaded, x: np.ndarray, keys: jax.Array
-                     ) -> np.ndarray:
+def refinement_curve(functions: Functions, loaded: Loaded, x: np.ndarray, seed: int,
+                     purpose: int | None = None) -> np.ndarray:
   """The ELBO after each of functions' refinement steps (0 first), from the model's encoder on
-  images x [n, 28, 28] with per-example keys [n, 2]: [n, 1 + len(steps)]."""
+  images x [n, 28, 28], each example's noise from (seed, its index) as in the measurements (and
+  ``purpose`` folded in, for images other than the test split's): [n, 1 + len(steps)]."""
   size, rows = functions.config.batch_size, []
   for begin in range(0, x.shape[0], size):
     count = min(size, x.shape[0] - begin)
     chunk = _pad(x[begin:begin + count], size)
-    chunk_keys = jnp.concatenate([keys[begin:begin + count],
-                                  jnp.zeros((size - count, *keys.shape[1:]), keys.dtype)])
+    chunk_keys = example_keys(seed, begin, size)
+    if purpose is not None:
+      chunk_keys = jax.vmap(lambda k: jax.random.fold_in(k, purpose))(chunk_keys)
     decoder = loaded.params["decoder"]
     mean, log_var = functions.encode(loaded)(loaded.params, loaded.frozen, chunk)
     refined = functions.refine(decoder, chunk, mean, log_var, chunk_keys)
@@ -568,45 +571,42 @@ def _with_refinement(config: GapsConfig, **settings) -> GapsConfig:
 
 def tune_refinement(model: Model, config: GapsConfig, vae: Loaded, valid: np.ndarray,
                     seed: int) -> dict:
-  """The VAE's refinement tuned on validation images valid [n, 28, 28]: every candidate
-  (TUNE_RATES x TUNE_SAMPLES) run for tune_budget decoder passes per image (steps = budget /
-  (2 x samples per step)), the one with the highest mean ELBO chosen; and, as a diagnostic,
-  SA-VAE's first step with FIRST_STEP_SAMPLES samples."""
-  keys = jax.vmap(lambda k: jax.random.fold_in(k, _TUNE))(example_keys(seed, 0, valid.shape[0]))
-
+  """The VAE's refinement tuned on validation images valid [n, 28, 28]: every candidate (SGD
+  with SA-VAE's momentum and clipping at SGD_RATE_FACTORS x its step size, and Adam at
+  ADAM_RATES; each with TUNE_SAMPLES samples per step) run for at most tune_budget decoder passes
+  per image (steps = budget // (2 x samples per step)), the one with the highest mean ELBO
+  chosen; and, as a diagnostic, SA-VAE's first step with FIRST_STEP_SAMPLES samples."""
   def elbo_after(steps, **settings):
     functions = Functions(model, _with_refinement(config, steps=(steps,), **settings))
-    return np.mean(refinement_curve(functions, vae, valid, keys), axis=0)   # [K = 0, steps]
+    return np.mean(refinement_curve(functions, vae, valid, seed, _TUNE), axis=0)  # [0, steps]
+  sa_vae = gaps.RefineSettings()
+  rates = {"sgd": [f * sa_vae.learning_rate for f in SGD_RATE_FACTORS], "adam": ADAM_RATES}
   candidates = []
-  for optimizer, rates in TUNE_RATES.items():
-    for learning_rate in rates:
+  for optimizer, learning_rates in rates.items():
+    for learning_rate in learning_rates:
       for samples in TUNE_SAMPLES:
         steps = max(1, config.tune_budget // (2 * samples))
         start, end = elbo_after(steps, optimizer=optimizer, learning_rate=learning_rate,
-                                samples=samples)
+                                samples=samples, momentum=sa_vae.momentum,
+                                max_grad_norm=sa_vae.max_grad_norm)
         candidates.append({"optimizer": optimizer, "learning_rate": learning_rate,
                            "samples_per_step": samples, "steps": steps,
                            "elbo_at_start": float(start), "elbo": float(end)})
         print(f"[gaps] tuning the VAE's refinement: {candidates[-1]}", flush=True)
   finite = [c for c in candidates if np.isfinite(c["elbo"])]
+  if not finite:
+    raise common.ConfigError(
+        f"every refinement candidate diverged on the {valid.shape[0]} validation images of "
+        f"seed {seed}'s VAE (tuned over {', '.join(rates)}): no tuned variant to measure; rerun "
+        "with --tune_examples=0.")
   chosen = max(finite, key=lambda c: c["elbo"])
   first_step = [{"samples_per_step": samples, **dict(zip(
-      ("elbo_at_start", "elbo"), map(float, elbo_after(1, samples=samples))))}
+      ("elbo_at_start", "elbo"), map(float, elbo_after(
+          1, samples=samples, optimizer="sgd", learning_rate=sa_vae.learning_rate,
+          momentum=sa_vae.momentum, max_grad_norm=sa_vae.max_grad_norm))))}
       for samples in FIRST_STEP_SAMPLES]
   return {"examples": int(valid.shape[0]), "seed": seed, "budget": config.tune_budget,
           "candidates": candidates, "chosen": chosen, "sa_vae_first_step": first_step}
-
-
-def _steps_to_reach(steps: list, curve: list, target: float) -> float | None:
-  """The (linearly interpolated) number of steps at which the curve first reaches target; 0 if
-  it starts there, None if it never does."""
-  for i, (k, value) in enumerate(zip(steps, curve)):
-    if value >= target:
-      if i == 0:
-        return 0.0
-      k0, v0 = steps[i - 1], curve[i - 1]
-      return float(k0 + (k - k0) * (target - v0) / (value - v0))
-  return None
 
 
 def compare_with_refinement(model: Model, config: GapsConfig, functions: Functions,
@@ -633,8 +633,7 @@ def compare_with_refinement(model: Model, config: GapsConfig, functions: Functio
         samples=chosen["samples_per_step"]))
     for vae_seed, vae in vaes.items():
       if str(vae_seed) not in recorded:
-        keys = example_keys(vae_seed, 0, test.shape[0])
-        recorded[str(vae_seed)] = np.mean(refinement_curve(tuned, vae, test, keys),
+        recorded[str(vae_seed)] = np.mean(refinement_curve(tuned, vae, test, vae_seed),
                                           axis=0).tolist()
         common.write_json(path, recorded)
     curves["tuned"] = {
@@ -644,14 +643,10 @@ def compare_with_refinement(model: Model, config: GapsConfig, functions: Functio
         "tuning": recorded["tuning"]}
   for curve in curves.values():
     curve["decoder_passes"] = [2 * curve["settings"]["samples_per_step"] * k for k in steps]
-  worth = {}
-  for name in shared:
-    target = results[name]["refinement"]["elbo"][0]   # the model's own ELBO, K = 0
-    worth[name] = {label: {
-        "per_seed": [_steps_to_reach(steps, [e["per_seed"][i] for e in curve["elbo"]], t)
-                     for i, t in enumerate(target["per_seed"])],
-        "of_the_means": _steps_to_reach(steps, [e["mean"] for e in curve["elbo"]],
-                                        target["mean"])} for label, curve in curves.items()}
+  worth = {name: {label: steps_to_reach(steps, curve["elbo"],
+                                        results[name]["refinement"]["elbo"][0],  # its K = 0
+                                        interpolate=True)
+                  for label, curve in curves.items()} for name in shared}
   return {"vae_refinement": curves, "same_decoder_as_vae": shared,
           "refinement_steps_worth": worth}
 
@@ -765,17 +760,34 @@ def summarize(per_job: dict, names: list, seeds: list, config: GapsConfig) -> di
     results["refinement_steps_to_match_iavae"] = {}
     for name in names:
       if name != "iavae":
-        curve = results[name]["refinement"]["elbo"]
-        results["refinement_steps_to_match_iavae"][name] = {
-            "per_seed": [_first_reaching(steps, [c["per_seed"][i] for c in curve], target)
-                         for i, target in enumerate(single_pass["per_seed"])],
-            "of_the_means": _first_reaching(steps, [c["mean"] for c in curve],
-                                            single_pass["mean"])}
+        results["refinement_steps_to_match_iavae"][name] = steps_to_reach(
+            steps, results[name]["refinement"]["elbo"], single_pass)
   return results
 
 
-def _first_reaching(steps: list, curve: list, target: float) -> int | None:
-  return next((k for k, value in zip(steps, curve) if value >= target), None)
+def steps_to_reach(steps: list, curve: list, target: dict, interpolate: bool = False) -> dict:
+  """Where a refinement curve (its ELBO summaries at ``steps``) first reaches a target ELBO (a
+  summary): {"per_seed": [...], "of_the_means": ...}, each the first recorded step at which the
+  curve is at or above the target, or with ``interpolate`` the step linearly interpolated
+  between the recorded ones (0 if it starts there); None where it never does within the largest
+  step, or where a value is undefined (a diverged seed)."""
+  def first(values, goal):
+    if goal is None:
+      return None
+    previous = None
+    for k, value in zip(steps, values):
+      if value is not None and value >= goal:
+        if not interpolate:
+          return k
+        if previous is None:
+          return 0.0 if k == steps[0] else None
+        k0, v0 = previous
+        return float(k0 + (k - k0) * (goal - v0) / (value - v0))
+      previous = None if value is None else (k, value)
+    return None
+  return {"per_seed": [first([c["per_seed"][i] for c in curve], goal)
+                       for i, goal in enumerate(target["per_seed"])],
+          "of_the_means": first([c["mean"] for c in curve], target["mean"])}
 
 
 def _cell(summary: dict, digits: int = 2) -> str:

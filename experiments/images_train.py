@@ -21,18 +21,25 @@ and the ablations that isolate what instance adaptation buys:
             keys (initialisation, data order, noise) of iavae and control, for paired tests;
   vae_matched : a VAE whose encoder is widened (every width scaled alike) to at least as many
             parameters as the VAE's encoder plus the hypernetwork, trained as the VAE is;
-  iavae_mean_context (evaluated, not trained): the trained IA-VAE with the hypernetwork's input
-            replaced by its mean over the training split: a constant, non-adaptive fine-tune
-            of the encoder. What the IA-VAE keeps of its gain this way is not instance-specific.
+  corrector, corrector_frozen_decoder : the hypernetwork's input into a network that corrects
+            the frozen encoder's mean and log-variance directly (iavae_jax.feedback.Corrector,
+            about as many parameters as the hypernetwork): does writing the encoder's
+            parameters add anything over correcting its outputs?
+  iavae_mean_context, iavae_frozen_decoder_mean_context (evaluated, not trained): the trained
+            IA-VAE with the hypernetwork's input (with a feedback input, the feedback) replaced
+            by its mean over the training split. What it keeps of its gain this way is not
+            instance-specific.
 Every model is selected on the validation ELBO and evaluated on the test split: ELBO and KL with
 ``test_samples`` samples per example, and an importance-weighted estimate of log p(x) with
 ``iwae_samples`` samples.
 
 The hypernetwork is the design ``config.hypernet`` (``Model.hypernet``: the paper's structured
 one, Ha et al.'s static one, or an MLP generator; iavae_jax.hypernets). What it sees of x is
-``config.hypernet_input`` (``Model.hypernet_context``): the flattened binarised image (the paper's
+``config.hypernet_input`` (``Model.context_fn``): the flattened binarised image (the paper's
 x), the same over its Euclidean norm (the default), or the frozen stage-1 encoder's mean and
-log-variance or penultimate feature.
+log-variance or penultimate feature; or, with the decoder's feedback (``gradient``,
+``residual``), [the image over its norm; the current mean and log-variance; the feedback there],
+recomputed at each of ``config.passes`` passes.
 """
 
 import dataclasses
@@ -114,7 +121,8 @@ class Model:
   ``modulated`` selects how the IA-VAE applies its hypernetwork's deltas: without forming any
   example's parameters (``modulated.modulated_encode``, the default), or on the reference path,
   each example's parameters formed and the encoder vmapped over them
-  (``adaptive.instance_adaptive_encode``). The two agree to float rounding.
+  (``adaptive.instance_adaptive_encode``). The two agree to float rounding. The feedback inputs
+  take the modulated path only.
   """
   config: ImageConfig
   modulated: bool = True
@@ -308,6 +316,9 @@ class Model:
           context_fn, self.config.passes)
     hypernet = self.hypernet(layout)
     if self.feedback is not None:
+      if not self.modulated:
+        raise ValueError("Model: the feedback inputs run on the modulated path only "
+                         "(modulated.iterative_encode); use Model(config) (modulated=True).")
       return modulated.iterative_encode(self.base_apply(frozen), hypernet, frozen["phi_avi"],
                                         params["hypernet"], x, context_fn, self.config.passes)
     context = context_fn(1, None, None)
@@ -425,7 +436,9 @@ def train_step(state: training.TrainState, batch: Batch, *, model: Model, stage:
             the batch's statistics, and the step sets its running averages in params;
   iavae   : params {hypernet, decoder}; state.frozen {phi_avi, batch_stats}: every example's
             encoder is phi_AVI plus the hypernetwork's deltas (``Model.encode_fn``);
-  control : params {encoder, decoder}; state.frozen {batch_stats}.
+  control : params {encoder, decoder}; state.frozen {batch_stats};
+  corrector: params {corrector, decoder}; state.frozen {phi_avi, batch_stats}: the frozen
+            encoder's output corrected (``Model.infer``).
   In stages 2 and 3 batch norm uses the frozen running statistics. With ``freeze_decoder`` the
   decoder gets no gradient (nor, from ``stage_optimizer``, any update).
   """

@@ -91,14 +91,19 @@ def feedback_context(config: SyntheticConfig) -> Callable | None:
 
 
 def context_size(config: SyntheticConfig) -> int:
-  """The size of what the hypernetwork sees of one example."""
-  return {"gradient": 15, "residual": 10}.get(config.hypernet_input, oracle.DATA_DIM)
+  """The size of what the hypernetwork sees of one example: x, or with feedback [x; mean;
+  log_var; the feedback] (the gradient preprocessed to 2 x 2k numbers, the residual d)."""
+  feedback_size = {"gradient": 4 * oracle.LATENT_DIM, "residual": oracle.DATA_DIM}
+  if config.hypernet_input not in feedback_size:
+    return oracle.DATA_DIM
+  return oracle.DATA_DIM + 2 * oracle.LATENT_DIM + feedback_size[config.hypernet_input]
 
 
 def decoder_passes(config: SyntheticConfig) -> int:
-  """Per example, the decoder passes of the IA-VAE's inference: its feedback's, a forward and a
-  backward of the exact ELBO (gradient) or a forward of f (residual) per pass; 0 without."""
-  return {"gradient": 2, "residual": 1}.get(config.hypernet_input, 0) * config.passes
+  """Per example, the decoder passes of the IA-VAE's inference: its feedback's (the exact ELBO,
+  a forward and a backward per pass, counts as one sample's), 0 without."""
+  kind = config.hypernet_input if config.hypernet_input in FEEDBACK_INPUTS else None
+  return feedback.decoder_passes(kind, config.passes, 1)
 
 
 def iavae_encode(config: SyntheticConfig, layout: blocks.BlockLayout,

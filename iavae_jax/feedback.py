@@ -61,7 +61,9 @@ def preprocess_gradient(g: jax.Array, p: float = 10.0) -> jax.Array:
 
 
 def residual(x: jax.Array, decoder_mean: jax.Array) -> jax.Array:
-  """x - E[x | z]: [B, ...] -> [B, d] flattened, through which no gradient flows."""
+  """x - the decoder's mean at the current guess (E[x | z], or for an autoregressive decoder its
+  per-pixel mean given the pixels before): [B, ...] -> [B, d] flattened, through which no
+  gradient flows."""
   return jax.lax.stop_gradient((x - decoder_mean).reshape(x.shape[0], -1))
 
 

@@ -29,14 +29,22 @@ __all__ = ["InputAxes", "LinearHypernet", "linear_hypernet_deltas_examples_last"
 InputAxes = Mapping[str, Sequence[int]] | None
 
 
+def _check_example(module: nn.Module, c: jax.Array):
+  if c.ndim != 1:
+    raise ValueError(f"{type(module).__name__}: expected one example's input of shape [m], got "
+                     f"{c.shape}; flatten it and vmap over the batch (see iavae_jax.adaptive).")
+
+
+def _one_example(module: nn.Module, c: jax.Array) -> PyTree:
+  """A design's deltas for one example's context c [m], formed from its factors."""
+  _check_example(module, c)
+  deltas = modulated.materialize(module.factors(c[None]), module.cuts, module.layout)
+  return jax.tree.map(lambda delta: delta[0], deltas)
+
+
 class _Hypernet(nn.Module):
   """What every hypernetwork has: the layout of the blocks it emits deltas for."""
   layout: BlockLayout
-
-  def _check_example(self, c: jax.Array):
-    if c.ndim != 1:
-      raise ValueError(f"{type(self).__name__}: expected one example's input of shape [m], got "
-                       f"{c.shape}; flatten it and vmap over the batch (see iavae_jax.adaptive).")
 
   def _check_batch(self, contexts: jax.Array):
     if contexts.ndim != 2:
@@ -47,10 +55,6 @@ class _Hypernet(nn.Module):
     """e_l for every block: [num_blocks, dim]."""
     return self.param("block_embeddings", init, (self.layout.num_blocks, dim))
 
-  def _assemble(self, cuts: tuple[blocks.Slicing, ...], slices: list[jax.Array]) -> PyTree:
-    """Every block's slices [n_l, d_l] -> a tree shaped like the encoder's parameters."""
-    return jax.tree.unflatten(self.layout.treedef,
-                              [cut.assemble(s) for cut, s in zip(cuts, slices)])
 
 
 def _groups(cuts: tuple[blocks.Slicing, ...]) -> dict[str, tuple[int, int]]:
@@ -81,9 +85,7 @@ class _SlicedHypernet(_Hypernet):
     return blocks.slicings(self.layout, self.input_axes)
 
   def __call__(self, c: jax.Array) -> PyTree:
-    self._check_example(c)
-    deltas = modulated.materialize(self.factors(c[None]), self.cuts, self.layout)
-    return jax.tree.map(lambda delta: delta[0], deltas)
+    return _one_example(self, c)
 
   def _begin(self, contexts: jax.Array) -> tuple[tuple[blocks.Slicing, ...], jax.Array]:
     """Checks a batch of contexts [B, m]; returns the blocks' slicings and e_l [L, l]."""
@@ -106,7 +108,7 @@ class LinearHypernet(_Hypernet):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> PyTree:
-    self._check_example(x)
+    _check_example(self, x)
     d_max = self.layout.d_max
     block_embeddings = self._block_embeddings(self.embed_dim, self.embedding_init)
     w = self.param("W", nn.initializers.normal(self.init_std),
@@ -260,10 +262,10 @@ class MLPHypernet(_SlicedHypernet):
 
   Through the nonlinearity, the x-dependent part of delta_{l,j} differs across blocks and slices.
   U [c; e_l; e_in_j] is computed as U_c c (once per example) + U_e e_l + U_in e_in_j (once per
-  call); one nonlinearity then covers the [S, hidden_dim] pre-activations of all S slices of all
-  blocks (S = sum_l n_l), and block l's output layer only its own n_l slices and d_l outputs, so
-  an example costs (m + sum_l n_l d_l) hidden_dim multiply-adds, S hidden_dim activations and
-  [S, hidden_dim] of memory.
+  call); block l's hidden units [B, n_l, hidden_dim] are its codes (``factors``), recomputed in
+  the backward pass rather than stored, and its output layer its basis, so an example costs
+  m hidden_dim multiply-adds and S hidden_dim activations (S = sum_l n_l), and forming its deltas
+  sum_l n_l d_l hidden_dim more (the modulated path does not form them).
 
   Call on one example's context c: [m]; returns a tree shaped like the encoder's parameters.
   """
@@ -321,11 +323,7 @@ class ProjectedContext(nn.Module):
     return self.hypernet.cuts
 
   def __call__(self, c: jax.Array) -> PyTree:
-    if c.ndim != 1:
-      raise ValueError(f"ProjectedContext: expected one example's input of shape [m], got "
-                       f"{c.shape}; flatten it and vmap over the batch (see iavae_jax.adaptive).")
-    deltas = modulated.materialize(self.factors(c[None]), self.cuts, self.layout)
-    return jax.tree.map(lambda delta: delta[0], deltas)
+    return _one_example(self, c)
 
   @nn.compact
   def factors(self, contexts: jax.Array) -> tuple[modulated.Factors, ...]:

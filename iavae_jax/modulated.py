@@ -236,7 +236,7 @@ class _Interceptor:
 
   def __call__(self, call, args, kwargs, context):
     module = context.module
-    if self.busy or context.method_name != "__call__":
+    if self.busy or context.method_name == "setup":
       return call(*args, **kwargs)
     prefix = "/".join(module.path)
     own = {path[len(prefix) + 1 if prefix else 0:]: block
@@ -253,16 +253,19 @@ class _Interceptor:
           "adaptive.instance_adaptive_encode.")
     self.busy = True
     try:
-      rule = _rule_for(module, self.rules)
+      # A rule covers a layer's own __call__; another method, a module whose submodules own
+      # parameters too, or a configuration the rule declines takes the reference path.
+      rule = _rule_for(module, self.rules) if context.method_name == "__call__" else None
       has_children = any(path.startswith(prefix + "/" if prefix else "") and _parent(path) != prefix
                          for path in self.blocks_by_path)
       out = None if rule is None or has_children else rule(module, call, args, kwargs, own)
-      return out if out is not None else self._reference(module, args, kwargs, prefix)
+      return out if out is not None else self._reference(module, context.method_name, args,
+                                                         kwargs, prefix)
     finally:
       self.busy = False
 
-  def _reference(self, module: nn.Module, args: tuple, kwargs: dict, prefix: str):
-    """The module's call with its parameters formed per example and vmapped over the batch
+  def _reference(self, module: nn.Module, method: str, args: tuple, kwargs: dict, prefix: str):
+    """The module's ``method`` with its parameters formed per example and vmapped over the batch
     (its first argument's leading axis; the other arguments are the same for every example)."""
     variables = dict(module.variables)
 
@@ -274,7 +277,8 @@ class _Interceptor:
     layer = module.clone(parent=None)
 
     def one(params_i, x_i):
-      out = layer.apply({**variables, "params": params_i}, x_i[None], *args[1:], **kwargs)
+      out = layer.apply({**variables, "params": params_i}, x_i[None], *args[1:], method=method,
+                        **kwargs)
       return jax.tree.map(lambda a: a[0], out)
     return jax.vmap(one)(params, args[0])
 
@@ -323,6 +327,10 @@ def apply_factors(encoder_apply: Callable[[PyTree, jax.Array], Any], phi_avi: Py
 
 
 def _check_hypernet(owner: str, hypernet: nn.Module, phi_avi: PyTree):
+  if not hasattr(hypernet, "factors"):
+    raise ValueError(f"{owner}: the hypernet ({type(hypernet).__name__}) gives no factored "
+                     "deltas (a `factors` method: the image designs of hypernets.make_hypernet "
+                     "do); apply it with adaptive.instance_adaptive_encode instead.")
   layout = BlockLayout.from_tree(phi_avi)
   if layout != hypernet.layout:
     raise ValueError(f"{owner}: phi_avi's blocks {layout.shapes} are not those the hypernet was "
@@ -330,9 +338,9 @@ def _check_hypernet(owner: str, hypernet: nn.Module, phi_avi: PyTree):
                      "BlockLayout.from_tree(phi_avi).")
 
 
-def _check_context(owner: str, contexts: jax.Array, batch: int):
+def _check_context(owner: str, contexts: jax.Array, batch: int, name: str = "context"):
   if contexts.ndim != 2 or contexts.shape[0] != batch:
-    raise ValueError(f"{owner}: context must be [B, m] with B = {batch} (x's leading axis), got "
+    raise ValueError(f"{owner}: {name} must be [B, m] with B = {batch} (x's leading axis), got "
                      f"{contexts.shape}.")
 
 
@@ -383,7 +391,7 @@ def iterative_encode(encoder_apply: Callable[[PyTree, jax.Array], tuple[jax.Arra
   factors = None
   for t in range(1, num_passes + 1):
     contexts = jax.lax.stop_gradient(context_fn(t, mean, log_var))
-    _check_context("iterative_encode", contexts, x.shape[0])
+    _check_context("iterative_encode", contexts, x.shape[0], f"context_fn({t}, mean, log_var)")
     new = hypernet.apply({"params": psi}, contexts, method="factors")
     factors = new if factors is None else tuple(map(concat_factors, factors, new))
     mean, log_var = apply_factors(encoder_apply, phi_avi, factors, hypernet.cuts, x, rules)
