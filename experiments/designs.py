@@ -77,7 +77,7 @@ def load_runs(workdir: str) -> dict[str, dict[str, tuple[str, dict, dict | None]
   None); designs in order: "paper" first, then alphabetically."""
   runs = {}
   for path in report.results_under(workdir):
-    data = report.load_results(path)
+    data = report.load_results(path, required=("vae",))   # runs on the frozen decoder only too
     label = design_label(data.get("config") or {})
     by_design = runs.setdefault(data["dataset"], {})
     if label in by_design:
@@ -126,7 +126,8 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
          "frozen_decoder": {label: frozen_entry(path, data, gaps, seeds)
                             for label, (path, data, gaps) in by_design.items()
                             if FROZEN in data["models"]}}
-  with_iavae = {label: run for label, run in by_design.items() if "iavae" in run[1]["models"]}
+  with_iavae = {label: run for label, run in by_design.items()
+                if {"iavae", "control"} <= set(run[1]["models"])}
   if with_iavae:
     row["control"] = report.summarize_seeds(per_seed(next(iter(with_iavae.values()))[1],
                                                      "control"))
@@ -265,6 +266,7 @@ def _render_frozen(table: dict) -> list[str]:
                      report.MODEL_NAMES.get(model, model), report.mean_std(values["test_elbo"]),
                      values["decoder_passes"], _percent(values["gap_closed"]),
                      *(_steps(worth.get(key)) for key in ("sa_vae", "tuned")), *tests,
+                     "—" if values["longest_wait_steps"] is None else
                      f"{values['longest_wait_steps']} / {entry['patience_steps']}",
                      len(row["seeds"])])
   if not rows:

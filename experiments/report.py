@@ -117,8 +117,9 @@ def results_under(workdir: str) -> list[str]:
   return paths
 
 
-def load_results(path: str) -> dict:
-  """Reads one images results.json and checks the fields Table 4 needs."""
+def load_results(path: str, required: tuple[str, ...] = MODELS) -> dict:
+  """Reads one images results.json and checks the fields Table 4 needs (of the ``required``
+  models, and of the ablations it holds)."""
   data = read_json(path)
   for key in ("dataset", "seeds", "models"):
     if key not in data:
@@ -131,7 +132,7 @@ def load_results(path: str) -> dict:
   if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds):
     raise common.ConfigError(f"{path}: 'seeds' must be a non-empty list of distinct seeds, got "
                              f"{seeds!r}.")
-  for model in present_models(data):
+  for model in present_models(data, required):
     entry = data["models"].get(model)
     if not isinstance(entry, dict):
       raise common.ConfigError(f"{path} has no results for model {model!r} under 'models'.")
@@ -155,9 +156,9 @@ def load_results(path: str) -> dict:
   return data
 
 
-def present_models(data: dict) -> tuple[str, ...]:
-  """The models a results file must hold (MODELS) and the ablations it holds."""
-  return MODELS + tuple(m for m in ABLATIONS if m in data["models"])
+def present_models(data: dict, required: tuple[str, ...] = MODELS) -> tuple[str, ...]:
+  """The models a results file must hold (``required``) and the ablations it holds."""
+  return required + tuple(m for m in ABLATIONS if m in data["models"] and m not in required)
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -1,0 +1,118 @@
+"""The decoder-feedback models from the command line: the pieces that read their results (the
+refinement steps a model is worth, the longest wait for a better validation ELBO, the synthetic
+experiment's feedback inputs); slow: a smoke run with the gradient feedback and the residual,
+experiments.gaps on it (the tuned refinement, the decoder passes, the figure), experiments.designs
+over it."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from conftest import SMOKE, run_module
+from experiments import common, configs, designs, gaps_eval, synthetic_train
+
+# A dense smoke run: the feedback's decoder passes are cheap with a dense decoder.
+DENSE = ["--encoder=mlp", "--encoder_hidden=16", "--decoder=mlp", "--decoder_hidden=16,16",
+         "--num_seeds=2", "--feedback_samples=2"]
+FROZEN = ["vae", "iavae_frozen_decoder", "control_frozen_decoder", "corrector_frozen_decoder"]
+
+
+def _summary(per_seed):
+  return {"mean": None if None in per_seed else sum(per_seed) / len(per_seed),
+          "std": None, "per_seed": per_seed}
+
+
+def test_steps_to_reach_interpolates_between_the_recorded_steps():
+  steps = [0, 1, 5, 20]
+  curve = [_summary(v) for v in ([-10.0, -12.0], [-9.0, None], [-5.0, -8.0], [-4.0, -7.0])]
+  target = _summary([-7.0, -7.5])
+  exact = gaps_eval.steps_to_reach(steps, curve, target)
+  assert exact == {"per_seed": [5, 20], "of_the_means": 5}   # the means skip K = 1 (None)
+  interpolated = gaps_eval.steps_to_reach(steps, curve, target, interpolate=True)
+  assert interpolated["per_seed"] == [pytest.approx(1 + 4 * 2 / 4), pytest.approx(5 + 15 * 0.5)]
+  assert gaps_eval.steps_to_reach(steps, curve, _summary([-10.0, -20.0]),
+                                  interpolate=True)["per_seed"] == [0.0, 0.0]
+  assert gaps_eval.steps_to_reach(steps, curve, _summary([-1.0, None]))["per_seed"] == [None,
+                                                                                         None]
+
+
+def test_longest_wait_for_a_better_validation_elbo(tmp_path):
+  lines = [{"stage": f"iavae_frozen_decoder_seed{seed}", "epoch": epoch, "valid_elbo": [value]}
+           for seed, values in enumerate(([-5, -4, -4, -4, -3], [-1, -2, -2, -2, float("nan")]))
+           for epoch, value in enumerate(values, start=1)]
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_text("\n".join(json.dumps(
+      {**line, **{k: [0.0] for k in common.METRICS if k != "valid_elbo"}}) for line in lines))
+  data = {"seeds": [0, 1], "data": {"train": 30}, "config": {"batch_size": 10},
+          "models": {"iavae_frozen_decoder": {"valid_elbo_at_start": [-6.0, -1.5]}}}
+  # Seed 0 improves at epochs 1, 2, 5 (a wait of 3); seed 1 at epoch 1 only. 3 steps an epoch.
+  assert designs.longest_waits(str(metrics), data) == {"iavae_frozen_decoder": 9}
+  # A start that was not a candidate is not a baseline: seed 1 then improves at epoch 1 too.
+  data["config"]["start_as_candidate"] = False
+  assert designs.longest_waits(str(metrics), data) == {"iavae_frozen_decoder": 9}
+
+
+@pytest.mark.parametrize("kind, size, passes", [("x", 3, 0), ("gradient", 15, 6),
+                                                ("residual", 10, 3)])
+def test_synthetic_feedback_inputs(kind, size, passes):
+  config = dataclasses.replace(configs.SyntheticConfig(), hypernet_input=kind,
+                               passes=3 if passes else 1).validate()
+  assert synthetic_train.context_size(config) == size
+  assert synthetic_train.decoder_passes(config) == passes
+  assert (synthetic_train.feedback_context(config) is None) == (kind == "x")
+
+
+def test_synthetic_passes_need_a_feedback_input():
+  with pytest.raises(common.ConfigError, match="--passes=2: give 1, or more with"):
+    dataclasses.replace(configs.SyntheticConfig(), passes=2).validate()
+
+
+@pytest.mark.slow
+def test_gradient_feedback_end_to_end(smoke_data_dir, tmp_path):
+  workdir = str(tmp_path / "gradient" / "mnist")
+  result = run_module("experiments.images", f"--workdir={workdir}", *SMOKE, *DENSE,
+                      f"--data_dir={smoke_data_dir}", "--hypernet_input=gradient", "--passes=2",
+                      f"--models={','.join(FROZEN)}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    r = json.load(f)
+  assert r["decoder_passes_per_example"] == {
+      "vae": 0, "iavae_frozen_decoder": 8, "control_frozen_decoder": 0,
+      "corrector_frozen_decoder": 8, "iavae_frozen_decoder_mean_context": 0}
+  result = run_module("experiments.gaps", f"--workdir={workdir}", "--num_examples=6",
+                      "--convergence_examples=2", "--tune_examples=6", "--tune_budget=32")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "gaps.json")) as f:
+    g = json.load(f)
+  shared = set(FROZEN[1:]) | {"iavae_frozen_decoder_mean_context"}
+  assert set(g["same_decoder_as_vae"]) == shared
+  assert set(g["refinement_steps_worth"]) == shared
+  assert g["decoder_passes_per_example"]["iavae_frozen_decoder"] == 8
+  tuned = g["vae_refinement"]["tuned"]
+  assert len(tuned["tuning"]["candidates"]) == (len(gaps_eval.SGD_RATE_FACTORS)
+                                                + len(gaps_eval.ADAM_RATES)) * 3
+  assert tuned["tuning"]["chosen"] in tuned["tuning"]["candidates"]
+  assert [f["samples_per_step"] for f in tuned["tuning"]["sa_vae_first_step"]] == [1, 10, 100]
+  assert tuned["decoder_passes"] == [2 * tuned["settings"]["samples_per_step"] * k
+                                     for k in tuned["steps"]]
+  assert os.path.exists(os.path.join(workdir, "gaps_passes.png"))
+  result = run_module("experiments.designs", f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / "designs.json") as f:
+    frozen = json.load(f)["mnist"]["frozen_decoder"]["mlp input=gradient passes=2 samples=2"]
+  assert set(frozen["models"]) == shared
+  assert {"vs_control", "vs_corrector", "vs_mean_input"} <= set(frozen)
+
+
+@pytest.mark.slow
+def test_residual_feedback_trains(smoke_data_dir, tmp_path):
+  result = run_module("experiments.images", f"--workdir={tmp_path}", *SMOKE, *DENSE,
+                      f"--data_dir={smoke_data_dir}", "--hypernet_input=residual",
+                      "--models=vae,iavae,corrector")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(tmp_path / "results.json") as f:
+    r = json.load(f)
+  assert r["decoder_passes_per_example"]["iavae"] == 1
+  assert "iavae_mean_context" in r["models"]
