@@ -104,27 +104,37 @@ def _without_bias(module: nn.Module, kernel: jax.Array, x: jax.Array, **fields) 
 
 def _kernel_correction(module: nn.Module, x: jax.Array, block: _Block,
                        input_axes: Sequence[int], num_outputs: int) -> jax.Array:
-  """layer_nobias(x_i; x-dependent part of delta_i) for every example, without forming it.
+  """layer_nobias(x_i; x-dependent part of delta_i) for every example, without a per-example
+  layer: by the factored form, or (where that costs less) by the example's delta formed and
+  applied to the layer's patches.
 
   ``input_axes``: the axes of x that the kernel's input-feature axes (``block.cut.input_axes``,
   in order) contract with; the kernel's last ``num_outputs`` axes are the layer's outputs.
   """
   codes, basis = block.factors.codes, block.factors.basis
   cut, rank = block.cut, len(input_axes)
-  r = codes.shape[-1]
-  # The mixed input carries r features on the axis of the last input axis, 1 on the others; the
-  # basis becomes a kernel of the same layout.
-  shape = list(cut.shape)
-  for axis in cut.input_axes:
-    shape[axis] = 1
-  shape[cut.input_axes[-1]] = r
-  kernel_cut = blocks.Slicing(tuple(shape), cut.input_axes)
-  moved = jnp.moveaxis(x, input_axes, range(x.ndim - rank, x.ndim))
-  rest = moved.shape[:x.ndim - rank]
-  flat = moved.reshape(*rest, cut.num_slices)
-  mixed = (jnp.einsum("b...n,bnr->b...r", flat, codes) if codes.ndim == 3 else flat @ codes)
-  mixed = jnp.moveaxis(mixed.reshape(*rest, *(1,) * (rank - 1), r),
-                       range(x.ndim - rank, x.ndim), input_axes)
+  n, s, r = cut.num_slices, cut.slice_size, codes.shape[-1]
+  positions = x.size // (x.shape[0] * n)   # where the layer reads its input (convolutions)
+  forming_is_cheaper = n * r * s + positions * n * s < positions * r * (n + s)
+  if codes.ndim == 3 and basis.ndim == 2 and forming_is_cheaper:
+    # Mixing n features into r >= about n costs more than forming each example's delta (n r s)
+    # and applying it through the layer's patches (positions n s): e.g. a convolution on few
+    # channels with a wide hypernetwork. Then that is done, still with no per-example layer.
+    mixed, kernel_cut, basis = x, cut, codes @ basis
+  else:
+    # The mixed input carries r features on the axis of the last input axis, 1 on the others;
+    # the basis becomes a kernel of the same layout.
+    shape = list(cut.shape)
+    for axis in cut.input_axes:
+      shape[axis] = 1
+    shape[cut.input_axes[-1]] = r
+    kernel_cut = blocks.Slicing(tuple(shape), cut.input_axes)
+    moved = jnp.moveaxis(x, input_axes, range(x.ndim - rank, x.ndim))
+    rest = moved.shape[:x.ndim - rank]
+    flat = moved.reshape(*rest, n)
+    mixed = (jnp.einsum("b...n,bnr->b...r", flat, codes) if codes.ndim == 3 else flat @ codes)
+    mixed = jnp.moveaxis(mixed.reshape(*rest, *(1,) * (rank - 1), r),
+                         range(x.ndim - rank, x.ndim), input_axes)
   if basis.ndim == 2:   # one layer for the batch
     return _without_bias(module, kernel_cut.assemble(basis), mixed)
   # Each example's kernel on the mixed input: the layer's patches (its identity kernel), then

@@ -70,6 +70,8 @@ LAYERS = {
     "conv1d": (nn.Conv(4, (3,)), (3, 7, 2), None),
     "conv2d_strided": (nn.Conv(4, (3, 2), strides=(2, 1), padding="VALID"), (3, 7, 6, 2), None),
     "conv3d_dilated": (nn.Conv(3, (2, 2, 2), kernel_dilation=2), (3, 5, 5, 5, 2), None),
+    # Many channels: the mlp design's codes mix them (few channels: its deltas are formed).
+    "conv2d_many_channels": (nn.Conv(16, (2, 2)), (3, 4, 4, 40), None),
     "project_conv": (encoders.Conv(4, (2, 2), strides=(2, 2), padding="VALID"), (3, 6, 6, 2),
                      None),
     "batch_norm": (RunningNorm(), (3, 5, 4), None),
