@@ -32,7 +32,7 @@ run has:
                                        # iavae_frozen_decoder_mean_context, where trained
            "test_elbo": summary, "decoder_passes": per example, "gap_closed": summary or null,
            "worth_steps": {"sa_vae", "tuned": refinement steps or null} or null,
-           "longest_wait_steps": the longest wait for a better validation ELBO}},
+           "longest_wait_steps", "lost_at_half_patience": patience_check's}},
        "patience_steps": the stage-2 patience the run trained with, in steps,
        "vs_control", "vs_corrector", "vs_mean_input": paired tests (H1: the IA-VAE > the other)
    }}}
@@ -151,40 +151,52 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
   return row
 
 
-def longest_waits(metrics_path: str, data: dict) -> dict:
-  """Per trained model of a run, the longest wait, in optimiser steps, for an improvement of its
-  validation ELBO (from its start where that was a candidate, else its first epoch), over every
-  seed. A run with a longer patience that stopped before its last epoch waited its whole patience
-  at the end without improving; a patience between the two would have selected the same
-  epochs."""
+def patience_check(metrics_path: str, data: dict, patience_epochs: int) -> dict:
+  """Per trained model of a run, from its validation curves (metrics.jsonl), whether its
+  patience was long enough: {"longest_wait_steps": the longest wait, in optimiser steps, for an
+  improvement of the validation ELBO (from the start where that was a candidate, else the first
+  epoch), over every seed; "lost_at_half_patience": how much lower, in mean over seeds, the
+  selected validation ELBO would have been had training stopped after half the patience without
+  improvement}. A wait close to the patience, or a loss far from 0, says that a longer patience
+  could still have found better epochs."""
   curves = common.read_learning_curves(metrics_path)
   steps_per_epoch = data["data"]["train"] // data["config"]["batch_size"]
-  waits = {}
+  checks = {}
   for model, entry in data["models"].items():
     if model not in curves:
       continue
     starts = ((data["config"].get("start_as_candidate", True)
                and entry.get("valid_elbo_at_start")) or [None] * len(data["seeds"]))
-    wait = 0
+    wait, lost = 0, []
     for column, start in zip(curves[model]["valid_elbo"].T, starts):
-      best, last = (-math.inf if start is None else start), 0
+      best = half = -math.inf if start is None else start
+      last, stopped = 0, False
       for epoch, value in zip(curves[model]["epoch"], column):
         if value > best:   # False for NaN: epochs after the model stopped
           wait, best, last = max(wait, int(epoch) - last), value, int(epoch)
-    waits[model] = wait * steps_per_epoch
-  return waits
+          half = half if stopped else value
+        # As training.end_epoch: stopped once this many epochs passed since the best.
+        stopped = stopped or int(epoch) - last >= max(1, patience_epochs // 2)
+      lost.append(best - half)
+    checks[model] = {"longest_wait_steps": wait * steps_per_epoch,
+                     "lost_at_half_patience": float(sum(lost) / len(lost))}
+  return checks
 
 
 def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
   """One design's models on the VAE's frozen decoder: each one's test ELBO, decoder passes per
   example, share of the VAE's amortization gap closed and the refinement steps from the VAE it
-  is worth (from gaps.json, where it covers the seeds), the longest wait for an improvement in
-  its training (``longest_waits``) beside the patience, and the paired tests of the IA-VAE
-  against the others (FROZEN_OTHERS)."""
+  is worth (from gaps.json, where it covers the seeds), whether its patience was long enough
+  (``patience_check``), and the paired tests of the IA-VAE against the others
+  (FROZEN_OTHERS)."""
   per_seed = lambda model: _on_seeds(data["models"][model]["test_elbo"], data["seeds"], seeds)
   passes = data.get("decoder_passes_per_example", {})
+  config = data["config"]
+  steps_per_epoch = data["data"]["train"] // config["batch_size"]
+  patience_epochs = (-(-config["stage2_patience_steps"] // steps_per_epoch)   # as images_train
+                     if config.get("stage2_patience_steps") else config["patience"])
   metrics = os.path.join(os.path.dirname(path), "metrics.jsonl")
-  waits = longest_waits(metrics, data) if os.path.exists(metrics) else {}
+  checks = patience_check(metrics, data, patience_epochs) if os.path.exists(metrics) else {}
   covered = gaps is not None and set(seeds) <= set(gaps.get("seeds", []))
   models = {}
   for model in [FROZEN, *FROZEN_OTHERS.values()]:
@@ -192,7 +204,8 @@ def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
       continue
     entry = {"test_elbo": report.summarize_seeds(per_seed(model)),
              "decoder_passes": passes.get(model, 0), "gap_closed": None, "worth_steps": None,
-             "longest_wait_steps": waits.get(model)}
+             **checks.get(model, {"longest_wait_steps": None,
+                                  "lost_at_half_patience": None})}
     if covered and model in gaps:
       closed = gaps[model].get("share_of_vae_amortization_gap_closed")
       entry["gap_closed"] = closed and report.summarize_seeds(
@@ -203,10 +216,6 @@ def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
   iavae = per_seed(FROZEN)
   tests = {key: report.paired_comparison(iavae, per_seed(other))
            for key, other in FROZEN_OTHERS.items() if other in data["models"]}
-  config = data["config"]
-  steps_per_epoch = data["data"]["train"] // config["batch_size"]
-  patience_epochs = (-(-config["stage2_patience_steps"] // steps_per_epoch)   # as images_train
-                     if config.get("stage2_patience_steps") else config["patience"])
   return {"models": models, "patience_steps": patience_epochs * steps_per_epoch, **tests}
 
 
@@ -268,6 +277,8 @@ def _render_frozen(table: dict) -> list[str]:
                      *(_steps(worth.get(key)) for key in ("sa_vae", "tuned")), *tests,
                      "—" if values["longest_wait_steps"] is None else
                      f"{values['longest_wait_steps']} / {entry['patience_steps']}",
+                     "—" if values["lost_at_half_patience"] is None else
+                     f"{values['lost_at_half_patience']:.2f}",
                      len(row["seeds"])])
   if not rows:
     return []
@@ -276,14 +287,16 @@ def _render_frozen(table: dict) -> list[str]:
               ["Data set", "design", "model", "test ELBO", "decoder passes", "VAE gap closed",
                "worth SA-VAE steps", "worth tuned steps", "IA-VAE vs control", "p",
                "vs corrector", "p", "vs mean input", "p", "longest wait / patience (steps)",
-               "seeds"], rows),
+               "lost at half the patience", "seeds"], rows),
           "", "Every model here has the VAE's decoder, so the gap closed and the refinement "
           "steps it is worth (the steps of the VAE's refinement, SA-VAE's or tuned, at which it "
           "reaches the model's ELBO: experiments.gaps, on its test images) measure inference "
           "alone. Decoder passes: per example, of the model's inference (the feedback's). "
           "Longest wait: the most optimiser steps any seed's training waited for a better "
-          "validation ELBO, beside the patience it trained with (a model that stopped early "
-          "then waited the whole patience without improving).", ""]
+          "validation ELBO, beside the patience it trained with; lost at half the patience: how "
+          "much lower (mean over seeds, nats) the selected validation ELBO would have been with "
+          "half that patience. A wait near the patience, or a loss far from 0, says a longer "
+          "patience could still have found better epochs.", ""]
 
 
 def _steps(value: float | None) -> str:

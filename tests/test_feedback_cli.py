@@ -38,7 +38,7 @@ def test_steps_to_reach_interpolates_between_the_recorded_steps():
                                                                                          None]
 
 
-def test_longest_wait_for_a_better_validation_elbo(tmp_path):
+def test_patience_check(tmp_path):
   lines = [{"stage": f"iavae_frozen_decoder_seed{seed}", "epoch": epoch, "valid_elbo": [value]}
            for seed, values in enumerate(([-5, -4, -4, -4, -3], [-1, -2, -2, -2, float("nan")]))
            for epoch, value in enumerate(values, start=1)]
@@ -47,11 +47,16 @@ def test_longest_wait_for_a_better_validation_elbo(tmp_path):
       {**line, **{k: [0.0] for k in common.METRICS if k != "valid_elbo"}}) for line in lines))
   data = {"seeds": [0, 1], "data": {"train": 30}, "config": {"batch_size": 10},
           "models": {"iavae_frozen_decoder": {"valid_elbo_at_start": [-6.0, -1.5]}}}
-  # Seed 0 improves at epochs 1, 2, 5 (a wait of 3); seed 1 at epoch 1 only. 3 steps an epoch.
-  assert designs.longest_waits(str(metrics), data) == {"iavae_frozen_decoder": 9}
+  # Seed 0 improves at epochs 1, 2, 5 (a wait of 3 epochs of 3 steps); with half of a patience
+  # of 4 epochs it stops at epoch 4 and keeps -4, one nat below -3. Seed 1 improves at epoch 1.
+  check = designs.patience_check(str(metrics), data, 4)["iavae_frozen_decoder"]
+  assert check == {"longest_wait_steps": 9, "lost_at_half_patience": 0.5}
+  assert designs.patience_check(str(metrics), data, 6)["iavae_frozen_decoder"] == {
+      "longest_wait_steps": 9, "lost_at_half_patience": 0.0}
   # A start that was not a candidate is not a baseline: seed 1 then improves at epoch 1 too.
   data["config"]["start_as_candidate"] = False
-  assert designs.longest_waits(str(metrics), data) == {"iavae_frozen_decoder": 9}
+  assert designs.patience_check(str(metrics), data, 4)["iavae_frozen_decoder"][
+      "longest_wait_steps"] == 9
 
 
 @pytest.mark.parametrize("kind, size, passes", [("x", 3, 0), ("gradient", 15, 6),
