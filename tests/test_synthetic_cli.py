@@ -133,7 +133,7 @@ def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
     ({"data_seed": 4294967296}, "--data_seed must be an integer in [0, 2147483647]"),
     ({"batch_size": 99999}, "--batch_size=99999 exceeds --num_examples"),
     ({"hypernet_input": "image"},
-     "--hypernet_input=image is not known; choose one of x, tanh, softclip"),
+     "--hypernet_input=image is not known; choose one of x, tanh, softclip, gradient, residual"),
 ])
 def test_bad_settings_are_refused(overrides, message):
   with pytest.raises(common.ConfigError, match=re.escape(message)):

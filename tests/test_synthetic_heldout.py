@@ -139,7 +139,7 @@ def test_bounded_inputs_are_bounded_and_start_at_the_vae(small_models, hypernet_
 
 def test_unknown_hypernet_input_is_refused():
   with pytest.raises(common.ConfigError, match=re.escape(
-      "--hypernet_input=image is not known; choose one of x, tanh, softclip.")):
+      "--hypernet_input=image is not known; choose one of x, tanh, softclip, gradient, residual.")):
     dataclasses.replace(configs.synthetic_quick(), hypernet_input="image").validate()
 
 
