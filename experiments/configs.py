@@ -437,6 +437,6 @@ def gaps_config(tier: str) -> GapsConfig:
     return dataclasses.replace(
         base, num_examples=20, batch_size=10, qstar_samples=4, qstar_check_every=10,
         qstar_check_samples=8, qstar_patience=2, qstar_max_steps=100, final_samples=32,
-        iwae_samples=32, sample_chunk=32, refine_eval_samples=32, convergence_examples=20
+        iwae_samples=32, sample_chunk=32, refine_eval_samples=32, convergence_examples=10
         ).validate()
   raise ConfigError(f"tier {tier!r} is not known; choose one of {', '.join(IMAGE_TIERS)}.")

@@ -9,7 +9,11 @@ otherwise; every other test makes its own data.
 
 The tests compile with XLA:CPU's LLVM optimisation off (``--xla_backend_optimization_level=0``,
 added to any XLA_FLAGS already set, and inherited by the tests' subprocesses): their inputs are
-tiny, so compiling is most of their time, and unoptimised code takes about 40% less of it.
+tiny, so compiling is most of their time, and unoptimised code takes about 40% less of it. The
+commands whose time is computing, not compiling, run optimised (``run_module(...,
+optimized=True)``). Every process of a session (the xdist workers and the commands they start)
+shares one persistent compilation cache, removed at the end, so a program is compiled once per
+session: the smoke run's, for one, is compiled by its first command and read by the next ones.
 """
 
 import gzip
@@ -17,18 +21,28 @@ import io
 import os
 import signal
 import socket
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import zipfile
 
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+UNOPTIMIZED = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), UNOPTIMIZED]).strip()
+# Set by the first process of the session (the xdist controller, or pytest with -n 0), inherited
+# by the rest; a cache directory of the user's own is kept.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="iavae-jax-tests-cache-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
-import jax  # after XLA_FLAGS, which jax reads when its CPU backend starts
-import numpy as np
-import pytest
-from PIL import Image
+# After XLA_FLAGS and the cache's settings, which jax reads when it starts.
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_DATA = os.environ.get("IAVAE_TEST_DATA")
@@ -96,8 +110,23 @@ def key():
   return jax.random.PRNGKey(0)
 
 
-def run_module(module: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
-  """``python -m module *args`` in the repository root, output captured."""
+def pytest_unconfigure(config):  # pylint: disable=unused-argument
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def optimized_env() -> dict:
+  """The environment with XLA's optimisation on: for commands whose time is computing."""
+  return dict(os.environ, XLA_FLAGS=" ".join(
+      f for f in os.environ["XLA_FLAGS"].split() if f != UNOPTIMIZED))
+
+
+def run_module(module: str, *args, env: dict | None = None,
+               optimized: bool = False) -> subprocess.CompletedProcess:
+  """``python -m module *args`` in the repository root, output captured; optimized: with XLA's
+  optimisation on (env, if given, is taken as it is)."""
+  if optimized and env is None:
+    env = optimized_env()
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
                         text=True, timeout=900, env=env)
 
@@ -137,11 +166,11 @@ def smoke_run(tmp_path_factory, smoke_flags):
   return root, workdir, result
 
 
-def _kill_after_line(module: str, args: list, prefix: str) -> str:
-  """Starts ``python -m module *args``, SIGKILLs it as soon as it prints a line starting with
-  ``prefix`` (mid-run: the checkpoint of that epoch is usually being written), and returns its
-  output up to the kill. Fails if the run ends before printing the line."""
-  proc = subprocess.Popen([sys.executable, "-u", "-m", module, *args], cwd=ROOT,
+def _kill_after_line(module: str, args: list, prefix: str, env: dict | None = None) -> str:
+  """Starts ``python -m module *args`` (in env, if given), SIGKILLs it as soon as it prints a
+  line starting with ``prefix`` (mid-run: the checkpoint of that epoch is usually being
+  written), and returns its output up to the kill. Fails if the run ends before the line."""
+  proc = subprocess.Popen([sys.executable, "-u", "-m", module, *args], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   seen = []
   for line in proc.stdout:

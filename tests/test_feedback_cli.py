@@ -87,7 +87,8 @@ def test_gradient_feedback_end_to_end(smoke_data_dir, tmp_path):
       "vae": 0, "iavae_frozen_decoder": 8, "control_frozen_decoder": 0,
       "corrector_frozen_decoder": 8, "iavae_frozen_decoder_mean_context": 0}
   result = run_module("experiments.gaps", f"--workdir={workdir}", "--num_examples=6",
-                      "--convergence_examples=2", "--tune_examples=6", "--tune_budget=32")
+                      "--convergence_examples=2", "--tune_examples=6", "--tune_budget=32",
+                      optimized=True)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "gaps.json")) as f:
     g = json.load(f)

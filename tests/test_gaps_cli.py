@@ -2,6 +2,7 @@
 end to end on the smoke run (slow): the ordering log p^ >= L[q*] >= L[q], resume after a kill,
 refused settings and bad input (exit 2, nothing written)."""
 
+import functools
 import json
 import os
 import shutil
@@ -13,7 +14,10 @@ import pytest
 from iavae_jax import gaps
 from experiments import configs, gaps_eval
 
-from conftest import run_module as run
+from conftest import optimized_env, run_module
+
+# The gap measurements compute more than they compile: optimised.
+run = functools.partial(run_module, optimized=True)
 
 SMOKE_GAPS = ["--num_examples=20"]
 # What a smoke run of experiments.images reports: its three models and the mean-input IA-VAE.
@@ -160,7 +164,7 @@ def test_gaps_json_holds_every_model_and_the_ordering_holds(gaps_run):
   for name in ("iavae", "control"):
     assert len(r[name]["share_of_vae_amortization_gap_closed"]["per_seed"]) == len(seeds)
   assert set(r["refinement_steps_to_match_iavae"]) == {"vae", "control", "iavae_mean_context"}
-  assert r["vae"]["convergence"]["examples"] == 20
+  assert r["vae"]["convergence"]["examples"] == 10
   text = open(os.path.join(workdir, "gaps.md")).read()
   assert "| model | log p^ | L[q*] | L[q] |" in text and "| iavae |" in text
   assert os.path.getsize(os.path.join(workdir, "gaps_refinement.png")) > 0
@@ -193,7 +197,7 @@ def test_killed_then_rerun_gives_the_uninterrupted_numbers(gaps_run, tmp_path, k
   workdir, _ = gaps_run
   copy = _copy_run(workdir, tmp_path / "run")
   kill_after_line("experiments.gaps", [f"--workdir={copy}", *SMOKE_GAPS],
-                  "[gaps] iavae seed 0: 10/20 examples")
+                  "[gaps] iavae seed 0: 10/20 examples", env=optimized_env())
   assert not os.path.exists(os.path.join(copy, "gaps.json"))
   result = run("experiments.gaps", f"--workdir={copy}", *SMOKE_GAPS)
   assert result.returncode == 0, result.stderr[-3000:]
