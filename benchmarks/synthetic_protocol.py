@@ -1,7 +1,7 @@
 r"""Times the full synthetic protocol (110 trainings, Table 3, the width sweep, the gap
 decomposition) from scratch in a temporary workdir, and prints the measured seconds.
 
-  python -m benchmarks.synthetic_protocol [--quick]
+  python -m benchmarks.synthetic_protocol [--plumbing_check]
 
 The last line is a JSON object: {"wall_seconds": ..., "stage_seconds": {...}, "devices": ...}.
 On one device the stages "sweep" and "posterior" run on a second thread while "vae" and "iavae"
@@ -16,13 +16,16 @@ from absl import app, flags, logging
 
 from experiments import configs, synthetic_train
 
-flags.DEFINE_bool("quick", False, "Time the reduced protocol instead.")
+flags.DEFINE_bool("plumbing_check", False,
+                  "Time experiments.synthetic --plumbing_check's protocol instead.")
+flags.DEFINE_alias("quick", "plumbing_check")
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  config = configs.synthetic_quick() if flags.FLAGS.quick else configs.synthetic_full()
+  config = (configs.synthetic_plumbing_check() if flags.FLAGS.plumbing_check
+            else configs.synthetic_full())
   with tempfile.TemporaryDirectory() as workdir:
     results = synthetic_train.train_and_evaluate(config, workdir)
   import jax

@@ -47,8 +47,8 @@ from PIL import Image  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_DATA = os.environ.get("IAVAE_TEST_DATA")
 # The synthetic protocol in seconds: 2 VAEs x 2 IA-VAEs, widths 2 and 4, 4 epochs.
-TINY = ["--quick", "--num_examples=256", "--max_epochs=4", "--patience=2", "--epochs_per_call=2",
-        "--checkpoint_every=2", "--num_vae_seeds=2", "--num_iavae_seeds=2",
+TINY = ["--plumbing_check", "--num_examples=256", "--max_epochs=4", "--patience=2",
+        "--epochs_per_call=2", "--checkpoint_every=2", "--num_vae_seeds=2", "--num_iavae_seeds=2",
         "--sweep_widths=2,4"]
 # The image smoke tier; runs that read data add --data_dir (the smoke_flags fixture).
 SMOKE = ["--dataset=mnist", "--tier=smoke"]

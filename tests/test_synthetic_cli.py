@@ -117,7 +117,7 @@ def test_second_run_resumes_instead_of_retraining(tiny_run):
 ])
 def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
   workdir = tmp_path / "w"
-  result = run(f"--workdir={workdir}", "--quick", flag)
+  result = run(f"--workdir={workdir}", "--plumbing_check", flag)
   assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
   assert message in result.stderr
   assert not workdir.exists()   # nothing was written
@@ -137,7 +137,7 @@ def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
 ])
 def test_bad_settings_are_refused(overrides, message):
   with pytest.raises(common.ConfigError, match=re.escape(message)):
-    dataclasses.replace(configs.synthetic_quick(), **overrides).validate()
+    dataclasses.replace(configs.synthetic_plumbing_check(), **overrides).validate()
 
 
 def test_tensorboard_without_tensorboardx_exits_2(tmp_path):
@@ -147,7 +147,7 @@ def test_tensorboard_without_tensorboardx_exits_2(tmp_path):
       "raise ImportError(\"No module named 'tensorboardX'\")\n")
   env = dict(os.environ, PYTHONPATH=str(tmp_path / "hide"))
   workdir = tmp_path / "w"
-  result = run_module("experiments.synthetic", f"--workdir={workdir}", "--quick",
+  result = run_module("experiments.synthetic", f"--workdir={workdir}", "--plumbing_check",
                       "--tensorboard", env=env)
   assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
   assert "--tensorboard writes through the tensorboardX package" in result.stderr
@@ -155,6 +155,7 @@ def test_tensorboard_without_tensorboardx_exits_2(tmp_path):
 
 
 def test_missing_or_unwritable_workdir_exits_2(tmp_path):
+  # --quick: the former name of --plumbing_check, still accepted.
   result = run("--quick")
   assert result.returncode == 2 and "--workdir is required" in result.stderr
   blocker = tmp_path / "file"
@@ -260,7 +261,7 @@ def test_stage_2_never_selects_below_its_start(tmp_path, start_as_candidate):
   # z1, z2 + noise; log-variance -5), with a learning rate (1e-2) that makes stage 2 worse:
   # with the start as a candidate each selects it (epoch 0, its exact ELBO, psi unchanged);
   # without, the better of two worse epochs.
-  config = dataclasses.replace(configs.synthetic_quick(), num_examples=256, max_epochs=2,
+  config = dataclasses.replace(configs.synthetic_plumbing_check(), num_examples=256, max_epochs=2,
                                patience=2, epochs_per_call=2, learning_rate=1e-2).validate()
   x = synthetic.generate(jax.random.PRNGKey(0), config.num_examples, config.sigma).x
   phi = {"Dense_0": {"kernel": np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], np.float32),
@@ -291,7 +292,7 @@ def test_stage_2_never_selects_below_its_start(tmp_path, start_as_candidate):
 @pytest.mark.parametrize("hypernet_input", ["x", "tanh", "softclip"])
 def test_training_form_of_the_iavae_computes_the_evaluated_one(hypernet_input):
   # Stage 2 trains on iavae_train_encode (examples last); evaluation applies iavae_encode.
-  config = dataclasses.replace(configs.synthetic_quick(), hypernet_input=hypernet_input)
+  config = dataclasses.replace(configs.synthetic_plumbing_check(), hypernet_input=hypernet_input)
   x = synthetic.generate(jax.random.PRNGKey(0), 64, config.sigma).x
   phi = encoders.MLPEncoder(config.encoder_width).init(jax.random.PRNGKey(1), x[0])["params"]
   layout = blocks.BlockLayout.from_tree(phi)

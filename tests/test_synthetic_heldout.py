@@ -19,7 +19,7 @@ from iavae_jax.models import encoders, oracle
 
 
 def test_heldout_set_is_new_points_from_the_same_generator():
-  config = dataclasses.replace(configs.synthetic_quick(), num_examples=2000)
+  config = dataclasses.replace(configs.synthetic_plumbing_check(), num_examples=2000)
   train = synthetic.generate(jax.random.PRNGKey(config.data_seed), config.num_examples,
                              config.sigma)
   heldout = synthetic_train.heldout_data(config)
@@ -46,7 +46,7 @@ def test_heldout_set_is_new_points_from_the_same_generator():
 def small_models():
   """A config of 48 points, 2 random VAEs and 2 IA-VAEs on each (hypernetworks of random,
   not small, weights), and the training data."""
-  config = dataclasses.replace(configs.synthetic_quick(), num_examples=48, num_vae_seeds=2,
+  config = dataclasses.replace(configs.synthetic_plumbing_check(), num_examples=48, num_vae_seeds=2,
                                num_iavae_seeds=2)
   x = synthetic.generate(jax.random.PRNGKey(config.data_seed), config.num_examples,
                          config.sigma).x
@@ -140,7 +140,7 @@ def test_bounded_inputs_are_bounded_and_start_at_the_vae(small_models, hypernet_
 def test_unknown_hypernet_input_is_refused():
   with pytest.raises(common.ConfigError, match=re.escape(
       "--hypernet_input=image is not known; choose one of x, tanh, softclip, gradient, residual.")):
-    dataclasses.replace(configs.synthetic_quick(), hypernet_input="image").validate()
+    dataclasses.replace(configs.synthetic_plumbing_check(), hypernet_input="image").validate()
 
 
 def test_tail_summary_on_known_differences():
