@@ -50,6 +50,7 @@ import os
 from absl import app
 
 from experiments import common, configs, report
+from iavae_jax import stats
 
 PAPER = "paper"
 MEAN_CONTEXT = "iavae_mean_context"
@@ -105,7 +106,7 @@ def _gap_closed(gaps: dict | None, seeds: list) -> dict | None:
   entry = (gaps or {}).get("iavae", {}).get("share_of_vae_amortization_gap_closed")
   if entry is None or not set(seeds) <= set(gaps.get("seeds", [])):
     return None
-  return report.summarize_seeds(_on_seeds(entry["per_seed"], gaps["seeds"], seeds))
+  return stats.summarize_seeds(_on_seeds(entry["per_seed"], gaps["seeds"], seeds))
 
 
 def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
@@ -122,27 +123,27 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
   vae = per_seed(first, "vae")
   row = {"seeds": seeds,
          "same_vae": all(per_seed(data, "vae") == vae for _, data, _ in by_design.values()),
-         "vae": report.summarize_seeds(vae), "designs": {},
+         "vae": stats.summarize_seeds(vae), "designs": {},
          "frozen_decoder": {label: frozen_entry(path, data, gaps, seeds)
                             for label, (path, data, gaps) in by_design.items()
                             if FROZEN in data["models"]}}
   with_iavae = {label: run for label, run in by_design.items()
                 if {"iavae", "control"} <= set(run[1]["models"])}
   if with_iavae:
-    row["control"] = report.summarize_seeds(per_seed(next(iter(with_iavae.values()))[1],
+    row["control"] = stats.summarize_seeds(per_seed(next(iter(with_iavae.values()))[1],
                                                      "control"))
   for label, (path, data, gaps) in with_iavae.items():
     iavae = per_seed(data, "iavae")
-    entry = {"source": os.path.relpath(path, workdir), "iavae": report.summarize_seeds(iavae),
-             "valid_elbo": report.summarize_seeds(per_seed(data, "iavae", "valid_elbo")),
+    entry = {"source": os.path.relpath(path, workdir), "iavae": stats.summarize_seeds(iavae),
+             "valid_elbo": stats.summarize_seeds(per_seed(data, "iavae", "valid_elbo")),
              "gap_closed": _gap_closed(gaps, seeds),
-             "vs_control": report.paired_comparison(iavae, per_seed(data, "control"))}
+             "vs_control": stats.paired_comparison(iavae, per_seed(data, "control"))}
     if MEAN_CONTEXT in data["models"]:
       mean_context = per_seed(data, MEAN_CONTEXT)
-      entry[MEAN_CONTEXT] = report.summarize_seeds(mean_context)
-      entry["vs_mean_input"] = report.paired_comparison(iavae, mean_context)
+      entry[MEAN_CONTEXT] = stats.summarize_seeds(mean_context)
+      entry["vs_mean_input"] = stats.paired_comparison(iavae, mean_context)
     if PAPER in with_iavae and label != PAPER:
-      entry["vs_paper"] = report.paired_comparison(iavae, per_seed(with_iavae[PAPER][1], "iavae"))
+      entry["vs_paper"] = stats.paired_comparison(iavae, per_seed(with_iavae[PAPER][1], "iavae"))
     row["designs"][label] = entry
   score = lambda label: row["designs"][label]["valid_elbo"]["mean"]
   if row["designs"]:
@@ -202,19 +203,19 @@ def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
   for model in [FROZEN, *FROZEN_OTHERS.values()]:
     if model not in data["models"]:
       continue
-    entry = {"test_elbo": report.summarize_seeds(per_seed(model)),
+    entry = {"test_elbo": stats.summarize_seeds(per_seed(model)),
              "decoder_passes": passes.get(model, 0), "gap_closed": None, "worth_steps": None,
              **checks.get(model, {"longest_wait_steps": None,
                                   "lost_at_half_patience": None})}
     if covered and model in gaps:
       closed = gaps[model].get("share_of_vae_amortization_gap_closed")
-      entry["gap_closed"] = closed and report.summarize_seeds(
+      entry["gap_closed"] = closed and stats.summarize_seeds(
           _on_seeds(closed["per_seed"], gaps["seeds"], seeds))
       entry["worth_steps"] = {label: worth["of_the_means"] for label, worth in
                               gaps.get("refinement_steps_worth", {}).get(model, {}).items()}
     models[model] = entry
   iavae = per_seed(FROZEN)
-  tests = {key: report.paired_comparison(iavae, per_seed(other))
+  tests = {key: stats.paired_comparison(iavae, per_seed(other))
            for key, other in FROZEN_OTHERS.items() if other in data["models"]}
   return {"models": models, "patience_steps": patience_epochs * steps_per_epoch, **tests}
 
@@ -255,7 +256,7 @@ def render_markdown(table: dict) -> str:
         + ".")
   lines += ["", "vs X: mean per-seed difference in test ELBO, and p of the one-sided paired "
             "test of H1: this design's IA-VAE > X (Shapiro-Wilk, then a t-test or Wilcoxon "
-            f"signed-rank test; `*`: p < {report.ALPHA}). Validation ELBO: the selected epoch's "
+            f"signed-rank test; `*`: p < {stats.ALPHA}). Validation ELBO: the selected epoch's "
             "(the selection score, on held-out data). VAE gap closed: the IA-VAE's share of its "
             "VAE's amortization gap (experiments.gaps). std: sample standard deviation.", ""]
   lines += _render_frozen(table)

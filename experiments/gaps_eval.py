@@ -59,9 +59,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from iavae_jax import blocks, gaps, plots
+from iavae_jax import blocks, gaps, plots, stats
 from iavae_jax.data import images
-from experiments import common, configs, images_train, report
+from experiments import common, configs, images_train
 from experiments.configs import GapsConfig, ImageConfig
 from experiments.images_train import Model
 
@@ -638,7 +638,7 @@ def compare_with_refinement(model: Model, config: GapsConfig, functions: Functio
         common.write_json(path, recorded)
     curves["tuned"] = {
         "settings": dataclasses.asdict(tuned.refine_settings), "steps": steps,
-        "elbo": [report.summarize_seeds([recorded[str(s)][i] for s in vaes])
+        "elbo": [stats.summarize_seeds([recorded[str(s)][i] for s in vaes])
                  for i in range(len(steps))],
         "tuning": recorded["tuning"]}
   for curve in curves.values():
@@ -719,25 +719,25 @@ def summarize(per_job: dict, names: list, seeds: list, config: GapsConfig) -> di
     refine_step = values(lambda job: per_example(job, "refine") / max(steps))
     curve = values(lambda job: np.mean(job["refinement_elbo"], axis=0).tolist())
     entry = {
-        "log_px": report.summarize_seeds(log_px),
-        "elbo_qstar": report.summarize_seeds(elbo_qstar),
-        "elbo": report.summarize_seeds(elbo),
-        "approximation_gap": report.summarize_seeds([a - b for a, b in zip(log_px, elbo_qstar)]),
-        "amortization_gap": report.summarize_seeds(amortization[name]),
-        "qstar_steps": report.summarize_seeds(values(mean("qstar_steps"))),
-        "seconds_per_example": {phase: report.summarize_seeds(
+        "log_px": stats.summarize_seeds(log_px),
+        "elbo_qstar": stats.summarize_seeds(elbo_qstar),
+        "elbo": stats.summarize_seeds(elbo),
+        "approximation_gap": stats.summarize_seeds([a - b for a, b in zip(log_px, elbo_qstar)]),
+        "amortization_gap": stats.summarize_seeds(amortization[name]),
+        "qstar_steps": stats.summarize_seeds(values(mean("qstar_steps"))),
+        "seconds_per_example": {phase: stats.summarize_seeds(
             values(lambda job, p=phase: per_example(job, p))) for phase in PHASES},
         "decoder_passes_per_second": {
-            "qstar": report.summarize_seeds(values(
+            "qstar": stats.summarize_seeds(values(
                 lambda job: job["qstar_steps_computed"] * config.qstar_samples
                 / max(job["seconds"]["qstar"], 1e-9))),
-            "log_px": report.summarize_seeds(values(
+            "log_px": stats.summarize_seeds(values(
                 lambda job: job["examples_done"] * config.iwae_samples
                 / max(job["seconds"]["log_px"], 1e-9)))},
         "refinement": {
             "steps": steps,
-            "elbo": [report.summarize_seeds([c[i] for c in curve]) for i in range(len(steps))],
-            "seconds_per_example": [report.summarize_seeds(
+            "elbo": [stats.summarize_seeds([c[i] for c in curve]) for i in range(len(steps))],
+            "seconds_per_example": [stats.summarize_seeds(
                 [e + k * r for e, r in zip(encode, refine_step)]) for k in steps]},
     }
     num_convergence = len(per_job[name, seeds[0]]["elbo_qstar_doubled"])
@@ -747,13 +747,13 @@ def summarize(per_job: dict, names: list, seeds: list, config: GapsConfig) -> di
                                            job["elbo_qstar_doubled"])])))
       entry["convergence"] = {
           "examples": num_convergence, "tolerance": config.convergence_tolerance,
-          "delta": report.summarize_seeds(delta),
+          "delta": stats.summarize_seeds(delta),
           "converged": bool(all(abs(d) < config.convergence_tolerance for d in delta))}
     results[name] = entry
   if "vae" in names:
     for name in names:
       if name != "vae":
-        results[name]["share_of_vae_amortization_gap_closed"] = report.summarize_seeds(
+        results[name]["share_of_vae_amortization_gap_closed"] = stats.summarize_seeds(
             [1 - g / v for g, v in zip(amortization[name], amortization["vae"])])
   if "iavae" in names:
     single_pass = results["iavae"]["refinement"]["elbo"][0]   # K = 0

@@ -80,7 +80,6 @@ MODEL_NAMES = {"vae": "VAE", "iavae": "IA-VAE", "control": "control",
                "vae_matched": "VAE, matched encoder", "corrector": "corrector",
                "corrector_frozen_decoder": "corrector, decoder frozen",
                "iavae_frozen_decoder_mean_context": "IA-VAE, decoder frozen, mean input"}
-ALPHA = 0.05
 
 
 def read_json(path: str, remedy: str = "rerun the experiment that wrote it or remove it"):
@@ -161,31 +160,6 @@ def present_models(data: dict, required: tuple[str, ...] = MODELS) -> tuple[str,
   return required + tuple(m for m in ABLATIONS if m in data["models"] and m not in required)
 
 
-def _finite_or_none(x: float) -> float | None:
-  return float(x) if x is not None and math.isfinite(x) else None
-
-
-def summarize_seeds(values: list) -> dict:
-  """Mean and sample std (ddof=1) of per-seed values; None where undefined or non-finite."""
-  vals = [float("nan") if v is None else float(v) for v in values]
-  n = len(vals)
-  mean = sum(vals) / n
-  std = (math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else float("nan"))
-  return {"mean": _finite_or_none(mean), "std": _finite_or_none(std),
-          "per_seed": [_finite_or_none(v) for v in vals]}
-
-
-def paired_comparison(a: list, b: list) -> dict:
-  """The paired one-sided test of H1: a > b (per-seed lists), as a JSON-able dictionary."""
-  diffs = [x - y for x, y in zip(a, b)]
-  if len(a) < 2:
-    return {"test": None, "p_value": None, "shapiro_p": None,
-            "mean_difference": sum(diffs) / len(diffs), "n": len(a)}
-  result = stats.paired_one_sided(a, b, alpha=ALPHA)
-  return {"test": result.test, "p_value": result.p_value, "shapiro_p": result.shapiro_p,
-          "mean_difference": result.mean_difference, "n": result.n}
-
-
 def dataset_order(names) -> list[str]:
   """The paper's order (omniglot, mnist, fashion_mnist), then any others alphabetically."""
   known = [name for name in PAPER_ORDER if name in names]
@@ -211,16 +185,16 @@ def build_table4(workdir: str, paths: list[str]) -> dict:
            "seeds": data["seeds"], "wall_seconds": data.get("wall_seconds"),
            "paper_split": (data.get("data") or {}).get("paper_split")}
     for model in present_models(data):
-      summary = summarize_seeds(models[model]["test_elbo"])
-      summary["kl"] = summarize_seeds(models[model]["test_kl"])
-      summary["iwae"] = summarize_seeds(models[model]["test_iwae"])
+      summary = stats.summarize_seeds(models[model]["test_elbo"])
+      summary["kl"] = stats.summarize_seeds(models[model]["test_kl"])
+      summary["iwae"] = stats.summarize_seeds(models[model]["test_iwae"])
       # A mean-input ablation is evaluated, not trained: it has no validation ELBO of its own.
       summary["diverged_seeds"] = ([] if model.endswith(MEAN_SUFFIX)
                                    else _diverged_seeds(data["seeds"], models[model]))
       row[model] = summary
     for key, model, other in COMPARISONS + ABLATION_COMPARISONS:
       if model in row and other in row:
-        row[key] = paired_comparison(models[model]["test_elbo"], models[other]["test_elbo"])
+        row[key] = stats.paired_comparison(models[model]["test_elbo"], models[other]["test_elbo"])
     table[name] = row
   return table
 
@@ -246,7 +220,7 @@ def p_value_cell(comparison: dict) -> str:
   if p is None:
     return "—"
   text = "<0.0001" if p < 1e-4 else f"{p:.4f}"
-  return text + ("*" if p < ALPHA else "")
+  return text + ("*" if p < stats.ALPHA else "")
 
 
 def test_name_cell(comparison: dict) -> str:
@@ -302,10 +276,10 @@ def render_markdown(table: dict) -> str:
               "\"data\"; these numbers do not compare with the paper's."]
   lines += ["",
             "Tests on test ELBO, paired by seed, H1: IA-VAE > the other model. Shapiro-Wilk "
-            f"(SW) on the per-seed differences; if normality is not rejected at {ALPHA} a "
+            f"(SW) on the per-seed differences; if normality is not rejected at {stats.ALPHA} a "
             "one-sided paired Student t-test, otherwise (or with fewer than 3 seeds, or "
             "identical differences, where SW is undefined) a one-sided Wilcoxon signed-rank "
-            f"test. `*`: p < {ALPHA}. std: sample standard deviation (ddof = 1).", ""]
+            f"test. `*`: p < {stats.ALPHA}. std: sample standard deviation (ddof = 1).", ""]
   return "\n".join(lines)
 
 

@@ -22,19 +22,24 @@ Edge cases, decided here so that every caller reports them the same way:
 * NaN or infinite values, mismatched lengths, fewer than 2 pairs, or inputs that are not 1-D:
   ValueError, since any p-value would be meaningless.
 
-The library has no I/O; ``experiments/report.py`` turns results files into Table 4.
+``summarize_seeds`` and ``paired_comparison`` give the same as JSON-able dictionaries, as the
+experiments' results files hold them. The library has no I/O; ``experiments/report.py`` turns
+results files into Table 4.
 """
 
 import dataclasses
+import math
 from typing import Sequence
 
 import numpy as np
 from scipy import stats as sp_stats
 
-__all__ = ["T_TEST", "WILCOXON", "PairedTest", "paired_one_sided"]
+__all__ = ["T_TEST", "WILCOXON", "ALPHA", "PairedTest", "paired_one_sided", "summarize_seeds",
+           "paired_comparison"]
 
 T_TEST = "t-test"
 WILCOXON = "wilcoxon"
+ALPHA = 0.05   # the paper's significance level
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +73,7 @@ def _as_vector(x, name: str) -> np.ndarray:
   return v
 
 
-def paired_one_sided(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> PairedTest:
+def paired_one_sided(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -> PairedTest:
   """The paper's one-sided paired test of H1: a > b over seeds (see the module docstring).
 
   Args:
@@ -113,3 +118,35 @@ def paired_one_sided(a: Sequence[float], b: Sequence[float], alpha: float = 0.05
     return PairedTest(T_TEST, p, shapiro_p, n, mean_difference)
   p = float(sp_stats.wilcoxon(a, b, alternative="greater").pvalue)
   return PairedTest(WILCOXON, p, shapiro_p, n, mean_difference)
+
+
+def _finite_or_none(x: float | None) -> float | None:
+  return float(x) if x is not None and math.isfinite(x) else None
+
+
+def summarize_seeds(values: Sequence[float | None]) -> dict:
+  """{"mean", "std", "per_seed"} of per-seed values: the mean and the sample std (ddof=1), None
+  where undefined (one seed's std) or non-finite (a None or non-finite value among them)."""
+  if len(values) == 0:
+    raise ValueError("summarize_seeds needs at least one per-seed value, got none.")
+  vals = [float("nan") if v is None else float(v) for v in values]
+  n = len(vals)
+  mean = sum(vals) / n
+  std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else float("nan")
+  return {"mean": _finite_or_none(mean), "std": _finite_or_none(std),
+          "per_seed": [_finite_or_none(v) for v in vals]}
+
+
+def paired_comparison(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -> dict:
+  """``paired_one_sided(a, b, alpha)`` as {"test", "p_value", "shapiro_p", "mean_difference",
+  "n"}; with one seed, no test (test, p_value and shapiro_p None) and the difference alone."""
+  if len(a) != len(b):
+    raise ValueError(f"paired_comparison needs one value per seed in both samples, got "
+                     f"{len(a)} and {len(b)} values.")
+  if len(a) < 2:
+    diffs = [x - y for x, y in zip(a, b)]
+    return {"test": None, "p_value": None, "shapiro_p": None,
+            "mean_difference": sum(diffs) / len(diffs) if diffs else None, "n": len(a)}
+  result = paired_one_sided(a, b, alpha=alpha)
+  return {"test": result.test, "p_value": result.p_value, "shapiro_p": result.shapiro_p,
+          "mean_difference": result.mean_difference, "n": result.n}

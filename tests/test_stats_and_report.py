@@ -113,6 +113,34 @@ def test_bad_input_raises(a, b, message):
     stats.paired_one_sided(a, b)
 
 
+def test_summarize_seeds_mean_sample_std_and_undefined_values():
+  r = stats.summarize_seeds([-3.0, -1.0, -2.0])
+  assert r == {"mean": -2.0, "std": pytest.approx(1.0), "per_seed": [-3.0, -1.0, -2.0]}
+  assert r["std"] == pytest.approx(statistics.stdev([-3.0, -1.0, -2.0]))   # ddof = 1
+  # One seed: the std is undefined (None), not 0; a missing or non-finite seed makes the
+  # mean and std undefined and is None in per_seed.
+  assert stats.summarize_seeds([4.0]) == {"mean": 4.0, "std": None, "per_seed": [4.0]}
+  assert stats.summarize_seeds([1.0, None]) == {"mean": None, "std": None,
+                                                "per_seed": [1.0, None]}
+  assert stats.summarize_seeds([1.0, math.inf])["per_seed"] == [1.0, None]
+  with pytest.raises(ValueError, match="at least one per-seed value"):
+    stats.summarize_seeds([])
+
+
+def test_paired_comparison_is_the_paired_test_as_a_dictionary():
+  a, b = [1.0, 2.5, 2.0, 4.0], [0.5, 1.0, 1.8, 2.0]
+  result = stats.paired_one_sided(a, b)
+  assert stats.paired_comparison(a, b) == {
+      "test": result.test, "p_value": result.p_value, "shapiro_p": result.shapiro_p,
+      "mean_difference": result.mean_difference, "n": 4}
+  # One seed: no test, the difference alone.
+  assert stats.paired_comparison([1.0], [0.25]) == {"test": None, "p_value": None,
+                                                    "shapiro_p": None, "mean_difference": 0.75,
+                                                    "n": 1}
+  with pytest.raises(ValueError, match="one value per seed in both samples, got 2 and 1"):
+    stats.paired_comparison([1.0, 2.0], [1.0])
+
+
 def test_bad_alpha_raises():
   with pytest.raises(ValueError, match="alpha"):
     stats.paired_one_sided([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], alpha=0.0)
