@@ -11,22 +11,21 @@ Every number reported is computed from the trained parameters in this run: ELBOs
 closed form (models.oracle.exact_elbo), log p(x), the MAP and the local Gaussian on a quadrature
 grid (posterior.py), q* by per-example Newton on the exact ELBO. The VAEs and IA-VAEs are then
 evaluated the same way on a held-out set from the same generator (``heldout_data``), with the
-per-point tail of IA-VAE against its VAE (``tail_summary``).
+per-point tail of IA-VAE against its VAE (``iavae_jax.exact``).
 """
 
 import dataclasses
-import functools
 import os
 import time
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from iavae_jax import adaptive, blocks, distributions, feedback, hypernets, objectives, plots
-from iavae_jax import parallel as parallel_lib, posterior, training
+from iavae_jax import adaptive, blocks, exact, feedback, hypernets, objectives, plots, training
+from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders, oracle
 from experiments import common, stages
@@ -222,165 +221,11 @@ def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: TrainE
                           tensorboard, cancelled)
 
 
-class Truth(NamedTuple):
-  """The oracle's answers on one data set x [N, 3]: the true posterior and q*, per point."""
-  summary: posterior.PosteriorSummary   # log p(x), z_MAP, Laplace precision (posterior.py)
-  qstar_mean: jax.Array                  # [N, 2]
-  qstar_log_var: jax.Array               # [N, 2]
-  elbo_qstar: jax.Array                  # [N]  the ELBO of q*
-
-
-def true_posterior(x, sigma: float) -> Truth:
-  """log p(x), the MAP and the local Gaussian by quadrature, and q* by per-example Newton on
-  the exact ELBO from the Laplace diagonal: for the training data and the held-out data alike."""
-  summary = jax.jit(lambda x: posterior.summarize(x, sigma),
-                    compiler_options=training.cpu_compiler_options())(x)
-  init_mean, init_log_var = posterior.laplace_diagonal_init(summary)
-  qstar_mean, qstar_log_var = jax.jit(jax.vmap(
-      lambda xi, m, lv: posterior.optimal_gaussian(xi, sigma, m, lv)))(
-          x, init_mean, init_log_var)
-  return Truth(summary, qstar_mean, qstar_log_var,
-               oracle.exact_elbo(x, qstar_mean, qstar_log_var, sigma))
-
-
 def heldout_data(config: SyntheticConfig) -> synthetic.SyntheticData:
   """The held-out set: as many new points from the same generator, under another key (the data
   key folded with 1), so every model meets them first at evaluation."""
   key = jax.random.fold_in(jax.random.PRNGKey(config.data_seed), 1)
   return synthetic.generate(key, config.num_examples, config.sigma)
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def evaluate(encode: EncodeFn, params, frozen, x, sigma, summary, elbo_qstar):
-  """Per-model metrics averaged over the data: [M] arrays; the per-point means [M, N, 2] and
-  per-point ELBOs [M, N]."""
-  mean, log_var = jax.vmap(encode, in_axes=(0, 0, None))(params, frozen, x)
-  elbo = oracle.exact_elbo(x, mean, log_var, sigma)
-  return {
-      "elbo": elbo.mean(-1),
-      "kl": distributions.kl_to_standard_normal(mean, log_var).mean(-1),
-      "d_map": posterior.d_map(mean, summary.z_map, summary.precision).mean(-1),
-      "r_map": posterior.r_map(oracle.log_joint(mean, x, sigma), summary.log_joint_map).mean(-1),
-      "amortization_gap": (elbo_qstar - elbo).mean(-1),
-      "max_excess_over_qstar": (elbo - elbo_qstar).max(-1),
-  }, mean, elbo
-
-
-def _stats(values) -> dict:
-  values = np.asarray(values, np.float64)
-  return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1
-          else 0.0}
-
-
-def table3_entry(evaluation: dict) -> dict:
-  """A Table 3 row: mean and std over models of each model's mean over the data."""
-  entry = {}
-  for k in ("elbo", "kl", "d_map", "r_map"):
-    stats = _stats(evaluation[k])
-    entry[k], entry[f"{k}_std"] = stats["mean"], stats["std"]
-  entry["elbo_median"] = float(np.median(np.asarray(evaluation["elbo"], np.float64)))
-  entry["num_models"] = int(evaluation["elbo"].size)
-  return entry
-
-
-def gap_decomposition(truth: Truth, vae_eval: dict, iavae_eval: dict,
-                      num_iavae_seeds: int) -> dict:
-  """log p(x) = ELBO + approximation gap (log p(x) - L[q*]) + amortization gap (L[q*] - ELBO),
-  per model averaged over the data, and the share of each VAE's amortization gap its IA-VAEs
-  close. The evaluations are NumPy copies of ``evaluate``'s metrics on the data of ``truth``."""
-  log_px = np.asarray(truth.summary.log_px)
-  elbo_qstar = np.asarray(truth.elbo_qstar)
-  approximation_gap = float((log_px - elbo_qstar).mean())
-
-  def gap_entry(evaluation):
-    amortization = _stats(evaluation["amortization_gap"])
-    total = _stats(log_px.mean() - evaluation["elbo"])
-    return {"amortization_gap": amortization["mean"], "amortization_gap_std": amortization["std"],
-            "approximation_gap": approximation_gap,
-            "total_gap": total["mean"], "total_gap_std": total["std"],
-            "max_excess_over_qstar": float(evaluation["max_excess_over_qstar"].max())}
-
-  # Per VAE seed: the share of that VAE's amortization gap its IA-VAEs close, then averaged.
-  closed = 1.0 - (iavae_eval["amortization_gap"].reshape(-1, num_iavae_seeds).mean(1)
-                  / vae_eval["amortization_gap"])
-  return {
-      "log_px": float(log_px.mean()),
-      "elbo_qstar": float(elbo_qstar.mean()),
-      "kl_qstar": float(np.asarray(distributions.kl_to_standard_normal(
-          truth.qstar_mean, truth.qstar_log_var)).mean()),
-      "elbo_qstar_minus_log_px_max": float((elbo_qstar - log_px).max()),
-      "vae": gap_entry(vae_eval),
-      "iavae": gap_entry(iavae_eval),
-      "fraction_of_vae_amortization_gap_closed": _stats(closed)["mean"],
-      "fraction_closed_per_vae_seed": closed.tolist(),
-  }
-
-
-# The tail analysis: quantiles of the per-point difference IA-VAE minus VAE, and bins of points
-# by |x| (and, for held-out points, by distance to the nearest training point), as quantiles of
-# that measure on the data at hand.
-TAIL_QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95)
-TAIL_BINS = (0.0, 0.5, 0.9, 0.99, 1.0)
-
-
-def nearest_distance(x, reference, chunk: int = 1024) -> np.ndarray:
-  """Euclidean distance of each row of x [N, d] to its nearest row of reference [R, d]."""
-  x, reference = np.asarray(x, np.float64), np.asarray(reference, np.float64)
-  return np.concatenate([
-      np.sqrt(((part[:, None, :] - reference[None]) ** 2).sum(-1).min(1))
-      for part in np.array_split(x, max(1, -(-len(x) // chunk)))])
-
-
-def tail_summary(x, vae_elbo, iavae_elbo, elbo_qstar, train_x=None) -> dict:
-  """How IA-VAE compares with its own VAE point by point, not only on average.
-
-  vae_elbo [V, N] and iavae_elbo [V * S, N] (S IA-VAEs per VAE, row-major) are per-point
-  ELBOs on x [N, 3]; diff[v, s, i] = IA-VAE (v, s) minus VAE v at point i, which is also the
-  VAE's amortization gap at that point minus the IA-VAE's. Quantiles are pooled over the V * S
-  pairs and the N points; "fraction_worse" is the share of (pair, point) with diff < 0. Bins
-  group the points by |x| (``TAIL_BINS`` quantiles of |x| on x); with ``train_x``, also by the
-  distance to the nearest training point.
-  """
-  x = np.asarray(x, np.float64)
-  vae_elbo = np.asarray(vae_elbo, np.float64)
-  iavae_elbo = np.asarray(iavae_elbo, np.float64).reshape(vae_elbo.shape[0], -1, x.shape[0])
-  diff = iavae_elbo - vae_elbo[:, None, :]                       # [V, S, N]
-  qstar = np.asarray(elbo_qstar, np.float64)
-
-  def group(mask):
-    d = diff[..., mask]
-    return {"num_points": int(mask.sum()),
-            "vae_elbo": float(vae_elbo[:, mask].mean()),
-            "iavae_elbo": float(iavae_elbo[..., mask].mean()),
-            "vae_amortization_gap": float((qstar[mask] - vae_elbo[:, mask]).mean()),
-            "iavae_amortization_gap": float((qstar[mask] - iavae_elbo[..., mask]).mean()),
-            "diff_mean": float(d.mean()), "diff_min": float(d.min()),
-            "fraction_worse": float((d < 0).mean())}
-
-  def bins(measure, name):
-    edges = np.quantile(measure, TAIL_BINS)
-    rows = []
-    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
-      mask = (measure >= lo) & ((measure < hi) if i < len(edges) - 2 else (measure <= hi))
-      rows.append({"quantiles": [TAIL_BINS[i], TAIL_BINS[i + 1]],
-                   name: [float(lo), float(hi)], **group(mask)})
-    return rows
-
-  norm = np.linalg.norm(x, axis=1)
-  point_diff = diff.mean((0, 1))                                   # [N], over the pairs
-  summary = {
-      "diff_quantiles": {str(q): float(np.quantile(diff, q)) for q in TAIL_QUANTILES},
-      "diff_min": float(diff.min()),
-      "fraction_worse": float((diff < 0).mean()),
-      "points_worse_on_average": float((point_diff < 0).mean()),
-      # Spearman's rank correlation of each point's mean diff with |x|.
-      "diff_norm_rank_correlation": float(np.corrcoef(
-          np.argsort(np.argsort(point_diff)), np.argsort(np.argsort(norm)))[0, 1]),
-      "by_norm": bins(norm, "norm"),
-  }
-  if train_x is not None:
-    summary["by_distance_to_train"] = bins(nearest_distance(x, train_x), "distance")
-  return summary
 
 
 def train_and_evaluate(config: SyntheticConfig, workdir: str,
@@ -417,7 +262,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
     if cancelled():
       raise common.Cancelled("posterior")
     t0 = time.time()
-    truth = true_posterior(x, config.sigma)
+    truth = exact.true_posterior(x, config.sigma)
     timings["posterior"] = time.time() - t0
     return sweep_states, truth
 
@@ -466,13 +311,13 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   def evaluate_pair(x, truth):
     """The VAEs and IA-VAEs on data x: NumPy metrics, means and per-point ELBOs of each."""
     args = (x, config.sigma, truth.summary, truth.elbo_qstar)
-    return (jax.tree.map(np.asarray, evaluate(vae_fn, phi_avi, None, *args)),
-            jax.tree.map(np.asarray, evaluate(iavae_fn, iavae_states.best_params, frozen_phi,
+    return (jax.tree.map(np.asarray, exact.evaluate(vae_fn, phi_avi, None, *args)),
+            jax.tree.map(np.asarray, exact.evaluate(iavae_fn, iavae_states.best_params, frozen_phi,
                                               *args)))
 
   (vae_eval, vae_means, vae_points), (iavae_eval, iavae_means, iavae_points) = evaluate_pair(
       x, truth)
-  sweep_eval, _, _ = jax.tree.map(np.asarray, evaluate(
+  sweep_eval, _, _ = jax.tree.map(np.asarray, exact.evaluate(
       vae_encode(max_width), sweep_states.best_params, None, x, config.sigma, summary,
       truth.elbo_qstar))
   timings["evaluation"] = time.time() - t0
@@ -480,15 +325,15 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   # Held-out: the same models on new points from the same generator, the truth computed alike.
   t0 = time.time()
   heldout_x = heldout_data(config).x
-  heldout_truth = true_posterior(heldout_x, config.sigma)
+  heldout_truth = exact.true_posterior(heldout_x, config.sigma)
   (ho_vae_eval, _, ho_vae_points), (ho_iavae_eval, _, ho_iavae_points) = evaluate_pair(
       heldout_x, heldout_truth)
-  heldout = {"vae": table3_entry(ho_vae_eval), "iavae": table3_entry(ho_iavae_eval),
-             "gaps": gap_decomposition(heldout_truth, ho_vae_eval, ho_iavae_eval,
+  heldout = {"vae": exact.table3_entry(ho_vae_eval), "iavae": exact.table3_entry(ho_iavae_eval),
+             "gaps": exact.gap_decomposition(heldout_truth, ho_vae_eval, ho_iavae_eval,
                                        config.num_iavae_seeds),
-             "tail": tail_summary(heldout_x, ho_vae_points, ho_iavae_points,
+             "tail": exact.tail_summary(heldout_x, ho_vae_points, ho_iavae_points,
                                   heldout_truth.elbo_qstar, x),
-             "train_tail": tail_summary(x, vae_points, iavae_points, truth.elbo_qstar)}
+             "train_tail": exact.tail_summary(x, vae_points, iavae_points, truth.elbo_qstar)}
   timings["heldout"] = time.time() - t0
   shape = (config.num_vae_seeds, config.num_iavae_seeds)
   iavae_grid = {k: v.reshape(shape) for k, v in iavae_eval.items()}
@@ -500,22 +345,22 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
            "iavae": {}}
     row["vae"]["best_epoch"] = int(vae_states.best_epoch[v])
     for k in ("elbo", "kl", "d_map", "r_map"):
-      stats = _stats(iavae_grid[k][v])
+      stats = exact.over_models(iavae_grid[k][v])
       row["iavae"][f"{k}_mean"], row["iavae"][f"{k}_std"] = stats["mean"], stats["std"]
     row["iavae"]["elbo_per_seed"] = iavae_grid["elbo"][v].tolist()
     row["iavae"]["best_epoch_per_seed"] = np.asarray(
         iavae_states.best_epoch).reshape(shape)[v].tolist()
     table2.append(row)
 
-  table3 = {"vae": table3_entry(vae_eval), "iavae": table3_entry(iavae_eval)}
+  table3 = {"vae": exact.table3_entry(vae_eval), "iavae": exact.table3_entry(iavae_eval)}
 
   curve = []
   sweep_elbo = sweep_eval["elbo"].reshape(len(config.sweep_widths), config.num_sweep_seeds)
   for i, w in enumerate(config.sweep_widths):
-    stats = _stats(sweep_elbo[i])
+    stats = exact.over_models(sweep_elbo[i])
     curve.append({"width": w, "params": 8 * w + 4, "elbo": stats["mean"],
                   "elbo_std": stats["std"], "elbo_per_seed": sweep_elbo[i].tolist()})
-  iavae_elbo = _stats(iavae_eval["elbo"])
+  iavae_elbo = exact.over_models(iavae_eval["elbo"])
   matching = [c for c in curve if c["elbo"] >= iavae_elbo["mean"]]
   hypernet_params = layout.d_max * (context_size(config) + config.embed_dim) + layout.d_max
   efficiency = {
@@ -530,7 +375,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
       "smallest_matching_params": matching[0]["params"] if matching else None,
   }
 
-  gaps = gap_decomposition(truth, vae_eval, iavae_eval, config.num_iavae_seeds)
+  gaps = exact.gap_decomposition(truth, vae_eval, iavae_eval, config.num_iavae_seeds)
 
   # Figure 6: two random observations, VAE seed 0 and its first IA-VAE.
   rng = np.random.default_rng(config.seed)

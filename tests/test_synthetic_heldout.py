@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from experiments import common, configs, synthetic_train
-from iavae_jax import blocks, hypernets
+from iavae_jax import blocks, exact, hypernets
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders, oracle
 
@@ -26,7 +26,7 @@ def test_heldout_set_is_new_points_from_the_same_generator():
   chex.assert_equal_shape([train.x, heldout.x])
   chex.assert_equal_shape([train.z_true, heldout.z_true])
   # Distinct: no held-out point coincides with a training point.
-  assert synthetic_train.nearest_distance(heldout.x, train.x).min() > 1e-4
+  assert exact.nearest_distance(heldout.x, train.x).min() > 1e-4
   # The same generator: z ~ N(0, I) and x - f(z) ~ N(0, sigma^2 I) on the held-out set, and each
   # coordinate of x is distributed as on the training set (two-sample Kolmogorov-Smirnov).
   z = np.asarray(heldout.z_true, np.float64)
@@ -64,7 +64,7 @@ def small_models():
 def heldout_truth(small_models):
   config = small_models[0]
   heldout_x = synthetic_train.heldout_data(config).x
-  return heldout_x, synthetic_train.true_posterior(heldout_x, config.sigma)
+  return heldout_x, exact.true_posterior(heldout_x, config.sigma)
 
 
 @pytest.mark.parametrize("hypernet_input", ["x", "softclip"])
@@ -75,9 +75,9 @@ def test_bounds_and_decomposition_on_heldout_data(small_models, heldout_truth, h
   iavae_fn = synthetic_train.iavae_encode(config, layout,
                                           synthetic_train.hypernet_context(config, x))
   args = (heldout_x, config.sigma, truth.summary, truth.elbo_qstar)
-  vae_eval, vae_means, vae_points = jax.tree.map(np.asarray, synthetic_train.evaluate(
+  vae_eval, vae_means, vae_points = jax.tree.map(np.asarray, exact.evaluate(
       synthetic_train.vae_encode(config.encoder_width), phi, None, *args))
-  iavae_eval, _, iavae_points = jax.tree.map(np.asarray, synthetic_train.evaluate(
+  iavae_eval, _, iavae_points = jax.tree.map(np.asarray, exact.evaluate(
       iavae_fn, psi, frozen, *args))
   chex.assert_shape(vae_means, (2, 48, 2))
   chex.assert_shape([vae_points, iavae_points], (None, 48))
@@ -86,14 +86,14 @@ def test_bounds_and_decomposition_on_heldout_data(small_models, heldout_truth, h
   assert np.all(log_px >= elbo_qstar - 1e-3)
   for points in (vae_points, iavae_points):
     assert np.all(elbo_qstar >= points - 1e-3)
-  gaps = synthetic_train.gap_decomposition(truth, vae_eval, iavae_eval, config.num_iavae_seeds)
+  gaps = exact.gap_decomposition(truth, vae_eval, iavae_eval, config.num_iavae_seeds)
   for model, points in (("vae", vae_points), ("iavae", iavae_points)):
     g = gaps[model]
     assert g["approximation_gap"] >= 0 and g["amortization_gap"] >= 0
     assert g["total_gap"] == pytest.approx(g["approximation_gap"] + g["amortization_gap"],
                                            rel=1e-6, abs=1e-4)
     assert g["total_gap"] == pytest.approx(log_px.mean() - points.mean(), rel=1e-5)
-  entry = synthetic_train.table3_entry(vae_eval)
+  entry = exact.table3_entry(vae_eval)
   assert entry["elbo"] == pytest.approx(vae_points.mean(), rel=1e-5)
   assert entry["num_models"] == 2
 
@@ -156,7 +156,7 @@ def test_tail_summary_on_known_differences():
   iavae = np.repeat(vae, 3, axis=0) + gain                   # [V * S = 6, N]
   qstar = np.zeros(n)
   train_x = x[:200] + 1e-3
-  tail = synthetic_train.tail_summary(x, vae, iavae, qstar, train_x)
+  tail = exact.tail_summary(x, vae, iavae, qstar, train_x)
   assert tail["fraction_worse"] == pytest.approx(4 / n)
   assert tail["diff_min"] == pytest.approx(-5.0)
   assert tail["diff_quantiles"]["0.5"] == pytest.approx(1.0)
@@ -169,8 +169,8 @@ def test_tail_summary_on_known_differences():
   assert bins[0]["fraction_worse"] == 0.0 and bins[0]["diff_mean"] == pytest.approx(1.0)
   assert bins[-1]["iavae_amortization_gap"] - bins[-1]["vae_amortization_gap"] == pytest.approx(5)
   assert sum(b["num_points"] for b in tail["by_distance_to_train"]) == n
-  assert "by_distance_to_train" not in synthetic_train.tail_summary(x, vae, iavae, qstar)
+  assert "by_distance_to_train" not in exact.tail_summary(x, vae, iavae, qstar)
   # The nearest-neighbour distance against brute force, across chunk boundaries.
   brute = np.sqrt(((x[:, None] - train_x[None]) ** 2).sum(-1)).min(1)
-  np.testing.assert_allclose(synthetic_train.nearest_distance(x, train_x, chunk=7), brute,
+  np.testing.assert_allclose(exact.nearest_distance(x, train_x, chunk=7), brute,
                              rtol=1e-12)
