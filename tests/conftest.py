@@ -52,6 +52,7 @@ TINY = ["--plumbing_check", "--num_examples=256", "--max_epochs=4", "--patience=
         "--sweep_widths=2,4"]
 # The image smoke tier; runs that read data add --data_dir (the smoke_flags fixture).
 SMOKE = ["--dataset=mnist", "--tier=smoke"]
+SMOKE_GAPS = ["--num_examples=20"]   # experiments.gaps on the smoke run
 
 
 def real_data(name: str) -> str:
@@ -164,6 +165,15 @@ def smoke_run(tmp_path_factory, smoke_flags):
   result = run_module("experiments.images", f"--workdir={workdir}", *smoke_flags)
   assert result.returncode == 0, result.stderr[-3000:]
   return root, workdir, result
+
+
+@pytest.fixture(scope="session")
+def gaps_run(smoke_run):
+  """(workdir, stdout) of ``experiments.gaps`` on the smoke run (SMOKE_GAPS), optimised."""
+  _, workdir, _ = smoke_run
+  result = run_module("experiments.gaps", f"--workdir={workdir}", *SMOKE_GAPS, optimized=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result.stdout
 
 
 def _kill_after_line(module: str, args: list, prefix: str, env: dict | None = None) -> str:

@@ -14,12 +14,11 @@ import pytest
 from iavae_jax import gaps
 from experiments import configs, gaps_eval
 
-from conftest import optimized_env, run_module
+from conftest import SMOKE_GAPS, optimized_env, run_module
 
 # The gap measurements compute more than they compile: optimised.
 run = functools.partial(run_module, optimized=True)
 
-SMOKE_GAPS = ["--num_examples=20"]
 # What a smoke run of experiments.images reports: its three models and the mean-input IA-VAE.
 MODELS = ("vae", "iavae", "control", "iavae_mean_context")
 QUANTITIES = ("log_px", "elbo_qstar", "elbo", "approximation_gap", "amortization_gap")
@@ -123,15 +122,6 @@ def _copy_run(workdir, destination):
   shutil.copytree(workdir, destination,
                   ignore=shutil.ignore_patterns("gaps", "gaps.*", "gaps_*"))
   return str(destination)
-
-
-@pytest.fixture(scope="module")
-def gaps_run(smoke_run):
-  """(workdir, stdout) of `experiments.gaps --num_examples=20` on the smoke run."""
-  _, workdir, _ = smoke_run
-  result = run("experiments.gaps", f"--workdir={workdir}", *SMOKE_GAPS)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result.stdout
 
 
 @pytest.mark.slow

@@ -1,0 +1,66 @@
+"""The numbers of three runs against values recorded on 2026-12-03, before code moves between
+the library and the experiments (tests/recorded_numbers.json): the smoke image run's test ELBO,
+KL and IWAE per model and seed, the tiny synthetic run's Table 2, Table 3 and gap decomposition,
+and the smoke run's gap decomposition per model and seed. A move must keep them to float
+rounding (1e-5 relative, or 1e-3 nats: a gap is the difference of two ELBOs near -500 in
+float32, whose rounding is ~3e-5). A change meant to change them records them anew with
+IAVAE_RECORD_NUMBERS=1 (the test then writes the file and fails, so that a recording never
+passes for a check) and says why in CHANGELOG.md."""
+
+import json
+import math
+import os
+
+import pytest
+
+from conftest import ROOT
+
+RECORDED = os.path.join(ROOT, "tests", "recorded_numbers.json")
+QUANTITIES = ("log_px", "elbo_qstar", "elbo", "approximation_gap", "amortization_gap")
+
+
+def _read(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _numbers(tree, prefix=""):
+  """{path: value} of every number in a JSON tree (lists indexed), None kept."""
+  if isinstance(tree, dict):
+    return {k: v for key, value in tree.items()
+            for k, v in _numbers(value, f"{prefix}/{key}").items()}
+  if isinstance(tree, list):
+    return {k: v for i, value in enumerate(tree)
+            for k, v in _numbers(value, f"{prefix}/{i}").items()}
+  if tree is None or isinstance(tree, (int, float)) and not isinstance(tree, bool):
+    return {prefix: tree}
+  return {}
+
+
+def _measured(smoke_run, tiny_run, gaps_run) -> dict:
+  images = _read(os.path.join(smoke_run[1], "results.json"))["models"]
+  synthetic = _read(os.path.join(tiny_run[0], "results.json"))
+  gaps = _read(os.path.join(gaps_run[0], "gaps.json"))
+  return {
+      "images": {name: {k: model[k] for k in ("test_elbo", "test_kl", "test_iwae")}
+                 for name, model in images.items()},
+      "synthetic": {k: synthetic[k] for k in ("table2", "table3", "gaps")},
+      "gaps": {name: {q: gaps[name][q]["per_seed"] for q in QUANTITIES}
+               for name in gaps["models"]},
+  }
+
+
+@pytest.mark.slow
+def test_the_runs_give_the_recorded_numbers(smoke_run, tiny_run, gaps_run):
+  measured = _measured(smoke_run, tiny_run, gaps_run)
+  if os.environ.get("IAVAE_RECORD_NUMBERS") == "1":
+    with open(RECORDED, "w") as f:
+      json.dump(measured, f, indent=1, sort_keys=True)
+    pytest.fail(f"recorded the numbers in {RECORDED}; run again without IAVAE_RECORD_NUMBERS.")
+  got, want = _numbers(measured), _numbers(_read(RECORDED))
+  assert sorted(got) == sorted(want), set(got) ^ set(want)
+  differ = [(k, got[k], want[k]) for k in want
+            if (got[k] is None) != (want[k] is None)
+            or want[k] is not None and not math.isclose(got[k], want[k], rel_tol=1e-5,
+                                                        abs_tol=1e-3)]
+  assert not differ, differ[:20]
