@@ -17,7 +17,7 @@ per-point tail of IA-VAE against its VAE (``iavae_jax.exact``).
 import dataclasses
 import os
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -228,117 +228,54 @@ def heldout_data(config: SyntheticConfig) -> synthetic.SyntheticData:
   return synthetic.generate(key, config.num_examples, config.sigma)
 
 
-def train_and_evaluate(config: SyntheticConfig, workdir: str,
-                       parallel: parallel_lib.Parallel | None = None,
-                       tensorboard: bool = False) -> dict:
-  """Runs the whole protocol in workdir (resuming what is there) and writes every output (with
-  ``tensorboard``, TensorBoard event files too); with a ``parallel``, the populations train on
-  its devices (``iavae_jax.parallel``)."""
-  config.validate()
-  common.prepare_workdir(workdir, config)
-  start = time.time()
-  timings = {}
-  data = synthetic.generate(jax.random.PRNGKey(config.data_seed), config.num_examples,
-                            config.sigma)
-  x = data.x
-  print(f"config: {config}", flush=True)
-  max_width = max(config.sweep_widths)
-
-  def sweep_and_posterior(cancelled):
-    # Stage 3: the width sweep, zero-padded to the widest encoder.
-    t0 = time.time()
-    sweep_indices = [(w, s) for w in config.sweep_widths for s in range(config.num_sweep_seeds)]
-    init_keys, train_keys, order_seeds = model_keys(config, "sweep", sweep_indices)
-    sweep_params0 = [
-        encoders.pad_hidden(encoders.MLPEncoder(w).init(k, x[0])["params"], max_width)
-        for (w, _), k in zip(sweep_indices, init_keys)]
-    sweep_params0 = jax.tree.map(lambda *a: jnp.stack(a), *sweep_params0)
-    sweep_states = train_stage("sweep", workdir, config, vae_train_encode, sweep_params0, None,
-                               train_keys, order_seeds, x, parallel, tensorboard,
-                               cancelled=cancelled)
-    timings["sweep"] = time.time() - t0
-
-    # The true posterior, log p(x) and q*.
-    if cancelled():
-      raise common.Cancelled("posterior")
-    t0 = time.time()
-    truth = exact.true_posterior(x, config.sigma)
-    timings["posterior"] = time.time() - t0
-    return sweep_states, truth
-
-  # Stage 3 and the posterior need nothing from stages 1-2: with one device of one process they
-  # run on a second thread meanwhile (on a CPU, a second core), else after them.
-  background = (common.Background(sweep_and_posterior) if (parallel is None or parallel.mode ==
-                "none") and jax.process_count() == 1 else None)
-
-  # Stage 1: VAEs.
-  t0 = time.time()
+def train_vaes(config: SyntheticConfig, workdir: str, x: jax.Array,
+               parallel: parallel_lib.Parallel | None, tensorboard: bool):
+  """Stage 1: the population of VAEs (encoders; the decoder is the known truth)."""
   encoder = encoders.MLPEncoder(config.encoder_width)
-  vae_indices = [(v,) for v in range(config.num_vae_seeds)]
-  init_keys, train_keys, order_seeds = model_keys(config, "vae", vae_indices)
-  vae_params0 = jax.vmap(lambda k: encoder.init(k, x[0])["params"])(init_keys)
-  vae_states = train_stage("vae", workdir, config, vae_train_encode, vae_params0, None,
-                           train_keys, order_seeds, x, parallel, tensorboard)
-  phi_avi = vae_states.best_params
-  timings["vae"] = time.time() - t0
+  init_keys, train_keys, order_seeds = model_keys(
+      config, "vae", [(v,) for v in range(config.num_vae_seeds)])
+  params0 = jax.vmap(lambda k: encoder.init(k, x[0])["params"])(init_keys)
+  return train_stage("vae", workdir, config, vae_train_encode, params0, None, train_keys,
+                     order_seeds, x, parallel, tensorboard)
 
-  # Stage 2: IA-VAEs on each frozen VAE encoder.
-  t0 = time.time()
+
+def train_iavaes(config: SyntheticConfig, workdir: str, x: jax.Array, phi_avi,
+                 parallel: parallel_lib.Parallel | None, tensorboard: bool):
+  """Stage 2: num_iavae_seeds IA-VAEs on each VAE's frozen encoder phi_avi (a leading axis of
+  VAEs). Returns (their states, the block layout, their frozen encoders, their encode fn)."""
   layout = blocks.BlockLayout.from_tree(jax.tree.map(lambda a: a[0], phi_avi))
   hypernet = hypernets.LinearHypernet(layout, config.embed_dim, config.hypernet_init_std)
-  iavae_indices = [(v, s) for v in range(config.num_vae_seeds)
-                   for s in range(config.num_iavae_seeds)]
-  init_keys, train_keys, order_seeds = model_keys(config, "iavae", iavae_indices)
+  indices = [(v, s) for v in range(config.num_vae_seeds) for s in range(config.num_iavae_seeds)]
+  init_keys, train_keys, order_seeds = model_keys(config, "iavae", indices)
   psi0 = jax.vmap(lambda k: hypernet.init(k, jnp.zeros(context_size(config)))["params"])(
       init_keys)
   frozen_phi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi_avi)
   context = hypernet_context(config, x)
-  iavae_fn = iavae_encode(config, layout, context)
-  iavae_states = train_stage("iavae", workdir, config, iavae_train_encode(
-      layout, context, feedback_context(config), config.passes), psi0,
-                             frozen_phi, train_keys, order_seeds, x, parallel, tensorboard,
-                             config.start_as_candidate)
-  timings["iavae"] = time.time() - t0
+  states = train_stage("iavae", workdir, config, iavae_train_encode(
+      layout, context, feedback_context(config), config.passes), psi0, frozen_phi, train_keys,
+                       order_seeds, x, parallel, tensorboard, config.start_as_candidate)
+  return states, layout, frozen_phi, iavae_encode(config, layout, context)
 
-  sweep_states, truth = background.result() if background else sweep_and_posterior(
-      lambda: False)
-  summary = truth.summary
-  timings = {k: timings[k] for k in ("vae", "iavae", "sweep", "posterior")}
 
-  t0 = time.time()
-  vae_fn = vae_encode(config.encoder_width)
+def train_sweep(config: SyntheticConfig, workdir: str, x: jax.Array,
+                parallel: parallel_lib.Parallel | None, tensorboard: bool, cancelled):
+  """Stage 3: VAEs of every width of the sweep, zero-padded to the widest."""
+  indices = [(w, s) for w in config.sweep_widths for s in range(config.num_sweep_seeds)]
+  init_keys, train_keys, order_seeds = model_keys(config, "sweep", indices)
+  params0 = [encoders.pad_hidden(encoders.MLPEncoder(w).init(k, x[0])["params"],
+                                 max(config.sweep_widths))
+             for (w, _), k in zip(indices, init_keys)]
+  params0 = jax.tree.map(lambda *a: jnp.stack(a), *params0)
+  return train_stage("sweep", workdir, config, vae_train_encode, params0, None, train_keys,
+                     order_seeds, x, parallel, tensorboard, cancelled=cancelled)
 
-  def evaluate_pair(x, truth):
-    """The VAEs and IA-VAEs on data x: NumPy metrics, means and per-point ELBOs of each."""
-    args = (x, config.sigma, truth.summary, truth.elbo_qstar)
-    return (jax.tree.map(np.asarray, exact.evaluate(vae_fn, phi_avi, None, *args)),
-            jax.tree.map(np.asarray, exact.evaluate(iavae_fn, iavae_states.best_params, frozen_phi,
-                                              *args)))
 
-  (vae_eval, vae_means, vae_points), (iavae_eval, iavae_means, iavae_points) = evaluate_pair(
-      x, truth)
-  sweep_eval, _, _ = jax.tree.map(np.asarray, exact.evaluate(
-      vae_encode(max_width), sweep_states.best_params, None, x, config.sigma, summary,
-      truth.elbo_qstar))
-  timings["evaluation"] = time.time() - t0
-
-  # Held-out: the same models on new points from the same generator, the truth computed alike.
-  t0 = time.time()
-  heldout_x = heldout_data(config).x
-  heldout_truth = exact.true_posterior(heldout_x, config.sigma)
-  (ho_vae_eval, _, ho_vae_points), (ho_iavae_eval, _, ho_iavae_points) = evaluate_pair(
-      heldout_x, heldout_truth)
-  heldout = {"vae": exact.table3_entry(ho_vae_eval), "iavae": exact.table3_entry(ho_iavae_eval),
-             "gaps": exact.gap_decomposition(heldout_truth, ho_vae_eval, ho_iavae_eval,
-                                       config.num_iavae_seeds),
-             "tail": exact.tail_summary(heldout_x, ho_vae_points, ho_iavae_points,
-                                  heldout_truth.elbo_qstar, x),
-             "train_tail": exact.tail_summary(x, vae_points, iavae_points, truth.elbo_qstar)}
-  timings["heldout"] = time.time() - t0
+def table2(config: SyntheticConfig, vae_eval: dict, iavae_eval: dict, vae_states,
+           iavae_states) -> list:
+  """Table 2: per VAE seed, the VAE and the mean and std of its IA-VAEs."""
   shape = (config.num_vae_seeds, config.num_iavae_seeds)
   iavae_grid = {k: v.reshape(shape) for k, v in iavae_eval.items()}
-
-  table2 = []
+  rows = []
   for v in range(config.num_vae_seeds):
     row = {"vae_seed": v,
            "vae": {k: float(vae_eval[k][v]) for k in ("elbo", "kl", "d_map", "r_map")},
@@ -350,10 +287,13 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
     row["iavae"]["elbo_per_seed"] = iavae_grid["elbo"][v].tolist()
     row["iavae"]["best_epoch_per_seed"] = np.asarray(
         iavae_states.best_epoch).reshape(shape)[v].tolist()
-    table2.append(row)
+    rows.append(row)
+  return rows
 
-  table3 = {"vae": exact.table3_entry(vae_eval), "iavae": exact.table3_entry(iavae_eval)}
 
+def efficiency(config: SyntheticConfig, layout: blocks.BlockLayout, sweep_eval: dict,
+               iavae_eval: dict) -> dict:
+  """Figure 7: the sweep's ELBO against parameters, and the smallest VAE matching the IA-VAE."""
   curve = []
   sweep_elbo = sweep_eval["elbo"].reshape(len(config.sweep_widths), config.num_sweep_seeds)
   for i, w in enumerate(config.sweep_widths):
@@ -363,7 +303,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   iavae_elbo = exact.over_models(iavae_eval["elbo"])
   matching = [c for c in curve if c["elbo"] >= iavae_elbo["mean"]]
   hypernet_params = layout.d_max * (context_size(config) + config.embed_dim) + layout.d_max
-  efficiency = {
+  return {
       "base_params": layout.num_params,
       "hypernet_params": hypernet_params,
       "embedding_params": layout.num_blocks * config.embed_dim,
@@ -375,9 +315,12 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
       "smallest_matching_params": matching[0]["params"] if matching else None,
   }
 
-  gaps = exact.gap_decomposition(truth, vae_eval, iavae_eval, config.num_iavae_seeds)
 
-  # Figure 6: two random observations, VAE seed 0 and its first IA-VAE.
+def save_figures(config: SyntheticConfig, workdir: str, data: synthetic.SyntheticData,
+                 summary, vae_means, iavae_means, efficiency_entry: dict) -> list[int]:
+  """Figure 6 (two random observations: their posterior, VAE seed 0 and its first IA-VAE) and
+  Figure 7; returns Figure 6's examples."""
+  x = data.x
   rng = np.random.default_rng(config.seed)
   chosen = rng.choice(config.num_examples, size=2, replace=False)
   panels = []
@@ -395,24 +338,126 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
         "z_map": center, "mu_vae": np.asarray(vae_means[0, i]),
         "mu_iavae": np.asarray(iavae_means[0, i]), "precision": np.asarray(summary.precision[i]),
         "title": f"example {i}: x = ({', '.join(f'{v:.2f}' for v in np.asarray(x[i]))})"})
-  fig6 = plots.posterior_figure(panels)
-  common.save_figure(fig6, os.path.join(workdir, "figure6_posterior.png"))
-  fig7 = plots.efficiency_figure([c["params"] for c in curve], [c["elbo"] for c in curve],
-                                 [c["elbo_std"] for c in curve], efficiency["iavae_params"],
-                                 iavae_elbo["mean"], iavae_elbo["std"])
-  common.save_figure(fig7, os.path.join(workdir, "figure7_efficiency.png"))
+  common.save_figure(plots.posterior_figure(panels),
+                     os.path.join(workdir, "figure6_posterior.png"))
+  curve = efficiency_entry["vae_curve"]
+  common.save_figure(plots.efficiency_figure(
+      [c["params"] for c in curve], [c["elbo"] for c in curve], [c["elbo_std"] for c in curve],
+      efficiency_entry["iavae_params"], efficiency_entry["iavae_elbo"],
+      efficiency_entry["iavae_elbo_std"]), os.path.join(workdir, "figure7_efficiency.png"))
+  return [int(i) for i in chosen]
 
+
+class Trained(NamedTuple):
+  """The three populations after training, and what evaluating the IA-VAEs needs."""
+  vae: training.TrainState       # stage 1, a leading axis of VAEs
+  iavae: training.TrainState     # stage 2, VAE-major: num_iavae_seeds per VAE
+  sweep: training.TrainState     # stage 3, width-major
+  layout: blocks.BlockLayout     # the VAE encoder's blocks
+  frozen_phi: dict               # each IA-VAE's frozen encoder, phi_AVI of its VAE
+  iavae_fn: EncodeFn
+
+
+def train_all(config: SyntheticConfig, workdir: str, x: jax.Array,
+              parallel: parallel_lib.Parallel | None, tensorboard: bool,
+              timings: dict) -> tuple[Trained, exact.Truth]:
+  """Stages 1-3 and the truth on x (the seconds of each in timings)."""
+  def sweep_and_posterior(cancelled):
+    t0 = time.time()
+    sweep_states = train_sweep(config, workdir, x, parallel, tensorboard, cancelled)
+    timings["sweep"] = time.time() - t0
+    if cancelled():
+      raise common.Cancelled("posterior")
+    t0 = time.time()
+    truth = exact.true_posterior(x, config.sigma)   # log p(x), the MAP, q*
+    timings["posterior"] = time.time() - t0
+    return sweep_states, truth
+
+  # Stage 3 and the posterior need nothing from stages 1-2: with one device of one process they
+  # run on a second thread meanwhile (on a CPU, a second core), else after them.
+  background = (common.Background(sweep_and_posterior) if (parallel is None or parallel.mode ==
+                "none") and jax.process_count() == 1 else None)
+  t0 = time.time()
+  vae_states = train_vaes(config, workdir, x, parallel, tensorboard)
+  timings["vae"] = time.time() - t0
+  t0 = time.time()
+  iavae_states, layout, frozen_phi, iavae_fn = train_iavaes(
+      config, workdir, x, vae_states.best_params, parallel, tensorboard)
+  timings["iavae"] = time.time() - t0
+  sweep_states, truth = background.result() if background else sweep_and_posterior(
+      lambda: False)
+  return Trained(vae_states, iavae_states, sweep_states, layout, frozen_phi, iavae_fn), truth
+
+
+def evaluate_all(config: SyntheticConfig, x: jax.Array, trained: Trained, truth: exact.Truth,
+                 timings: dict) -> dict:
+  """Every model on x in closed form, and the VAEs and IA-VAEs on the held-out data: NumPy
+  metrics ("vae", "iavae", "sweep"), means and per-point ELBOs, and the held-out summary."""
+  t0 = time.time()
+  vae_fn = vae_encode(config.encoder_width)
+
+  def evaluate_pair(x, truth):
+    """The VAEs and IA-VAEs on data x: NumPy metrics, means and per-point ELBOs of each."""
+    args = (x, config.sigma, truth.summary, truth.elbo_qstar)
+    return (jax.tree.map(np.asarray, exact.evaluate(vae_fn, trained.vae.best_params, None,
+                                                    *args)),
+            jax.tree.map(np.asarray, exact.evaluate(trained.iavae_fn, trained.iavae.best_params,
+                                                    trained.frozen_phi, *args)))
+
+  (vae, vae_means, vae_points), (iavae, iavae_means, iavae_points) = evaluate_pair(x, truth)
+  sweep, _, _ = jax.tree.map(np.asarray, exact.evaluate(
+      vae_encode(max(config.sweep_widths)), trained.sweep.best_params, None, x, config.sigma,
+      truth.summary, truth.elbo_qstar))
+  timings["evaluation"] = time.time() - t0
+
+  # Held-out: the same models on new points from the same generator, the truth computed alike.
+  t0 = time.time()
+  heldout_x = heldout_data(config).x
+  heldout_truth = exact.true_posterior(heldout_x, config.sigma)
+  (ho_vae, _, ho_vae_points), (ho_iavae, _, ho_iavae_points) = evaluate_pair(heldout_x,
+                                                                             heldout_truth)
+  heldout = {"vae": exact.table3_entry(ho_vae), "iavae": exact.table3_entry(ho_iavae),
+             "gaps": exact.gap_decomposition(heldout_truth, ho_vae, ho_iavae,
+                                             config.num_iavae_seeds),
+             "tail": exact.tail_summary(heldout_x, ho_vae_points, ho_iavae_points,
+                                        heldout_truth.elbo_qstar, x),
+             "train_tail": exact.tail_summary(x, vae_points, iavae_points, truth.elbo_qstar)}
+  timings["heldout"] = time.time() - t0
+  return {"vae": vae, "iavae": iavae, "sweep": sweep, "vae_means": vae_means,
+          "iavae_means": iavae_means, "heldout": heldout}
+
+
+def train_and_evaluate(config: SyntheticConfig, workdir: str,
+                       parallel: parallel_lib.Parallel | None = None,
+                       tensorboard: bool = False) -> dict:
+  """Runs the whole protocol in workdir (resuming what is there) and writes every output (with
+  ``tensorboard``, TensorBoard event files too); with a ``parallel``, the populations train on
+  its devices (``iavae_jax.parallel``)."""
+  config.validate()
+  common.prepare_workdir(workdir, config)
+  start = time.time()
+  data = synthetic.generate(jax.random.PRNGKey(config.data_seed), config.num_examples,
+                            config.sigma)
+  print(f"config: {config}", flush=True)
+  timings = {}
+  trained, truth = train_all(config, workdir, data.x, parallel, tensorboard, timings)
+  timings = {k: timings[k] for k in ("vae", "iavae", "sweep", "posterior")}
+  evaluated = evaluate_all(config, data.x, trained, truth, timings)
+  vae, iavae = evaluated["vae"], evaluated["iavae"]
+  efficiency_entry = efficiency(config, trained.layout, evaluated["sweep"], iavae)
   results = {
       "config": dataclasses.asdict(config),
-      "table2": table2,
-      "table3": table3,
-      "efficiency": efficiency,
-      "gaps": gaps,
-      "heldout": heldout,
+      "table2": table2(config, vae, iavae, trained.vae, trained.iavae),
+      "table3": {"vae": exact.table3_entry(vae), "iavae": exact.table3_entry(iavae)},
+      "efficiency": efficiency_entry,
+      "gaps": exact.gap_decomposition(truth, vae, iavae, config.num_iavae_seeds),
+      "heldout": evaluated["heldout"],
       # Per example, the decoder passes of each model's inference (the feedback's, see
       # decoder_passes).
       "decoder_passes_per_example": {"vae": 0, "iavae": decoder_passes(config)},
-      "figure6_examples": [int(i) for i in chosen],
+      "figure6_examples": save_figures(config, workdir, data, truth.summary,
+                                       evaluated["vae_means"], evaluated["iavae_means"],
+                                       efficiency_entry),
       "stage_seconds": timings,
       "wall_seconds": time.time() - start,
       "environment": common.environment(parallel),
