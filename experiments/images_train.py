@@ -776,15 +776,8 @@ def param_counts(model: Model) -> dict:
           "hypernetwork": _count(psi), "encoder_blocks": layout.num_blocks}
 
 
-def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None = None,
-                       source: str = "auto", parallel: parallel_lib.Parallel | None = None,
-                       tensorboard: bool = False) -> dict:
-  """Runs the whole protocol for one data set in workdir and writes results.json, results.md,
-  figure8_reconstructions.png, metrics.jsonl and learning_curves.png (and TensorBoard event
-  files with ``tensorboard``). With a ``parallel`` in ``data`` mode, every training batch is
-  split over its devices (the image seeds train one after another, so ``seeds`` mode does not
-  apply: ``training.train_model`` refuses it)."""
-  config.validate()
+def load_data(config: ImageConfig, data_dir: str | None, source: str) -> images.ImageSplits:
+  """The run's splits (``subset`` to the tier's sizes); bad data or sizes are a ConfigError."""
   try:
     data = images.load(config.dataset, data_dir=data_dir, source=source,
                        split_seed=config.split_seed)
@@ -795,6 +788,74 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
     raise common.ConfigError(f"--batch_size={config.batch_size} exceeds the {data.train.shape[0]}"
                              " training examples (after --max_train): no full batch can be "
                              "formed.")
+  return data
+
+
+def evaluate_seed(model: Model, seed: int, selected: dict, train: jax.Array, test: jax.Array,
+                  num_reconstructions: int) -> tuple[dict, dict]:
+  """Every reported model of one seed on the test split: ({name: its results row}, {name: its
+  reconstructions of the first num_reconstructions test images})."""
+  rows, recon = {}, {}
+  eval_key = training.derive_key(seed, STAGE_IDS["eval"])
+  for name in evaluated_models(model.config):
+    run_model, encode, params, frozen = evaluation_inputs(model, name, selected, train)
+    metrics = jax.device_get(evaluate(run_model, encode, params, frozen, test, eval_key))
+    # A mean-input ablation is its selected IA-VAE, not selected on its own score.
+    source = selected[ablated(name) or name]
+    rows[name] = {
+        "test_elbo": float(np.mean(metrics["elbo"])), "test_kl": float(np.mean(metrics["kl"])),
+        "test_iwae": float(np.mean(metrics["iwae"])),
+        "valid_elbo": None if ablated(name) else source.valid_elbo,   # never scored
+        "best_epoch": source.best_epoch}
+    if not ablated(name) and source.valid_elbo_at_start is not None:
+      rows[name]["valid_elbo_at_start"] = source.valid_elbo_at_start
+    if num_reconstructions:
+      recon[name] = np.asarray(reconstruct(run_model, encode, params, frozen,
+                                           test[:num_reconstructions],
+                                           jax.random.fold_in(eval_key, 1)))
+  return rows, recon
+
+
+def collect_results(model: Model, data: images.ImageSplits, seeds: list, per_seed: dict,
+                    timings: dict, resumed: list, wall_seconds: float,
+                    parallel: parallel_lib.Parallel | None) -> dict:
+  """results.json's contents: per model, its rows of every seed as lists."""
+  config, names = model.config, list(per_seed)
+  return {
+      "experiment": "images",
+      "dataset": config.dataset,
+      "tier": config.tier,
+      "seeds": seeds,
+      "wall_seconds": wall_seconds,   # this invocation (see resumed_stages)
+      "stage_seconds": timings,
+      "resumed_stages": resumed,
+      "models": {name: {key: [row[key] for row in per_seed[name]]
+                        for key in per_seed[name][0]} for name in names},
+      "data": {**data.info, "train": int(data.train.shape[0]), "valid": int(data.valid.shape[0]),
+               "test": int(data.test.shape[0])},
+      # Per example, the decoder passes (one sample's forward or backward pass each) that the
+      # model's inference costs: its feedback's; 0 for a mean-input ablation (no feedback).
+      "decoder_passes_per_example": {
+          name: 0 if ablated(name) else model.decoder_passes(MODEL_SPECS[name].kind)
+          for name in names},
+      "parameters": {**param_counts(model),
+                     **({"matched_encoder": param_counts(matched_model(model))["encoder"]}
+                        if "vae_matched" in config.models else {})},
+      "config": common.as_json(config),
+      "environment": common.environment(parallel),
+  }
+
+
+def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None = None,
+                       source: str = "auto", parallel: parallel_lib.Parallel | None = None,
+                       tensorboard: bool = False) -> dict:
+  """Runs the whole protocol for one data set in workdir and writes results.json, results.md,
+  figure8_reconstructions.png, metrics.jsonl and learning_curves.png (and TensorBoard event
+  files with ``tensorboard``). With a ``parallel`` in ``data`` mode, every training batch is
+  split over its devices (the image seeds train one after another, so ``seeds`` mode does not
+  apply: ``training.train_model`` refuses it)."""
+  config.validate()
+  data = load_data(config, data_dir, source)
   common.prepare_workdir(workdir, config)
   check_data(workdir, data.info)
   start = time.time()
@@ -813,55 +874,22 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
   for seed in seeds:
     selected = train_seed(model, workdir, seed, data, timings, resumed, parallel, tensorboard)
     t0 = time.time()
-    eval_key = training.derive_key(seed, STAGE_IDS["eval"])
+    rows, seed_recon = evaluate_seed(model, seed, selected, train, test,
+                                     config.num_reconstructions if seed == seeds[0] else 0)
+    recon.update(seed_recon)
     for name in names:
-      run_model, encode, params, frozen = evaluation_inputs(model, name, selected, train)
-      metrics = jax.device_get(evaluate(run_model, encode, params, frozen, test, eval_key))
-      # A mean-input ablation is its selected IA-VAE, not selected on its own score.
-      source = selected[ablated(name) or name]
-      per_seed[name].append({
-          "test_elbo": float(np.mean(metrics["elbo"])), "test_kl": float(np.mean(metrics["kl"])),
-          "test_iwae": float(np.mean(metrics["iwae"])),
-          "valid_elbo": None if ablated(name) else source.valid_elbo,   # never scored
-          "best_epoch": source.best_epoch})
-      if not ablated(name) and source.valid_elbo_at_start is not None:
-        per_seed[name][-1]["valid_elbo_at_start"] = source.valid_elbo_at_start
-      if seed == seeds[0] and config.num_reconstructions:
-        recon[name] = np.asarray(reconstruct(
-            run_model, encode, params, frozen, test[:config.num_reconstructions],
-            jax.random.fold_in(eval_key, 1)))
+      per_seed[name].append(rows[name])
     timings[f"eval_seed{seed}"] = time.time() - t0
-    line = "  ".join(f"{name} {per_seed[name][-1]['test_elbo']:.2f}" for name in names)
+    line = "  ".join(f"{name} {rows[name]['test_elbo']:.2f}" for name in names)
     print(f"[seed {seed}] test ELBO: {line}", flush=True)
     for name in config.models:
-      if not np.isfinite(per_seed[name][-1]["valid_elbo"]):
+      if not np.isfinite(rows[name]["valid_elbo"]):
         print(f"[seed {seed}] WARNING: {name} never reached a finite validation ELBO (its "
               "training diverged); its test numbers are those of its initial parameters.",
               flush=True)
 
-  results = {
-      "experiment": "images",
-      "dataset": config.dataset,
-      "tier": config.tier,
-      "seeds": seeds,
-      "wall_seconds": time.time() - start,   # this invocation (see resumed_stages)
-      "stage_seconds": timings,
-      "resumed_stages": resumed,
-      "models": {name: {key: [row[key] for row in per_seed[name]]
-                        for key in per_seed[name][0]} for name in names},
-      "data": {**data.info, "train": int(data.train.shape[0]), "valid": int(data.valid.shape[0]),
-               "test": int(data.test.shape[0])},
-      # Per example, the decoder passes (one sample's forward or backward pass each) that the
-      # model's inference costs: its feedback's; 0 for a mean-input ablation (no feedback).
-      "decoder_passes_per_example": {
-          name: 0 if ablated(name) else model.decoder_passes(MODEL_SPECS[name].kind)
-          for name in names},
-      "parameters": {**param_counts(model),
-                     **({"matched_encoder": param_counts(matched_model(model))["encoder"]}
-                        if "vae_matched" in config.models else {})},
-      "config": common.as_json(config),
-      "environment": common.environment(parallel),
-  }
+  results = collect_results(model, data, seeds, per_seed, timings, resumed,
+                            time.time() - start, parallel)
   if recon:
     fig8 = plots.reconstruction_figure(
         np.asarray(data.test[:config.num_reconstructions]), recon,
