@@ -44,10 +44,10 @@ def config_from_flags() -> configs.SyntheticConfig:
 def main(argv):
   def body():
     config = config_from_flags()
-    if FLAGS.plumbing_check:
-      print("--plumbing_check: 20 epochs train nothing; these numbers say nothing about the "
-            "method. Run without it for the paper's protocol (about a minute).", flush=True)
     with common.workdir_lock(FLAGS.workdir):
+      if FLAGS.plumbing_check:   # once the workdir is ours: a refused run prints nothing
+        print("--plumbing_check: 20 epochs train nothing; these numbers say nothing about the "
+              "method. Run without it for the paper's protocol (about a minute).", flush=True)
       from experiments import synthetic_train  # imports JAX: after the flags are checked
       synthetic_train.train_and_evaluate(config, FLAGS.workdir, common.parallel_from_flags(),
                                          FLAGS.tensorboard)
