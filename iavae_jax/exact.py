@@ -43,8 +43,6 @@ def true_posterior(x, sigma: float) -> Truth:
                oracle.exact_elbo(x, qstar_mean, qstar_log_var, sigma))
 
 
-
-
 @functools.partial(jax.jit, static_argnums=(0,))
 def evaluate(encode: Callable, params, frozen, x: jax.Array, sigma: float,
              summary: posterior.PosteriorSummary, elbo_qstar: jax.Array):

@@ -176,11 +176,12 @@ def gaps_run(smoke_run):
   return workdir, result.stdout
 
 
-def _kill_after_line(module: str, args: list, prefix: str, env: dict | None = None) -> str:
-  """Starts ``python -m module *args`` (in env, if given), SIGKILLs it as soon as it prints a
-  line starting with ``prefix`` (mid-run: the checkpoint of that epoch is usually being
+def _kill_after_line(module: str, args: list, prefix: str, optimized: bool = False) -> str:
+  """Starts ``python -m module *args`` (optimized: as run_module's), SIGKILLs it as soon as it
+  prints a line starting with ``prefix`` (mid-run: the checkpoint of that epoch is usually being
   written), and returns its output up to the kill. Fails if the run ends before the line."""
-  proc = subprocess.Popen([sys.executable, "-u", "-m", module, *args], cwd=ROOT, env=env,
+  proc = subprocess.Popen([sys.executable, "-u", "-m", module, *args], cwd=ROOT,
+                          env=optimized_env() if optimized else None,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   seen = []
   for line in proc.stdout:

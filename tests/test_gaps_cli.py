@@ -14,7 +14,7 @@ import pytest
 from iavae_jax import gaps
 from experiments import configs, gaps_eval
 
-from conftest import SMOKE_GAPS, optimized_env, run_module
+from conftest import SMOKE_GAPS, run_module
 
 # The gap measurements compute more than they compile: optimised.
 run = functools.partial(run_module, optimized=True)
@@ -187,7 +187,7 @@ def test_killed_then_rerun_gives_the_uninterrupted_numbers(gaps_run, tmp_path, k
   workdir, _ = gaps_run
   copy = _copy_run(workdir, tmp_path / "run")
   kill_after_line("experiments.gaps", [f"--workdir={copy}", *SMOKE_GAPS],
-                  "[gaps] iavae seed 0: 10/20 examples", env=optimized_env())
+                  "[gaps] iavae seed 0: 10/20 examples", optimized=True)
   assert not os.path.exists(os.path.join(copy, "gaps.json"))
   result = run("experiments.gaps", f"--workdir={copy}", *SMOKE_GAPS)
   assert result.returncode == 0, result.stderr[-3000:]
