@@ -50,7 +50,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from experiments import configs, gaps_eval  # pylint: disable=g-import-not-at-top
-  from experiments.images_train import Model  # pylint: disable=g-import-not-at-top
+  from iavae_jax.image_vae import Model  # pylint: disable=g-import-not-at-top
 
   image_config = configs.image_config("mnist", FLAGS.tier)
   model = Model(image_config)

@@ -7,7 +7,7 @@ r"""The cost of one IA-VAE training step relative to one VAE step, measured side
   python -m benchmarks.step_cost --tier=converged --xla_defaults   # without the model's options
 
 Builds the real train steps of stage 1 (VAE), the control and stage 2 (IA-VAE: one per
-hypernetwork design and input asked for; experiments.images_train.train_step), each IA-VAE on
+hypernetwork design and input asked for; iavae_jax.image_vae.train_step), each IA-VAE on
 the modulated path (the default: no example's parameters formed) and, with --reference (on by
 default), on the reference path (each example's parameters formed, the encoder vmapped), on
 random data; compiles them; then times them interleaved (VAE, control, each IA-VAE, VAE, ...) so
@@ -16,7 +16,7 @@ and control_step_s (medians), control_ratio, and per IA-VAE (labelled by its des
 design/input when several inputs are asked for) iavae_step_s, ratio = iavae_step_s / vae_step_s,
 reference_step_s and reference_ratio (the reference path's, where it has one: not for the
 feedback inputs) and hypernet_params; examples per
-second of every model; the XLA options compiled with (images_train.Model.compiler_options, or
+second of every model; the XLA options compiled with (image_vae.Model.compiler_options, or
 none with --xla_defaults). Timings are wall-clock on whatever device JAX uses.
 """
 
@@ -27,19 +27,20 @@ import statistics
 from absl import app, flags
 
 from experiments import common, configs
+from iavae_jax import image_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("tier", "paper", list(configs.IMAGE_TIERS), "Which tier's architecture.")
 flags.DEFINE_integer("repeats", 5, "Timed steps per model (after one compiling step).")
 flags.DEFINE_bool("xla_defaults", False, "Compile with XLA's default options instead of the "
-                  "model's own (images_train.Model.compiler_options).")
+                  "model's own (image_vae.Model.compiler_options).")
 flags.DEFINE_list("hypernet", None, "The IA-VAE's hypernetwork design(s), of "
-                  f"{', '.join(configs.HYPERNETS)} (default: the configuration's).")
+                  f"{', '.join(image_config.DESIGNS)} (default: the configuration's).")
 flags.DEFINE_bool("reference", True, "Also time each IA-VAE on the reference path (every "
                   "example's parameters formed, the encoder vmapped), beside the default "
                   "modulated path (iavae_jax.modulated).")
 flags.DEFINE_list("hypernet_input", None, "What the IA-VAE's hypernetwork sees, of "
-                  f"{', '.join(configs.HYPERNET_INPUTS)} (default: the configuration's).")
+                  f"{', '.join(image_config.HYPERNET_INPUTS)} (default: the configuration's).")
 
 
 def main(argv):
@@ -59,7 +60,8 @@ def main(argv):
                                             hypernet_input=kind).validate()
       except common.ConfigError as e:
         raise app.UsageError(str(e)) from e
-  setups = train_steps.build(config, iavaes, FLAGS.reference, FLAGS.xla_defaults)
+  setups = train_steps.build(config, iavaes, config.batch_size, FLAGS.reference,
+                             FLAGS.xla_defaults)
   times = train_steps.time_steps(setups, FLAGS.repeats)
   median = {name: statistics.median(t) for name, t in times.items()}
   for name, t in times.items():

@@ -22,12 +22,13 @@ import statistics
 from absl import app, flags
 
 from experiments import common, configs
+from iavae_jax import image_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("tier", "converged", ["converged", "paper"], "Which tier's architecture.")
 flags.DEFINE_list("batch_sizes", ["50", "100", "200", "500", "1000"], "Batch sizes.")
 flags.DEFINE_list("widths", ["1", "4", "16"], "Encoder width multipliers.")
-flags.DEFINE_list("hypernet", list(configs.HYPERNETS), "IA-VAE designs.")
+flags.DEFINE_list("hypernet", list(image_config.DESIGNS), "IA-VAE designs.")
 flags.DEFINE_integer("repeats", 3, "Timed steps per model and grid point (after one compiling "
                      "step).")
 flags.DEFINE_string("plot", None, "Write the ratios' figure to this PNG path.")
@@ -72,9 +73,9 @@ def main(argv):
   try:
     grid = [(int(w), int(b)) for w in FLAGS.widths for b in FLAGS.batch_sizes]
     for design in FLAGS.hypernet:
-      if design not in configs.HYPERNETS:
+      if design not in image_config.DESIGNS:
         raise common.ConfigError(f"--hypernet={design} is not known; choose among "
-                                 f"{', '.join(configs.HYPERNETS)}.")
+                                 f"{', '.join(image_config.DESIGNS)}.")
     if any(w <= 0 or b <= 0 for w, b in grid):
       raise common.ConfigError("--widths and --batch_sizes must be positive integers.")
   except ValueError as e:
@@ -88,7 +89,7 @@ def main(argv):
     config = _config(FLAGS.tier, width, batch_size)
     setups = train_steps.build(
         config, {d: dataclasses.replace(config, hypernet=d) for d in FLAGS.hypernet},
-        control=False)
+        config.batch_size, control=False)
     times = train_steps.time_steps(setups, FLAGS.repeats)
     step = {name.removeprefix("iavae "): statistics.median(t) for name, t in times.items()}
     peak = {name.removeprefix("iavae "): train_steps.peak_bytes(setup)

@@ -10,51 +10,51 @@ from typing import NamedTuple
 
 import jax
 
-from experiments import images_train
-from experiments.configs import ImageConfig
-from iavae_jax import blocks, hypernets, training
+from iavae_jax import blocks, hypernets, image_vae, training
+from iavae_jax.image_config import ImageVAEConfig
 
 
 class Setup(NamedTuple):
   """One model's jitted step, its state and its batch."""
   step: object
   state: training.TrainState
-  batch: images_train.Batch
-  model: images_train.Model
+  batch: image_vae.Batch
+  model: image_vae.Model
   layout: blocks.BlockLayout
 
 
-def build(config: ImageConfig, iavaes: dict[str, ImageConfig], reference: bool = False,
+def build(config: ImageVAEConfig, iavaes: dict[str, ImageVAEConfig], batch_size: int,
+          reference: bool = False,
           xla_defaults: bool = False, control: bool = True) -> dict[str, Setup]:
   """{"vae"[, "control"], "iavae LABEL"[, "iavae LABEL reference"]: Setup}: the train step of
-  each model, compiled (one step run), on a random batch of config.batch_size images.
+  each model, compiled (one step run), on a random batch of batch_size images.
   ``iavaes`` maps a label to an IA-VAE's configuration (the same architecture as ``config``)."""
-  vae_model = images_train.Model(config)
+  vae_model = image_vae.Model(config)
   vae = vae_model.init_vae(jax.random.PRNGKey(0))
   layout = blocks.BlockLayout.from_tree(vae["encoder"])
   iavae_frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
-  models = {"vae": (vae_model, "vae", vae, None)}   # name -> (model, stage, params, frozen)
+  models = {"vae": (vae_model, "vae", vae, None)}   # name -> (model, kind, params, frozen)
   if control:
     models["control"] = (vae_model, "control",
                          {"encoder": vae["encoder"], "decoder": vae["decoder"]},
                          {"batch_stats": vae["batch_stats"]})
   for label, iavae_config in iavaes.items():
-    model = images_train.Model(iavae_config)
+    model = image_vae.Model(iavae_config)
     params = {"hypernet": model.init_hypernet(jax.random.PRNGKey(2), layout),
               "decoder": vae["decoder"]}
     models[f"iavae {label}"] = (model, "iavae", params, iavae_frozen)
     if reference and model.feedback is None:   # the feedback inputs have no reference path
       models[f"iavae {label} reference"] = (dataclasses.replace(model, modulated=False), "iavae",
                                             params, iavae_frozen)
-  batch = images_train.Batch(
-      jax.random.uniform(jax.random.PRNGKey(3), (config.batch_size, 28, 28)),
+  batch = image_vae.Batch(
+      jax.random.uniform(jax.random.PRNGKey(3), (batch_size, 28, 28)),
       jax.random.PRNGKey(4))
   setups = {}
-  for name, (model, stage, params, frozen) in models.items():
+  for name, (model, kind, params, frozen) in models.items():
     step = jax.jit(
-        functools.partial(images_train.train_step, model=model, stage=stage, steps_per_epoch=1),
+        functools.partial(image_vae.train_step, model=model, kind=kind, steps_per_epoch=1),
         compiler_options={} if xla_defaults else model.compiler_options)
-    state = training.init_state(params, images_train.stage_optimizer(model.config, stage),
+    state = training.init_state(params, image_vae.stage_optimizer(model.config, kind),
                                 jax.random.PRNGKey(5), frozen)
     t0 = time.perf_counter()
     state, metrics = step(state, batch)

@@ -1,19 +1,18 @@
 """Configurations as data: one per protocol, printed and saved next to the results."""
 
 import dataclasses
+import re
+from typing import NamedTuple
 
 from experiments.common import ConfigError
+from iavae_jax import image_config
 from iavae_jax.data import DATASETS
+from iavae_jax.image_config import FEEDBACKS
 
 
 MAX_SEED = 2**31 - 1   # seeds are folded into JAX keys as 32-bit integers
 
-# The decoder's feedback on the encoder's current guess (iavae_jax.feedback) as the inference
-# network's input, beside x and that guess.
-FEEDBACK_INPUTS = ("gradient", "residual")
-
-
-# What the synthetic hypernetwork sees: x itself, a bounded function of it, or (FEEDBACK_INPUTS)
+# What the synthetic hypernetwork sees: x itself, a bounded function of it, or (FEEDBACKS)
 # x with the encoder's current guess and the true decoder's feedback on it.
 SYNTHETIC_HYPERNET_INPUTS = ("x", "tanh", "softclip", "gradient", "residual")
 
@@ -70,9 +69,9 @@ class SyntheticConfig:
     if self.hypernet_input not in SYNTHETIC_HYPERNET_INPUTS:
       raise ConfigError(f"--hypernet_input={self.hypernet_input} is not known; choose one of "
                         f"{', '.join(SYNTHETIC_HYPERNET_INPUTS)}.")
-    if self.passes < 1 or (self.passes > 1 and self.hypernet_input not in FEEDBACK_INPUTS):
+    if self.passes < 1 or (self.passes > 1 and self.hypernet_input not in FEEDBACKS):
       raise ConfigError(f"--passes={self.passes}: give 1, or more with --hypernet_input="
-                        f"{' or '.join(FEEDBACK_INPUTS)} (later passes differ from the first "
+                        f"{' or '.join(FEEDBACKS)} (later passes differ from the first "
                         "only through the decoder's feedback).")
     if self.batch_size > self.num_examples:
       raise ConfigError(f"--batch_size={self.batch_size} exceeds --num_examples="
@@ -94,27 +93,58 @@ def synthetic_plumbing_check() -> SyntheticConfig:
 
 
 IMAGE_TIERS = ("paper", "cpu", "converged", "smoke")
-IMAGE_ENCODERS = ("resnet", "mlp")
-# pixelcnn: the gated PixelCNN without a blind spot; pixelcnn_kim: Kim et al.'s masking exactly;
-# mlp: a dense decoder of independent pixels given z.
-IMAGE_DECODERS = ("pixelcnn", "pixelcnn_kim", "mlp")
-# The models an image run can train (experiments.images_train.MODEL_SPECS says what each is).
-IMAGE_MODELS = ("vae", "iavae", "control", "iavae_frozen_decoder", "control_frozen_decoder",
-                "vae_matched", "corrector", "corrector_frozen_decoder")   # the converged tier's:
-                                                                         # the first six
-# What the hypernetwork sees of x (images_train.Model.hypernet_context), or, with the decoder's
-# feedback on the encoder's current guess (FEEDBACK_INPUTS), x with that guess and feedback.
-HYPERNET_INPUTS = ("image", "image_l2", "encoder", "penultimate") + FEEDBACK_INPUTS
-HYPERNETS = ("paper", "ha", "mlp")     # iavae_jax.hypernets.HYPERNETS
-WEIGHT_DECAY_MODES = ("coupled", "decoupled")
+# The fields of the library's configuration, as the flags of the image experiments.
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(image_config.ImageVAEConfig))
+
+
+class ModelSpec(NamedTuple):
+  """One trainable model of an image run."""
+  kind: str                     # image_config.KINDS: its step, encoder and optimiser
+  key_id: int                   # its keys (initialisation, data order, noise) derive from
+                                # (seed, key_id)
+  freeze_decoder: bool = False  # stage 2 with the VAE's decoder fixed
+  matched: bool = False         # its encoder widened to the VAE's encoder + hypernetwork size
+
+
+# The models an image run can train (experiments.images_train says what each is); the models
+# with the same key id share their initialisation, data order and noise, for paired tests.
+MODEL_SPECS = {
+    "vae": ModelSpec("vae", 1),
+    "iavae": ModelSpec("iavae", 2),
+    "control": ModelSpec("control", 3),
+    "iavae_frozen_decoder": ModelSpec("iavae", 2, freeze_decoder=True),
+    "control_frozen_decoder": ModelSpec("control", 3, freeze_decoder=True),
+    "vae_matched": ModelSpec("vae", 5, matched=True),
+    "corrector": ModelSpec("corrector", 6),
+    "corrector_frozen_decoder": ModelSpec("corrector", 6, freeze_decoder=True),
+}
+IMAGE_MODELS = tuple(MODEL_SPECS)   # the converged tier's: the first six
+EVAL_KEY_ID = 4                     # the test evaluation's noise derives from (seed, EVAL_KEY_ID)
+# An IA-VAE's evaluated-only ablation: its hypernetwork's input (with a feedback input, the
+# feedback) replaced by its mean over the training split, named after the IA-VAE with this suffix.
+MEAN_SUFFIX = "_mean_context"
+ADAPTED = ("iavae", "iavae_frozen_decoder")   # the IA-VAEs whose ablation is evaluated
+
+
+def evaluated_models(config: "ImageConfig") -> tuple[str, ...]:
+  """The models a run reports: those it trains, and the mean-input ablation of each IA-VAE it
+  trains (ADAPTED)."""
+  return config.models + tuple(name + MEAN_SUFFIX for name in ADAPTED if name in config.models)
+
+
+def ablated(name: str) -> str | None:
+  """The trained IA-VAE whose mean-input ablation ``name`` is, or None."""
+  return name[:-len(MEAN_SUFFIX)] if name.endswith(MEAN_SUFFIX) else None
 # Stage-2 weight decay: the paper's values for OMNIGLOT and MNIST; Fashion-MNIST (not given in the
 # paper) and binarized MNIST take MNIST's, the closer data set in size and image statistics.
 WEIGHT_DECAY = {"omniglot": 5e-3, "mnist": 5e-4, "fashion_mnist": 5e-4, "binarized_mnist": 5e-4}
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageConfig:
-  """The image experiments (paper section 4.2, Table 4): SA-VAE's model, then IA-VAE."""
+class ImageConfig(image_config.ImageVAEConfig):
+  """The image experiments (paper section 4.2, Table 4): the model and its training settings
+  (iavae_jax.image_vae.ImageVAEConfig's fields, the paper's by default), the data, the models
+  trained per seed, the schedules and the evaluation."""
   dataset: str = "mnist"
   tier: str = "paper"
   # Data: validation = a seeded 15% of the training split (split_seed), test = the test split.
@@ -122,68 +152,14 @@ class ImageConfig:
   max_train: int = 0                # cap on training examples after the split (0: all)
   max_valid: int = 0                # cap on validation examples (0: all)
   max_test: int = 0                 # cap on test examples (0: all)
-  # Models (Kim et al. 2018): ResNet encoder, gated PixelCNN decoder, 32-d latent; or dense
-  # encoders and decoders (IMAGE_ENCODERS, IMAGE_DECODERS).
   seed: int = 0                     # model seeds are seed, seed + 1, ...
   num_seeds: int = 10
   models: tuple[str, ...] = ("vae", "iavae", "control")   # IMAGE_MODELS to train, per seed
-  encoder: str = "resnet"
-  encoder_channels: tuple[int, ...] = (64, 64, 64)   # resnet: a residual stage per width
-  encoder_hidden: tuple[int, ...] = (200,)          # mlp: a ReLU layer per width
-  latent_dim: int = 32
-  decoder: str = "pixelcnn"         # IMAGE_DECODERS
-  decoder_features: int = 32
-  decoder_kernel_sizes: tuple[int, ...] = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3)
-  latent_feature_maps: int = 4
-  decoder_hidden: tuple[int, ...] = (200, 200)      # mlp: a ReLU layer per width
-  # The structured hypernetwork (paper: e_l of 16, e_in of 8, output layers N(0, 1e-3^2)).
-  # The paper's 1e-3 does not start stage 2 near the stage-1 encoder here: the x-part of every
-  # conv slice's delta is the same vector, so it adds up coherently over the (non-negative)
-  # input channels. Measured on real MNIST at initialisation, the encoder's mean moves by
-  # 1.6e3 x its norm (paper architecture; 2.6x for the cpu tier) at 1e-3, 0.73x / 0.16x at 1e-4,
-  # 0.074x / 0.017x at 1e-5. 1e-5 keeps the start close, as the paper intends (docs/results.md).
-  block_embed_dim: int = 16
-  input_embed_dim: int = 8          # paper and mlp (ha has no input embeddings)
-  hypernet_init_std: float = 1e-5
-  # The hypernetwork's design (HYPERNETS; docs/results.md, "Hypernetwork designs"): the paper's
-  # structured one, Ha et al.'s static hypernetwork, or a one-hidden-layer generator. "mlp" and
-  # "ha" tie for the best validation ELBO of the converged tier, far above "paper" (the paper's);
-  # mlp's gain is the more instance-specific, with far fewer parameters.
-  hypernet: str = "mlp"
-  hypernet_hidden: int = 0          # ha's code size / mlp's hidden width (0: the design's own
-                                    # default, ha 16, mlp 64); not for paper
-  ha_block_gains: bool = False      # ha: a per-block gain on the x-part of the code
-  hypernet_projection: int = 0      # > 0: the design sees a learned projection of the context to
-                                    # this many numbers (ha's first layers grow with its size)
-  # What the hypernetwork sees of x (HYPERNET_INPUTS; docs/results.md, "The structured
-  # hypernetwork"). The paper's raw image diverged on Fashion-MNIST in every cpu-tier seed:
-  # Adam's first step moves each W_x entry by ~lr, so every delta moves by ~lr x (ink pixels),
-  # coherently. Over its Euclidean norm the move is ~lr x sqrt(ink pixels).
-  hypernet_input: str = "image_l2"
-  # The feedback inputs (FEEDBACK_INPUTS): [x over its norm; mean; log-variance; feedback] at the
-  # encoder's current output, recomputed at each of ``passes`` passes; ``gradient`` estimated
-  # with feedback_samples fixed noise draws (2 feedback_samples decoder passes per pass).
-  feedback_samples: int = 8
-  passes: int = 1
-  # The direct-correction model (corrector, corrector_frozen_decoder: iavae_jax.feedback's
-  # Corrector on the hypernetwork's input): the width of its two ELU layers, 0 for the width that
-  # gives it about as many parameters as the hypernetwork.
-  corrector_hidden: int = 0
-  # Stage 1 as in [20]: Adam 1e-3, batch 50, KL weight 0.1 -> 1 over 10 epochs, clip 5.
+  # Stage 1 as in SA-VAE: batch 50 (its optimiser and warm-up: ImageVAEConfig).
   batch_size: int = 50
   vae_epochs: int = 100
-  vae_learning_rate: float = 1e-3
-  warmup_epochs: int = 10
-  warmup_start: float = 0.1
-  max_grad_norm: float = 5.0
   # Stage 2 (and the control: the stage-1 VAE trained on with the same settings).
   iavae_epochs: int = 100
-  hypernet_learning_rate: float = 1e-4   # hypernetwork and embeddings (control: the encoder)
-  decoder_learning_rate: float = 5e-5
-  weight_decay: float = 5e-4             # see WEIGHT_DECAY for the defaults
-  # As PyTorch's Adam(weight_decay=...), which the paper's setup implies: the decay added to the
-  # clipped gradient before Adam's scaling; "decoupled" is AdamW's (the decay added to the update).
-  weight_decay_mode: str = "coupled"
   patience: int = 100                    # epochs without a better validation ELBO (both stages)
   # > 0: the patience of every model that starts from the VAE (IA-VAEs, controls, correctors)
   # counted in optimiser steps (rounded up to whole epochs), so that it does not shrink with the
@@ -193,7 +169,6 @@ class ImageConfig:
   # (epoch 0), so a run never selects something worse on validation than where it started.
   start_as_candidate: bool = True
   # Evaluation.
-  num_samples: int = 1              # z samples per example in the training ELBO
   valid_samples: int = 1            # per example for the validation ELBO (fixed noise)
   test_samples: int = 10            # per example for the test ELBO
   iwae_samples: int = 5000          # K of the importance-weighted log-likelihood estimate
@@ -203,85 +178,37 @@ class ImageConfig:
   checkpoint_every: int = 1         # epochs between resume checkpoints
 
   def validate(self) -> "ImageConfig":
+    """Returns self, or raises ConfigError naming the first flag that is wrong."""
+    try:
+      super().validate()
+    except ValueError as e:   # the library names the fields; the flags have their names
+      # Each message starts with the field it is about and writes others as name=value.
+      message = re.sub(rf"(?<![-\w])({'|'.join(_MODEL_FIELDS)})=", r"--\1=", str(e))
+      raise ConfigError(message if message.startswith("--") else "--" + message) from None
     if self.dataset not in DATASETS:
       raise ConfigError(f"--dataset={self.dataset} is not known; choose one of "
                         f"{', '.join(DATASETS)}.")
     if self.tier not in IMAGE_TIERS:
       raise ConfigError(f"--tier={self.tier} is not known; choose one of {', '.join(IMAGE_TIERS)}.")
-    for name, known in (("encoder", IMAGE_ENCODERS), ("decoder", IMAGE_DECODERS)):
-      if getattr(self, name) not in known:
-        raise ConfigError(f"--{name}={getattr(self, name)} is not known; choose one of "
-                          f"{', '.join(known)}.")
     unknown = [m for m in self.models if m not in IMAGE_MODELS]
     if unknown or "vae" not in self.models or len(set(self.models)) != len(self.models):
       raise ConfigError(f"--models={','.join(self.models)}: name each model once, among "
                         f"{', '.join(IMAGE_MODELS)}, and include vae (every other model starts "
                         "from it or is compared with it).")
-    for name in ("encoder_hidden", "decoder_hidden"):
-      if not getattr(self, name) or min(getattr(self, name)) <= 0:
-        raise ConfigError(f"--{name} must be positive integers, got "
-                          f"{list(getattr(self, name))}.")
-    if self.hypernet_input not in HYPERNET_INPUTS:
-      raise ConfigError(f"--hypernet_input={self.hypernet_input} is not known; choose one of "
-                        f"{', '.join(HYPERNET_INPUTS)}.")
-    if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
-      raise ConfigError(f"--weight_decay_mode={self.weight_decay_mode} is not known; choose one "
-                        f"of {', '.join(WEIGHT_DECAY_MODES)}.")
-    if self.hypernet not in HYPERNETS:
-      raise ConfigError(f"--hypernet={self.hypernet} is not known; choose one of "
-                        f"{', '.join(HYPERNETS)}.")
-    for name in ("hypernet_hidden", "hypernet_projection"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"--{name} must be a non-negative integer (0: none, or the design's "
-                          f"default), got {getattr(self, name)}.")
-    if self.hypernet_hidden and self.hypernet == "paper":
-      raise ConfigError("--hypernet_hidden sets the hidden width of --hypernet=ha or mlp; the "
-                        "paper design has no hidden layer.")
-    if self.ha_block_gains and self.hypernet != "ha":
-      raise ConfigError(f"--ha_block_gains applies to --hypernet=ha only, not "
-                        f"{self.hypernet}.")
-    if self.passes > 1 and self.hypernet_input not in FEEDBACK_INPUTS:
-      raise ConfigError(f"--passes={self.passes}: later passes differ from the first only through "
-                        f"the decoder's feedback; use --hypernet_input="
-                        f"{' or '.join(FEEDBACK_INPUTS)}, or --passes=1.")
-    if self.corrector_hidden < 0:
-      raise ConfigError(f"--corrector_hidden must be a non-negative integer (0: as many "
-                        f"parameters as the hypernetwork), got {self.corrector_hidden}.")
-    positive = ["num_seeds", "latent_dim", "decoder_features", "latent_feature_maps",
-                "block_embed_dim", "feedback_samples", "passes",
-                "input_embed_dim", "batch_size", "vae_epochs", "iavae_epochs", "patience",
-                "num_samples", "valid_samples", "test_samples", "iwae_samples",
-                "eval_batch_size", "iwae_chunk", "checkpoint_every"]
+    positive = ["num_seeds", "batch_size", "vae_epochs", "iavae_epochs", "patience",
+                "valid_samples", "test_samples", "iwae_samples", "eval_batch_size", "iwae_chunk",
+                "checkpoint_every"]
     for name in positive:
       if getattr(self, name) <= 0:
         raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
-    for name in ("vae_learning_rate", "hypernet_learning_rate", "decoder_learning_rate",
-                 "hypernet_init_std", "max_grad_norm", "warmup_start"):
-      if not 0 < getattr(self, name) < float("inf"):
-        raise ConfigError(f"--{name} must be positive and finite, got {getattr(self, name)}.")
-    for name in ("split_seed", "max_train", "max_valid", "max_test", "seed", "warmup_epochs",
+    for name in ("split_seed", "max_train", "max_valid", "max_test", "seed",
                  "num_reconstructions", "stage2_patience_steps"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name} must be a non-negative integer, got {getattr(self, name)}.")
-    if not 0 <= self.weight_decay < float("inf"):
-      raise ConfigError(f"--weight_decay must be non-negative and finite, got "
-                        f"{self.weight_decay}.")
     if self.seed + self.num_seeds > MAX_SEED + 1:
       raise ConfigError(f"--seed + --num_seeds must be at most {MAX_SEED + 1} (the seeds are "
                         f"{self.seed}, {self.seed} + 1, ..., and JAX names seeds with 32-bit "
                         f"integers); got {self.seed} + {self.num_seeds}.")
-    if self.warmup_start > 1:
-      raise ConfigError(f"--warmup_start is a KL weight in (0, 1], got {self.warmup_start}.")
-    if not self.encoder_channels or min(self.encoder_channels) <= 0:
-      raise ConfigError(f"--encoder_channels must be positive integers, got "
-                        f"{list(self.encoder_channels)}.")
-    if len(self.encoder_channels) > 3:
-      raise ConfigError(f"--encoder_channels: at most 3 stride-2 stages fit a 28x28 image "
-                        f"(28 -> 14 -> 7 -> 3), got {len(self.encoder_channels)}.")
-    if not self.decoder_kernel_sizes or any(k <= 0 or k % 2 == 0
-                                            for k in self.decoder_kernel_sizes):
-      raise ConfigError(f"--decoder_kernel_sizes must be odd positive integers, got "
-                        f"{list(self.decoder_kernel_sizes)}.")
     return self
 
 

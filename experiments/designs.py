@@ -53,7 +53,7 @@ from experiments import common, configs, report
 from iavae_jax import stats
 
 PAPER = "paper"
-MEAN_CONTEXT = "iavae_mean_context"
+MEAN_CONTEXT = "iavae" + configs.MEAN_SUFFIX
 # The flags that change a design, shown in its label where they differ from their defaults.
 DESIGN_FLAGS = {"hypernet_input": "input", "hypernet_hidden": "hidden",
                 "ha_block_gains": "block_gains", "hypernet_projection": "projection",

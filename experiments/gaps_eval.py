@@ -5,7 +5,7 @@ parameters and frozen inputs (``TrainState.best_params``, ``frozen``) of
 DIR/checkpoints/{model}_seed{seed}. What a model is follows from its parameters: an encoder with
 its own batch-norm statistics (the VAE), an encoder with frozen statistics (the control), or a
 hypernetwork over a frozen encoder phi_AVI (the IA-VAE); any other stage of one of these shapes
-is measured the same way (``images_train.stage_encode`` of its kind).
+is measured the same way (``image_vae.encode_fn`` of its kind).
 
 The examples are the first N images of the test split (``images.load``'s, permuted by split_seed,
 not capped by max_test, so its first max_test images are those results.json was evaluated on).
@@ -61,9 +61,10 @@ import orbax.checkpoint as ocp
 
 from iavae_jax import blocks, gaps, plots, stats
 from iavae_jax.data import images
-from experiments import common, configs, images_train
+from iavae_jax import image_vae
+from iavae_jax.image_vae import Model
+from experiments import common, configs
 from experiments.configs import GapsConfig, ImageConfig
-from experiments.images_train import Model
 
 GAPS_KEY = 5    # folded into the seed's key: apart from the training stages' keys (1 to 4)
 # Per-example purposes, folded into the example's key.
@@ -211,14 +212,15 @@ def load_model(model: Model, workdir: str, name: str, seed: int, train: np.ndarr
   configuration, and the encoder of its kind (see the module docstring). The mean-context
   IA-VAE is the seed's IA-VAE with the hypernetwork's input averaged over ``train`` (the run's
   training split, as images_train evaluated it); ``vae_matched`` has its widened encoder."""
-  if images_train.ablated(name):
-    iavae = load_model(model, workdir, images_train.ablated(name), seed, train)
-    frozen = {**iavae.frozen, **images_train.mean_inputs(model, iavae.params, iavae.frozen,
-                                                         jnp.asarray(train))}
+  if configs.ablated(name):
+    iavae = load_model(model, workdir, configs.ablated(name), seed, train)
+    frozen = {**iavae.frozen, **image_vae.mean_inputs(model, iavae.params, iavae.frozen,
+                                                      jnp.asarray(train),
+                                                      model.config.eval_batch_size)}
     return iavae._replace(frozen=frozen, checkpoint=f"{iavae.checkpoint} (mean input)")
-  spec = images_train.MODEL_SPECS.get(name)
+  spec = configs.MODEL_SPECS.get(name)
   if spec is not None and spec.matched:
-    model = images_train.matched_model(model)
+    model = image_vae.matched_model(model)
   params, frozen, where = _restore(workdir, name, seed)
   kind = _kind(params)
   if kind is None:
@@ -251,7 +253,7 @@ def load_model(model: Model, workdir: str, name: str, seed: int, train: np.ndarr
   _check_shapes({"params": params, "frozen": frozen},
                 {"params": {**inference, "decoder": decoder}, "frozen": expected_frozen},
                 where, workdir)
-  return Loaded(kind, params, frozen, images_train.stage_encode(model, kind, frozen), where)
+  return Loaded(kind, params, frozen, image_vae.encode_fn(model, kind, frozen), where)
 
 
 def run_passes(workdir: str, names: list) -> dict:
@@ -283,7 +285,7 @@ def run_images(config: ImageConfig, workdir: str, data_dir: str | None
     raise common.ConfigError(f"the data read from {data_dir} are not those of the run in "
                              f"{workdir} (recorded {recorded}, read {data.info}); pass the run's "
                              "--data_dir.")
-  used = images_train.subset(data, config)
+  used = images.subset(data, config.max_train, config.max_valid, config.max_test)
   return used.train, used.valid, data.test
 
 

@@ -48,7 +48,7 @@ from typing import Callable
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, configs
 from iavae_jax import stats
 
 FLAGS = flags.FLAGS
@@ -58,7 +58,6 @@ MODELS = ("vae", "iavae", "control")   # every run has these: the paper's Table 
 ABLATIONS = ("iavae_mean_context", "iavae_frozen_decoder", "control_frozen_decoder",
              "vae_matched", "iavae_frozen_decoder_mean_context", "corrector",
              "corrector_frozen_decoder")   # summarised and compared where a run trained them
-MEAN_SUFFIX = "_mean_context"   # an evaluated-only ablation (images_train.MEAN_SUFFIX)
 METRICS = ("test_elbo", "test_kl", "test_iwae")
 # (key, model, other): the paired test of H1 "model > other" on test ELBO.
 COMPARISONS = (("iavae_vs_vae", "iavae", "vae"), ("iavae_vs_control", "iavae", "control"))
@@ -189,7 +188,7 @@ def build_table4(workdir: str, paths: list[str]) -> dict:
       summary["kl"] = stats.summarize_seeds(models[model]["test_kl"])
       summary["iwae"] = stats.summarize_seeds(models[model]["test_iwae"])
       # A mean-input ablation is evaluated, not trained: it has no validation ELBO of its own.
-      summary["diverged_seeds"] = ([] if model.endswith(MEAN_SUFFIX)
+      summary["diverged_seeds"] = ([] if configs.ablated(model)
                                    else _diverged_seeds(data["seeds"], models[model]))
       row[model] = summary
     for key, model, other in COMPARISONS + ABLATION_COMPARISONS:

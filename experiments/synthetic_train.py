@@ -29,7 +29,7 @@ from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders, oracle
 from experiments import common, stages
-from experiments.configs import FEEDBACK_INPUTS, SyntheticConfig
+from experiments.configs import SyntheticConfig
 
 STAGE_IDS = {"vae": 1, "iavae": 2, "sweep": 3}
 # How errors name a model of a stage, from its index tuple (see model_keys).
@@ -62,7 +62,7 @@ def hypernet_context(config: SyntheticConfig, train_x) -> Callable | None:
     "tanh":     tanh((x - m) / s), in (-1, 1);
     "softclip": m + 3 s tanh((x - m) / (3 s)), x itself within about a std of m (1% off at
                 0.5 s, 4% at s), then bounded by m +- 3 s: the paper's input in the bulk."""
-  if config.hypernet_input in ("x",) + FEEDBACK_INPUTS:
+  if config.hypernet_input in ("x",) + feedback.FEEDBACKS:
     return None
   train_x = np.asarray(train_x, np.float64)
   shift, scale = train_x.mean(0).astype(np.float32), train_x.std(0).astype(np.float32)
@@ -101,7 +101,7 @@ def context_size(config: SyntheticConfig) -> int:
 def decoder_passes(config: SyntheticConfig) -> int:
   """Per example, the decoder passes of the IA-VAE's inference: its feedback's (the exact ELBO,
   a forward and a backward per pass, counts as one sample's), 0 without."""
-  kind = config.hypernet_input if config.hypernet_input in FEEDBACK_INPUTS else None
+  kind = config.hypernet_input if config.hypernet_input in feedback.FEEDBACKS else None
   return feedback.decoder_passes(kind, config.passes, 1)
 
 

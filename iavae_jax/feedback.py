@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 
 from iavae_jax import objectives
+from iavae_jax.image_config import FEEDBACKS
 
 __all__ = ["FEEDBACKS", "elbo_gradient", "preprocess_gradient", "residual", "context",
            "decoder_passes", "Corrector", "iterative_correct"]
 
-FEEDBACKS = ("gradient", "residual")
 
 
 def elbo_gradient(log_likelihood_fn: objectives.LogLikelihoodFn, mean: jax.Array,

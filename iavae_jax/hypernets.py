@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from iavae_jax import blocks, modulated
 from iavae_jax.blocks import BlockLayout, PyTree
+from iavae_jax.image_config import DESIGNS
 
 __all__ = ["InputAxes", "LinearHypernet", "linear_hypernet_deltas_examples_last",
            "StructuredHypernet", "HaHypernet", "MLPHypernet", "ProjectedContext", "HYPERNETS",
@@ -331,7 +332,8 @@ class ProjectedContext(nn.Module):
     return self.hypernet.factors(nn.Dense(self.dim, use_bias=False, name="projection")(contexts))
 
 
-HYPERNETS = {"paper": StructuredHypernet, "ha": HaHypernet, "mlp": MLPHypernet}
+# The designs by name (image_config.DESIGNS, in its order).
+HYPERNETS = dict(zip(DESIGNS, (StructuredHypernet, HaHypernet, MLPHypernet)))
 
 
 def make_hypernet(name: str, layout: BlockLayout, **fields) -> nn.Module:

@@ -19,16 +19,35 @@ def test_readme_example_trains_an_iavae_above_its_vae():
   assert namespace["after"] > namespace["before"] + 1.0, (namespace["before"], namespace["after"])
 
 
-@pytest.mark.slow   # a whole script in a subprocess
-def test_own_encoder_example_prints_the_elbo_before_and_after_stage_2():
-  # As after `pip install -e .`: the library importable, the script run by path.
-  # Optimised: the script's time is training, not compiling.
+def _run_example(name: str) -> str:
+  """examples/NAME's standard output, run as after `pip install -e .` (the library importable,
+  the script run by path), optimised: the script's time is training, not compiling."""
   env = dict(optimized_env(),
              PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-  result = subprocess.run([sys.executable, os.path.join("examples", "own_encoder.py")], cwd=ROOT,
+  result = subprocess.run([sys.executable, os.path.join("examples", name)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
-  elbos = [float(v) for v in re.findall(r"test ELBO .*:\s+(-?\d+\.\d+) nats", result.stdout)]
-  assert len(elbos) == 3, result.stdout
+  return result.stdout
+
+
+@pytest.mark.slow   # a whole script in a subprocess
+def test_own_encoder_example_prints_the_elbo_before_and_after_stage_2():
+  stdout = _run_example("own_encoder.py")
+  elbos = [float(v) for v in re.findall(r"test ELBO .*:\s+(-?\d+\.\d+) nats", stdout)]
+  assert len(elbos) == 3, stdout
   before, after, with_feedback = elbos
-  assert -1000 < before < min(after, with_feedback) < 0, result.stdout
+  assert -1000 < before < min(after, with_feedback) < 0, stdout
+
+
+@pytest.mark.slow   # a whole script in a subprocess
+def test_image_vae_example_trains_both_stages_from_the_library():
+  stdout = _run_example("image_vae.py")
+  found = re.findall(r"(VAE|IA-VAE): +test ELBO (-?\d+\.\d+) nats, IWAE \(K=100\) (-?\d+\.\d+)",
+                     stdout)
+  assert [name for name, _, _ in found] == ["VAE", "IA-VAE"], stdout
+  (_, vae_elbo, vae_iwae), (_, iavae_elbo, iavae_iwae) = [
+      (name, float(elbo), float(iwae)) for name, elbo, iwae in found]
+  # Trained (a decoder that says 1/2 for every pixel scores 784 log 2 = 543 nats),
+  # the IWAE bound above the ELBO, and stage 2, which starts at the VAE, no worse than it.
+  assert -450 < vae_elbo < vae_iwae < 0 and iavae_elbo < iavae_iwae < 0, stdout
+  assert iavae_elbo > vae_elbo - 1.0, stdout

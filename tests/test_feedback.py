@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common, configs, images_train
-from iavae_jax import adaptive, blocks, feedback, hypernets, modulated
+from experiments import common, configs
+from iavae_jax import adaptive, blocks, feedback, hypernets, image_vae, modulated
 from iavae_jax.models import encoders
 
 SIGMA = 0.5
@@ -135,12 +135,12 @@ def test_the_corrector_starts_at_the_encoders_output_and_adds_a_correction_per_p
   chex.assert_trees_all_close(correct(omega, 2), step(*step(mean, log_var, 1), 2), atol=1e-6)
 
 
-def _image_model(hypernet_input: str, **overrides) -> images_train.Model:
+def _image_model(hypernet_input: str, **overrides) -> image_vae.Model:
   config = dataclasses.replace(
       configs.image_config("mnist", "smoke"), encoder="mlp", encoder_hidden=(8,),
       decoder="mlp", decoder_hidden=(8,), hypernet_input=hypernet_input,
       **{"feedback_samples": 2, **overrides})
-  return images_train.Model(config.validate())
+  return image_vae.Model(config.validate())
 
 
 @pytest.mark.parametrize("kind, feedback_size", [("gradient", 16), ("residual", 784)])
@@ -156,9 +156,9 @@ def test_image_feedback_inputs_and_their_mean_ablation(kind, feedback_size):
   params = {"hypernet": model.init_hypernet(jax.random.PRNGKey(1), layout),
             "decoder": vae["decoder"]}
   train = jax.random.uniform(jax.random.PRNGKey(2), (30, 28, 28))
-  mean_feedback = images_train.mean_inputs(model, params, frozen, train)["mean_feedback"]
+  mean_feedback = image_vae.mean_inputs(model, params, frozen, train, 20)["mean_feedback"]
   chex.assert_shape(mean_feedback, (2, feedback_size))
-  encode = jax.jit(model.encode_fn("iavae", layout))
+  encode = jax.jit(image_vae.encode_fn(model, "iavae", frozen))
   x = jax.random.bernoulli(jax.random.PRNGKey(3), 0.3, (3, 28, 28, 1)).astype(jnp.float32)
   ablation = {**frozen, "mean_feedback": mean_feedback}
   other_decoder = {**params, "decoder": jax.tree.map(lambda a: a + 1.0, vae["decoder"])}
@@ -178,5 +178,5 @@ def test_feedback_settings_are_checked():
 
 
 def test_the_corrector_has_about_the_hypernetworks_parameters():
-  counts = images_train.param_counts(_image_model("gradient"))
+  counts = image_vae.param_counts(_image_model("gradient"))
   assert abs(counts["corrector"] - counts["hypernetwork"]) < 0.02 * counts["hypernetwork"]

@@ -245,7 +245,7 @@ def test_checkpoints_without_frozen_inputs_take_the_vaes(smoke_run, tmp_path):
   # batch-norm statistics are then the seed's VAE's, which is what newer states hold.
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from experiments import gaps as gaps_command  # pylint: disable=g-import-not-at-top
-  from experiments.images_train import Model  # pylint: disable=g-import-not-at-top
+  from iavae_jax.image_vae import Model  # pylint: disable=g-import-not-at-top
   workdir = _copy_run(smoke_run[1], tmp_path / "run")
   model = Model(gaps_command.run_config(workdir))
   for name in ("iavae", "control"):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iavae_jax import adaptive, blocks, training
+from iavae_jax import adaptive, blocks, image_vae, training
 from iavae_jax.models import decoders, encoders
 from experiments import common, configs, images_train
 
@@ -20,7 +20,7 @@ X_GREY = jax.random.uniform(jax.random.PRNGKey(3), (20, 28, 28))
 
 def _model(**overrides):
   config = dataclasses.replace(configs.image_config("mnist", "smoke"), **overrides)
-  return images_train.Model(config.validate())
+  return image_vae.Model(config.validate())
 
 
 def _stage_2(model, kind, freeze_decoder):
@@ -34,9 +34,9 @@ def _stage_2(model, kind, freeze_decoder):
   else:
     params = {"encoder": vae["encoder"], "decoder": vae["decoder"]}
     frozen = {"batch_stats": vae["batch_stats"]}
-  optimizer = images_train.stage_optimizer(model.config, kind, freeze_decoder)
+  optimizer = image_vae.stage_optimizer(model.config, kind, freeze_decoder)
   state = training.init_state(params, optimizer, jax.random.PRNGKey(2), frozen)
-  step = jax.jit(functools.partial(images_train.train_step, model=model, stage=kind,
+  step = jax.jit(functools.partial(image_vae.train_step, model=model, kind=kind,
                                    steps_per_epoch=1, freeze_decoder=freeze_decoder))
   return state, step
 
@@ -49,14 +49,14 @@ def test_frozen_decoder_stays_put_while_inference_trains(kind, encoder):
   state, step = _stage_2(model, kind, freeze_decoder=True)
   new = state
   for i in range(3):
-    new, metrics = step(new, images_train.Batch(X_GREY, jax.random.PRNGKey(10 + i)))
+    new, metrics = step(new, image_vae.Batch(X_GREY, jax.random.PRNGKey(10 + i)))
   assert np.isfinite(float(metrics.loss))
   chex.assert_trees_all_equal(new.params["decoder"], state.params["decoder"])
   inference = "hypernet" if kind == "iavae" else "encoder"
   assert _moved(new.params[inference], state.params[inference])
   # Without freezing, the same step moves the decoder.
   state, step = _stage_2(model, kind, freeze_decoder=False)
-  new, _ = step(state, images_train.Batch(X_GREY, jax.random.PRNGKey(10)))
+  new, _ = step(state, image_vae.Batch(X_GREY, jax.random.PRNGKey(10)))
   assert _moved(new.params["decoder"], state.params["decoder"])
 
 
@@ -68,16 +68,16 @@ def _moved(a, b) -> bool:
                                             ("mlp", "encoder_hidden")])
 def test_matched_vae_has_the_smallest_widening_that_reaches_vae_plus_hypernetwork(encoder, field):
   model = _model(encoder=encoder, encoder_hidden=(16,))
-  counts = images_train.param_counts(model)
+  counts = image_vae.param_counts(model)
   target = counts["encoder"] + counts["hypernetwork"]
-  wider = images_train.matched_model(model)
+  wider = image_vae.matched_model(model)
   widths, base = getattr(wider.config, field), getattr(model.config, field)
-  assert images_train.param_counts(wider)["encoder"] >= target
+  assert image_vae.param_counts(wider)["encoder"] >= target
   assert len(set(widths)) == 1 and widths[0] > base[0]   # equal widths stay equal, and grow
   # One unit narrower falls short: it is the smallest such widening.
-  smaller = images_train.Model(dataclasses.replace(
+  smaller = image_vae.Model(dataclasses.replace(
       model.config, **{field: tuple(w - 1 for w in widths)}))
-  assert images_train.param_counts(smaller)["encoder"] < target
+  assert image_vae.param_counts(smaller)["encoder"] < target
 
 
 def _dense_model():
@@ -90,7 +90,7 @@ def test_mean_context_gives_every_example_the_training_mean_input():
   vae = model.init_vae(jax.random.PRNGKey(0))
   frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
   train = jax.random.uniform(jax.random.PRNGKey(4), (70, 28, 28))
-  mean_context = images_train.mean_inputs(model, {}, frozen, train)["mean_context"]
+  mean_context = image_vae.mean_inputs(model, {}, frozen, train, 20)["mean_context"]
   binary = jax.random.bernoulli(jax.random.PRNGKey(0), train).astype(jnp.float32)
   expected = jnp.mean(adaptive.normalized_context(binary[..., None]), axis=0)
   chex.assert_shape(mean_context, (model.context_size,))
@@ -111,7 +111,7 @@ def test_mean_context_iavae_is_one_encoder_for_all_examples():
   c = jax.random.uniform(jax.random.PRNGKey(2), (model.context_size,))
   frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"], "mean_context": c}
   x = (jax.random.uniform(jax.random.PRNGKey(5), (4, 28, 28, 1)) < 0.3).astype(jnp.float32)
-  mean, log_var = model.encode_fn("iavae", layout)({"hypernet": psi}, frozen, x)
+  mean, log_var = image_vae.encode_fn(model, "iavae", frozen)({"hypernet": psi}, frozen, x)
   phi = adaptive.modulate(vae["encoder"], hypernet.apply({"params": psi}, c))
   expected = model.encoder.apply({"params": phi, "batch_stats": vae["batch_stats"]}, x,
                                  train=False)
@@ -151,8 +151,8 @@ def test_converged_tier_trains_every_model_to_early_stopping():
   config = configs.image_config("mnist", "converged")
   assert config.models == configs.IMAGE_MODELS[:6]
   assert min(config.vae_epochs, config.iavae_epochs) >= 50 * config.patience
-  assert images_train.evaluated_models(config)[-2:] == (
-      images_train.MEAN_CONTEXT, "iavae_frozen_decoder" + images_train.MEAN_SUFFIX)
+  assert configs.evaluated_models(config)[-2:] == (
+      "iavae" + configs.MEAN_SUFFIX, "iavae_frozen_decoder" + configs.MEAN_SUFFIX)
 
 
 def test_dense_models_train_an_epoch_with_their_compiler_options():

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from iavae_jax import blocks, checkpoints, hypernets, objectives, training
+from iavae_jax import blocks, checkpoints, hypernets, image_config, image_vae, objectives, training
 from iavae_jax.data import images
 from experiments import common, configs, images_train
 
@@ -225,11 +225,11 @@ def _initial(model, stage, layout=None):
 
 def _smoke_model(**overrides):
   config = dataclasses.replace(configs.image_config("mnist", "smoke"), **overrides)
-  return images_train.Model(config.validate())
+  return image_vae.Model(config.validate())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("design, kind", [("paper", kind) for kind in configs.HYPERNET_INPUTS]
+@pytest.mark.parametrize("design, kind", [("paper", kind) for kind in image_config.HYPERNET_INPUTS]
                          + [("ha", "image_l2"), ("mlp", "penultimate")])
 def test_stage_2_starts_at_the_stage_1_elbo(design, kind):
   # Proposition 1 on the image model: with the hypernetwork's output layers zero, the IA-VAE's
@@ -237,11 +237,10 @@ def test_stage_2_starts_at_the_stage_1_elbo(design, kind):
   model = _smoke_model(hypernet=design, hypernet_input=kind)
   vae_params, frozen = _initial(model, "vae")
   iavae_params, _ = _initial(model, "iavae")
-  layout = blocks.BlockLayout.from_tree(frozen["phi_avi"])
   data = (jax.random.uniform(jax.random.PRNGKey(3), (60, 28, 28)) < 0.2).astype(jnp.float32)
-  elbo = lambda stage, params: float(images_train.dataset_elbo(
-      model, model.encode_fn(stage, layout if stage == "iavae" else None), params, frozen, data,
-      2, jax.random.PRNGKey(4)))
+  elbo = lambda kind, params: float(image_vae.dataset_elbo(
+      model, image_vae.encode_fn(model, kind, frozen), params, frozen, data, 2,
+      jax.random.PRNGKey(4), 20))
   zero = {**iavae_params, "hypernet": {
       k: (jnp.zeros_like(v) if k.startswith(("W_", "b_")) else v)
       for k, v in iavae_params["hypernet"].items()}}
@@ -255,7 +254,7 @@ def test_hypernet_contexts():
   x = x.at[1].set(0.0)                                     # a blank image
   _, frozen = _initial(_smoke_model(), "vae")
   contexts = {kind: _smoke_model(hypernet_input=kind).hypernet_context(frozen, x)
-              for kind in configs.HYPERNET_INPUTS}
+              for kind in image_config.HYPERNET_INPUTS}
   chex.assert_trees_all_close(contexts["image"], x.reshape(3, 784))
   chex.assert_trees_all_close(jnp.linalg.norm(contexts["image_l2"], axis=-1),
                               jnp.array([1.0, 0.0, 1.0]), atol=1e-6)
@@ -318,7 +317,7 @@ def test_stages_2_and_3_never_select_below_their_start(tmp_path):
   grey = np.asarray(toy_images(140), np.float32) / 255
   binary = (grey[100:] > 0.5).astype(np.float32)
   data = images.ImageSplits(train=grey[:100], valid=binary, test=binary, info={})
-  selected = images_train.train_seed(images_train.Model(config), str(tmp_path), 0, data, {}, [])
+  selected = images_train.train_seed(image_vae.Model(config), str(tmp_path), 0, data, {}, [])
   with open(tmp_path / "metrics.jsonl") as f:
     epoch_1 = {line["stage"]: line["valid_elbo"][0] for line in map(json.loads, f)}
   vae = selected["vae"].params
@@ -332,13 +331,13 @@ def test_stages_2_and_3_never_select_below_their_start(tmp_path):
                                 starts[stage])
 
 
-def _train_step(model, stage):
-  return jax.jit(functools.partial(images_train.train_step, model=model, stage=stage,
+def _train_step(model, kind):
+  return jax.jit(functools.partial(image_vae.train_step, model=model, kind=kind,
                                    steps_per_epoch=1))
 
 
 def _state(model, stage, params, frozen):
-  return training.init_state(params, images_train.stage_optimizer(model.config, stage),
+  return training.init_state(params, image_vae.stage_optimizer(model.config, stage),
                              jax.random.PRNGKey(0), frozen)
 
 
@@ -366,7 +365,7 @@ def _pytorch_adam(params, grads, learning_rates, weight_decay, max_norm, mode):
   return params
 
 
-@pytest.mark.parametrize("mode", configs.WEIGHT_DECAY_MODES)
+@pytest.mark.parametrize("mode", image_config.WEIGHT_DECAY_MODES)
 def test_stage_2_optimizer_is_pytorchs_adam_with_weight_decay(mode):
   # Large weights and decay, so that the decay visibly changes the step; the first gradient is
   # clipped (norm 13 > 2), the second is not.
@@ -379,7 +378,7 @@ def test_stage_2_optimizer_is_pytorchs_adam_with_weight_decay(mode):
             "decoder": np.array([0.0, 0.0], np.float32)},
            {"hypernet": np.array([0.1, -0.2, 0.3], np.float32),
             "decoder": np.array([0.5, 0.1], np.float32)}]
-  optimizer = images_train.stage_optimizer(config, "iavae")
+  optimizer = image_vae.stage_optimizer(config, "iavae")
   state, got = optimizer.init(params), params
   for g in grads:
     updates, state = optimizer.update(g, state, got)
@@ -395,7 +394,7 @@ def test_stage_2_optimizer_is_pytorchs_adam_with_weight_decay(mode):
 
 def test_kl_warm_up_is_linear_per_step_in_stage_1_only():
   config = configs.image_config("mnist", "smoke")   # warm-up from 0.1 over 1 epoch
-  weight = lambda stage, step: float(images_train.kl_weight(config, stage, jnp.array(step), 4))
+  weight = lambda stage, step: float(image_vae.kl_weight(config, stage, jnp.array(step), 4))
   assert [weight("vae", s) for s in range(5)] == pytest.approx([0.325, 0.55, 0.775, 1.0, 1.0])
   assert weight("iavae", 0) == weight("control", 0) == 1.0
 
@@ -409,10 +408,10 @@ def test_train_step_minimises_the_negative_elbo_and_keeps_frozen_inputs():
   frozen = {"batch_stats": vae_params["batch_stats"]}
   x_grey = jax.random.uniform(jax.random.PRNGKey(3), (20, 28, 28))
   state = _state(model, "control", params, frozen)
-  new, metrics = _train_step(model, "control")(state, images_train.Batch(x_grey, KEY))
+  new, metrics = _train_step(model, "control")(state, image_vae.Batch(x_grey, KEY))
   binarize_key, eps_key = jax.random.split(KEY)
   x = images.binarize(binarize_key, x_grey)[..., None]
-  mean, log_var = model.encode_fn("control")(params, frozen, x)
+  mean, log_var = image_vae.encode_fn(model, "control", frozen)(params, frozen, x)
   terms = objectives.elbo(jax.random.normal(eps_key, (1, *mean.shape)), mean, log_var,
                           model.log_likelihood_fn(params["decoder"], x))
   assert float(metrics.loss) == pytest.approx(-float(jnp.mean(terms.elbo)), rel=1e-5)
@@ -429,7 +428,7 @@ def test_stage_1_step_sets_the_batch_norm_running_statistics():
   params, _ = _initial(model, "vae")
   x_grey = jax.random.uniform(jax.random.PRNGKey(3), (20, 28, 28))
   new, _ = _train_step(model, "vae")(_state(model, "vae", params, None),
-                                     images_train.Batch(x_grey, KEY))
+                                     image_vae.Batch(x_grey, KEY))
   x = images.binarize(jax.random.split(KEY)[0], x_grey)[..., None]
   _, updates = model.encoder.apply({"params": params["encoder"],
                                     "batch_stats": params["batch_stats"]}, x, train=True,
@@ -443,10 +442,9 @@ def _first_step_move(kind, x_grey):
   model = _smoke_model(hypernet="paper", hypernet_input=kind)
   params, frozen = _initial(model, "iavae")
   state, _ = _train_step(model, "iavae")(_state(model, "iavae", params, frozen),
-                                         images_train.Batch(x_grey, jax.random.PRNGKey(6)))
+                                         image_vae.Batch(x_grey, jax.random.PRNGKey(6)))
   new_params = state.params
-  layout = blocks.BlockLayout.from_tree(frozen["phi_avi"])
-  encode = model.encode_fn("iavae", layout)
+  encode = image_vae.encode_fn(model, "iavae", frozen)
   x = (x_grey > 0.5).astype(jnp.float32)[..., None]
   before, after = encode(params, frozen, x)[0], encode(new_params, frozen, x)[0]
   return float(jnp.linalg.norm(after - before) / jnp.linalg.norm(before))
@@ -466,13 +464,13 @@ def test_paper_tier_steps_on_cpu():
   # The paper architecture (ResNet 64, 12-layer PixelCNN 32) at batch 50: one step of each
   # stage gives finite losses and changes the parameters; the state survives an Orbax round trip.
   config = configs.image_config("mnist", "paper")
-  model = images_train.Model(config)
+  model = image_vae.Model(config)
   x = jax.random.uniform(jax.random.PRNGKey(5), (config.batch_size, 28, 28))
   for stage in ("vae", "iavae"):
     params, frozen = _initial(model, stage)
     state, metrics = _train_step(model, stage)(
         _state(model, stage, params, frozen if stage == "iavae" else None),
-        images_train.Batch(x, jax.random.PRNGKey(6)))
+        image_vae.Batch(x, jax.random.PRNGKey(6)))
     assert np.isfinite(float(metrics.loss)) and float(metrics.loss) > 0
     assert float(metrics.grad_norm) > 0 and int(state.step) == 1
     chex.assert_trees_all_equal_shapes(state.params, params)

@@ -54,7 +54,7 @@ from PIL import Image, UnidentifiedImageError
 from iavae_jax.data import DATASETS, SOURCES
 
 __all__ = ["IMAGE_SIZE", "PAPER_DATASETS", "DataError", "ImageSplits", "default_data_dir",
-           "binarize", "load"]
+           "binarize", "load", "subset"]
 
 IMAGE_SIZE = 28
 
@@ -115,6 +115,19 @@ def default_data_dir(dataset: str) -> Optional[str]:
   """Where a system package puts the data set's files (fashion_mnist only), else None."""
   _check_dataset(dataset)
   return _FASHION_MNIST_DIR if dataset == "fashion_mnist" else None
+
+
+def subset(data: ImageSplits, max_train: int = 0, max_valid: int = 0,
+           max_test: int = 0) -> ImageSplits:
+  """The first max_* examples of each split (0: all of it); ``load``'s splits are already
+  shuffled, so these are random subsets. ``info`` is unchanged."""
+  for name, value in (("max_train", max_train), ("max_valid", max_valid),
+                      ("max_test", max_test)):
+    if value < 0:
+      raise ValueError(f"subset: {name} must be a non-negative integer (0: all), got {value}.")
+  cap = lambda x, n: x[:n] if n else x
+  return dataclasses.replace(data, train=cap(data.train, max_train),
+                             valid=cap(data.valid, max_valid), test=cap(data.test, max_test))
 
 
 def binarize(key: jax.Array, images: jax.Array) -> jax.Array:

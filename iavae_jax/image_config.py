@@ -1,0 +1,132 @@
+"""The image IA-VAE's configuration (``ImageVAEConfig``, iavae_jax.image_vae's) and the names of
+the library's choices.
+
+Plain data, free of JAX (as ``iavae_jax.data``'s names are), so that command lines can check
+their flags before importing it.
+"""
+
+import dataclasses
+
+__all__ = ["DESIGNS", "FEEDBACKS", "KINDS", "ENCODERS", "DECODERS", "HYPERNET_INPUTS",
+           "WEIGHT_DECAY_MODES", "ImageVAEConfig"]
+
+# The hypernetwork designs (iavae_jax.hypernets.HYPERNETS): the paper's structured one, Ha et
+# al.'s static hypernetwork, a one-hidden-layer generator.
+DESIGNS = ("paper", "ha", "mlp")
+# The decoder's feedback on the encoder's current guess (iavae_jax.feedback): the ELBO's
+# gradient, or the image minus the decoder's mean.
+FEEDBACKS = ("gradient", "residual")
+KINDS = ("vae", "iavae", "control", "corrector")   # what a model's step, encoder and optimiser are
+ENCODERS = ("resnet", "mlp")
+# pixelcnn: the gated PixelCNN without a blind spot; pixelcnn_kim: Kim et al.'s masking exactly;
+# mlp: a dense decoder of independent pixels given z.
+DECODERS = ("pixelcnn", "pixelcnn_kim", "mlp")
+# What the inference network sees of x (``Model.hypernet_context``), or, with the decoder's
+# feedback on the encoder's current guess (FEEDBACKS), x with that guess and feedback.
+HYPERNET_INPUTS = ("image", "image_l2", "encoder", "penultimate") + FEEDBACKS
+WEIGHT_DECAY_MODES = ("coupled", "decoupled")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageVAEConfig:
+  """The model and its training settings; the defaults are the paper's (SA-VAE's model for
+  MNIST). ``validate`` checks every field and names the one that is wrong."""
+  # Models (Kim et al. 2018): ResNet encoder, gated PixelCNN decoder, 32-d latent; or dense
+  # encoders and decoders (ENCODERS, DECODERS).
+  encoder: str = "resnet"
+  encoder_channels: tuple[int, ...] = (64, 64, 64)   # resnet: a residual stage per width
+  encoder_hidden: tuple[int, ...] = (200,)          # mlp: a ReLU layer per width
+  latent_dim: int = 32
+  decoder: str = "pixelcnn"
+  decoder_features: int = 32
+  decoder_kernel_sizes: tuple[int, ...] = (9, 9, 9, 7, 7, 7, 5, 5, 5, 3, 3, 3)
+  latent_feature_maps: int = 4
+  decoder_hidden: tuple[int, ...] = (200, 200)      # mlp: a ReLU layer per width
+  # The structured hypernetwork (paper: e_l of 16, e_in of 8, output layers N(0, 1e-3^2)).
+  # The paper's 1e-3 does not start stage 2 near the stage-1 encoder here: the x-part of every
+  # conv slice's delta is the same vector, so it adds up coherently over the (non-negative)
+  # input channels; 1e-5 keeps the start close, as the paper intends (docs/results.md).
+  block_embed_dim: int = 16
+  input_embed_dim: int = 8          # paper and mlp (ha has no input embeddings)
+  hypernet_init_std: float = 1e-5
+  # The hypernetwork's design (DESIGNS): the paper's structured one, Ha et al.'s
+  # static hypernetwork, or a one-hidden-layer generator (docs/results.md, "Hypernetwork
+  # designs").
+  hypernet: str = "mlp"
+  hypernet_hidden: int = 0          # ha's code size / mlp's hidden width (0: the design's own
+                                    # default, ha 16, mlp 64); not for paper
+  ha_block_gains: bool = False      # ha: a per-block gain on the x-part of the code
+  hypernet_projection: int = 0      # > 0: the design sees a learned projection of the context to
+                                    # this many numbers (ha's first layers grow with its size)
+  # What the hypernetwork sees of x (HYPERNET_INPUTS). The paper's raw image diverged on
+  # Fashion-MNIST: Adam's first step moves every delta by ~lr x (ink pixels), coherently; over
+  # the image's Euclidean norm by ~lr x sqrt(ink pixels).
+  hypernet_input: str = "image_l2"
+  # The feedback inputs: [x over its norm; mean; log-variance; feedback] at the encoder's current
+  # output, recomputed at each of ``passes`` passes; ``gradient`` estimated with
+  # feedback_samples fixed noise draws (2 feedback_samples decoder passes per pass).
+  feedback_samples: int = 8
+  passes: int = 1
+  # The corrector's two ELU layers' width, 0 for the width that gives it about as many
+  # parameters as the hypernetwork.
+  corrector_hidden: int = 0
+  # Stage 1 as in SA-VAE: Adam 1e-3, KL weight 0.1 -> 1 over 10 epochs, gradients clipped to 5.
+  vae_learning_rate: float = 1e-3
+  warmup_epochs: int = 10
+  warmup_start: float = 0.1
+  max_grad_norm: float = 5.0
+  # Stage 2 (and the control and corrector).
+  hypernet_learning_rate: float = 1e-4   # hypernetwork and embeddings (control: the encoder)
+  decoder_learning_rate: float = 5e-5
+  weight_decay: float = 5e-4             # the paper's for MNIST (OMNIGLOT: 5e-3)
+  # As PyTorch's Adam(weight_decay=...), which the paper's setup implies: the decay added to the
+  # clipped gradient before Adam's scaling; "decoupled" is AdamW's (the decay added to the update).
+  weight_decay_mode: str = "coupled"
+  num_samples: int = 1              # z samples per example in the training ELBO
+
+  def validate(self) -> "ImageVAEConfig":
+    """Returns self, or raises ValueError naming the first field that is wrong and what it
+    accepts."""
+    for name, known in (("encoder", ENCODERS), ("decoder", DECODERS),
+                        ("hypernet", DESIGNS),
+                        ("hypernet_input", HYPERNET_INPUTS),
+                        ("weight_decay_mode", WEIGHT_DECAY_MODES)):
+      if getattr(self, name) not in known:
+        raise ValueError(f"{name}={getattr(self, name)} is not known; choose one of "
+                         f"{', '.join(known)}.")
+    for name in ("encoder_hidden", "decoder_hidden", "encoder_channels"):
+      if not getattr(self, name) or min(getattr(self, name)) <= 0:
+        raise ValueError(f"{name} must be positive integers, got {list(getattr(self, name))}.")
+    if len(self.encoder_channels) > 3:
+      raise ValueError(f"encoder_channels: at most 3 stride-2 stages fit a 28x28 image "
+                       f"(28 -> 14 -> 7 -> 3), got {len(self.encoder_channels)}.")
+    if not self.decoder_kernel_sizes or any(k <= 0 or k % 2 == 0
+                                            for k in self.decoder_kernel_sizes):
+      raise ValueError(f"decoder_kernel_sizes must be odd positive integers, got "
+                       f"{list(self.decoder_kernel_sizes)}.")
+    for name in ("hypernet_hidden", "hypernet_projection", "corrector_hidden", "warmup_epochs"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be a non-negative integer (0: none, or the default), got "
+                         f"{getattr(self, name)}.")
+    if self.hypernet_hidden and self.hypernet == "paper":
+      raise ValueError("hypernet_hidden sets the hidden width of hypernet=ha or mlp; the paper "
+                       "design has no hidden layer.")
+    if self.ha_block_gains and self.hypernet != "ha":
+      raise ValueError(f"ha_block_gains applies to hypernet=ha only, not {self.hypernet}.")
+    for name in ("latent_dim", "decoder_features", "latent_feature_maps", "block_embed_dim",
+                 "input_embed_dim", "feedback_samples", "passes", "num_samples"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+    if self.passes > 1 and self.hypernet_input not in FEEDBACKS:
+      raise ValueError(f"passes={self.passes}: later passes differ from the first only through "
+                       f"the decoder's feedback; use hypernet_input="
+                       f"{' or '.join(FEEDBACKS)}, or passes=1.")
+    for name in ("vae_learning_rate", "hypernet_learning_rate", "decoder_learning_rate",
+                 "hypernet_init_std", "max_grad_norm", "warmup_start"):
+      if not 0 < getattr(self, name) < float("inf"):
+        raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}.")
+    if self.warmup_start > 1:
+      raise ValueError(f"warmup_start is a KL weight in (0, 1], got {self.warmup_start}.")
+    if not 0 <= self.weight_decay < float("inf"):
+      raise ValueError(f"weight_decay must be non-negative and finite, got {self.weight_decay}.")
+    return self

@@ -1,0 +1,91 @@
+"""The library's image IA-VAE (iavae_jax.image_vae, image_config): its configuration's checks,
+its errors, data-set evaluation and the data subsets, apart from the experiments that use them."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iavae_jax import blocks, hypernets, image_config, image_vae
+from iavae_jax.data import images
+
+DENSE = image_config.ImageVAEConfig(encoder="mlp", encoder_hidden=(16,), decoder="mlp",
+                                    decoder_hidden=(32,), latent_dim=4)
+
+
+def test_the_defaults_are_valid_and_the_names_match_the_modules():
+  assert image_config.ImageVAEConfig().validate() == image_config.ImageVAEConfig()
+  assert tuple(hypernets.HYPERNETS) == image_config.DESIGNS
+  assert set(image_config.FEEDBACKS) < set(image_config.HYPERNET_INPUTS)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"encoder": "vit"}, "encoder=vit is not known; choose one of resnet, mlp"),
+    ({"hypernet": "lstm"}, "hypernet=lstm is not known; choose one of paper, ha, mlp"),
+    ({"latent_dim": 0}, "latent_dim must be a positive integer, got 0"),
+    ({"decoder_kernel_sizes": (4,)}, "decoder_kernel_sizes must be odd positive integers"),
+    ({"passes": 2}, "passes=2: later passes differ from the first only through the decoder's "
+                    "feedback; use hypernet_input=gradient or residual, or passes=1"),
+    ({"warmup_start": 1.5}, "warmup_start is a KL weight in (0, 1]"),
+    ({"weight_decay": -1.0}, "weight_decay must be non-negative and finite"),
+])
+def test_a_bad_field_is_named_in_a_value_error(overrides, message):
+  with pytest.raises(ValueError, match=f"^{message.replace('(', '.').replace(')', '.')}"):
+    dataclasses.replace(image_config.ImageVAEConfig(), **overrides).validate()
+
+
+def test_an_unknown_kind_is_refused_by_name():
+  model = image_vae.Model(DENSE)
+  with pytest.raises(ValueError, match="encode_fn: kind='iwae' is not one of vae, iavae"):
+    image_vae.encode_fn(model, "iwae", {})
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_evaluate_gives_per_example_metrics_and_the_iwae_bound_tops_the_elbo(use_jit):
+  model = image_vae.Model(DENSE)
+  params = model.init_vae(jax.random.PRNGKey(0))
+  data = (jax.random.uniform(jax.random.PRNGKey(1), (13, 28, 28)) < 0.3).astype(jnp.float32)
+  sizes = dict(test_samples=8, iwae_samples=64, iwae_chunk=16, chunk_size=5)   # 13: padded
+  run = lambda: image_vae.evaluate(model, image_vae.encode_fn(model, "vae", {}), params, {},
+                                   data, jax.random.PRNGKey(2), **sizes)
+  if use_jit:
+    metrics = run()
+  else:
+    with jax.disable_jit():
+      metrics = run()
+  for name in ("elbo", "kl", "iwae"):
+    chex.assert_shape(metrics[name], (13,))
+    assert np.all(np.isfinite(metrics[name]))
+  assert np.all(metrics["kl"] >= 0)
+  # log p(x) >= IWAE_K >= ELBO in expectation; an untrained model's gap is far above the noise.
+  assert float(np.mean(metrics["iwae"])) > float(np.mean(metrics["elbo"]))
+  # The dataset mean ELBO is the mean of the per-example ELBOs' estimator (same chunking).
+  mean = image_vae.dataset_elbo(model, image_vae.encode_fn(model, "vae", {}), params, {}, data,
+                                8, jax.random.PRNGKey(3), 5)
+  assert abs(float(mean) - float(np.mean(metrics["elbo"]))) < 0.05 * abs(float(mean))
+
+
+def test_the_iavae_at_zero_output_layers_is_the_vae_on_the_library_path():
+  # Proposition 1 through image_vae.encode_fn: output layers zero -> the VAE's encoder exactly.
+  model = image_vae.Model(dataclasses.replace(DENSE, hypernet="mlp"))
+  vae = model.init_vae(jax.random.PRNGKey(0))
+  frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
+  psi = model.init_hypernet(jax.random.PRNGKey(1), blocks.BlockLayout.from_tree(vae["encoder"]))
+  psi = jax.tree.map(jnp.zeros_like, psi)
+  x = (jax.random.uniform(jax.random.PRNGKey(2), (6, 28, 28, 1)) < 0.3).astype(jnp.float32)
+  got = image_vae.encode_fn(model, "iavae", frozen)({"hypernet": psi}, frozen, x)
+  want = image_vae.encode_fn(model, "vae", {})(vae, {}, x)
+  chex.assert_trees_all_close(got, want, atol=1e-6)
+
+
+def test_subset_caps_each_split_and_refuses_negative_sizes():
+  splits = images.ImageSplits(train=np.zeros((10, 28, 28)), valid=np.zeros((4, 28, 28)),
+                              test=np.zeros((6, 28, 28)), info={"dataset": "toy"})
+  capped = images.subset(splits, 3, 0, 5)
+  assert (capped.train.shape[0], capped.valid.shape[0], capped.test.shape[0]) == (3, 4, 5)
+  assert capped.info == splits.info
+  with pytest.raises(ValueError, match="subset: max_valid must be a non-negative integer"):
+    images.subset(splits, 0, -1, 0)
