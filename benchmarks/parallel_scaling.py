@@ -41,13 +41,15 @@ def main(argv):
   from iavae_jax import parallel, training
   from iavae_jax.data import synthetic
   from iavae_jax.models import encoders
-  from experiments import configs, synthetic_train
+  from iavae_jax import synthetic_vae
+  from experiments import configs
 
   config = configs.SyntheticConfig(num_vae_seeds=FLAGS.models, max_epochs=FLAGS.epochs,
                                    patience=FLAGS.epochs, epochs_per_call=FLAGS.epochs)
   x = synthetic.generate(jax.random.PRNGKey(0), config.num_examples, config.sigma).x
   indices = [(v,) for v in range(config.num_vae_seeds)]
-  init_keys, train_keys, order_seeds = synthetic_train.model_keys(config, "vae", indices)
+  init_keys, train_keys, order_seeds = training.population_keys(
+      [(config.seed, 1) + index for index in indices])
   encoder = encoders.MLPEncoder(config.encoder_width)
   params = jax.vmap(lambda k: encoder.init(k, x[0])["params"])(init_keys)
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
@@ -58,8 +60,7 @@ def main(argv):
   seconds, finals = {}, {}
   for mode in parallel.MODES:
     par = parallel.Parallel.create(mode)
-    epoch_fn, optimizer = synthetic_train.make_epoch_fn(config, synthetic_train.vae_train_encode,
-                                                        par)
+    epoch_fn, optimizer = synthetic_vae.make_epoch_fn(config, synthetic_vae.vae_train_encode, par)
     states = jax.vmap(lambda p, k: training.init_state(p, optimizer, k))(params, train_keys)
     train = lambda schedule: jax.block_until_ready(training.train_population(
         epoch_fn, states, x, order_seeds, schedule, config.epochs_per_call, parallel=par))

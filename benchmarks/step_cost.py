@@ -27,7 +27,7 @@ import statistics
 from absl import app, flags
 
 from experiments import common, configs
-from iavae_jax import image_config
+from iavae_jax import hparams
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("tier", "paper", list(configs.IMAGE_TIERS), "Which tier's architecture.")
@@ -35,12 +35,12 @@ flags.DEFINE_integer("repeats", 5, "Timed steps per model (after one compiling s
 flags.DEFINE_bool("xla_defaults", False, "Compile with XLA's default options instead of the "
                   "model's own (image_vae.Model.compiler_options).")
 flags.DEFINE_list("hypernet", None, "The IA-VAE's hypernetwork design(s), of "
-                  f"{', '.join(image_config.DESIGNS)} (default: the configuration's).")
+                  f"{', '.join(hparams.DESIGNS)} (default: the configuration's).")
 flags.DEFINE_bool("reference", True, "Also time each IA-VAE on the reference path (every "
                   "example's parameters formed, the encoder vmapped), beside the default "
                   "modulated path (iavae_jax.modulated).")
 flags.DEFINE_list("hypernet_input", None, "What the IA-VAE's hypernetwork sees, of "
-                  f"{', '.join(image_config.HYPERNET_INPUTS)} (default: the configuration's).")
+                  f"{', '.join(hparams.HYPERNET_INPUTS)} (default: the configuration's).")
 
 
 def main(argv):

@@ -22,13 +22,13 @@ import statistics
 from absl import app, flags
 
 from experiments import common, configs
-from iavae_jax import image_config
+from iavae_jax import hparams
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("tier", "converged", ["converged", "paper"], "Which tier's architecture.")
 flags.DEFINE_list("batch_sizes", ["50", "100", "200", "500", "1000"], "Batch sizes.")
 flags.DEFINE_list("widths", ["1", "4", "16"], "Encoder width multipliers.")
-flags.DEFINE_list("hypernet", list(image_config.DESIGNS), "IA-VAE designs.")
+flags.DEFINE_list("hypernet", list(hparams.DESIGNS), "IA-VAE designs.")
 flags.DEFINE_integer("repeats", 3, "Timed steps per model and grid point (after one compiling "
                      "step).")
 flags.DEFINE_string("plot", None, "Write the ratios' figure to this PNG path.")
@@ -73,9 +73,9 @@ def main(argv):
   try:
     grid = [(int(w), int(b)) for w in FLAGS.widths for b in FLAGS.batch_sizes]
     for design in FLAGS.hypernet:
-      if design not in image_config.DESIGNS:
+      if design not in hparams.DESIGNS:
         raise common.ConfigError(f"--hypernet={design} is not known; choose among "
-                                 f"{', '.join(image_config.DESIGNS)}.")
+                                 f"{', '.join(hparams.DESIGNS)}.")
     if any(w <= 0 or b <= 0 for w, b in grid):
       raise common.ConfigError("--widths and --batch_sizes must be positive integers.")
   except ValueError as e:

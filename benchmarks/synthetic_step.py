@@ -5,7 +5,7 @@ example at a time and on examples along the last axis, measured side by side in 
   python -m benchmarks.synthetic_step --epochs=5 --repeats=9
 
 For each stage (10 VAEs, 100 IA-VAEs, the 30-model width sweep) builds the population epoch of
-experiments.synthetic_train in five variants:
+iavae_jax.synthetic_vae in five variants:
   vmapped               the Flax modules applied per example under vmap, XLA's default CPU
                         options (how the populations trained before);
   vmapped_no_ynn        the same without XLA:CPU's YNNPACK reductions;
@@ -13,7 +13,8 @@ experiments.synthetic_train in five variants:
                         default options;
   examples_last_no_ynn  the same without YNNPACK reductions (cpu_compiler_options());
   examples_last_loop    and with XLA's loop emitters (cpu_compiler_options(True)).
-synthetic_train.LOOP_EMITTERS says which of the last two each stage trains with.
+synthetic_vae.LOOP_EMITTERS says which of the last two each stage trains with (the sweep as
+the VAEs).
 Each variant is one jitted call of --epochs epochs of the whole population (early stopping off),
 compiled first, then timed interleaved with the others so that machine noise hits all alike:
 wall seconds and the process's CPU seconds (all threads), which a busy machine distorts less.
@@ -43,49 +44,52 @@ def main(argv):
   del argv
   import jax
   import jax.numpy as jnp
-  from iavae_jax import blocks, hypernets, training
+  from iavae_jax import blocks, hypernets, synthetic_vae, training
   from iavae_jax.data import synthetic
   from iavae_jax.models import encoders
-  from experiments import configs, synthetic_train
+  from experiments import configs
 
   config = configs.synthetic_full()
   x = synthetic.generate(jax.random.PRNGKey(config.data_seed), config.num_examples,
                          config.sigma).x
   max_width = max(config.sweep_widths)
 
-  def vae_params(indices, widths, stage):
-    init_keys, train_keys, order_seeds = synthetic_train.model_keys(config, stage, indices)
+  def keys(stage_id, indices):   # as the protocol derives its models' keys
+    return training.population_keys([(config.seed, stage_id) + index for index in indices])
+
+  def vae_params(indices, widths, stage_id):
+    init_keys, train_keys, order_seeds = keys(stage_id, indices)
     params = [encoders.pad_hidden(encoders.MLPEncoder(w).init(k, x[0])["params"], max(widths))
               for w, k in zip(widths, init_keys)]
     return jax.tree.map(lambda *a: jnp.stack(a), *params), train_keys, order_seeds
 
   vae_indices = [(v,) for v in range(config.num_vae_seeds)]
   phi, vae_keys, vae_seeds = vae_params(vae_indices, [config.encoder_width] * len(vae_indices),
-                                        "vae")
+                                        1)
   layout = blocks.BlockLayout.from_tree(jax.tree.map(lambda a: a[0], phi))
   hypernet = hypernets.LinearHypernet(layout, config.embed_dim, config.hypernet_init_std)
   iavae_indices = [(v, s) for v in range(config.num_vae_seeds)
                    for s in range(config.num_iavae_seeds)]
-  init_keys, iavae_keys, iavae_seeds = synthetic_train.model_keys(config, "iavae", iavae_indices)
+  init_keys, iavae_keys, iavae_seeds = keys(2, iavae_indices)
   psi = jax.vmap(lambda k: hypernet.init(k, x[0])["params"])(init_keys)
   phi_avi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi)
   sweep_indices = [(w, s) for w in config.sweep_widths for s in range(config.num_sweep_seeds)]
   sweep, sweep_keys, sweep_seeds = vae_params(sweep_indices, [w for w, _ in sweep_indices],
-                                              "sweep")
+                                              3)
   stages = {  # name: (params, frozen, keys, order seeds, per-example encode, examples-last encode)
-      "vae": (phi, None, vae_keys, vae_seeds, synthetic_train.vae_encode(config.encoder_width),
-              synthetic_train.vae_train_encode),
-      "iavae": (psi, phi_avi, iavae_keys, iavae_seeds, synthetic_train.iavae_encode(config, layout),
-                synthetic_train.iavae_train_encode(layout)),
-      "sweep": (sweep, None, sweep_keys, sweep_seeds, synthetic_train.vae_encode(max_width),
-                synthetic_train.vae_train_encode),
+      "vae": (phi, None, vae_keys, vae_seeds, synthetic_vae.vae_encode(config.encoder_width),
+              synthetic_vae.vae_train_encode),
+      "iavae": (psi, phi_avi, iavae_keys, iavae_seeds, synthetic_vae.iavae_encode(config, layout),
+                synthetic_vae.iavae_train_encode(layout)),
+      "sweep": (sweep, None, sweep_keys, sweep_seeds, synthetic_vae.vae_encode(max_width),
+                synthetic_vae.vae_train_encode),
   }
   calls = {}
   for stage, (params, frozen, keys, seeds, encode, train_encode) in stages.items():
     orders = training.data_orders(seeds, 0, FLAGS.epochs, config.num_examples,
                                   config.batch_size)
     for variant, (examples_last, options) in VARIANTS.items():
-      epoch_fn, optimizer = synthetic_train.make_epoch_fn(
+      epoch_fn, optimizer = synthetic_vae.make_epoch_fn(
           config, train_encode if examples_last else encode, examples_last=examples_last)
       population_epoch = jax.vmap(epoch_fn, in_axes=(0, None, 0))
       run = jax.jit(lambda s, d, o, population_epoch=population_epoch: jax.lax.scan(
@@ -119,7 +123,8 @@ def main(argv):
           "wall_s_per_epoch": round(w, 5), "cpu_s_per_epoch": round(c, 5),
           "wall_ratio": round(statistics.median(wall[stage, "vmapped"]) / w, 2),
           "cpu_ratio": round(statistics.median(cpu[stage, "vmapped"]) / c, 2)}
-      trains = VARIANTS[variant] == (True, synthetic_train.LOOP_EMITTERS[stage])
+      loop = synthetic_vae.LOOP_EMITTERS["iavae" if stage == "iavae" else "vae"]
+      trains = VARIANTS[variant] == (True, loop)
       print(f"{stage:>5} {variant:>21}: {w * 1e3:7.1f} ms wall, {c * 1e3:7.1f} ms CPU per epoch "
             f"(vmapped / this: wall {result[stage][variant]['wall_ratio']}x, "
             f"CPU {result[stage][variant]['cpu_ratio']}x){'  <- trains' if trains else ''}",

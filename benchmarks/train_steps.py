@@ -11,7 +11,7 @@ from typing import NamedTuple
 import jax
 
 from iavae_jax import blocks, hypernets, image_vae, training
-from iavae_jax.image_config import ImageVAEConfig
+from iavae_jax.hparams import ImageVAEConfig
 
 
 class Setup(NamedTuple):

@@ -18,7 +18,7 @@ import numpy as np
 
 from iavae_jax import blocks, image_vae, training
 from iavae_jax.data import images
-from iavae_jax.image_config import ImageVAEConfig
+from iavae_jax.hparams import ImageVAEConfig
 
 STEPS, BATCH = 300, 100
 

@@ -5,33 +5,33 @@ import re
 from typing import NamedTuple
 
 from experiments.common import ConfigError
-from iavae_jax import image_config
+from iavae_jax import hparams
 from iavae_jax.data import DATASETS
-from iavae_jax.image_config import FEEDBACKS
 
 
 MAX_SEED = 2**31 - 1   # seeds are folded into JAX keys as 32-bit integers
 
-# What the synthetic hypernetwork sees: x itself, a bounded function of it, or (FEEDBACKS)
-# x with the encoder's current guess and the true decoder's feedback on it.
-SYNTHETIC_HYPERNET_INPUTS = ("x", "tanh", "softclip", "gradient", "residual")
+
+def _as_flags(validate, library_config: type) -> None:
+  """Runs a library configuration's validate(); its ValueError, which names the fields (the
+  message starts with the field it is about and writes others as name=value), becomes a
+  ConfigError that names them as the flags they are."""
+  try:
+    validate()
+  except ValueError as e:
+    fields = "|".join(f.name for f in dataclasses.fields(library_config))
+    message = re.sub(rf"(?<![-\w])({fields})=", r"--\1=", str(e))
+    raise ConfigError(message if message.startswith("--") else "--" + message) from None
 
 
 @dataclasses.dataclass(frozen=True)
-class SyntheticConfig:
-  """The synthetic oracle experiment (paper section 4.1 and Table 1)."""
+class SyntheticConfig(hparams.SyntheticVAEConfig):
+  """The synthetic oracle experiment (paper section 4.1 and Table 1): the model and its training
+  (iavae_jax.hparams.SyntheticVAEConfig's fields, the paper's by default), the data, the
+  populations trained and the run's plumbing."""
   num_examples: int = 5000          # N; no train/test split
-  sigma: float = 0.1                # observation noise and Gaussian likelihood scale
   data_seed: int = 0
   seed: int = 0                     # root of every model's init, noise and data-order seeds
-  encoder_width: int = 2            # hidden units of the base encoder (8h + 4 parameters)
-  embed_dim: int = 2                # size of the block embeddings e_l
-  hypernet_init_std: float = 1e-3   # std of the hypernetwork's W at initialisation (b = 0)
-  learning_rate: float = 1e-4       # Adam
-  batch_size: int = 32
-  max_epochs: int = 1000
-  patience: int = 100               # early stopping on the full-data ELBO
-  num_samples: int = 1              # Monte Carlo samples S per example in the training ELBO
   num_vae_seeds: int = 10           # Table 2 rows
   num_iavae_seeds: int = 10         # IA-VAEs per VAE
   sweep_widths: tuple[int, ...] = (2, 4, 6, 8, 10, 12, 14, 16, 18, 20)  # Figure 7
@@ -41,38 +41,20 @@ class SyntheticConfig:
   # model-selection candidate (epoch 0), scored like every epoch on the full data.
   start_as_candidate: bool = True
   checkpoint_every: int = 50        # epochs between resume checkpoints
-  # What the hypernetwork sees of x (SYNTHETIC_HYPERNET_INPUTS): "x" as in the paper (its delta
-  # grows linearly with |x|), or a bounded function of x, so every delta is bounded: "tanh" of x
-  # standardised by the training data's mean and std, or "softclip", x itself in the bulk
-  # (synthetic_train.hypernet_context; docs/results.md, "Held-out data").
-  # "gradient" (the exact ELBO's, the decoder being known) or "residual" (x - f(mean)) with x,
-  # mean and log-variance: recomputed at each of ``passes`` passes, each adding a delta.
-  hypernet_input: str = "x"
-  passes: int = 1
 
   def validate(self) -> "SyntheticConfig":
-    positive = ["num_examples", "encoder_width", "embed_dim", "batch_size", "max_epochs",
-                "patience", "num_samples", "num_vae_seeds", "num_iavae_seeds", "num_sweep_seeds",
-                "epochs_per_call", "checkpoint_every"]
-    for name in positive:
+    """Returns self, or raises ConfigError naming the first flag that is wrong."""
+    _as_flags(super().validate, hparams.SyntheticVAEConfig)
+    for name in ("num_examples", "num_vae_seeds", "num_iavae_seeds", "num_sweep_seeds",
+                 "epochs_per_call", "checkpoint_every"):
       if getattr(self, name) <= 0:
         raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
-    for name in ("sigma", "learning_rate", "hypernet_init_std"):
-      if not getattr(self, name) > 0:
-        raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}.")
     for name in ("seed", "data_seed"):
       if not 0 <= getattr(self, name) <= MAX_SEED:
         raise ConfigError(f"--{name} must be an integer in [0, {MAX_SEED}], got "
                           f"{getattr(self, name)}.")
     if not self.sweep_widths or min(self.sweep_widths) <= 0:
       raise ConfigError(f"--sweep_widths must be positive integers, got {list(self.sweep_widths)}.")
-    if self.hypernet_input not in SYNTHETIC_HYPERNET_INPUTS:
-      raise ConfigError(f"--hypernet_input={self.hypernet_input} is not known; choose one of "
-                        f"{', '.join(SYNTHETIC_HYPERNET_INPUTS)}.")
-    if self.passes < 1 or (self.passes > 1 and self.hypernet_input not in FEEDBACKS):
-      raise ConfigError(f"--passes={self.passes}: give 1, or more with --hypernet_input="
-                        f"{' or '.join(FEEDBACKS)} (later passes differ from the first "
-                        "only through the decoder's feedback).")
     if self.batch_size > self.num_examples:
       raise ConfigError(f"--batch_size={self.batch_size} exceeds --num_examples="
                         f"{self.num_examples}: no full batch can be formed.")
@@ -93,13 +75,11 @@ def synthetic_plumbing_check() -> SyntheticConfig:
 
 
 IMAGE_TIERS = ("paper", "cpu", "converged", "smoke")
-# The fields of the library's configuration, as the flags of the image experiments.
-_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(image_config.ImageVAEConfig))
 
 
 class ModelSpec(NamedTuple):
   """One trainable model of an image run."""
-  kind: str                     # image_config.KINDS: its step, encoder and optimiser
+  kind: str                     # hparams.KINDS: its step, encoder and optimiser
   key_id: int                   # its keys (initialisation, data order, noise) derive from
                                 # (seed, key_id)
   freeze_decoder: bool = False  # stage 2 with the VAE's decoder fixed
@@ -141,7 +121,7 @@ WEIGHT_DECAY = {"omniglot": 5e-3, "mnist": 5e-4, "fashion_mnist": 5e-4, "binariz
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageConfig(image_config.ImageVAEConfig):
+class ImageConfig(hparams.ImageVAEConfig):
   """The image experiments (paper section 4.2, Table 4): the model and its training settings
   (iavae_jax.image_vae.ImageVAEConfig's fields, the paper's by default), the data, the models
   trained per seed, the schedules and the evaluation."""
@@ -179,12 +159,7 @@ class ImageConfig(image_config.ImageVAEConfig):
 
   def validate(self) -> "ImageConfig":
     """Returns self, or raises ConfigError naming the first flag that is wrong."""
-    try:
-      super().validate()
-    except ValueError as e:   # the library names the fields; the flags have their names
-      # Each message starts with the field it is about and writes others as name=value.
-      message = re.sub(rf"(?<![-\w])({'|'.join(_MODEL_FIELDS)})=", r"--\1=", str(e))
-      raise ConfigError(message if message.startswith("--") else "--" + message) from None
+    _as_flags(super().validate, hparams.ImageVAEConfig)
     if self.dataset not in DATASETS:
       raise ConfigError(f"--dataset={self.dataset} is not known; choose one of "
                         f"{', '.join(DATASETS)}.")

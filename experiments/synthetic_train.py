@@ -22,9 +22,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from iavae_jax import adaptive, blocks, exact, feedback, hypernets, objectives, plots, training
+from iavae_jax import blocks, exact, hypernets, plots, synthetic_vae, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders, oracle
@@ -35,171 +34,18 @@ STAGE_IDS = {"vae": 1, "iavae": 2, "sweep": 3}
 # How errors name a model of a stage, from its index tuple (see model_keys).
 MODEL_NAMES = {"vae": "VAE seed {}", "iavae": "IA-VAE seed {1} on VAE seed {0}",
                "sweep": "sweep VAE of width {} (seed {})"}
-# Which stages compile with XLA:CPU's loop emitters (training.cpu_compiler_options): the
-# IA-VAEs' epochs ran 1.3x faster with them, the VAEs' 1.3x slower (benchmarks/synthetic_step.py).
-LOOP_EMITTERS = {"vae": False, "iavae": True, "sweep": False}
-# encode(params, frozen, x [B, 3]) -> (mean [B, 2], log_var [B, 2]): the models as the paper
-# defines them, one example at a time (Flax modules, vmapped); evaluation uses these.
-EncodeFn = Callable
-# The same functions on examples along the last axis, x [3, B] -> (mean [2, B], log_var [2, B]):
-# how the populations train, several times faster on CPU (see encoders.mlp_encode_examples_last).
-TrainEncodeFn = Callable
-
-
-def vae_encode(width: int) -> EncodeFn:
-  encoder = encoders.MLPEncoder(width)
-  return lambda phi, unused_frozen, x: encoder.apply({"params": phi}, x)
-
-
-def vae_train_encode(phi, unused_frozen, x):
-  return encoders.mlp_encode_examples_last(phi, x)
-
-
-def hypernet_context(config: SyntheticConfig, train_x) -> Callable | None:
-  """What the hypernetwork sees of x [..., 3] (config.hypernet_input): None for x itself (the
-  paper), else a function of x that is bounded, so a delta is bounded however far x lies from
-  the training data. With m and s the training data's mean and std per coordinate:
-    "tanh":     tanh((x - m) / s), in (-1, 1);
-    "softclip": m + 3 s tanh((x - m) / (3 s)), x itself within about a std of m (1% off at
-                0.5 s, 4% at s), then bounded by m +- 3 s: the paper's input in the bulk."""
-  if config.hypernet_input in ("x",) + feedback.FEEDBACKS:
-    return None
-  train_x = np.asarray(train_x, np.float64)
-  shift, scale = train_x.mean(0).astype(np.float32), train_x.std(0).astype(np.float32)
-  if config.hypernet_input == "tanh":
-    return lambda x: jnp.tanh((x - shift) / scale)
-  return lambda x: shift + 3 * scale * jnp.tanh((x - shift) / (3 * scale))
-
-
-def feedback_context(config: SyntheticConfig) -> Callable | None:
-  """With a feedback input, context(x [B, 3], mean [B, 2], log_var [B, 2]) -> [B, m]: x, the
-  current guess and the true decoder's feedback on it (iavae_jax.feedback.context):
-    "gradient": the exact ELBO's gradient in (mean, log_var), preprocessed (m = 15);
-    "residual": x - f(mean) (m = 10).
-  None for the other inputs."""
-  if config.hypernet_input == "gradient":
-    def value(x, mean, log_var):
-      total = lambda m, v: jnp.sum(oracle.exact_elbo(x, m, v, config.sigma))
-      grads = jax.grad(total, argnums=(0, 1))(mean, log_var)
-      return feedback.preprocess_gradient(jnp.concatenate(grads, axis=-1))
-  elif config.hypernet_input == "residual":
-    value = lambda x, mean, log_var: x - oracle.decoder(mean)
-  else:
-    return None
-  return lambda x, mean, log_var: feedback.context(x, mean, log_var, value(x, mean, log_var))
-
-
-def context_size(config: SyntheticConfig) -> int:
-  """The size of what the hypernetwork sees of one example: x, or with feedback [x; mean;
-  log_var; the feedback] (the gradient preprocessed to 2 x 2k numbers, the residual d)."""
-  feedback_size = {"gradient": 4 * oracle.LATENT_DIM, "residual": oracle.DATA_DIM}
-  if config.hypernet_input not in feedback_size:
-    return oracle.DATA_DIM
-  return oracle.DATA_DIM + 2 * oracle.LATENT_DIM + feedback_size[config.hypernet_input]
-
-
-def decoder_passes(config: SyntheticConfig) -> int:
-  """Per example, the decoder passes of the IA-VAE's inference: its feedback's (the exact ELBO,
-  a forward and a backward per pass, counts as one sample's), 0 without."""
-  kind = config.hypernet_input if config.hypernet_input in feedback.FEEDBACKS else None
-  return feedback.decoder_passes(kind, config.passes, 1)
-
-
-def iavae_encode(config: SyntheticConfig, layout: blocks.BlockLayout,
-                 context: Callable | None = None) -> EncodeFn:
-  """IA-VAE inference: the hypernetwork sees context(x) (``hypernet_context``), or x; with a
-  feedback input, ``iavae_train_encode``'s passes, on rows."""
-  if feedback_context(config) is not None:
-    train_encode = iavae_train_encode(layout, feedback=feedback_context(config),
-                                      passes=config.passes)
-    return lambda psi, phi_avi, x: tuple(a.T for a in train_encode(psi, phi_avi, x.T))
-  encoder = encoders.MLPEncoder(config.encoder_width)
-  hypernet = hypernets.LinearHypernet(layout, config.embed_dim, config.hypernet_init_std)
-  encoder_apply = lambda phi, x: encoder.apply({"params": phi}, x)
-  hypernet_apply = lambda psi, x: hypernet.apply({"params": psi}, x)
-  return lambda psi, phi_avi, x: adaptive.instance_adaptive_encode(
-      encoder_apply, hypernet_apply, phi_avi, psi, x, None if context is None else context(x))
-
-
-def iavae_train_encode(layout: blocks.BlockLayout, context: Callable | None = None,
-                       feedback: Callable | None = None, passes: int = 1) -> TrainEncodeFn:
-  """iavae_encode's function on examples along the last axis. With ``feedback``
-  (``feedback_context``): from the VAE's output, ``passes`` passes, each adding the deltas of
-  the hypernetwork on feedback(x, current guess) to every example's parameters (no gradient
-  flowing into that input)."""
-  def modulated(psi, phi_avi, deltas, c):
-    new = hypernets.linear_hypernet_deltas_examples_last(psi, layout, c)
-    return new if deltas is None else jax.tree.map(jnp.add, deltas, new)
-
-  def encode(psi, phi_avi, x):
-    if feedback is None:
-      deltas = modulated(psi, phi_avi, None, x if context is None else context(x.T).T)
-      return encoders.mlp_encode_examples_last(adaptive.modulate_examples_last(phi_avi, deltas),
-                                               x)
-    mean, log_var = encoders.mlp_encode_examples_last(phi_avi, x)
-    deltas = None
-    for _ in range(passes):
-      c = jax.lax.stop_gradient(feedback(x.T, mean.T, log_var.T)).T
-      deltas = modulated(psi, phi_avi, deltas, c)
-      mean, log_var = encoders.mlp_encode_examples_last(
-          adaptive.modulate_examples_last(phi_avi, deltas), x)
-    return mean, log_var
-  return encode
-
-
-def rows(examples_last: bool) -> Callable:
-  """[features, examples] -> [examples, features] for examples-last arrays, else identity."""
-  return (lambda a: a.T) if examples_last else (lambda a: a)
-
-
-def exact_score(config: SyntheticConfig, encode: TrainEncodeFn,
-                examples_last: bool = True) -> training.ScoreFn:
-  """The monitored score: score(params, frozen, x [3, N]) -> the exact ELBO, mean over x (an
-  EncodeFn and x [N, 3] with ``examples_last=False``)."""
-  to_rows = rows(examples_last)
-
-  def score_fn(params, frozen, x):
-    mean, log_var = encode(params, frozen, x)
-    return jnp.mean(oracle.exact_elbo(to_rows(x), to_rows(mean), to_rows(log_var), config.sigma))
-  return score_fn
-
-
-def make_epoch_fn(config: SyntheticConfig, encode: TrainEncodeFn,
-                  parallel: parallel_lib.Parallel | None = None, examples_last: bool = True,
-                  compiler_options: dict | None = None):
-  """The training epoch: S-sample Monte Carlo ELBO for the gradient, exact ELBO monitored.
-
-  ``encode`` is a TrainEncodeFn, or an EncodeFn with ``examples_last=False`` (benchmarks and
-  tests compare the two). ``compiler_options``: see ``training.make_epoch_fn``."""
-  to_rows = rows(examples_last)
-
-  def noise_fn(key, num_steps, unused_epoch):
-    return jax.random.normal(
-        key, (num_steps, config.num_samples, config.batch_size, oracle.LATENT_DIM))
-
-  def loss_fn(params, frozen, x, eps):
-    mean, log_var = encode(params, frozen, x)
-    terms = objectives.elbo(eps, to_rows(mean), to_rows(log_var),
-                            lambda z: oracle.log_likelihood(to_rows(x), z, config.sigma))
-    return -jnp.mean(terms.elbo), jnp.mean(terms.kl)
-
-  schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
-  optimizer = optax.adam(config.learning_rate)
-  return training.make_epoch_fn(noise_fn, loss_fn, exact_score(config, encode, examples_last),
-                                optimizer, schedule, parallel=parallel,
-                                examples_last=examples_last,
-                                compiler_options=compiler_options), optimizer
+# What each population is (a key of synthetic_vae.LOOP_EMITTERS): the sweep's are VAEs.
+_POPULATION_KIND = {"vae": "vae", "iavae": "iavae", "sweep": "vae"}
 
 
 def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...]]):
   """Init and training keys [M, 2], and data-order seeds [M, K], for models named by index
   tuples (``training.model_keys`` of (seed, stage id, *index))."""
-  paths = [(config.seed, STAGE_IDS[stage]) + tuple(index) for index in indices]
-  init_keys, train_keys = zip(*(training.model_keys(*path) for path in paths))
-  return jnp.stack(init_keys), jnp.stack(train_keys), np.array(paths)
+  return training.population_keys(
+      [(config.seed, STAGE_IDS[stage]) + tuple(index) for index in indices])
 
 
-def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: TrainEncodeFn,
+def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: Callable,
                 params, frozen, train_keys, order_seeds, data,
                 parallel: parallel_lib.Parallel | None = None,
                 tensorboard: bool = False, start_as_candidate: bool = False,
@@ -207,11 +53,11 @@ def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: TrainE
   """Trains (or resumes, or just loads) one population; returns its final states. frozen: the
   models' frozen encoders, stacked (None for VAEs). With ``start_as_candidate``, every model's
   starting point is scored on the data and is a model-selection candidate (epoch 0)."""
-  epoch_fn, optimizer = make_epoch_fn(
-      config, encode, parallel,
-      compiler_options=training.cpu_compiler_options(LOOP_EMITTERS[name]))
+  loop_emitters = synthetic_vae.LOOP_EMITTERS[_POPULATION_KIND[name]]
+  epoch_fn, optimizer = synthetic_vae.make_epoch_fn(
+      config, encode, parallel, compiler_options=training.cpu_compiler_options(loop_emitters))
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
-  scores = (jax.jit(jax.vmap(exact_score(config, encode), in_axes=(0, 0, None)))(
+  scores = (jax.jit(jax.vmap(synthetic_vae.exact_score(config, encode), in_axes=(0, 0, None)))(
       params, frozen, data.T) if start_as_candidate else None)
   states = jax.vmap(lambda p, k, f, s: training.init_state(p, optimizer, k, f, s))(
       params, train_keys, frozen, scores)
@@ -235,8 +81,8 @@ def train_vaes(config: SyntheticConfig, workdir: str, x: jax.Array,
   init_keys, train_keys, order_seeds = model_keys(
       config, "vae", [(v,) for v in range(config.num_vae_seeds)])
   params0 = jax.vmap(lambda k: encoder.init(k, x[0])["params"])(init_keys)
-  return train_stage("vae", workdir, config, vae_train_encode, params0, None, train_keys,
-                     order_seeds, x, parallel, tensorboard)
+  return train_stage("vae", workdir, config, synthetic_vae.vae_train_encode, params0, None,
+                     train_keys, order_seeds, x, parallel, tensorboard)
 
 
 def train_iavaes(config: SyntheticConfig, workdir: str, x: jax.Array, phi_avi,
@@ -247,14 +93,15 @@ def train_iavaes(config: SyntheticConfig, workdir: str, x: jax.Array, phi_avi,
   hypernet = hypernets.LinearHypernet(layout, config.embed_dim, config.hypernet_init_std)
   indices = [(v, s) for v in range(config.num_vae_seeds) for s in range(config.num_iavae_seeds)]
   init_keys, train_keys, order_seeds = model_keys(config, "iavae", indices)
-  psi0 = jax.vmap(lambda k: hypernet.init(k, jnp.zeros(context_size(config)))["params"])(
-      init_keys)
+  c0 = jnp.zeros(synthetic_vae.context_size(config))
+  psi0 = jax.vmap(lambda k: hypernet.init(k, c0)["params"])(init_keys)
   frozen_phi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi_avi)
-  context = hypernet_context(config, x)
-  states = train_stage("iavae", workdir, config, iavae_train_encode(
-      layout, context, feedback_context(config), config.passes), psi0, frozen_phi, train_keys,
+  context = synthetic_vae.hypernet_context(config, x)
+  encode = synthetic_vae.iavae_train_encode(layout, context,
+                                            synthetic_vae.feedback_context(config), config.passes)
+  states = train_stage("iavae", workdir, config, encode, psi0, frozen_phi, train_keys,
                        order_seeds, x, parallel, tensorboard, config.start_as_candidate)
-  return states, layout, frozen_phi, iavae_encode(config, layout, context)
+  return states, layout, frozen_phi, synthetic_vae.iavae_encode(config, layout, context)
 
 
 def train_sweep(config: SyntheticConfig, workdir: str, x: jax.Array,
@@ -266,8 +113,8 @@ def train_sweep(config: SyntheticConfig, workdir: str, x: jax.Array,
                                  max(config.sweep_widths))
              for (w, _), k in zip(indices, init_keys)]
   params0 = jax.tree.map(lambda *a: jnp.stack(a), *params0)
-  return train_stage("sweep", workdir, config, vae_train_encode, params0, None, train_keys,
-                     order_seeds, x, parallel, tensorboard, cancelled=cancelled)
+  return train_stage("sweep", workdir, config, synthetic_vae.vae_train_encode, params0, None,
+                     train_keys, order_seeds, x, parallel, tensorboard, cancelled=cancelled)
 
 
 def table2(config: SyntheticConfig, vae_eval: dict, iavae_eval: dict, vae_states,
@@ -302,7 +149,8 @@ def efficiency(config: SyntheticConfig, layout: blocks.BlockLayout, sweep_eval: 
                   "elbo_std": stats["std"], "elbo_per_seed": sweep_elbo[i].tolist()})
   iavae_elbo = exact.over_models(iavae_eval["elbo"])
   matching = [c for c in curve if c["elbo"] >= iavae_elbo["mean"]]
-  hypernet_params = layout.d_max * (context_size(config) + config.embed_dim) + layout.d_max
+  context = synthetic_vae.context_size(config)
+  hypernet_params = layout.d_max * (context + config.embed_dim) + layout.d_max
   return {
       "base_params": layout.num_params,
       "hypernet_params": hypernet_params,
@@ -355,7 +203,7 @@ class Trained(NamedTuple):
   sweep: training.TrainState     # stage 3, width-major
   layout: blocks.BlockLayout     # the VAE encoder's blocks
   frozen_phi: dict               # each IA-VAE's frozen encoder, phi_AVI of its VAE
-  iavae_fn: EncodeFn
+  iavae_fn: Callable   # its EncodeFn (synthetic_vae.iavae_encode)
 
 
 def train_all(config: SyntheticConfig, workdir: str, x: jax.Array,
@@ -394,7 +242,7 @@ def evaluate_all(config: SyntheticConfig, x: jax.Array, trained: Trained, truth:
   """Every model on x in closed form, and the VAEs and IA-VAEs on the held-out data: NumPy
   metrics ("vae", "iavae", "sweep"), means and per-point ELBOs, and the held-out summary."""
   t0 = time.time()
-  vae_fn = vae_encode(config.encoder_width)
+  vae_fn = synthetic_vae.vae_encode(config.encoder_width)
 
   def evaluate_pair(x, truth):
     """The VAEs and IA-VAEs on data x: NumPy metrics, means and per-point ELBOs of each."""
@@ -406,8 +254,8 @@ def evaluate_all(config: SyntheticConfig, x: jax.Array, trained: Trained, truth:
 
   (vae, vae_means, vae_points), (iavae, iavae_means, iavae_points) = evaluate_pair(x, truth)
   sweep, _, _ = jax.tree.map(np.asarray, exact.evaluate(
-      vae_encode(max(config.sweep_widths)), trained.sweep.best_params, None, x, config.sigma,
-      truth.summary, truth.elbo_qstar))
+      synthetic_vae.vae_encode(max(config.sweep_widths)), trained.sweep.best_params, None, x,
+      config.sigma, truth.summary, truth.elbo_qstar))
   timings["evaluation"] = time.time() - t0
 
   # Held-out: the same models on new points from the same generator, the truth computed alike.
@@ -453,8 +301,8 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
       "gaps": exact.gap_decomposition(truth, vae, iavae, config.num_iavae_seeds),
       "heldout": evaluated["heldout"],
       # Per example, the decoder passes of each model's inference (the feedback's, see
-      # decoder_passes).
-      "decoder_passes_per_example": {"vae": 0, "iavae": decoder_passes(config)},
+      # synthetic_vae.decoder_passes).
+      "decoder_passes_per_example": {"vae": 0, "iavae": synthetic_vae.decoder_passes(config)},
       "figure6_examples": save_figures(config, workdir, data, truth.summary,
                                        evaluated["vae_means"], evaluated["iavae_means"],
                                        efficiency_entry),

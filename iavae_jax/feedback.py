@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from iavae_jax import objectives
-from iavae_jax.image_config import FEEDBACKS
+from iavae_jax.hparams import FEEDBACKS
 
 __all__ = ["FEEDBACKS", "elbo_gradient", "preprocess_gradient", "residual", "context",
            "decoder_passes", "Corrector", "iterative_correct"]

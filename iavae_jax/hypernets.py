@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from iavae_jax import blocks, modulated
 from iavae_jax.blocks import BlockLayout, PyTree
-from iavae_jax.image_config import DESIGNS
+from iavae_jax.hparams import DESIGNS
 
 __all__ = ["InputAxes", "LinearHypernet", "linear_hypernet_deltas_examples_last",
            "StructuredHypernet", "HaHypernet", "MLPHypernet", "ProjectedContext", "HYPERNETS",
@@ -332,7 +332,7 @@ class ProjectedContext(nn.Module):
     return self.hypernet.factors(nn.Dense(self.dim, use_bias=False, name="projection")(contexts))
 
 
-# The designs by name (image_config.DESIGNS, in its order).
+# The designs by name (hparams.DESIGNS, in its order).
 HYPERNETS = dict(zip(DESIGNS, (StructuredHypernet, HaHypernet, MLPHypernet)))
 
 

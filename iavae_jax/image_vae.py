@@ -36,7 +36,7 @@ import optax
 from iavae_jax import adaptive, blocks, distributions, hypernets, modulated, objectives
 from iavae_jax import feedback as feedback_lib
 from iavae_jax import training
-from iavae_jax.image_config import KINDS, ImageVAEConfig
+from iavae_jax.hparams import KINDS, ImageVAEConfig
 from iavae_jax.data import images
 from iavae_jax.models import decoders, encoders, pixelcnn
 

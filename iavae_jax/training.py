@@ -42,7 +42,8 @@ from iavae_jax import parallel as parallel_lib
 from iavae_jax.blocks import PyTree
 
 __all__ = ["NoiseFn", "LossFn", "ScoreFn", "TrainState", "StepMetrics", "EpochMetrics", "diverged",
-           "Schedule", "init_state", "derive_key", "model_keys", "is_done", "idle_metrics",
+           "Schedule", "init_state", "derive_key", "model_keys", "population_keys",
+           "is_done", "idle_metrics",
            "end_epoch", "make_step_fn", "make_epoch_fn", "train_model", "cpu_compiler_options",
            "make_population_step", "data_orders", "train_population"]
 
@@ -129,6 +130,16 @@ def model_keys(seed: int, *path: int) -> tuple[jax.Array, jax.Array]:
   ``derive_key(seed, *path)``. Its data-order seed (``data_orders``) is (seed, *path)."""
   init_key, train_key = jax.random.split(derive_key(seed, *path))
   return init_key, train_key
+
+
+def population_keys(paths: list[tuple[int, ...]]) -> tuple[jax.Array, jax.Array, np.ndarray]:
+  """For a population of models named by integer tuples (seed, *path), their stacked
+  ``model_keys``, initialisation [M, 2] and training [M, 2], and their data-order seeds [M, K]
+  (``train_population``'s order_seeds)."""
+  if not paths or len({len(p) for p in paths}) != 1:
+    raise ValueError("population_keys: give one or more paths, all of the same length.")
+  init_keys, train_keys = zip(*(model_keys(*path) for path in paths))
+  return jnp.stack(init_keys), jnp.stack(train_keys), np.array(paths)
 
 
 def is_done(state: TrainState, schedule: Schedule) -> jax.Array:

@@ -11,7 +11,8 @@ import os
 import pytest
 
 from conftest import SMOKE, run_module
-from experiments import common, configs, designs, gaps_eval, synthetic_train
+from experiments import common, configs, designs, gaps_eval
+from iavae_jax import synthetic_vae
 
 # A dense smoke run: the feedback's decoder passes are cheap with a dense decoder.
 DENSE = ["--encoder=mlp", "--encoder_hidden=16", "--decoder=mlp", "--decoder_hidden=16,16",
@@ -64,9 +65,9 @@ def test_patience_check(tmp_path):
 def test_synthetic_feedback_inputs(kind, size, passes):
   config = dataclasses.replace(configs.SyntheticConfig(), hypernet_input=kind,
                                passes=3 if passes else 1).validate()
-  assert synthetic_train.context_size(config) == size
-  assert synthetic_train.decoder_passes(config) == passes
-  assert (synthetic_train.feedback_context(config) is None) == (kind == "x")
+  assert synthetic_vae.context_size(config) == size
+  assert synthetic_vae.decoder_passes(config) == passes
+  assert (synthetic_vae.feedback_context(config) is None) == (kind == "x")
 
 
 def test_synthetic_passes_need_a_feedback_input():

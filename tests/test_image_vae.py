@@ -1,4 +1,4 @@
-"""The library's image IA-VAE (iavae_jax.image_vae, image_config): its configuration's checks,
+"""The library's image IA-VAE (iavae_jax.image_vae, hparams): its configuration's checks,
 its errors, data-set evaluation and the data subsets, apart from the experiments that use them."""
 
 import dataclasses
@@ -9,17 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iavae_jax import blocks, hypernets, image_config, image_vae
+from iavae_jax import blocks, hypernets, hparams, image_vae
 from iavae_jax.data import images
 
-DENSE = image_config.ImageVAEConfig(encoder="mlp", encoder_hidden=(16,), decoder="mlp",
+DENSE = hparams.ImageVAEConfig(encoder="mlp", encoder_hidden=(16,), decoder="mlp",
                                     decoder_hidden=(32,), latent_dim=4)
 
 
 def test_the_defaults_are_valid_and_the_names_match_the_modules():
-  assert image_config.ImageVAEConfig().validate() == image_config.ImageVAEConfig()
-  assert tuple(hypernets.HYPERNETS) == image_config.DESIGNS
-  assert set(image_config.FEEDBACKS) < set(image_config.HYPERNET_INPUTS)
+  assert hparams.ImageVAEConfig().validate() == hparams.ImageVAEConfig()
+  assert tuple(hypernets.HYPERNETS) == hparams.DESIGNS
+  assert set(hparams.FEEDBACKS) < set(hparams.HYPERNET_INPUTS)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -34,7 +34,7 @@ def test_the_defaults_are_valid_and_the_names_match_the_modules():
 ])
 def test_a_bad_field_is_named_in_a_value_error(overrides, message):
   with pytest.raises(ValueError, match=f"^{message.replace('(', '.').replace(')', '.')}"):
-    dataclasses.replace(image_config.ImageVAEConfig(), **overrides).validate()
+    dataclasses.replace(hparams.ImageVAEConfig(), **overrides).validate()
 
 
 def test_an_unknown_kind_is_refused_by_name():

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from iavae_jax import blocks, checkpoints, hypernets, image_config, image_vae, objectives, training
+from iavae_jax import blocks, checkpoints, hypernets, hparams, image_vae, objectives, training
 from iavae_jax.data import images
 from experiments import common, configs, images_train
 
@@ -229,7 +229,7 @@ def _smoke_model(**overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("design, kind", [("paper", kind) for kind in image_config.HYPERNET_INPUTS]
+@pytest.mark.parametrize("design, kind", [("paper", kind) for kind in hparams.HYPERNET_INPUTS]
                          + [("ha", "image_l2"), ("mlp", "penultimate")])
 def test_stage_2_starts_at_the_stage_1_elbo(design, kind):
   # Proposition 1 on the image model: with the hypernetwork's output layers zero, the IA-VAE's
@@ -254,7 +254,7 @@ def test_hypernet_contexts():
   x = x.at[1].set(0.0)                                     # a blank image
   _, frozen = _initial(_smoke_model(), "vae")
   contexts = {kind: _smoke_model(hypernet_input=kind).hypernet_context(frozen, x)
-              for kind in image_config.HYPERNET_INPUTS}
+              for kind in hparams.HYPERNET_INPUTS}
   chex.assert_trees_all_close(contexts["image"], x.reshape(3, 784))
   chex.assert_trees_all_close(jnp.linalg.norm(contexts["image_l2"], axis=-1),
                               jnp.array([1.0, 0.0, 1.0]), atol=1e-6)
@@ -365,7 +365,7 @@ def _pytorch_adam(params, grads, learning_rates, weight_decay, max_norm, mode):
   return params
 
 
-@pytest.mark.parametrize("mode", image_config.WEIGHT_DECAY_MODES)
+@pytest.mark.parametrize("mode", hparams.WEIGHT_DECAY_MODES)
 def test_stage_2_optimizer_is_pytorchs_adam_with_weight_decay(mode):
   # Large weights and decay, so that the decay visibly changes the step; the first gradient is
   # clipped (norm 13 > 2), the second is not.

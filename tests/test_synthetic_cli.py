@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import common, configs, synthetic_train
-from iavae_jax import blocks, hypernets
+from iavae_jax import blocks, hypernets, synthetic_vae
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders
 from conftest import TINY, run_module
@@ -275,10 +275,10 @@ def test_stage_2_never_selects_below_its_start(tmp_path, start_as_candidate):
   psi0 = jax.vmap(lambda k: hypernet.init(k, x[0])["params"])(init_keys)
   frozen = jax.tree.map(lambda a: np.stack([a, a]), phi)
   states = synthetic_train.train_stage("iavae", str(tmp_path), config,
-                                       synthetic_train.iavae_train_encode(layout), psi0, frozen,
+                                       synthetic_vae.iavae_train_encode(layout), psi0, frozen,
                                        train_keys, order_seeds, x,
                                        start_as_candidate=start_as_candidate)
-  start = jax.vmap(synthetic_train.exact_score(config, synthetic_train.iavae_encode(
+  start = jax.vmap(synthetic_vae.exact_score(config, synthetic_vae.iavae_encode(
       config, layout), examples_last=False), in_axes=(0, 0, None))(psi0, frozen, x)
   if start_as_candidate:
     np.testing.assert_array_equal(states.best_epoch, [0, 0])
@@ -298,8 +298,8 @@ def test_training_form_of_the_iavae_computes_the_evaluated_one(hypernet_input):
   layout = blocks.BlockLayout.from_tree(phi)
   psi = hypernets.LinearHypernet(layout, config.embed_dim, 0.3).init(
       jax.random.PRNGKey(2), x[0])["params"]
-  context = synthetic_train.hypernet_context(config, x)
-  mean, log_var = synthetic_train.iavae_encode(config, layout, context)(psi, phi, x)
-  mean_t, log_var_t = synthetic_train.iavae_train_encode(layout, context)(psi, phi, x.T)
+  context = synthetic_vae.hypernet_context(config, x)
+  mean, log_var = synthetic_vae.iavae_encode(config, layout, context)(psi, phi, x)
+  mean_t, log_var_t = synthetic_vae.iavae_train_encode(layout, context)(psi, phi, x.T)
   np.testing.assert_allclose(mean_t.T, mean, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(log_var_t.T, log_var, rtol=1e-5, atol=1e-5)

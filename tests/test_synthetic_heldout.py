@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from experiments import common, configs, synthetic_train
-from iavae_jax import blocks, exact, hypernets
+from iavae_jax import blocks, exact, hypernets, synthetic_vae
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders, oracle
 
@@ -72,11 +72,11 @@ def test_bounds_and_decomposition_on_heldout_data(small_models, heldout_truth, h
   config, x, layout, phi, psi, frozen = small_models
   config = dataclasses.replace(config, hypernet_input=hypernet_input)
   heldout_x, truth = heldout_truth
-  iavae_fn = synthetic_train.iavae_encode(config, layout,
-                                          synthetic_train.hypernet_context(config, x))
+  iavae_fn = synthetic_vae.iavae_encode(config, layout,
+                                          synthetic_vae.hypernet_context(config, x))
   args = (heldout_x, config.sigma, truth.summary, truth.elbo_qstar)
   vae_eval, vae_means, vae_points = jax.tree.map(np.asarray, exact.evaluate(
-      synthetic_train.vae_encode(config.encoder_width), phi, None, *args))
+      synthetic_vae.vae_encode(config.encoder_width), phi, None, *args))
   iavae_eval, _, iavae_points = jax.tree.map(np.asarray, exact.evaluate(
       iavae_fn, psi, frozen, *args))
   chex.assert_shape(vae_means, (2, 48, 2))
@@ -102,9 +102,9 @@ def test_bounds_and_decomposition_on_heldout_data(small_models, heldout_truth, h
 def test_bounded_inputs_are_bounded_and_start_at_the_vae(small_models, hypernet_input):
   config, x, layout, phi, psi, frozen = small_models
   config = dataclasses.replace(config, hypernet_input=hypernet_input)
-  assert synthetic_train.hypernet_context(dataclasses.replace(config, hypernet_input="x"),
+  assert synthetic_vae.hypernet_context(dataclasses.replace(config, hypernet_input="x"),
                                           x) is None
-  context = synthetic_train.hypernet_context(config, x)
+  context = synthetic_vae.hypernet_context(config, x)
   far = jnp.array([[1e3, -1e3, 1e6], [0.0, 0.0, 0.0], [-1e9, 1e9, -1e9]])
   m, s = np.asarray(x, np.float64).mean(0), np.asarray(x, np.float64).std(0)
   if hypernet_input == "tanh":
@@ -119,10 +119,10 @@ def test_bounded_inputs_are_bounded_and_start_at_the_vae(small_models, hypernet_
   # Proposition 1 with the new input: a zero hypernetwork gives its VAE's encoder (up to
   # float32 rounding: the two are compiled differently).
   zero = jax.tree.map(jnp.zeros_like, psi)
-  iavae_fn = synthetic_train.iavae_encode(config, layout, context)
+  iavae_fn = synthetic_vae.iavae_encode(config, layout, context)
   points = jnp.concatenate([x, far])
   mean, log_var = jax.vmap(iavae_fn, in_axes=(0, 0, None))(zero, frozen, points)
-  vae_mean, vae_log_var = jax.vmap(synthetic_train.vae_encode(config.encoder_width),
+  vae_mean, vae_log_var = jax.vmap(synthetic_vae.vae_encode(config.encoder_width),
                                    in_axes=(0, None, None))(frozen, None, points)
   np.testing.assert_allclose(mean, vae_mean, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(log_var, vae_log_var, rtol=1e-6, atol=1e-6)

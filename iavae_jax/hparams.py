@@ -1,5 +1,5 @@
-"""The image IA-VAE's configuration (``ImageVAEConfig``, iavae_jax.image_vae's) and the names of
-the library's choices.
+"""The configurations of the paper's two IA-VAEs (``ImageVAEConfig``, iavae_jax.image_vae's;
+``SyntheticVAEConfig``, iavae_jax.synthetic_vae's) and the names of the library's choices.
 
 Plain data, free of JAX (as ``iavae_jax.data``'s names are), so that command lines can check
 their flags before importing it.
@@ -8,7 +8,7 @@ their flags before importing it.
 import dataclasses
 
 __all__ = ["DESIGNS", "FEEDBACKS", "KINDS", "ENCODERS", "DECODERS", "HYPERNET_INPUTS",
-           "WEIGHT_DECAY_MODES", "ImageVAEConfig"]
+           "WEIGHT_DECAY_MODES", "SYNTHETIC_INPUTS", "ImageVAEConfig", "SyntheticVAEConfig"]
 
 # The hypernetwork designs (iavae_jax.hypernets.HYPERNETS): the paper's structured one, Ha et
 # al.'s static hypernetwork, a one-hidden-layer generator.
@@ -25,6 +25,9 @@ DECODERS = ("pixelcnn", "pixelcnn_kim", "mlp")
 # feedback on the encoder's current guess (FEEDBACKS), x with that guess and feedback.
 HYPERNET_INPUTS = ("image", "image_l2", "encoder", "penultimate") + FEEDBACKS
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
+# What the synthetic hypernetwork sees: x itself, a bounded function of it, or (FEEDBACKS) x with
+# the encoder's current guess and the true decoder's feedback on it.
+SYNTHETIC_INPUTS = ("x", "tanh", "softclip") + FEEDBACKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,4 +132,46 @@ class ImageVAEConfig:
       raise ValueError(f"warmup_start is a KL weight in (0, 1], got {self.warmup_start}.")
     if not 0 <= self.weight_decay < float("inf"):
       raise ValueError(f"weight_decay must be non-negative and finite, got {self.weight_decay}.")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticVAEConfig:
+  """The synthetic oracle model's VAE and IA-VAE and their training (paper section 4.1): the
+  paper's values by default. ``validate`` checks every field and names the one that is wrong."""
+  sigma: float = 0.1                # observation noise and Gaussian likelihood scale
+  encoder_width: int = 2            # hidden units of the base encoder (8h + 4 parameters)
+  embed_dim: int = 2                # size of the block embeddings e_l
+  hypernet_init_std: float = 1e-3   # std of the hypernetwork's W at initialisation (b = 0)
+  learning_rate: float = 1e-4       # Adam
+  batch_size: int = 32
+  max_epochs: int = 1000
+  patience: int = 100               # early stopping on the full-data ELBO
+  num_samples: int = 1              # Monte Carlo samples S per example in the training ELBO
+  # What the hypernetwork sees of x (SYNTHETIC_INPUTS): "x" as in the paper (its delta grows
+  # linearly with |x|), or a bounded function of x, so every delta is bounded: "tanh" of x
+  # standardised by the training data's mean and std, or "softclip", x itself in the bulk
+  # (synthetic_vae.hypernet_context). "gradient" (the exact ELBO's, the decoder being known) or
+  # "residual" (x - f(mean)) with x, mean and log-variance: recomputed at each of ``passes``
+  # passes, each adding a delta.
+  hypernet_input: str = "x"
+  passes: int = 1
+
+  def validate(self) -> "SyntheticVAEConfig":
+    """Returns self, or raises ValueError naming the first field that is wrong and what it
+    accepts."""
+    for name in ("encoder_width", "embed_dim", "batch_size", "max_epochs", "patience",
+                 "num_samples"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+    for name in ("sigma", "learning_rate", "hypernet_init_std"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+    if self.hypernet_input not in SYNTHETIC_INPUTS:
+      raise ValueError(f"hypernet_input={self.hypernet_input} is not known; choose one of "
+                       f"{', '.join(SYNTHETIC_INPUTS)}.")
+    if self.passes < 1 or (self.passes > 1 and self.hypernet_input not in FEEDBACKS):
+      raise ValueError(f"passes={self.passes}: give 1, or more with hypernet_input="
+                       f"{' or '.join(FEEDBACKS)} (later passes differ from the first only "
+                       "through the decoder's feedback).")
     return self
