@@ -59,16 +59,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from iavae_jax import blocks, gaps, plots, stats
+from iavae_jax import blocks, gaps, image_vae, plots, stats
 from iavae_jax.data import images
-from iavae_jax import image_vae
 from iavae_jax.image_vae import Model
 from experiments import common, configs
 from experiments.configs import GapsConfig, ImageConfig
 
 GAPS_KEY = 5    # folded into the seed's key: apart from the training stages' keys (1 to 4)
-# Per-example purposes, folded into the example's key.
-_QSTAR, _FINAL, _IWAE, _REFINE = range(4)
 PHASES = ("encode", "qstar", "elbo", "log_px", "refine", "refine_eval", "qstar_doubled")
 
 
@@ -318,113 +315,43 @@ def example_keys(seed: int, start: int, size: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(start, start + size))
 
 
-class _Compiled:
-  """A function jitted and compiled once, ahead of its first call (the arguments' shapes never
-  change within a run), so that the phases can be timed without the compilation."""
-
-  def __init__(self, fn):
-    self._jitted, self._compiled = jax.jit(fn), None
-
-  def compile(self, *args):
-    """Compiles for args (arrays or jax.ShapeDtypeStruct) if not yet; returns the output's
-    shapes."""
-    if self._compiled is None:
-      self._compiled = self._jitted.lower(*args).compile()
-    return jax.eval_shape(self._jitted, *args)
-
-  def __call__(self, *args):
-    if self._compiled is None:
-      self.compile(*args)
-    return self._compiled(*args)
-
-
-class Functions:
-  """The jitted pieces of the measurements, each over a chunk of examples x [B, 28, 28, 1] with
-  per-example keys [B, 2] (see example_keys) or per-example states. The optimisations are driven
-  from Python over jitted steps (iavae_jax.gaps.drive_search, drive_refinement). The decoder's
-  functions serve every model; the encoders are per encoder function."""
+class Functions(gaps.Measurements):
+  """The measurements (iavae_jax.gaps.Measurements) with the run's settings on the model's
+  decoder, over chunks of examples x [B, 28, 28, 1] with per-example keys (see example_keys),
+  and the compiled encoder of each loaded model."""
 
   def __init__(self, model: Model, config: GapsConfig):
-    self.model, self.config = model, config
-    self.qstar_settings = gaps.QStarSettings(
-        learning_rate=config.qstar_learning_rate, samples_per_step=config.qstar_samples,
-        check_every=config.qstar_check_every, check_samples=config.qstar_check_samples,
-        patience=config.qstar_patience, max_steps=config.qstar_max_steps,
-        sample_chunk=config.sample_chunk).validate()
-    self.refine_settings = gaps.RefineSettings(
-        learning_rate=config.refine_learning_rate, momentum=config.refine_momentum,
-        max_grad_norm=config.refine_max_grad_norm, samples_per_step=config.refine_samples,
-        optimizer=config.refine_optimizer).validate()
-    self.refine_steps = (0, *config.refine_steps)
-    qstar, refine = self.qstar_settings, self.refine_settings
-    doubled = qstar.doubled()
-    fold = jax.random.fold_in
-    chunk = config.sample_chunk
-    self.encoders = {}
-    self.qstar_start = self._per_example(
-        lambda ll, m, v, key: gaps.start_search(ll, m, v, fold(key, _QSTAR), qstar))
-    self.qstar_step = self._per_example(lambda ll, s: gaps.search_step(ll, s, qstar))
-    self.qstar_check = self._per_example(lambda ll, s: gaps.search_check(ll, s, qstar))
-    self.qstar_check_doubled = self._per_example(lambda ll, s: gaps.search_check(ll, s, doubled))
-    self.elbo = self._per_example(lambda ll, m, v, key: gaps.elbo_estimate(
-        ll, m, v, fold(key, _FINAL), config.final_samples, chunk))
-    self.log_px = self._per_example(lambda ll, m, v, key: gaps.log_px_estimate(
-        ll, m, v, fold(key, _IWAE), config.iwae_samples, chunk))
-    self.refine_start = _Compiled(jax.vmap(
-        lambda m, v, key: gaps.start_refinement(m, v, fold(key, _REFINE), refine)))
-    self.refine_step = self._per_example(lambda ll, r: gaps.refinement_step(ll, r, refine))
-    self.refine_eval = self._per_example(lambda ll, m, v, key: jax.vmap(
-        lambda m_k, v_k: gaps.elbo_estimate(ll, m_k, v_k, fold(key, _FINAL),
-                                            config.refine_eval_samples, chunk))(m, v))
+    def log_likelihood_of(decoder_params, x_i):   # one example [28, 28, 1]
+      log_likelihood = model.log_likelihood_fn(decoder_params, x_i[None])
+      return lambda z: log_likelihood(z[:, None])[:, 0]
+    super().__init__(
+        log_likelihood_of,
+        gaps.QStarSettings(
+            learning_rate=config.qstar_learning_rate, samples_per_step=config.qstar_samples,
+            check_every=config.qstar_check_every, check_samples=config.qstar_check_samples,
+            patience=config.qstar_patience, max_steps=config.qstar_max_steps,
+            sample_chunk=config.sample_chunk),
+        gaps.RefineSettings(
+            learning_rate=config.refine_learning_rate, momentum=config.refine_momentum,
+            max_grad_norm=config.refine_max_grad_norm, samples_per_step=config.refine_samples,
+            optimizer=config.refine_optimizer),
+        config.refine_steps, config.final_samples, config.iwae_samples,
+        config.refine_eval_samples, config.sample_chunk)
+    self.model, self.config, self.encoders = model, config, {}
 
-  def _per_example(self, fn):
-    """fn(log_likelihood_fn, *args) for one example, as a compiled function of
-    (decoder_params, x [B, 28, 28, 1], *args with a leading axis B)."""
-    def batched(decoder_params, x, *args):
-      def one(x_i, *args_i):
-        log_likelihood = self.model.log_likelihood_fn(decoder_params, x_i[None])
-        return fn(lambda z: log_likelihood(z[:, None])[:, 0], *args_i)
-      return jax.vmap(one)(x, *args)
-    return _Compiled(batched)
-
-  def compile(self, loaded: Loaded, x: jax.Array, keys: jax.Array) -> None:
-    """Compiles every function a chunk like x [B, 28, 28, 1] calls, without running any (each
-    once per run, the encoder once per encoder function)."""
-    decoder = loaded.params["decoder"]
-    mean, log_var = self.encode(loaded).compile(loaded.params, loaded.frozen, x)
-    search = self.qstar_start.compile(decoder, x, mean, log_var, keys)
-    for fn in (self.qstar_step, self.qstar_check, self.qstar_check_doubled):
-      fn.compile(decoder, x, search)
-    for fn in (self.elbo, self.log_px):
-      fn.compile(decoder, x, mean, log_var, keys)
-    self.refine_step.compile(decoder, x, self.refine_start.compile(mean, log_var, keys))
-    curve = jax.ShapeDtypeStruct((mean.shape[0], len(self.refine_steps), mean.shape[1]),
-                                 mean.dtype)
-    self.refine_eval.compile(decoder, x, curve, curve, keys)
-
-  def encode(self, loaded: Loaded):
+  def encode(self, loaded: Loaded) -> gaps.Compiled:
     """The compiled encoder of a loaded model, shared by the models of one encoder function and
     frozen-input structure (the seeds of a model; the mean-context IA-VAE has its own)."""
     key = (loaded.encode, jax.tree.structure(loaded.frozen))
     if key not in self.encoders:
-      self.encoders[key] = _Compiled(loaded.encode)
+      self.encoders[key] = gaps.Compiled(loaded.encode)
     return self.encoders[key]
 
-  def optimal_gaussian(self, decoder, x, mean, log_var, keys, count: int,
-                       doubled: bool = False) -> gaps.QStar:
-    """q* of the first count examples of the chunk (the padding is not searched), with the
-    doubled patience and max_steps if asked."""
-    search = self.qstar_start(decoder, x, mean, log_var, keys)
-    search = search._replace(done=search.done | (jnp.arange(x.shape[0]) >= count))
-    check = self.qstar_check_doubled if doubled else self.qstar_check
-    search = gaps.drive_search(lambda s: self.qstar_step(decoder, x, s),
-                               lambda s: check(decoder, x, s), search,
-                               self.qstar_settings.check_every)
-    return gaps.search_result(search)
-
-  def refine(self, decoder, x, mean, log_var, keys) -> gaps.Refined:
-    return gaps.drive_refinement(lambda r: self.refine_step(decoder, x, r),
-                                 self.refine_start(mean, log_var, keys), self.refine_steps)
+  def compile_for(self, loaded: Loaded, x: jax.Array, keys: jax.Array) -> None:
+    """Compiles the loaded model's encoder and every measurement a chunk like x calls, without
+    running any."""
+    mean, log_var = self.encode(loaded).compile(loaded.params, loaded.frozen, x)
+    self.compile(loaded.params["decoder"], x, mean, log_var, keys)
 
 
 class _Progress:
@@ -481,7 +408,7 @@ def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: i
   decoder = loaded.params["decoder"]
   seconds = partial["seconds"]
   if partial["examples_done"] < n or partial["convergence_done"] < num_convergence:
-    functions.compile(loaded, _pad(test[:0], size), example_keys(seed, 0, size))
+    functions.compile_for(loaded, _pad(test[:0], size), example_keys(seed, 0, size))
 
   def timed(phase, fn, *args, **kwargs):
     begin = time.perf_counter()

@@ -18,6 +18,9 @@ optimisations (q*, refinement) are also given as a state and its step functions,
 drivers (``drive_search``, ``drive_refinement``) that give the same iterates: XLA:CPU runs
 convolution gradients inside lax loops ~4x slower (in CPU time) than as separate jitted calls.
 
+``Measurements`` puts these together for a batch of examples of any decoder: compiled once,
+each example's noise from its own key, the optimisations driven from Python.
+
 Convergence rule for q*: L[q*] counts as converged when the optimisation rerun with
 ``QStarSettings.doubled()`` (twice the patience and twice max_steps, the same key: the longer run
 replays the shorter one and goes on) moves the mean of L[q*] over the examples by less than
@@ -26,7 +29,7 @@ replays the shorter one and goes on) moves the mean of L[q*] over the examples b
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +41,7 @@ __all__ = ["CONVERGENCE_TOLERANCE", "QStarSettings", "SA_VAE_BATCH_SIZE", "Refin
            "elbo_estimate", "log_px_estimate", "QStarSearch", "start_search", "search_step",
            "search_check", "QStar", "search_result", "optimize_gaussian", "drive_search",
            "Refinement", "Refined", "start_refinement", "refinement_step", "refine",
-           "drive_refinement"]
+           "drive_refinement", "Compiled", "Measurements"]
 
 CONVERGENCE_TOLERANCE = 0.05   # nats, on the mean of L[q*] over the examples
 
@@ -350,3 +353,122 @@ def drive_refinement(step_fn: Callable, refinement: Refinement,
       recorded[step] = refinement.params
   means, log_vars = zip(*(recorded[k] for k in steps))
   return Refined(jnp.stack(means, axis=-2), jnp.stack(log_vars, axis=-2))
+
+
+class Compiled:
+  """A function jitted and compiled ahead of its first call, once per shape of its arguments,
+  so that what it runs can be timed without the compilation."""
+
+  def __init__(self, fn: Callable):
+    self._jitted, self._compiled = jax.jit(fn), {}
+
+  def compile(self, *args):
+    """Compiles for args (arrays or jax.ShapeDtypeStruct) if not yet; returns the output's
+    shapes."""
+    signature = _signature(args)
+    if signature not in self._compiled:
+      self._compiled[signature] = self._jitted.lower(*args).compile()
+    return jax.eval_shape(self._jitted, *args)
+
+  def __call__(self, *args):
+    signature = _signature(args)
+    if signature not in self._compiled:
+      self.compile(*args)
+    return self._compiled[signature](*args)
+
+
+def _signature(args) -> tuple:
+  leaves, structure = jax.tree.flatten(args)
+  return structure, tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves)
+
+
+# The purposes of an example's noise, each folded into its key.
+_QSTAR, _FINAL, _IWAE, _REFINE = range(4)
+
+
+class Measurements:
+  """The gap measurements of a decoder family on chunks of examples, compiled once.
+
+  ``log_likelihood_of(decoder_params, x_i) -> log_likelihood_fn`` gives one example's decoder
+  (x_i: one example as the decoder reads it, e.g. [28, 28, 1]; the function z [S, k] ->
+  log p(x_i | z) [S]). Every method takes decoder_params, examples x [B, ...] and per-example
+  keys [B, 2] (or the per-example states they return); each example's noise comes from its own
+  key, folded with the purpose (q*, the final ELBO, log p^, refinement), so results do not
+  depend on B. The optimisations are driven from Python over jitted steps (``drive_search``,
+  ``drive_refinement``): the same iterates as ``optimize_gaussian`` and ``refine``.
+
+    measure = gaps.Measurements(log_likelihood_of, gaps.QStarSettings(), gaps.RefineSettings(),
+                                refine_steps=(1, 5, 20), final_samples=5000,
+                                iwae_samples=5000, refine_eval_samples=5000)
+    q = measure.optimal_gaussian(decoder, x, mean, log_var, keys, count=len(x))
+    gap = measure.elbo(decoder, x, q.mean, q.log_var, keys) - measure.elbo(decoder, x, mean,
+                                                                            log_var, keys)
+  """
+
+  def __init__(self, log_likelihood_of: Callable[[Any, jax.Array],
+                                                 objectives.LogLikelihoodFn],
+               qstar: QStarSettings, refine: RefineSettings, refine_steps: Sequence[int],
+               final_samples: int, iwae_samples: int, refine_eval_samples: int,
+               sample_chunk: int = 100):
+    _check_steps(refine_steps)
+    for name, value in (("final_samples", final_samples), ("iwae_samples", iwae_samples),
+                        ("refine_eval_samples", refine_eval_samples)):
+      _chunk_size(value, sample_chunk, f"Measurements: {name}")
+    self.qstar_settings, self.refine_settings = qstar.validate(), refine.validate()
+    self.refine_steps = (0, *refine_steps)
+    self._log_likelihood_of = log_likelihood_of
+    fold, doubled = jax.random.fold_in, qstar.doubled()
+    self.qstar_start = self._per_example(
+        lambda ll, m, v, key: start_search(ll, m, v, fold(key, _QSTAR), qstar))
+    self.qstar_step = self._per_example(lambda ll, s: search_step(ll, s, qstar))
+    self.qstar_check = self._per_example(lambda ll, s: search_check(ll, s, qstar))
+    self.qstar_check_doubled = self._per_example(lambda ll, s: search_check(ll, s, doubled))
+    self.elbo = self._per_example(lambda ll, m, v, key: elbo_estimate(
+        ll, m, v, fold(key, _FINAL), final_samples, sample_chunk))
+    self.log_px = self._per_example(lambda ll, m, v, key: log_px_estimate(
+        ll, m, v, fold(key, _IWAE), iwae_samples, sample_chunk))
+    self.refine_start = Compiled(jax.vmap(
+        lambda m, v, key: start_refinement(m, v, fold(key, _REFINE), refine)))
+    self.refine_step = self._per_example(lambda ll, r: refinement_step(ll, r, refine))
+    self.refine_eval = self._per_example(lambda ll, m, v, key: jax.vmap(
+        lambda m_k, v_k: elbo_estimate(ll, m_k, v_k, fold(key, _FINAL), refine_eval_samples,
+                                       sample_chunk))(m, v))
+
+  def _per_example(self, fn: Callable) -> Compiled:
+    """fn(log_likelihood_fn, *args) for one example, as a compiled function of
+    (decoder_params, x [B, ...], *args with a leading axis B)."""
+    def batched(decoder_params, x, *args):
+      one = lambda x_i, *args_i: fn(self._log_likelihood_of(decoder_params, x_i), *args_i)
+      return jax.vmap(one)(x, *args)
+    return Compiled(batched)
+
+  def compile(self, decoder_params, x, mean, log_var, keys) -> None:
+    """Compiles every function a chunk like x (with the encoder's mean, log_var [B, k], arrays
+    or shapes) calls, without running any."""
+    search = self.qstar_start.compile(decoder_params, x, mean, log_var, keys)
+    for fn in (self.qstar_step, self.qstar_check, self.qstar_check_doubled):
+      fn.compile(decoder_params, x, search)
+    for fn in (self.elbo, self.log_px):
+      fn.compile(decoder_params, x, mean, log_var, keys)
+    self.refine_step.compile(decoder_params, x,
+                             self.refine_start.compile(mean, log_var, keys))
+    curve = jax.ShapeDtypeStruct((mean.shape[0], len(self.refine_steps), mean.shape[1]),
+                                 mean.dtype)
+    self.refine_eval.compile(decoder_params, x, curve, curve, keys)
+
+  def optimal_gaussian(self, decoder_params, x, mean, log_var, keys, count: int,
+                       doubled: bool = False) -> QStar:
+    """q* of the first count examples (the others, padding, are not searched), with
+    ``QStarSettings.doubled()`` if asked (the convergence check)."""
+    search = self.qstar_start(decoder_params, x, mean, log_var, keys)
+    search = search._replace(done=search.done | (jnp.arange(x.shape[0]) >= count))
+    check = self.qstar_check_doubled if doubled else self.qstar_check
+    search = drive_search(lambda s: self.qstar_step(decoder_params, x, s),
+                          lambda s: check(decoder_params, x, s), search,
+                          self.qstar_settings.check_every)
+    return search_result(search)
+
+  def refine(self, decoder_params, x, mean, log_var, keys) -> Refined:
+    """The refined (mean, log_var) after each of refine_steps (0 first): [B, K, k] each."""
+    return drive_refinement(lambda r: self.refine_step(decoder_params, x, r),
+                            self.refine_start(mean, log_var, keys), self.refine_steps)

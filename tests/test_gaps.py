@@ -223,3 +223,32 @@ class RefineTest(chex.TestCase):
 def test_bad_arguments_are_named(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+def test_measurements_match_the_closed_forms_and_do_not_depend_on_the_chunk():
+  # gaps.Measurements on the linear-Gaussian model: q* and its ELBO and log p^ as the
+  # per-example functions give them, the padding examples not searched, and each example's
+  # results from its own key alone (a chunk of the last two gives their values in the four).
+  w, b, x = _model()
+  post_mean, qstar_log_var, elbo_qstar, log_px = _exact(w, b, x)
+  mean, log_var = _encoder_output(post_mean, qstar_log_var)
+  measure = gaps.Measurements(
+      lambda params, x_i: _log_likelihood_fn(params["w"], params["b"], x_i),
+      gaps.QStarSettings(learning_rate=1e-2, check_every=50, patience=5),
+      gaps.RefineSettings(), refine_steps=(1, 10), final_samples=2000, iwae_samples=2000,
+      refine_eval_samples=200, sample_chunk=500)
+  decoder, keys = {"w": w, "b": b}, _keys(8)
+  q = measure.optimal_gaussian(decoder, x, mean, log_var, keys, count=N - 1)
+  assert int(q.steps[-1]) == 0   # the last example counts as padding: never searched
+  chex.assert_trees_all_close(_exact_elbo(w, b, x, q.mean, q.log_var)[:-1], elbo_qstar[:-1],
+                              atol=0.02)
+  chex.assert_trees_all_close(measure.log_px(decoder, x, q.mean, q.log_var, keys)[:-1],
+                              log_px[:-1], atol=0.05)
+  chex.assert_trees_all_close(measure.elbo(decoder, x, mean, log_var, keys),
+                              _exact_elbo(w, b, x, mean, log_var), atol=0.2)
+  refined = measure.refine(decoder, x, mean, log_var, keys)
+  chex.assert_shape(refined.mean, (N, 3, K))
+  curve = measure.refine_eval(decoder, x, refined.mean, refined.log_var, keys)
+  chex.assert_shape(curve, (N, 3))
+  tail = measure.refine_eval(decoder, x[2:], refined.mean[2:], refined.log_var[2:], keys[2:])
+  chex.assert_trees_all_close(tail, curve[2:], atol=1e-4)
