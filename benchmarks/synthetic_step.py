@@ -40,21 +40,15 @@ VARIANTS = {"vmapped": (False, None), "vmapped_no_ynn": (False, False),
             "examples_last_loop": (True, True)}
 
 
-def main(argv):
-  del argv
+def _populations(config, x):
+  """name: (params, frozen, keys, order seeds, per-example encode, examples-last encode) of the
+  protocol's three populations at initialisation, keyed as the protocol keys them."""
   import jax
   import jax.numpy as jnp
   from iavae_jax import blocks, hypernets, synthetic_vae, training
-  from iavae_jax.data import synthetic
   from iavae_jax.models import encoders
-  from experiments import configs
 
-  config = configs.synthetic_full()
-  x = synthetic.generate(jax.random.PRNGKey(config.data_seed), config.num_examples,
-                         config.sigma).x
-  max_width = max(config.sweep_widths)
-
-  def keys(stage_id, indices):   # as the protocol derives its models' keys
+  def keys(stage_id, indices):
     return training.population_keys([(config.seed, stage_id) + index for index in indices])
 
   def vae_params(indices, widths, stage_id):
@@ -74,9 +68,9 @@ def main(argv):
   psi = jax.vmap(lambda k: hypernet.init(k, x[0])["params"])(init_keys)
   phi_avi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi)
   sweep_indices = [(w, s) for w in config.sweep_widths for s in range(config.num_sweep_seeds)]
-  sweep, sweep_keys, sweep_seeds = vae_params(sweep_indices, [w for w, _ in sweep_indices],
-                                              3)
-  stages = {  # name: (params, frozen, keys, order seeds, per-example encode, examples-last encode)
+  sweep, sweep_keys, sweep_seeds = vae_params(sweep_indices, [w for w, _ in sweep_indices], 3)
+  max_width = max(config.sweep_widths)
+  return {
       "vae": (phi, None, vae_keys, vae_seeds, synthetic_vae.vae_encode(config.encoder_width),
               synthetic_vae.vae_train_encode),
       "iavae": (psi, phi_avi, iavae_keys, iavae_seeds, synthetic_vae.iavae_encode(config, layout),
@@ -84,8 +78,15 @@ def main(argv):
       "sweep": (sweep, None, sweep_keys, sweep_seeds, synthetic_vae.vae_encode(max_width),
                 synthetic_vae.vae_train_encode),
   }
+
+
+def _compiled_calls(config, x, populations) -> dict:
+  """(population, variant): a call that runs --epochs epochs of it, compiled and run once."""
+  import jax
+  from iavae_jax import synthetic_vae, training
+
   calls = {}
-  for stage, (params, frozen, keys, seeds, encode, train_encode) in stages.items():
+  for stage, (params, frozen, keys, seeds, encode, train_encode) in populations.items():
     orders = training.data_orders(seeds, 0, FLAGS.epochs, config.num_examples,
                                   config.batch_size)
     for variant, (examples_last, options) in VARIANTS.items():
@@ -104,7 +105,21 @@ def main(argv):
       print(f"{stage:>5} {variant:>21}: compiled and ran in {time.perf_counter() - t0:.1f} s",
             flush=True)
       calls[stage, variant] = call
+  return calls
 
+
+def main(argv):
+  del argv
+  import jax
+  from iavae_jax import synthetic_vae
+  from iavae_jax.data import synthetic
+  from experiments import configs
+
+  config = configs.synthetic_full()
+  x = synthetic.generate(jax.random.PRNGKey(config.data_seed), config.num_examples,
+                         config.sigma).x
+  populations = _populations(config, x)
+  calls = _compiled_calls(config, x, populations)
   wall = {key: [] for key in calls}
   cpu = {key: [] for key in calls}
   for _ in range(FLAGS.repeats):
@@ -115,7 +130,7 @@ def main(argv):
       cpu[key].append((time.process_time() - c0) / FLAGS.epochs)
   result = {"epochs": FLAGS.epochs, "repeats": FLAGS.repeats, "cpu_count": os.cpu_count(),
             "load_average": os.getloadavg(), "backend": jax.default_backend()}
-  for stage in stages:
+  for stage in populations:
     result[stage] = {}
     for variant in VARIANTS:
       w, c = statistics.median(wall[stage, variant]), statistics.median(cpu[stage, variant])

@@ -59,16 +59,19 @@ def check_tensorboard() -> None:
                       "[tensorboard] extra), or leave out --tensorboard.") from e
 
 
-def define_config_flags(config_type, exclude: tuple[str, ...] = ()) -> None:
+def define_config_flags(config_type, exclude: tuple[str, ...] = (),
+                        tiers: dict[str, Any] | None = None) -> None:
   """A flag per field of the dataclass ``config_type`` (but ``exclude``), named after it:
   booleans (--name / --noname), integers, floats and strings as such, tuples of integers or of
   strings as comma-separated lists. Each flag defaults to None: unset flags leave the
-  configuration's value (see ``config_overrides``)."""
+  configuration's value (see ``config_overrides``). Its help gives that value in each of
+  ``tiers`` ({name: configuration}), or the dataclass's default."""
   for field in dataclasses.fields(config_type):
     if field.name in exclude:
       continue
-    help_text = (f"Override the configuration's {field.name} ({config_type.__name__}'s default "
-                 f"{field.default}; a tier may set another).")
+    help_text = (f"Override the configuration's {field.name} ({_tier_values(field.name, tiers)})."
+                 if tiers else f"Override the configuration's {field.name} (default "
+                 f"{_flag_value(field.default)}).")
     if field.type is bool:
       flags.DEFINE_bool(field.name, None, help_text)
     elif field.type is int:
@@ -80,6 +83,18 @@ def define_config_flags(config_type, exclude: tuple[str, ...] = ()) -> None:
     else:
       kind = "names" if field.type == tuple[str, ...] else "integers"
       flags.DEFINE_list(field.name, None, help_text + f" Comma-separated {kind}.")
+
+
+def _flag_value(value) -> str:
+  return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _tier_values(name: str, tiers: dict[str, Any]) -> str:
+  """'X in every tier', or 'tier X, tier Y, ...' where the tiers differ."""
+  values = {tier: _flag_value(getattr(config, name)) for tier, config in tiers.items()}
+  if len(set(values.values())) == 1:
+    return f"{next(iter(values.values()))} in every tier"
+  return "; ".join(f"{tier}: {value}" for tier, value in values.items())
 
 
 def config_overrides(config_type, exclude: tuple[str, ...] = ()) -> dict:
@@ -155,8 +170,7 @@ def prepare_workdir(workdir: str, config: Any) -> None:
   wanted = as_json(config)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
-    with open(path) as f:
-      recorded = json.load(f)
+    recorded = read_json(path, "restore it, or use a new --workdir")
     diffs = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
     if diffs:
       details = ", ".join(f"{k}: recorded {recorded.get(k)!r}, now {wanted.get(k)!r}"
@@ -268,6 +282,15 @@ def record_config(workdir: str, config: Any) -> None:
 def as_json(config: Any) -> dict:
   """The config as it reads back from JSON (tuples become lists), for comparisons."""
   return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def read_json(path: str, remedy: str = "rerun the experiment that wrote it or remove it"):
+  """The JSON in path; a file that cannot be read as JSON is a ConfigError saying ``remedy``."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConfigError(f"{path} cannot be read as JSON ({e}); {remedy}.") from e
 
 
 def is_primary() -> bool:

@@ -93,7 +93,7 @@ def load_runs(workdir: str) -> dict[str, dict[str, tuple[str, dict, dict | None]
 def _read_gaps(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
-  return report.read_json(path, "rerun experiments.gaps on that run or remove the file")
+  return common.read_json(path, "rerun experiments.gaps on that run or remove the file")
 
 
 def _on_seeds(values: list, run_seeds: list, seeds: list) -> list:

@@ -29,7 +29,8 @@ flags.DEFINE_string("workdir", None, "The directory of a finished experiments.im
 flags.DEFINE_string("data_dir", None, "Where the run's data are now, if they moved (default: "
                     "where DIR/data.json says they were).")
 
-common.define_config_flags(configs.GapsConfig, exclude=("tier",))
+common.define_config_flags(configs.GapsConfig, exclude=("tier",),
+                           tiers={tier: configs.gaps_config(tier) for tier in configs.IMAGE_TIERS})
 
 
 def run_config(workdir: str) -> configs.ImageConfig:

@@ -49,7 +49,6 @@ DIR/gaps_refinement.png plots the refinement curves against K and against wall t
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Callable, NamedTuple
@@ -126,19 +125,10 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
 
 # Reading the run (nothing is written here: bad input leaves the workdir as it was).
 
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise common.ConfigError(f"{path} cannot be read ({e}); rerun the command that wrote "
-                             "it.") from e
-
-
 def run_models(workdir: str) -> tuple[list, list]:
   """The seeds and model names DIR/results.json reports."""
   path = os.path.join(workdir, "results.json")
-  run = _read_json(path)
+  run = common.read_json(path)
   seeds, models = (run.get(key) if isinstance(run, dict) else None for key in ("seeds", "models"))
   if not isinstance(seeds, list) or not seeds or not isinstance(models, dict) or not models:
     raise common.ConfigError(f"{path} lists no seeds or no models: there are no trained models "
@@ -256,7 +246,7 @@ def load_model(model: Model, workdir: str, name: str, seed: int, train: np.ndarr
 def run_passes(workdir: str, names: list) -> dict:
   """Each model's decoder passes per example, as DIR/results.json records them (0 for a run
   written before it did: no model then had feedback)."""
-  recorded = _read_json(os.path.join(workdir, "results.json")).get(
+  recorded = common.read_json(os.path.join(workdir, "results.json")).get(
       "decoder_passes_per_example", {})
   return {name: int(recorded.get(name, 0)) for name in names}
 
@@ -267,7 +257,7 @@ def run_images(config: ImageConfig, workdir: str, data_dir: str | None
   validation images (in {0, 1}, capped by max_valid) and its test split [N, 28, 28] in {0, 1}
   (not capped), read where DIR/data.json says (or data_dir), refused if they are not the data
   the run recorded."""
-  recorded = _read_json(os.path.join(workdir, "data.json"))
+  recorded = common.read_json(os.path.join(workdir, "data.json"))
   source = recorded.get("source", "auto")
   if data_dir is None:
     files = recorded.get("files") or []
@@ -294,7 +284,7 @@ def prepare_output(workdir: str, config: GapsConfig, num_examples: int) -> str:
   wanted = {**common.as_json(config), "num_examples": num_examples}
   path = os.path.join(partial_dir, "settings.json")
   if os.path.exists(path):
-    recorded = _read_json(path)
+    recorded = common.read_json(path)
     diffs = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
     if diffs:
       details = ", ".join(f"{k}: recorded {recorded.get(k)!r}, now {wanted.get(k)!r}"
@@ -397,7 +387,7 @@ def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: i
                  config: GapsConfig, path: str, name: str, progress: _Progress) -> dict:
   """One model and seed, chunk by chunk, its per-example results saved after every chunk in
   path (a rerun goes on from there). Returns them."""
-  partial = _read_json(path) if os.path.exists(path) else _new_partial(loaded)
+  partial = common.read_json(path) if os.path.exists(path) else _new_partial(loaded)
   if partial["checkpoint"] != loaded.checkpoint:
     raise common.ConfigError(
         f"{path} measured {partial['checkpoint']}, but the model is now {loaded.checkpoint} (the "
@@ -410,12 +400,7 @@ def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: i
   if partial["examples_done"] < n or partial["convergence_done"] < num_convergence:
     functions.compile_for(loaded, _pad(test[:0], size), example_keys(seed, 0, size))
 
-  def timed(phase, fn, *args, **kwargs):
-    begin = time.perf_counter()
-    out = jax.block_until_ready(fn(*args, **kwargs))
-    seconds[phase] += time.perf_counter() - begin
-    return out
-
+  timed = functools.partial(_timed, seconds)
   for begin in range(partial["examples_done"], n, size):
     count = min(size, n - begin)
     x, keys = _pad(test[begin:begin + count], size), example_keys(seed, begin, size)
@@ -438,12 +423,30 @@ def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: i
                     f", log p^ {np.mean(partial['log_px']):.2f}, q* steps "
                     f"{np.mean(partial['qstar_steps']):.0f}")
 
+  _check_convergence(functions, loaded, test, seed, path, name, progress, partial)
+  return partial
+
+
+def _timed(seconds: dict, phase: str, fn, *args, **kwargs):
+  """fn(*args, **kwargs), its wall seconds added to seconds[phase]."""
+  begin = time.perf_counter()
+  out = jax.block_until_ready(fn(*args, **kwargs))
+  seconds[phase] += time.perf_counter() - begin
+  return out
+
+
+def _check_convergence(functions: Functions, loaded: Loaded, test: np.ndarray, seed: int,
+                       path: str, name: str, progress: _Progress, partial: dict) -> None:
+  """The convergence check of a job (q* with the doubled budget on its first
+  convergence_examples examples), added to partial and saved in path chunk by chunk."""
+  size, decoder = functions.config.batch_size, loaded.params["decoder"]
+  num_convergence = min(functions.config.convergence_examples, test.shape[0])
   for begin in range(partial["convergence_done"], num_convergence, size):
     count = min(size, num_convergence - begin)
     x, keys = _pad(test[begin:begin + count], size), example_keys(seed, begin, size)
     mean, log_var = functions.encode(loaded)(loaded.params, loaded.frozen, x)
-    q = timed("qstar_doubled", functions.optimal_gaussian, decoder, x, mean, log_var, keys,
-              count, doubled=True)
+    q = _timed(partial["seconds"], "qstar_doubled", functions.optimal_gaussian, decoder, x, mean,
+               log_var, keys, count, doubled=True)
     elbo_qstar = functions.elbo(decoder, x, q.mean, q.log_var, keys)
     partial["elbo_qstar_doubled"] += np.asarray(elbo_qstar)[:count].tolist()
     partial["qstar_steps_doubled"] += np.asarray(q.steps)[:count].tolist()
@@ -453,7 +456,6 @@ def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: i
     moved = np.mean(partial["elbo_qstar_doubled"]) - np.mean(partial["elbo_qstar"][:done])
     progress.update(2 * count, f"{name}: convergence check {done}/{num_convergence} examples, "
                     f"twice the budget moves L[q*] by {moved:+.4f}")
-  return partial
 
 
 # Refinement from the VAE's encoder on the VAE's decoder: SA-VAE's settings and a tuned variant,
@@ -550,7 +552,7 @@ def compare_with_refinement(model: Model, config: GapsConfig, functions: Functio
                        "steps": steps, "elbo": results["vae"]["refinement"]["elbo"]}}
   if config.tune_examples:
     path = os.path.join(partial_dir, "tuned_refinement.json")
-    recorded = _read_json(path) if os.path.exists(path) else {}
+    recorded = common.read_json(path) if os.path.exists(path) else {}
     seed = min(vaes)
     if "tuning" not in recorded:
       recorded["tuning"] = tune_refinement(model, config, vaes[seed], valid[:config.tune_examples],
@@ -631,54 +633,61 @@ def _per_seed_values(per_job: dict, name: str, seeds: list, fn) -> list:
   return [fn(per_job[name, seed]) for seed in seeds]
 
 
+def _model_summary(per_job: dict, name: str, seeds: list, config: GapsConfig
+                   ) -> tuple[dict, list]:
+  """One model's entry of gaps.json, and its amortization gap per seed."""
+  steps = [0, *config.refine_steps]
+  mean = lambda field: lambda job: float(np.mean(job[field]))
+  values = functools.partial(_per_seed_values, per_job, name, seeds)
+  elbo, elbo_qstar, log_px = values(mean("elbo")), values(mean("elbo_qstar")), values(
+      mean("log_px"))
+  amortization = [a - b for a, b in zip(elbo_qstar, elbo)]
+  per_example = lambda job, phase: job["seconds"][phase] / max(
+      job["convergence_done" if phase == "qstar_doubled" else "examples_done"], 1)
+  encode = values(lambda job: per_example(job, "encode"))
+  refine_step = values(lambda job: per_example(job, "refine") / max(steps))
+  curve = values(lambda job: np.mean(job["refinement_elbo"], axis=0).tolist())
+  entry = {
+      "log_px": stats.summarize_seeds(log_px),
+      "elbo_qstar": stats.summarize_seeds(elbo_qstar),
+      "elbo": stats.summarize_seeds(elbo),
+      "approximation_gap": stats.summarize_seeds([a - b for a, b in zip(log_px, elbo_qstar)]),
+      "amortization_gap": stats.summarize_seeds(amortization),
+      "qstar_steps": stats.summarize_seeds(values(mean("qstar_steps"))),
+      "seconds_per_example": {phase: stats.summarize_seeds(
+          values(lambda job, p=phase: per_example(job, p))) for phase in PHASES},
+      "decoder_passes_per_second": {
+          "qstar": stats.summarize_seeds(values(
+              lambda job: job["qstar_steps_computed"] * config.qstar_samples
+              / max(job["seconds"]["qstar"], 1e-9))),
+          "log_px": stats.summarize_seeds(values(
+              lambda job: job["examples_done"] * config.iwae_samples
+              / max(job["seconds"]["log_px"], 1e-9)))},
+      "refinement": {
+          "steps": steps,
+          "elbo": [stats.summarize_seeds([c[i] for c in curve]) for i in range(len(steps))],
+          "seconds_per_example": [stats.summarize_seeds(
+              [e + k * r for e, r in zip(encode, refine_step)]) for k in steps]},
+  }
+  num_convergence = len(per_job[name, seeds[0]]["elbo_qstar_doubled"])
+  if num_convergence:
+    delta = values(lambda job: float(np.mean(job["elbo_qstar_doubled"])
+                                     - np.mean(job["elbo_qstar"][:len(
+                                         job["elbo_qstar_doubled"])])))
+    entry["convergence"] = {
+        "examples": num_convergence, "tolerance": config.convergence_tolerance,
+        "delta": stats.summarize_seeds(delta),
+        "converged": bool(all(abs(d) < config.convergence_tolerance for d in delta))}
+  return entry, amortization
+
+
 def summarize(per_job: dict, names: list, seeds: list, config: GapsConfig) -> dict:
   """gaps.json's content (see the module docstring) from each job's per-example results."""
   steps = [0, *config.refine_steps]
-  mean = lambda field: lambda job: float(np.mean(job[field]))
   results = {"models": names, "seeds": seeds}
   amortization = {}
   for name in names:
-    values = functools.partial(_per_seed_values, per_job, name, seeds)
-    elbo, elbo_qstar, log_px = values(mean("elbo")), values(mean("elbo_qstar")), values(
-        mean("log_px"))
-    amortization[name] = [a - b for a, b in zip(elbo_qstar, elbo)]
-    per_example = lambda job, phase: job["seconds"][phase] / max(
-        job["convergence_done" if phase == "qstar_doubled" else "examples_done"], 1)
-    encode = values(lambda job: per_example(job, "encode"))
-    refine_step = values(lambda job: per_example(job, "refine") / max(steps))
-    curve = values(lambda job: np.mean(job["refinement_elbo"], axis=0).tolist())
-    entry = {
-        "log_px": stats.summarize_seeds(log_px),
-        "elbo_qstar": stats.summarize_seeds(elbo_qstar),
-        "elbo": stats.summarize_seeds(elbo),
-        "approximation_gap": stats.summarize_seeds([a - b for a, b in zip(log_px, elbo_qstar)]),
-        "amortization_gap": stats.summarize_seeds(amortization[name]),
-        "qstar_steps": stats.summarize_seeds(values(mean("qstar_steps"))),
-        "seconds_per_example": {phase: stats.summarize_seeds(
-            values(lambda job, p=phase: per_example(job, p))) for phase in PHASES},
-        "decoder_passes_per_second": {
-            "qstar": stats.summarize_seeds(values(
-                lambda job: job["qstar_steps_computed"] * config.qstar_samples
-                / max(job["seconds"]["qstar"], 1e-9))),
-            "log_px": stats.summarize_seeds(values(
-                lambda job: job["examples_done"] * config.iwae_samples
-                / max(job["seconds"]["log_px"], 1e-9)))},
-        "refinement": {
-            "steps": steps,
-            "elbo": [stats.summarize_seeds([c[i] for c in curve]) for i in range(len(steps))],
-            "seconds_per_example": [stats.summarize_seeds(
-                [e + k * r for e, r in zip(encode, refine_step)]) for k in steps]},
-    }
-    num_convergence = len(per_job[name, seeds[0]]["elbo_qstar_doubled"])
-    if num_convergence:
-      delta = values(lambda job: float(np.mean(job["elbo_qstar_doubled"])
-                                       - np.mean(job["elbo_qstar"][:len(
-                                           job["elbo_qstar_doubled"])])))
-      entry["convergence"] = {
-          "examples": num_convergence, "tolerance": config.convergence_tolerance,
-          "delta": stats.summarize_seeds(delta),
-          "converged": bool(all(abs(d) < config.convergence_tolerance for d in delta))}
-    results[name] = entry
+    results[name], amortization[name] = _model_summary(per_job, name, seeds, config)
   if "vae" in names:
     for name in names:
       if name != "vae":

@@ -33,7 +33,10 @@ flags.DEFINE_string("data_dir", None, "Directory of local data files or of prepa
 flags.DEFINE_enum("source", "auto", list(SOURCES),
                   "Where to read the data: local files, TFDS, or local when present.")
 common.define_run_flags()
-common.define_config_flags(configs.ImageConfig, exclude=("dataset", "tier"))
+# The help gives each tier's value for MNIST (other data sets differ in weight_decay only).
+common.define_config_flags(configs.ImageConfig, exclude=("dataset", "tier"),
+                           tiers={tier: configs.image_config("mnist", tier)
+                                  for tier in configs.IMAGE_TIERS})
 
 
 def config_from_flags() -> configs.ImageConfig:

@@ -151,8 +151,7 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
   them, {name: Selected}. Each model is trained alone (``make_epoch_fn``). The stage-2 models
   (IA-VAEs and controls) start from the VAE, scored before their first step
   (``validation_score``): with config.start_as_candidate that start is selected unless an epoch
-  scores higher. Stages that
-  start from a checkpoint are appended to ``resumed``."""
+  scores higher. Stages that start from a checkpoint are appended to ``resumed``."""
   config = model.config
   train = jnp.asarray(data.train)
   valid = jnp.asarray(data.valid)
@@ -185,26 +184,28 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
     selected[name] = Selected(state.best_params, state.frozen, int(state.best_epoch),
                               float(state.best_score), start)
 
-  run("vae", MODEL_SPECS["vae"], model, None, None)
-  vae = selected["vae"].params
-  frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
-  psi = model.init_hypernet(training.model_keys(seed, MODEL_SPECS["iavae"].key_id)[0],
-                            blocks.BlockLayout.from_tree(vae["encoder"]))
-  for name in config.models:
-    spec = MODEL_SPECS[name]
-    if name == "vae":
-      continue
-    if spec.kind == "vae":
-      run(name, spec, image_vae.matched_model(model) if spec.matched else model, None, None)
-    elif spec.kind == "iavae":
-      run(name, spec, model, {"hypernet": psi, "decoder": vae["decoder"]}, frozen)
-    elif spec.kind == "corrector":
-      omega = model.init_corrector(training.model_keys(seed, MODEL_SPECS["corrector"].key_id)[0])
-      run(name, spec, model, {"corrector": omega, "decoder": vae["decoder"]}, frozen)
-    else:
-      run(name, spec, model, {"encoder": vae["encoder"], "decoder": vae["decoder"]},
-          {"batch_stats": vae["batch_stats"]})
+  for name in ("vae",) + tuple(name for name in config.models if name != "vae"):
+    vae = selected["vae"].params if name != "vae" else None
+    run(name, MODEL_SPECS[name], *starting_point(model, name, seed, vae))
   return selected
+
+
+def starting_point(model: Model, name: str, seed: int, vae: dict | None
+                   ) -> tuple[Model, dict | None, dict | None]:
+  """The model ``name``'s architecture, initial parameters (None: a fresh VAE's, drawn by the
+  caller) and frozen inputs; the models of stage 2 start from the seed's trained VAE ``vae``."""
+  spec = MODEL_SPECS[name]
+  if spec.kind == "vae":
+    return image_vae.matched_model(model) if spec.matched else model, None, None
+  frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
+  init_key = training.model_keys(seed, spec.key_id)[0]
+  if spec.kind == "iavae":
+    psi = model.init_hypernet(init_key, blocks.BlockLayout.from_tree(vae["encoder"]))
+    return model, {"hypernet": psi, "decoder": vae["decoder"]}, frozen
+  if spec.kind == "corrector":
+    return model, {"corrector": model.init_corrector(init_key), "decoder": vae["decoder"]}, frozen
+  return (model, {"encoder": vae["encoder"], "decoder": vae["decoder"]},
+          {"batch_stats": vae["batch_stats"]})
 
 
 def evaluation_inputs(model: Model, name: str, selected: dict, train: jax.Array
@@ -358,8 +359,7 @@ def check_data(workdir: str, info: dict) -> None:
   path = os.path.join(workdir, "data.json")
   wanted = json.loads(json.dumps(info))
   if os.path.exists(path):
-    with open(path) as f:
-      recorded = json.load(f)
+    recorded = common.read_json(path, "use a new --workdir")
     if recorded != wanted:
       raise common.ConfigError(
           f"--workdir={workdir} holds a run on other data (recorded {recorded}, now {wanted}); "

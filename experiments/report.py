@@ -41,7 +41,6 @@ input (no results, two results for one data set, a malformed results file) exits
 """
 
 import glob
-import json
 import math
 import os
 from typing import Callable
@@ -81,20 +80,11 @@ MODEL_NAMES = {"vae": "VAE", "iavae": "IA-VAE", "control": "control",
                "iavae_frozen_decoder_mean_context": "IA-VAE, decoder frozen, mean input"}
 
 
-def read_json(path: str, remedy: str = "rerun the experiment that wrote it or remove it"):
-  """The JSON in path; a file that cannot be read as JSON is a ConfigError saying ``remedy``."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise common.ConfigError(f"{path} cannot be read as JSON ({e}); {remedy}.") from e
-
-
 def find_results(workdir: str) -> list[str]:
   """Paths of every results.json under workdir written by experiments.images, sorted."""
   found = []
   for path in sorted(glob.glob(os.path.join(workdir, "**", "results.json"), recursive=True)):
-    data = read_json(path)
+    data = common.read_json(path)
     if isinstance(data, dict) and data.get("experiment") == EXPERIMENT:
       found.append(path)
   return found
@@ -118,7 +108,7 @@ def results_under(workdir: str) -> list[str]:
 def load_results(path: str, required: tuple[str, ...] = MODELS) -> dict:
   """Reads one images results.json and checks the fields Table 4 needs (of the ``required``
   models, and of the ablations it holds)."""
-  data = read_json(path)
+  data = common.read_json(path)
   for key in ("dataset", "seeds", "models"):
     if key not in data:
       raise common.ConfigError(f"{path} has no {key!r}; it is not a complete results.json of "

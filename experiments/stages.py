@@ -46,19 +46,7 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, da
   """
   directory = os.path.join(workdir, "checkpoints", name)
   ckpt = checkpoints.Checkpointer(directory, max_to_keep=KEPT_CHECKPOINTS)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    try:
-      states = ckpt.restore(like=states)
-    except Exception as e:  # orbax raises several types for structure, shape and read errors
-      ckpt.close()
-      raise common.ConfigError(
-          f"the checkpoint in {directory} cannot be restored into this configuration's stage "
-          f"'{name}': it was written by another configuration or is damaged "
-          f"({type(e).__name__}: {str(e)[:300]}). Use a new --workdir; if it is damaged, delete "
-          f"{os.path.join(directory, str(latest))} to resume from the previous checkpoint, or "
-          f"{directory} to retrain this stage.") from e
-    print(f"[{name}] resumed from the checkpoint at epoch {ckpt.latest_step()}", flush=True)
+  states = _restored(ckpt, states, name, directory)
   _check_free_space(name, directory, states)
   num_models = int(np.size(states.epoch))
   names = model_names or ([name] if num_models == 1 else
@@ -66,35 +54,9 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, da
   log = common.StageLog(name, workdir, schedule.max_epochs, num_models,
                         data.shape[0] // schedule.batch_size,
                         start_epoch=int(jnp.max(states.epoch)), tensorboard=tensorboard)
-  last_saved = [ckpt.latest_step() or 0]
-  epochs_before = [np.asarray(states.epoch).reshape(-1)]
-
-  def on_chunk(states, metrics):
-    if cancelled is not None and cancelled():
-      raise common.Cancelled(name)
-    reported = time.time()
-    # NumPy copies (gathered if spread over hosts); the whole state only when it is saved.
-    metrics, epochs, best, done = parallel_lib.to_host(
-        (metrics, states.epoch, states.best_score, training.is_done(states, schedule)))
-    _check_finite(name, names, epochs_before[0], metrics, directory, last_saved[0])
-    log.chunk(epochs_before[0], epochs.reshape(-1), metrics, best.reshape(-1),
-              done.reshape(-1))
-    epochs_before[0] = epochs.reshape(-1)
-    epoch = int(epochs.max())
-    if done.all() or epoch // checkpoint_every > last_saved[0] // checkpoint_every:
-      try:
-        ckpt.save(epoch, parallel_lib.to_host(states))
-      except Exception as e:
-        raise common.RunError(
-            f"[{name}] could not write the checkpoint of epoch {epoch} in {directory} "
-            f"({type(e).__name__}: {str(e)[:300]}). Free disk space or fix the directory's "
-            "permissions, then rerun the same command: it resumes from the last checkpoint "
-            f"(epoch {last_saved[0]}).") from e
-      last_saved[0] = epoch
-    # The next chunk's time: a population's next chunk already runs (train_population dispatches
-    # it before calling on_chunk); a single model's next epoch starts after this checkpoint.
-    log.restart_clock(reported if epochs_per_call is not None else time.time())
-
+  on_chunk = _OnChunk(name, names, directory, ckpt, log, schedule, checkpoint_every,
+                      np.asarray(states.epoch).reshape(-1), epochs_per_call is not None,
+                      cancelled)
   try:
     if epochs_per_call is not None:
       states = training.train_population(epoch_fn, states, data, order_seeds, schedule,
@@ -106,6 +68,69 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, da
     ckpt.close()
     log.close()
   return states if parallel is None else parallel_lib.to_host(states)
+
+
+def _restored(ckpt: checkpoints.Checkpointer, states, name: str, directory: str):
+  """states from the stage's latest checkpoint, if it has one; ConfigError if that cannot be
+  restored into them."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    return states
+  try:
+    states = ckpt.restore(like=states)
+  except Exception as e:  # orbax raises several types for structure, shape and read errors
+    ckpt.close()
+    raise common.ConfigError(
+        f"the checkpoint in {directory} cannot be restored into this configuration's stage "
+        f"'{name}': it was written by another configuration or is damaged "
+        f"({type(e).__name__}: {str(e)[:300]}). Use a new --workdir; if it is damaged, delete "
+        f"{os.path.join(directory, str(latest))} to resume from the previous checkpoint, or "
+        f"{directory} to retrain this stage.") from e
+  print(f"[{name}] resumed from the checkpoint at epoch {latest}", flush=True)
+  return states
+
+
+class _OnChunk:
+  """What run_stage does after every chunk of epochs (training.train_population's or
+  train_model's on_chunk): cancellation, the fault checks, the log, and a checkpoint every
+  checkpoint_every epochs and when every model is done."""
+
+  def __init__(self, name, model_names, directory, ckpt, log, schedule, checkpoint_every,
+               epochs, population: bool, cancelled):
+    self.name, self.model_names, self.directory, self.ckpt, self.log = (
+        name, model_names, directory, ckpt, log)
+    self.schedule, self.checkpoint_every, self.population = schedule, checkpoint_every, population
+    self.cancelled, self.epochs_before, self.last_saved = cancelled, epochs, ckpt.latest_step() or 0
+
+  def __call__(self, states, metrics):
+    if self.cancelled is not None and self.cancelled():
+      raise common.Cancelled(self.name)
+    reported = time.time()
+    # NumPy copies (gathered if spread over hosts); the whole state only when it is saved.
+    metrics, epochs, best, done = parallel_lib.to_host(
+        (metrics, states.epoch, states.best_score, training.is_done(states, self.schedule)))
+    _check_finite(self.name, self.model_names, self.epochs_before, metrics, self.directory,
+                  self.last_saved)
+    self.log.chunk(self.epochs_before, epochs.reshape(-1), metrics, best.reshape(-1),
+                   done.reshape(-1))
+    self.epochs_before = epochs.reshape(-1)
+    epoch = int(epochs.max())
+    if done.all() or epoch // self.checkpoint_every > self.last_saved // self.checkpoint_every:
+      self._save(epoch, states)
+    # The next chunk's time: a population's next chunk already runs (train_population dispatches
+    # it before calling on_chunk); a single model's next epoch starts after this checkpoint.
+    self.log.restart_clock(reported if self.population else time.time())
+
+  def _save(self, epoch: int, states) -> None:
+    try:
+      self.ckpt.save(epoch, parallel_lib.to_host(states))
+    except Exception as e:
+      raise common.RunError(
+          f"[{self.name}] could not write the checkpoint of epoch {epoch} in {self.directory} "
+          f"({type(e).__name__}: {str(e)[:300]}). Free disk space or fix the directory's "
+          "permissions, then rerun the same command: it resumes from the last checkpoint "
+          f"(epoch {self.last_saved}).") from e
+    self.last_saved = epoch
 
 
 def _check_finite(name, model_names, epochs_before, metrics: training.EpochMetrics, directory,

@@ -31,7 +31,9 @@ flags.DEFINE_bool("plumbing_check", False,
                   "about a minute).")
 flags.DEFINE_alias("quick", "plumbing_check")
 common.define_run_flags()
-common.define_config_flags(configs.SyntheticConfig)
+common.define_config_flags(configs.SyntheticConfig,
+                           tiers={"full": configs.synthetic_full(),
+                                  "plumbing_check": configs.synthetic_plumbing_check()})
 
 
 def config_from_flags() -> configs.SyntheticConfig:

@@ -481,3 +481,12 @@ def test_paper_tier_steps_on_cpu():
     ckpt.save(1, state)
     chex.assert_trees_all_equal(ckpt.restore(like=state), state)
     ckpt.close()
+
+
+def test_help_gives_every_tiers_value_of_a_flag():
+  result = run("experiments.images", "--helpfull")   # absl's help exits with 1
+  text = " ".join(result.stdout.split())
+  values = "; ".join(f"{tier}: {configs.image_config('mnist', tier).latent_dim}"
+                     for tier in configs.IMAGE_TIERS)
+  assert f"--latent_dim: Override the configuration's latent_dim ({values})." in text
+  assert "--hypernet: Override the configuration's hypernet (mlp in every tier)." in text
