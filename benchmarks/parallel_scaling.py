@@ -49,7 +49,7 @@ def main(argv):
   x = synthetic.generate(jax.random.PRNGKey(0), config.num_examples, config.sigma).x
   indices = [(v,) for v in range(config.num_vae_seeds)]
   init_keys, train_keys, order_seeds = training.population_keys(
-      [(config.seed, 1) + index for index in indices])
+      [(config.seed, configs.SYNTHETIC_KEY_IDS["vae"]) + index for index in indices])
   encoder = encoders.MLPEncoder(config.encoder_width)
   params = jax.vmap(lambda k: encoder.init(k, x[0])["params"])(init_keys)
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)

@@ -29,6 +29,8 @@ import time
 
 from absl import app, flags
 
+from experiments import configs
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("epochs", 3, "Epochs per timed call.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per variant (after one compiling call).")
@@ -48,27 +50,29 @@ def _populations(config, x):
   from iavae_jax import blocks, hypernets, synthetic_vae, training
   from iavae_jax.models import encoders
 
-  def keys(stage_id, indices):
-    return training.population_keys([(config.seed, stage_id) + index for index in indices])
+  def keys(stage, indices):   # as the protocol keys its populations
+    return training.population_keys(
+        [(config.seed, configs.SYNTHETIC_KEY_IDS[stage]) + index for index in indices])
 
-  def vae_params(indices, widths, stage_id):
-    init_keys, train_keys, order_seeds = keys(stage_id, indices)
+  def vae_params(indices, widths, stage):
+    init_keys, train_keys, order_seeds = keys(stage, indices)
     params = [encoders.pad_hidden(encoders.MLPEncoder(w).init(k, x[0])["params"], max(widths))
               for w, k in zip(widths, init_keys)]
     return jax.tree.map(lambda *a: jnp.stack(a), *params), train_keys, order_seeds
 
   vae_indices = [(v,) for v in range(config.num_vae_seeds)]
   phi, vae_keys, vae_seeds = vae_params(vae_indices, [config.encoder_width] * len(vae_indices),
-                                        1)
+                                        "vae")
   layout = blocks.BlockLayout.from_tree(jax.tree.map(lambda a: a[0], phi))
   hypernet = hypernets.LinearHypernet(layout, config.embed_dim, config.hypernet_init_std)
   iavae_indices = [(v, s) for v in range(config.num_vae_seeds)
                    for s in range(config.num_iavae_seeds)]
-  init_keys, iavae_keys, iavae_seeds = keys(2, iavae_indices)
+  init_keys, iavae_keys, iavae_seeds = keys("iavae", iavae_indices)
   psi = jax.vmap(lambda k: hypernet.init(k, x[0])["params"])(init_keys)
   phi_avi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi)
   sweep_indices = [(w, s) for w in config.sweep_widths for s in range(config.num_sweep_seeds)]
-  sweep, sweep_keys, sweep_seeds = vae_params(sweep_indices, [w for w, _ in sweep_indices], 3)
+  sweep, sweep_keys, sweep_seeds = vae_params(sweep_indices, [w for w, _ in sweep_indices],
+                                              "sweep")
   max_width = max(config.sweep_widths)
   return {
       "vae": (phi, None, vae_keys, vae_seeds, synthetic_vae.vae_encode(config.encoder_width),
@@ -113,7 +117,6 @@ def main(argv):
   import jax
   from iavae_jax import synthetic_vae
   from iavae_jax.data import synthetic
-  from experiments import configs
 
   config = configs.synthetic_full()
   x = synthetic.generate(jax.random.PRNGKey(config.data_seed), config.num_examples,

@@ -61,6 +61,10 @@ class SyntheticConfig(hparams.SyntheticVAEConfig):
     return self
 
 
+# The synthetic populations' key ids: a model's keys derive from (seed, key id, *its index).
+SYNTHETIC_KEY_IDS = {"vae": 1, "iavae": 2, "sweep": 3}
+
+
 def synthetic_full() -> SyntheticConfig:
   """The paper's protocol: 10 VAEs x 10 IA-VAEs, up to 1000 epochs, patience 100."""
   return SyntheticConfig()

@@ -27,10 +27,9 @@ from iavae_jax import blocks, exact, hypernets, plots, synthetic_vae, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders, oracle
-from experiments import common, stages
+from experiments import common, configs, stages
 from experiments.configs import SyntheticConfig
 
-STAGE_IDS = {"vae": 1, "iavae": 2, "sweep": 3}
 # How errors name a model of a stage, from its index tuple (see model_keys).
 MODEL_NAMES = {"vae": "VAE seed {}", "iavae": "IA-VAE seed {1} on VAE seed {0}",
                "sweep": "sweep VAE of width {} (seed {})"}
@@ -42,7 +41,7 @@ def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...
   """Init and training keys [M, 2], and data-order seeds [M, K], for models named by index
   tuples (``training.model_keys`` of (seed, stage id, *index))."""
   return training.population_keys(
-      [(config.seed, STAGE_IDS[stage]) + tuple(index) for index in indices])
+      [(config.seed, configs.SYNTHETIC_KEY_IDS[stage]) + tuple(index) for index in indices])
 
 
 def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: Callable,

@@ -30,7 +30,6 @@ __all__ = ["FEEDBACKS", "elbo_gradient", "preprocess_gradient", "residual", "con
            "decoder_passes", "Corrector", "iterative_correct"]
 
 
-
 def elbo_gradient(log_likelihood_fn: objectives.LogLikelihoodFn, mean: jax.Array,
                   log_var: jax.Array, eps: jax.Array) -> tuple[jax.Array, jax.Array]:
   """d ELBO / d (mean, log_var) of every example, with the noise eps [S, k] (the same draws for

@@ -365,16 +365,17 @@ class Compiled:
   def compile(self, *args):
     """Compiles for args (arrays or jax.ShapeDtypeStruct) if not yet; returns the output's
     shapes."""
-    signature = _signature(args)
-    if signature not in self._compiled:
-      self._compiled[signature] = self._jitted.lower(*args).compile()
+    self._executable(args)
     return jax.eval_shape(self._jitted, *args)
 
   def __call__(self, *args):
+    return self._executable(args)(*args)
+
+  def _executable(self, args):
     signature = _signature(args)
     if signature not in self._compiled:
-      self.compile(*args)
-    return self._compiled[signature](*args)
+      self._compiled[signature] = self._jitted.lower(*args).compile()
+    return self._compiled[signature]
 
 
 def _signature(args) -> tuple:
