@@ -56,9 +56,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from iavae_jax import blocks, gaps, image_vae, plots, stats
+from iavae_jax import checkpoints, gaps, image_vae, plots, stats
 from iavae_jax.data import images
 from iavae_jax.image_vae import Model
 from experiments import common, configs
@@ -138,20 +137,12 @@ def run_models(workdir: str) -> tuple[list, list]:
 
 class Loaded(NamedTuple):
   """One trained model: its parameters, what its encoder needs, and where it came from."""
-  kind: str            # "vae", "control", "iavae" or "corrector" (see _kind)
+  kind: str            # "vae", "control", "iavae" or "corrector" (image_vae.kind_of)
   params: dict         # best_params: the decoder's under "decoder"
   frozen: dict         # what it uses but did not train (TrainState.frozen): phi_AVI, the VAE's
                        # batch-norm statistics
   encode: Callable     # encode(params, frozen, x [B, 28, 28, 1]) -> (mean, log_var) [B, k]
   checkpoint: str      # "{directory} step {step}": partial results of another are refused
-
-
-def _kind(params) -> str | None:
-  keys = set(params) if isinstance(params, dict) else set()
-  return {frozenset({"encoder", "decoder", "batch_stats"}): "vae",
-          frozenset({"encoder", "decoder"}): "control",
-          frozenset({"hypernet", "decoder"}): "iavae",
-          frozenset({"corrector", "decoder"}): "corrector"}.get(frozenset(keys))
 
 
 def _restore(workdir: str, name: str, seed: int) -> tuple[dict, dict, str]:
@@ -162,36 +153,23 @@ def _restore(workdir: str, name: str, seed: int) -> tuple[dict, dict, str]:
     raise common.ConfigError(f"{directory} is missing: results.json lists model {name!r} for "
                              f"seed {seed}, but its checkpoint is gone. Rerun experiments.images "
                              "in this workdir to restore it.")
-  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  ckpt = checkpoints.Checkpointer(directory)
   try:
-    step = manager.latest_step()
+    step = ckpt.latest_step()
     if step is None:
       raise common.ConfigError(f"{directory} holds no complete checkpoint; rerun "
                                "experiments.images in this workdir.")
-    state = manager.restore(step, args=ocp.args.StandardRestore())
+    state = ckpt.restore(step=step)
   except common.ConfigError:
     raise
   except Exception as e:  # orbax raises several types for damaged files
     raise common.ConfigError(f"the checkpoint in {directory} cannot be read ({type(e).__name__}: "
                              f"{str(e)[:300]}).") from e
   finally:
-    manager.close()
+    ckpt.close()
   if not isinstance(state, dict) or not isinstance(state.get("best_params"), dict):
     raise common.ConfigError(f"{directory} does not hold a training state with best_params.")
   return state["best_params"], state.get("frozen"), f"{directory} step {step}"
-
-
-def _check_shapes(tree, expected, where: str, workdir: str) -> None:
-  """Refuses parameters of another architecture than DIR/config.json describes."""
-  flat = lambda t: {jax.tree_util.keystr(path): tuple(np.shape(leaf))
-                    for path, leaf in jax.tree_util.tree_flatten_with_path(t)[0]}
-  got, want = flat(tree), flat(expected)
-  if got != want:
-    first = next(k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k))
-    raise common.ConfigError(
-        f"{where} holds parameters of another architecture than {workdir}/config.json describes "
-        f"(at {first}: checkpoint {got.get(first)}, config {want.get(first)}). Was config.json "
-        "edited? Restore it, or rerun experiments.images in a new workdir.")
 
 
 def load_model(model: Model, workdir: str, name: str, seed: int, train: np.ndarray) -> Loaded:
@@ -209,7 +187,7 @@ def load_model(model: Model, workdir: str, name: str, seed: int, train: np.ndarr
   if spec is not None and spec.matched:
     model = image_vae.matched_model(model)
   params, frozen, where = _restore(workdir, name, seed)
-  kind = _kind(params)
+  kind = image_vae.kind_of(params)
   if kind is None:
     raise common.ConfigError(f"{where}: model {name!r} has parameters {sorted(params)}, none of "
                              "the shapes this command can measure (a VAE, an IA-VAE, a control, "
@@ -220,26 +198,13 @@ def load_model(model: Model, workdir: str, name: str, seed: int, train: np.ndarr
     vae = _restore(workdir, "vae", seed)[0]
     frozen = ({"batch_stats": vae["batch_stats"]} if kind == "control"
               else {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]})
-  key, x0 = jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))
-  encoder = jax.eval_shape(model.encoder.init, key, x0)
-  encoder.setdefault("batch_stats", {})   # none for an encoder without batch norm
-  decoder = jax.eval_shape(model.decoder.init, key, x0,
-                           jnp.zeros((1, model.config.latent_dim)))["params"]
-  if kind == "vae":
-    inference, expected_frozen = {"encoder": encoder["params"],
-                                  "batch_stats": encoder["batch_stats"]}, {}
-  elif kind == "control":
-    inference, expected_frozen = ({"encoder": encoder["params"]},
-                                  {"batch_stats": encoder["batch_stats"]})
-  else:
-    layout = blocks.BlockLayout.from_tree(encoder["params"])
-    inference = ({"hypernet": jax.eval_shape(lambda k: model.init_hypernet(k, layout), key)}
-                 if kind == "iavae" else
-                 {"corrector": jax.eval_shape(model.init_corrector, key)})
-    expected_frozen = {"phi_avi": encoder["params"], "batch_stats": encoder["batch_stats"]}
-  _check_shapes({"params": params, "frozen": frozen},
-                {"params": {**inference, "decoder": decoder}, "frozen": expected_frozen},
-                where, workdir)
+  try:
+    image_vae.check_params(model, kind, params, frozen)
+  except ValueError as e:
+    raise common.ConfigError(
+        f"{where} holds parameters of another architecture than {workdir}/config.json describes "
+        f"({e}). Was config.json edited? Restore it, or rerun experiments.images in a new "
+        "workdir.") from e
   return Loaded(kind, params, frozen, image_vae.encode_fn(model, kind, frozen), where)
 
 
@@ -574,7 +539,7 @@ def compare_with_refinement(model: Model, config: GapsConfig, functions: Functio
         "tuning": recorded["tuning"]}
   for curve in curves.values():
     curve["decoder_passes"] = [2 * curve["settings"]["samples_per_step"] * k for k in steps]
-  worth = {name: {label: steps_to_reach(steps, curve["elbo"],
+  worth = {name: {label: gaps.steps_to_reach(steps, curve["elbo"],
                                         results[name]["refinement"]["elbo"][0],  # its K = 0
                                         interpolate=True)
                   for label, curve in curves.items()} for name in shared}
@@ -698,34 +663,9 @@ def summarize(per_job: dict, names: list, seeds: list, config: GapsConfig) -> di
     results["refinement_steps_to_match_iavae"] = {}
     for name in names:
       if name != "iavae":
-        results["refinement_steps_to_match_iavae"][name] = steps_to_reach(
+        results["refinement_steps_to_match_iavae"][name] = gaps.steps_to_reach(
             steps, results[name]["refinement"]["elbo"], single_pass)
   return results
-
-
-def steps_to_reach(steps: list, curve: list, target: dict, interpolate: bool = False) -> dict:
-  """Where a refinement curve (its ELBO summaries at ``steps``) first reaches a target ELBO (a
-  summary): {"per_seed": [...], "of_the_means": ...}, each the first recorded step at which the
-  curve is at or above the target, or with ``interpolate`` the step linearly interpolated
-  between the recorded ones (0 if it starts there); None where it never does within the largest
-  step, or where a value is undefined (a diverged seed)."""
-  def first(values, goal):
-    if goal is None:
-      return None
-    previous = None
-    for k, value in zip(steps, values):
-      if value is not None and value >= goal:
-        if not interpolate:
-          return k
-        if previous is None:
-          return 0.0 if k == steps[0] else None
-        k0, v0 = previous
-        return float(k0 + (k - k0) * (goal - v0) / (value - v0))
-      previous = None if value is None else (k, value)
-    return None
-  return {"per_seed": [first([c["per_seed"][i] for c in curve], goal)
-                       for i, goal in enumerate(target["per_seed"])],
-          "of_the_means": first([c["mean"] for c in curve], target["mean"])}
 
 
 def _cell(summary: dict, digits: int = 2) -> str:

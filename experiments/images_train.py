@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import blocks, image_vae, plots, training
+from iavae_jax import image_vae, plots, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import images
 from iavae_jax.image_vae import Model
@@ -197,15 +197,8 @@ def starting_point(model: Model, name: str, seed: int, vae: dict | None
   spec = MODEL_SPECS[name]
   if spec.kind == "vae":
     return image_vae.matched_model(model) if spec.matched else model, None, None
-  frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
   init_key = training.model_keys(seed, spec.key_id)[0]
-  if spec.kind == "iavae":
-    psi = model.init_hypernet(init_key, blocks.BlockLayout.from_tree(vae["encoder"]))
-    return model, {"hypernet": psi, "decoder": vae["decoder"]}, frozen
-  if spec.kind == "corrector":
-    return model, {"corrector": model.init_corrector(init_key), "decoder": vae["decoder"]}, frozen
-  return (model, {"encoder": vae["encoder"], "decoder": vae["decoder"]},
-          {"batch_stats": vae["batch_stats"]})
+  return model, *image_vae.stage_start(model, spec.kind, vae, init_key)
 
 
 def evaluation_inputs(model: Model, name: str, selected: dict, train: jax.Array

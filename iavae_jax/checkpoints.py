@@ -43,13 +43,16 @@ class Checkpointer:
       self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
       self._manager.wait_until_finished()
 
-  def restore(self, like: PyTree, step: Optional[int] = None) -> PyTree:
-    """Restores ``step`` (default: the latest) into a tree with the structure of ``like``."""
+  def restore(self, like: Optional[PyTree] = None, step: Optional[int] = None) -> PyTree:
+    """Restores ``step`` (default: the latest) into a tree with the structure of ``like``, or
+    (None) as it was saved: nested dicts of NumPy arrays, for reading a checkpoint whose
+    structure is not known beforehand."""
     with _ORBAX:
       step = self.latest_step() if step is None else step
       if step is None:
         raise FileNotFoundError(f"no checkpoint in {self._manager.directory}")
-      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+      abstract = (None if like is None
+                  else jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
   def close(self) -> None:

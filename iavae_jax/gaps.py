@@ -41,7 +41,7 @@ __all__ = ["CONVERGENCE_TOLERANCE", "QStarSettings", "SA_VAE_BATCH_SIZE", "Refin
            "elbo_estimate", "log_px_estimate", "QStarSearch", "start_search", "search_step",
            "search_check", "QStar", "search_result", "optimize_gaussian", "drive_search",
            "Refinement", "Refined", "start_refinement", "refinement_step", "refine",
-           "drive_refinement", "Compiled", "Measurements"]
+           "drive_refinement", "steps_to_reach", "Compiled", "Measurements"]
 
 CONVERGENCE_TOLERANCE = 0.05   # nats, on the mean of L[q*] over the examples
 
@@ -473,3 +473,30 @@ class Measurements:
     """The refined (mean, log_var) after each of refine_steps (0 first): [B, K, k] each."""
     return drive_refinement(lambda r: self.refine_step(decoder_params, x, r),
                             self.refine_start(mean, log_var, keys), self.refine_steps)
+
+
+def steps_to_reach(steps: list, curve: list, target: dict, interpolate: bool = False) -> dict:
+  """Where a refinement curve first reaches a target ELBO, over seeds: ``curve`` holds the
+  ELBO's summaries (iavae_jax.stats.summarize_seeds: {"mean", "std", "per_seed"}) after each of
+  ``steps`` refinement steps, ``target`` one summary (e.g. an amortized model's ELBO). Returns
+  {"per_seed": [...], "of_the_means": ...}, each the first recorded step at which the curve is
+  at or above the target, or with ``interpolate`` the step linearly interpolated
+  between the recorded ones (0 if it starts there); None where it never does within the largest
+  step, or where a value is undefined (a diverged seed)."""
+  def first(values, goal):
+    if goal is None:
+      return None
+    previous = None
+    for k, value in zip(steps, values):
+      if value is not None and value >= goal:
+        if not interpolate:
+          return k
+        if previous is None:
+          return 0.0 if k == steps[0] else None
+        k0, v0 = previous
+        return float(k0 + (k - k0) * (goal - v0) / (value - v0))
+      previous = None if value is None else (k, value)
+    return None
+  return {"per_seed": [first([c["per_seed"][i] for c in curve], goal)
+                       for i, goal in enumerate(target["per_seed"])],
+          "of_the_means": first([c["mean"] for c in curve], target["mean"])}

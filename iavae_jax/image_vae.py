@@ -40,9 +40,9 @@ from iavae_jax.hparams import KINDS, ImageVAEConfig
 from iavae_jax.data import images
 from iavae_jax.models import decoders, encoders, pixelcnn
 
-__all__ = ["ImageVAEConfig", "Model", "Batch", "encode_fn", "stage_optimizer", "kl_weight",
-           "train_step", "dataset_elbo", "evaluate", "reconstruct", "matched_model",
-           "mean_inputs", "param_counts"]
+__all__ = ["ImageVAEConfig", "Model", "Batch", "encode_fn", "stage_start", "kind_of",
+           "check_params", "stage_optimizer", "kl_weight", "train_step", "dataset_elbo",
+           "evaluate", "reconstruct", "matched_model", "mean_inputs", "param_counts"]
 
 _FEEDBACK_KEY = 7   # the fixed noise of the gradient feedback, folded with the pass
 
@@ -311,6 +311,60 @@ def encode_fn(model: Model, kind: str, frozen) -> EncodeFn:
     raise ValueError(f"encode_fn: kind={kind!r} is not one of {', '.join(KINDS)}.")
   layout = blocks.BlockLayout.from_tree(frozen["phi_avi"]) if kind == "iavae" else None
   return model._encode_fn(kind, layout)  # pylint: disable=protected-access
+
+
+def stage_start(model: Model, kind: str, vae: dict, key: jax.Array) -> tuple[dict, dict]:
+  """The initial parameters and frozen inputs of a stage-2 model of this kind ("iavae",
+  "control" or "corrector") from a trained VAE's parameters {encoder, decoder, batch_stats}:
+  the IA-VAE and the corrector over phi_AVI = the VAE's encoder (a new hypernetwork or
+  corrector, drawn with key), the control training the encoder itself; every one of them with
+  the VAE's decoder and its batch-norm statistics frozen."""
+  if kind not in KINDS or kind == "vae":
+    raise ValueError(f"stage_start: kind={kind!r} is not a stage-2 kind; choose one of "
+                     f"{', '.join(k for k in KINDS if k != 'vae')}.")
+  missing = {"encoder", "decoder", "batch_stats"} - set(vae)
+  if missing:
+    raise ValueError(f"stage_start: vae has no {', '.join(sorted(missing))}: pass a VAE's "
+                     "parameters as Model.init_vae returns them.")
+  frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
+  if kind == "iavae":
+    psi = model.init_hypernet(key, blocks.BlockLayout.from_tree(vae["encoder"]))
+    return {"hypernet": psi, "decoder": vae["decoder"]}, frozen
+  if kind == "corrector":
+    return {"corrector": model.init_corrector(key), "decoder": vae["decoder"]}, frozen
+  return ({"encoder": vae["encoder"], "decoder": vae["decoder"]},
+          {"batch_stats": vae["batch_stats"]})
+
+
+_KIND_OF_KEYS = {frozenset({"encoder", "decoder", "batch_stats"}): "vae",
+                 frozenset({"encoder", "decoder"}): "control",
+                 frozenset({"hypernet", "decoder"}): "iavae",
+                 frozenset({"corrector", "decoder"}): "corrector"}
+
+
+def kind_of(params) -> str | None:
+  """The kind of a model from its parameters' top-level keys (as ``Model.init_vae`` and
+  ``stage_start`` lay them out), or None for none of them."""
+  return _KIND_OF_KEYS.get(frozenset(params) if isinstance(params, dict) else frozenset())
+
+
+def check_params(model: Model, kind: str, params, frozen) -> None:
+  """Raises ValueError, naming the first leaf that differs, unless params and frozen have the
+  structure and shapes of a model of this kind and configuration (frozen: {} for a VAE)."""
+  key = jax.random.PRNGKey(0)
+  if kind == "vae":
+    expected = {"params": jax.eval_shape(model.init_vae, key), "frozen": {}}
+  else:
+    expected = dict(zip(("params", "frozen"), jax.eval_shape(
+        lambda k: stage_start(model, kind, model.init_vae(k), k), key)))
+  flat = lambda tree: {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  got, want = flat({"params": params, "frozen": frozen}), flat(expected)
+  if got != want:
+    first = next(k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k))
+    raise ValueError(f"check_params: the parameters are not those of a {kind} of this "
+                     f"configuration (at {first}: given {got.get(first)}, expected "
+                     f"{want.get(first)}).")
 
 
 class Batch(NamedTuple):

@@ -20,25 +20,6 @@ DENSE = ["--encoder=mlp", "--encoder_hidden=16", "--decoder=mlp", "--decoder_hid
 FROZEN = ["vae", "iavae_frozen_decoder", "control_frozen_decoder", "corrector_frozen_decoder"]
 
 
-def _summary(per_seed):
-  return {"mean": None if None in per_seed else sum(per_seed) / len(per_seed),
-          "std": None, "per_seed": per_seed}
-
-
-def test_steps_to_reach_interpolates_between_the_recorded_steps():
-  steps = [0, 1, 5, 20]
-  curve = [_summary(v) for v in ([-10.0, -12.0], [-9.0, None], [-5.0, -8.0], [-4.0, -7.0])]
-  target = _summary([-7.0, -7.5])
-  exact = gaps_eval.steps_to_reach(steps, curve, target)
-  assert exact == {"per_seed": [5, 20], "of_the_means": 5}   # the means skip K = 1 (None)
-  interpolated = gaps_eval.steps_to_reach(steps, curve, target, interpolate=True)
-  assert interpolated["per_seed"] == [pytest.approx(1 + 4 * 2 / 4), pytest.approx(5 + 15 * 0.5)]
-  assert gaps_eval.steps_to_reach(steps, curve, _summary([-10.0, -20.0]),
-                                  interpolate=True)["per_seed"] == [0.0, 0.0]
-  assert gaps_eval.steps_to_reach(steps, curve, _summary([-1.0, None]))["per_seed"] == [None,
-                                                                                         None]
-
-
 def test_patience_check(tmp_path):
   lines = [{"stage": f"iavae_frozen_decoder_seed{seed}", "epoch": epoch, "valid_elbo": [value]}
            for seed, values in enumerate(([-5, -4, -4, -4, -3], [-1, -2, -2, -2, float("nan")]))

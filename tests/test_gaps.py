@@ -252,3 +252,21 @@ def test_measurements_match_the_closed_forms_and_do_not_depend_on_the_chunk():
   chex.assert_shape(curve, (N, 3))
   tail = measure.refine_eval(decoder, x[2:], refined.mean[2:], refined.log_var[2:], keys[2:])
   chex.assert_trees_all_close(tail, curve[2:], atol=1e-4)
+
+
+def _summary(per_seed):
+  return {"mean": None if None in per_seed else sum(per_seed) / len(per_seed),
+          "std": None, "per_seed": per_seed}
+
+
+def test_steps_to_reach_interpolates_between_the_recorded_steps():
+  steps = [0, 1, 5, 20]
+  curve = [_summary(v) for v in ([-10.0, -12.0], [-9.0, None], [-5.0, -8.0], [-4.0, -7.0])]
+  target = _summary([-7.0, -7.5])
+  exact = gaps.steps_to_reach(steps, curve, target)
+  assert exact == {"per_seed": [5, 20], "of_the_means": 5}   # the means skip K = 1 (None)
+  interpolated = gaps.steps_to_reach(steps, curve, target, interpolate=True)
+  assert interpolated["per_seed"] == [pytest.approx(1 + 4 * 2 / 4), pytest.approx(5 + 15 * 0.5)]
+  assert gaps.steps_to_reach(steps, curve, _summary([-10.0, -20.0]),
+                             interpolate=True)["per_seed"] == [0.0, 0.0]
+  assert gaps.steps_to_reach(steps, curve, _summary([-1.0, None]))["per_seed"] == [None, None]

@@ -90,3 +90,30 @@ def test_subset_caps_each_split_and_refuses_negative_sizes():
   assert capped.info == splits.info
   with pytest.raises(ValueError, match="subset: max_valid must be a non-negative integer"):
     images.subset(splits, 0, -1, 0)
+
+
+@pytest.mark.parametrize("kind", ["iavae", "control", "corrector"])
+def test_stage_start_keeps_the_vae_frozen_and_check_params_knows_its_kind(kind):
+  model = image_vae.Model(DENSE)
+  vae = model.init_vae(jax.random.PRNGKey(0))
+  params, frozen = image_vae.stage_start(model, kind, vae, jax.random.PRNGKey(1))
+  assert image_vae.kind_of(params) == kind
+  assert image_vae.kind_of(vae) == "vae" and image_vae.kind_of({"decoder": {}}) is None
+  chex.assert_trees_all_equal(params["decoder"], vae["decoder"])
+  chex.assert_trees_all_equal(frozen["batch_stats"], vae["batch_stats"])
+  if kind != "control":
+    chex.assert_trees_all_equal(frozen["phi_avi"], vae["encoder"])
+  image_vae.check_params(model, kind, params, frozen)   # no error
+  image_vae.check_params(model, "vae", vae, {})
+  wider = image_vae.Model(dataclasses.replace(DENSE, decoder_hidden=(48,)))
+  with pytest.raises(ValueError, match=rf"not those of a {kind} of this configuration \(at "
+                                       r"\['params'\]\['decoder'\]"):
+    image_vae.check_params(wider, kind, params, frozen)
+
+
+def test_stage_start_refuses_the_vae_kind_and_a_tree_that_is_not_a_vae():
+  model = image_vae.Model(DENSE)
+  with pytest.raises(ValueError, match="kind='vae' is not a stage-2 kind"):
+    image_vae.stage_start(model, "vae", {}, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="vae has no batch_stats, encoder"):
+    image_vae.stage_start(model, "iavae", {"decoder": {}}, jax.random.PRNGKey(0))
