@@ -494,12 +494,6 @@ def write_results(workdir: str, results: dict, markdown: str, config: Any,
         flush=True)
 
 
-def markdown_table(header: list[str], rows: list[list]) -> list[str]:
-  """A Markdown table's lines: the header, the separator, a line per row (cells as str)."""
-  return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-          + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
-
-
 class Cancelled(Exception):
   """Raised in a Background task that was asked to stop."""
 

@@ -119,6 +119,34 @@ def evaluated_models(config: "ImageConfig") -> tuple[str, ...]:
 def ablated(name: str) -> str | None:
   """The trained IA-VAE whose mean-input ablation ``name`` is, or None."""
   return name[:-len(MEAN_SUFFIX)] if name.endswith(MEAN_SUFFIX) else None
+
+
+# What the reports compare (experiments.report and experiments.designs, rendered by
+# experiments.tables). Table 4's models, which every image run trains beside the VAE; the others
+# a run may train or evaluate, summarised where present; the paired tests (key, model, other) of
+# H1 "model > other" on test ELBO, made where both are present.
+TABLE4_MODELS = ("vae", "iavae", "control")
+ABLATIONS = ("iavae_mean_context", "iavae_frozen_decoder", "control_frozen_decoder",
+             "vae_matched", "iavae_frozen_decoder_mean_context", "corrector",
+             "corrector_frozen_decoder")
+COMPARISONS = (("iavae_vs_vae", "iavae", "vae"), ("iavae_vs_control", "iavae", "control"))
+ABLATION_COMPARISONS = (
+    ("iavae_vs_iavae_mean_context", "iavae", "iavae_mean_context"),
+    ("iavae_frozen_decoder_vs_control_frozen_decoder", "iavae_frozen_decoder",
+     "control_frozen_decoder"),
+    ("iavae_vs_vae_matched", "iavae", "vae_matched"),
+    ("iavae_vs_corrector", "iavae", "corrector"),
+    ("iavae_frozen_decoder_vs_corrector_frozen_decoder", "iavae_frozen_decoder",
+     "corrector_frozen_decoder"),
+    ("iavae_frozen_decoder_vs_iavae_frozen_decoder_mean_context", "iavae_frozen_decoder",
+     "iavae_frozen_decoder_mean_context"))
+# The designs' second table: the IA-VAE on the VAE's frozen decoder, and its tests against each
+# other model there (key: other).
+FROZEN_IAVAE = "iavae_frozen_decoder"
+FROZEN_OTHERS = {"vs_control": "control_frozen_decoder", "vs_corrector": "corrector_frozen_decoder",
+                 "vs_mean_input": FROZEN_IAVAE + MEAN_SUFFIX}
+
+
 # Stage-2 weight decay: the paper's values for OMNIGLOT and MNIST; Fashion-MNIST (not given in the
 # paper) and binarized MNIST take MNIST's, the closer data set in size and image statistics.
 WEIGHT_DECAY = {"omniglot": 5e-3, "mnist": 5e-4, "fashion_mnist": 5e-4, "binarized_mnist": 5e-4}

@@ -49,7 +49,7 @@ import os
 
 from absl import app
 
-from experiments import common, configs, report
+from experiments import common, configs, report, tables
 from iavae_jax import stats
 
 PAPER = "paper"
@@ -58,11 +58,6 @@ MEAN_CONTEXT = "iavae" + configs.MEAN_SUFFIX
 DESIGN_FLAGS = {"hypernet_input": "input", "hypernet_hidden": "hidden",
                 "ha_block_gains": "block_gains", "hypernet_projection": "projection",
                 "passes": "passes", "feedback_samples": "samples"}
-# The models on the VAE's frozen decoder that the second table compares, and the tests of its
-# IA-VAE against each other one (where the run trained it).
-FROZEN = "iavae_frozen_decoder"
-FROZEN_OTHERS = {"vs_control": "control_frozen_decoder", "vs_corrector": "corrector_frozen_decoder",
-                 "vs_mean_input": FROZEN + "_mean_context"}
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(configs.ImageConfig)}
 
 
@@ -126,7 +121,7 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
          "vae": stats.summarize_seeds(vae), "designs": {},
          "frozen_decoder": {label: frozen_entry(path, data, gaps, seeds)
                             for label, (path, data, gaps) in by_design.items()
-                            if FROZEN in data["models"]}}
+                            if configs.FROZEN_IAVAE in data["models"]}}
   with_iavae = {label: run for label, run in by_design.items()
                 if {"iavae", "control"} <= set(run[1]["models"])}
   if with_iavae:
@@ -189,7 +184,7 @@ def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
   example, share of the VAE's amortization gap closed and the refinement steps from the VAE it
   is worth (from gaps.json, where it covers the seeds), whether its patience was long enough
   (``patience_check``), and the paired tests of the IA-VAE against the others
-  (FROZEN_OTHERS)."""
+  (configs.FROZEN_OTHERS)."""
   per_seed = lambda model: _on_seeds(data["models"][model]["test_elbo"], data["seeds"], seeds)
   passes = data.get("decoder_passes_per_example", {})
   config = data["config"]
@@ -200,7 +195,7 @@ def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
   checks = patience_check(metrics, data, patience_epochs) if os.path.exists(metrics) else {}
   covered = gaps is not None and set(seeds) <= set(gaps.get("seeds", []))
   models = {}
-  for model in [FROZEN, *FROZEN_OTHERS.values()]:
+  for model in [configs.FROZEN_IAVAE, *configs.FROZEN_OTHERS.values()]:
     if model not in data["models"]:
       continue
     entry = {"test_elbo": stats.summarize_seeds(per_seed(model)),
@@ -214,9 +209,9 @@ def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
       entry["worth_steps"] = {label: worth["of_the_means"] for label, worth in
                               gaps.get("refinement_steps_worth", {}).get(model, {}).items()}
     models[model] = entry
-  iavae = per_seed(FROZEN)
+  iavae = per_seed(configs.FROZEN_IAVAE)
   tests = {key: stats.paired_comparison(iavae, per_seed(other))
-           for key, other in FROZEN_OTHERS.items() if other in data["models"]}
+           for key, other in configs.FROZEN_OTHERS.items() if other in data["models"]}
   return {"models": models, "patience_steps": patience_epochs * steps_per_epoch, **tests}
 
 
@@ -225,103 +220,13 @@ def build(workdir: str) -> dict:
   return {name: compare_dataset(workdir, name, runs[name]) for name in report.dataset_order(runs)}
 
 
-def _difference(entry: dict, key: str) -> list[str]:
-  if key not in entry:
-    return ["—", "—"]
-  return [f"{entry[key]['mean_difference']:+.2f}", report.p_value_cell(entry[key])]
-
-
-def render_markdown(table: dict) -> str:
-  """designs.md from the designs.json dictionary (a pure function of it)."""
-  lines = ["# Hypernetwork designs: the IA-VAE's test ELBO (mean ± std over seeds)", ""]
-  lines += common.markdown_table(
-      ["Data set", "design", "IA-VAE", "validation ELBO", "vs control", "p", "vs mean input",
-       "p", "vs paper", "p", "VAE gap closed", "seeds"],
-      [[report.DISPLAY_NAMES.get(name, name), label, report.mean_std(entry["iavae"]),
-        report.mean_std(entry["valid_elbo"])]
-       + _difference(entry, "vs_control") + _difference(entry, "vs_mean_input")
-       + _difference(entry, "vs_paper")
-       + [_percent(entry["gap_closed"]), len(row["seeds"])]
-       for name, row in table.items() for label, entry in row["designs"].items()])
-  lines.append("")
-  for name, row in table.items():
-    lines.append(
-        f"- {report.DISPLAY_NAMES.get(name, name)} (seeds {row['seeds']}): VAE "
-        f"{report.mean_std(row['vae'])}"
-        + (f", control {report.mean_std(row['control'])}" if "control" in row else "") + "; "
-        + ("the same VAE in every run" if row["same_vae"] else
-           "**the runs' VAEs differ** (other settings or machines): the paired tests compare "
-           "different VAEs as well")
-        + (f"; best on validation: {row['best_on_validation']}" if row["designs"] else "")
-        + ".")
-  lines += ["", "vs X: mean per-seed difference in test ELBO, and p of the one-sided paired "
-            "test of H1: this design's IA-VAE > X (Shapiro-Wilk, then a t-test or Wilcoxon "
-            f"signed-rank test; `*`: p < {stats.ALPHA}). Validation ELBO: the selected epoch's "
-            "(the selection score, on held-out data). VAE gap closed: the IA-VAE's share of its "
-            "VAE's amortization gap (experiments.gaps). std: sample standard deviation.", ""]
-  lines += _render_frozen(table)
-  return "\n".join(lines)
-
-
-def _render_frozen(table: dict) -> list[str]:
-  """designs.md's second table: the models on the VAE's frozen decoder."""
-  rows = []
-  for name, row in table.items():
-    for label, entry in row["frozen_decoder"].items():
-      for model, values in entry["models"].items():
-        worth = values["worth_steps"] or {}
-        tests = (_difference(entry, "vs_control") + _difference(entry, "vs_corrector")
-                 + _difference(entry, "vs_mean_input")) if model == FROZEN else ["", ""] * 3
-        rows.append([report.DISPLAY_NAMES.get(name, name), label,
-                     report.MODEL_NAMES.get(model, model), report.mean_std(values["test_elbo"]),
-                     values["decoder_passes"], _percent(values["gap_closed"]),
-                     *(_steps(worth.get(key)) for key in ("sa_vae", "tuned")), *tests,
-                     "—" if values["longest_wait_steps"] is None else
-                     f"{values['longest_wait_steps']} / {entry['patience_steps']}",
-                     "—" if values["lost_at_half_patience"] is None else
-                     f"{values['lost_at_half_patience']:.2f}",
-                     len(row["seeds"])])
-  if not rows:
-    return []
-  return ["## With the decoder frozen (the VAE's): inference alone", "",
-          *common.markdown_table(
-              ["Data set", "design", "model", "test ELBO", "decoder passes", "VAE gap closed",
-               "worth SA-VAE steps", "worth tuned steps", "IA-VAE vs control", "p",
-               "vs corrector", "p", "vs mean input", "p", "longest wait / patience (steps)",
-               "lost at half the patience", "seeds"], rows),
-          "", "Every model here has the VAE's decoder, so the gap closed and the refinement "
-          "steps it is worth (the steps of the VAE's refinement, SA-VAE's or tuned, at which it "
-          "reaches the model's ELBO: experiments.gaps, on its test images) measure inference "
-          "alone. Decoder passes: per example, of the model's inference (the feedback's). "
-          "Longest wait: the most optimiser steps any seed's training waited for a better "
-          "validation ELBO, beside the patience it trained with; lost at half the patience: how "
-          "much lower (mean over seeds, nats) the selected validation ELBO would have been with "
-          "half that patience. A wait near the patience, or a loss far from 0, says a longer "
-          "patience could still have found better epochs.", ""]
-
-
-def _steps(value: float | None) -> str:
-  return "—" if value is None else f"{value:.1f}"
-
-
-def _percent(summary: dict | None) -> str:
-  if summary is None or summary["mean"] is None:
-    return "—"
-  std = "" if summary["std"] is None else f" ± {100 * summary['std']:.1f}"
-  return f"{100 * summary['mean']:.1f}{std}%"
-
-
 def write_designs(workdir: str) -> dict:
   """Writes workdir/designs.json and workdir/designs.md; returns the table."""
-  table = build(workdir)
-  with common.workdir_lock(workdir):
-    common.write_json(os.path.join(workdir, "designs.json"), table)
-    common.write_text(os.path.join(workdir, "designs.md"), render_markdown(table))
-  return table
+  return report.write_summary(workdir, build(workdir), "designs", tables.designs)
 
 
 if __name__ == "__main__":
   app.run(report.summary_main(
-      write_designs, render_markdown, "designs.json", "designs.md",
+      write_designs, tables.designs, "designs",
       workdir_help="Directory searched recursively for the runs of experiments.images (and "
       "their gaps.json) to compare; designs.json and designs.md are written there."))

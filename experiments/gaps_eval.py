@@ -60,7 +60,7 @@ import numpy as np
 from iavae_jax import checkpoints, gaps, image_vae, plots, stats
 from iavae_jax.data import images
 from iavae_jax.image_vae import Model
-from experiments import common, configs
+from experiments import common, configs, tables
 from experiments.configs import GapsConfig, ImageConfig
 
 GAPS_KEY = 5    # folded into the seed's key: apart from the training stages' keys (1 to 4)
@@ -105,7 +105,7 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
       "settings": common.as_json(config), "wall_seconds": time.time() - start,
       "environment": common.environment(None)})
   common.write_json(os.path.join(workdir, "gaps.json"), results)
-  common.write_text(os.path.join(workdir, "gaps.md"), render_markdown(results))
+  common.write_text(os.path.join(workdir, "gaps.md"), tables.gaps(results))
   common.save_figure(plots.refinement_figure(
       {name: (results[name]["refinement"]["steps"],
               [t["mean"] for t in results[name]["refinement"]["seconds_per_example"]],
@@ -561,39 +561,6 @@ def passes_figure(results: dict, title: str):
 
 # The summary over seeds, and its rendering.
 
-def _render_vae_refinement(results: dict) -> list[str]:
-  """gaps.md's part on the VAE's decoder: every model on it, with its decoder passes and the
-  refinement steps from the VAE it is worth; the tuned refinement's choice."""
-  if "vae_refinement" not in results:
-    return []
-  curves = results["vae_refinement"]
-  passes = results["decoder_passes_per_example"]
-  samples = {label: curve["settings"]["samples_per_step"] for label, curve in curves.items()}
-  worth = lambda n, label: n if n is None else f"{n:.1f} ({2 * samples[label] * n:.0f} passes)"
-  rows = [[name, passes[name], _cell(results[name]["refinement"]["elbo"][0]),
-           *(worth(results["refinement_steps_worth"][name][label]["of_the_means"], label)
-             if name != "vae" else "" for label in curves)]
-          for name in ["vae", *results["same_decoder_as_vae"]]]
-  lines = ["", "On the VAE's decoder (the models that share it): each model's ELBO (the "
-           "refinement estimator's, K = 0), its decoder passes per image, and the refinement "
-           "steps from the VAE's encoder at which the VAE reaches it (interpolated between "
-           "the recorded K, from the means over seeds; None: not within the largest K).", "",
-           *common.markdown_table(["model", "decoder passes", "ELBO",
-                                   *(f"worth, in {label} refinement steps" for label in curves)],
-                                  rows)]
-  if "tuned" in curves:
-    tuning = curves["tuned"]["tuning"]
-    chosen = tuning["chosen"]
-    lines += ["", f"Tuned refinement: {chosen['optimizer']}, learning rate "
-              f"{chosen['learning_rate']:.4g}, {chosen['samples_per_step']} samples per step, "
-              f"chosen among {len(tuning['candidates'])} candidates by the mean ELBO on "
-              f"{tuning['examples']} validation images (seed {tuning['seed']}'s VAE) after "
-              f"{tuning['budget']} decoder passes per image. SA-VAE's first step on them: "
-              + "; ".join(f"{f['samples_per_step']} sample(s) per step: {f['elbo_at_start']:.2f}"
-                          f" -> {f['elbo']:.2f}" for f in tuning["sa_vae_first_step"]) + "."]
-  return lines
-
-
 def _per_seed_values(per_job: dict, name: str, seeds: list, fn) -> list:
   return [fn(per_job[name, seed]) for seed in seeds]
 
@@ -668,61 +635,3 @@ def summarize(per_job: dict, names: list, seeds: list, config: GapsConfig) -> di
   return results
 
 
-def _cell(summary: dict, digits: int = 2) -> str:
-  if summary["mean"] is None:
-    return "n/a"
-  std = f" ± {summary['std']:.{digits}f}" if summary["std"] is not None else ""
-  return f"{summary['mean']:.{digits}f}{std}"
-
-
-def render_markdown(results: dict) -> str:
-  """gaps.md: the gap table, the refinement curve and how to read them."""
-  names, seeds, settings = results["models"], results["seeds"], results["settings"]
-  rows = []
-  for name in names:
-    r = results[name]
-    share = (_cell(r["share_of_vae_amortization_gap_closed"], 3)
-             if "share_of_vae_amortization_gap_closed" in r else "")
-    convergence = r.get("convergence")
-    moved = (f"{_cell(convergence['delta'], 4)} ({convergence['examples']} images: "
-             f"{'converged' if convergence['converged'] else 'NOT converged'})"
-             if convergence else "not checked")
-    rows.append([name, _cell(r["log_px"]), _cell(r["elbo_qstar"]), _cell(r["elbo"]),
-                 _cell(r["approximation_gap"], 3), _cell(r["amortization_gap"], 3), share,
-                 _cell(r["qstar_steps"], 0), moved])
-  lines = [
-      f"# {results['dataset']} ({results['tier']} tier): inference gaps on "
-      f"{results['num_examples']} test images, {len(seeds)} seed(s) {seeds}", "",
-      "Mean ± std over seeds of each seed's mean over the images; nats.", "",
-      *common.markdown_table(
-          ["model", "log p^", "L[q*]", "L[q]", "approximation gap", "amortization gap",
-           "VAE's amortization gap closed", "q* steps", "twice the q* budget moves L[q*] by"],
-          rows)]
-  steps = results[names[0]]["refinement"]["steps"]
-  lines += ["", "Test-time refinement (SA-VAE's SGD on each image's mean and log-variance from "
-            "the encoder's output, decoder fixed): ELBO after K steps, and wall time per image "
-            "(encoder pass + K steps).", "",
-            *common.markdown_table(
-                ["model", *(f"K = {k}" for k in steps)],
-                [[name, *(f"{_cell(e)} ({1e3 * t['mean']:.2f} ms)" for e, t in zip(
-                    results[name]["refinement"]["elbo"],
-                    results[name]["refinement"]["seconds_per_example"]))] for name in names])]
-  lines += _render_vae_refinement(results)
-  for name, match in results.get("refinement_steps_to_match_iavae", {}).items():
-    found = match["of_the_means"]
-    lines += ["", f"{name} reaches the IA-VAE's single-pass ELBO after "
-              + (f"K = {found} refinement steps" if found is not None else
-                 f"more than {max(steps)} refinement steps")
-              + f" (per seed: {match['per_seed']}; null: not within K = {max(steps)})."]
-  lines += [
-      "", "How to read: L[q] is the encoder's ELBO, L[q*] that of the best diagonal Gaussian "
-      "found per image with the decoder fixed, log p^ an importance-sampled estimate of log "
-      "p(x) with q* as the proposal. approximation gap = log p^ - L[q*] (the diagonal Gaussian "
-      "family's limit), amortization gap = L[q*] - L[q] (what the encoder leaves on the table). "
-      "Each model's gaps are measured with its own decoder, so the share of the VAE's "
-      "amortization gap a model closes is 1 - its gap / the VAE's gap of the same seed. L[q*] "
-      "counts as converged when twice the patience and max_steps move its mean by less than "
-      f"{settings['convergence_tolerance']} nats. Wall times were measured on a shared machine.",
-      "", f"Settings: {settings}. Wall time {results['wall_seconds']:.1f} s (this invocation).",
-      ""]
-  return "\n".join(lines)

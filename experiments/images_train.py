@@ -47,7 +47,7 @@ from iavae_jax import image_vae, plots, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import images
 from iavae_jax.image_vae import Model
-from experiments import common, stages
+from experiments import common, stages, tables
 from experiments.configs import EVAL_KEY_ID, MODEL_SPECS, ImageConfig, ablated, evaluated_models
 
 
@@ -341,7 +341,7 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
         f"{config.dataset} ({config.tier} tier, seed {seeds[0]}): test images and x' ~ p(x | z = "
         "mean of q(z | x)), drawn pixel by pixel")
     common.save_figure(fig8, os.path.join(workdir, "figure8_reconstructions.png"))
-  common.write_results(workdir, results, render_markdown(results), config,
+  common.write_results(workdir, results, tables.image_run(results), config,
                        f"{config.dataset} ({config.tier} tier): a line per seed")
   return results
 
@@ -361,23 +361,3 @@ def check_data(workdir: str, info: dict) -> None:
     common.write_json(path, wanted)
 
 
-def _cell(value: float | None) -> str:
-  return "n/a" if value is None else f"{value:.3f}"
-
-
-def render_markdown(results: dict) -> str:
-  lines = [f"# {results['dataset']} ({results['tier']} tier): test metrics per seed", ""]
-  lines += common.markdown_table(
-      ["seed", "model", "test ELBO", "test KL",
-       f"IWAE bound (K={results['config']['iwae_samples']})", "valid ELBO (selection score)",
-       "best epoch"],
-      [[seed, stage] + [_cell(results["models"][stage][key][i])
-                        for key in ("test_elbo", "test_kl", "test_iwae", "valid_elbo")]
-       + [results["models"][stage]["best_epoch"][i]]
-       for i, seed in enumerate(results["seeds"]) for stage in results["models"]])
-  resumed = results["resumed_stages"]
-  lines += ["", f"Wall time {results['wall_seconds']:.1f} s"
-            + (f" (this invocation; resumed from checkpoints: {', '.join(resumed)})"
-               if resumed else "") + f". Data: {results['data']}.",
-            f"Parameters: {results['parameters']}.", ""]
-  return "\n".join(lines)

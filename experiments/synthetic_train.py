@@ -27,7 +27,7 @@ from iavae_jax import blocks, exact, hypernets, plots, synthetic_vae, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders, oracle
-from experiments import common, configs, stages
+from experiments import common, configs, stages, tables
 from experiments.configs import SyntheticConfig
 
 # How errors name a model of a stage, from its index tuple (see model_keys).
@@ -309,107 +309,8 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
       "wall_seconds": time.time() - start,
       "environment": common.environment(parallel),
   }
-  common.write_results(workdir, results, render_markdown(results), config,
+  common.write_results(workdir, results, tables.synthetic(results), config,
                        "synthetic oracle experiment: a line per model")
   return results
 
 
-def render_markdown(r: dict) -> str:
-  """The paper's tables, laid out as in the paper, from a results dict."""
-  lines = ["# Synthetic oracle experiment", "",
-           f"Wall time {r['wall_seconds']:.1f} s; stages (s): "
-           + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items()), "",
-           *([f"IA-VAE's hypernetwork sees --hypernet_input={r['config']['hypernet_input']}, "
-              "not the paper's x.", ""] if r["config"].get("hypernet_input", "x") != "x" else []),
-           "## Table 2: robustness to random initialisation", "",
-           "ELBO (KL) per VAE seed; IA-VAE: mean +- std over "
-           f"{r['config']['num_iavae_seeds']} seeds on that VAE's frozen encoder.", ""]
-  lines += common.markdown_table(["VAE seed", "VAE", "IA-VAE"], [
-      [row["vae_seed"], f"{row['vae']['elbo']:.2f} ({row['vae']['kl']:.2f})",
-       f"**{row['iavae']['elbo_mean']:.2f} +- {row['iavae']['elbo_std']:.2f}** "
-       f"({row['iavae']['kl_mean']:.2f} +- {row['iavae']['kl_std']:.2f})"]
-      for row in r["table2"]])
-  pm = lambda entry, key, digits: f"{entry[key]:.{digits}f} +- {entry[key + '_std']:.{digits}f}"
-  t3 = r["table3"]
-  lines += ["", "## Table 3: posterior accuracy", "",
-            "Mean +- std over models (VAE: one per seed; IA-VAE: all seeds of all VAEs); each "
-            "model's value is its average over the data. d_MAP: Mahalanobis distance of the "
-            "inferred mean from z_MAP under the Laplace Gaussian; r_MAP = p(mu|x) / p(z_MAP|x).",
-            ""]
-  lines += common.markdown_table(
-      ["Method", "ELBO (up)", "ELBO, median over models", "KL", "d_MAP (down)", "r_MAP (up)"],
-      [[name, pm(t3[key], "elbo", 2), f"{t3[key]['elbo_median']:.2f}", f"{t3[key]['kl']:.2f}",
-        pm(t3[key], "d_map", 2), pm(t3[key], "r_map", 2)]
-       for name, key in (("VAE", "vae"), ("IA-VAE", "iavae"))])
-  eff = r["efficiency"]
-  lines += ["", "## Figure 7: parameter efficiency", "",
-            f"IA-VAE: {eff['iavae_params']} parameters (base {eff['base_params']} + hypernetwork "
-            f"{eff['hypernet_params']}; plus {eff['embedding_params']} embedding values), ELBO "
-            f"{eff['iavae_elbo']:.2f} +- {eff['iavae_elbo_std']:.2f}.", ""]
-  lines += common.markdown_table(["width", "parameters", "VAE ELBO"],
-                                 [[c["width"], c["params"], pm(c, "elbo", 2)]
-                                  for c in eff["vae_curve"]])
-  match = eff["smallest_matching_width"]
-  lines += ["", (f"Smallest width whose VAE matches the IA-VAE's mean ELBO: {match} "
-                 f"({eff['smallest_matching_params']} parameters, "
-                 f"{eff['smallest_matching_params'] / eff['iavae_params']:.2f}x the IA-VAE's)."
-                 if match is not None else
-                 "No width in the sweep matches the IA-VAE's mean ELBO.")]
-  g = r["gaps"]
-  lines += ["", "## Beyond the paper: the inference gap, exactly", "",
-            f"log p(x) by quadrature: {g['log_px']:.4f}; ELBO of the per-example optimal Gaussian "
-            f"q*: {g['elbo_qstar']:.4f} (KL {g['kl_qstar']:.2f}).", ""]
-  lines += common.markdown_table(
-      ["Method", "total gap", "approximation gap", "amortization gap"],
-      [[name, f"{g[key]['total_gap']:.3f}", f"{g[key]['approximation_gap']:.3f}",
-        pm(g[key], "amortization_gap", 3)] for name, key in (("VAE", "vae"), ("IA-VAE", "iavae"))])
-  lines += ["", f"IA-VAE closes {100 * g['fraction_of_vae_amortization_gap_closed']:.1f}% of its "
-            "VAE's amortization gap (mean over VAE seeds).", ""]
-  if "heldout" in r:
-    lines += render_heldout(r, pm)
-  return "\n".join(lines)
-
-
-def render_heldout(r: dict, pm) -> list[str]:
-  """Table 3 and the gaps on the training and the held-out data side by side, and the tail."""
-  h, g, t3 = r["heldout"], r["gaps"], r["table3"]
-  lines = ["## Beyond the paper: held-out data", "",
-           f"{r['config']['num_examples']} new points from the same generator (another key), "
-           "never trained on; the truth on them computed as on the training data.", ""]
-  rows = []
-  for name, key in (("VAE", "vae"), ("IA-VAE", "iavae")):
-    for split, table, gaps in (("train", t3, g), ("held-out", h, h["gaps"])):
-      rows.append([name, split, pm(table[key], "elbo", 2), f"{table[key]['kl']:.2f}",
-                   pm(table[key], "d_map", 2), pm(table[key], "r_map", 2),
-                   f"{gaps['log_px']:.3f}", f"{gaps[key]['approximation_gap']:.3f}",
-                   pm(gaps[key], "amortization_gap", 3)])
-  lines += common.markdown_table(
-      ["Method", "data", "ELBO (up)", "KL", "d_MAP (down)", "r_MAP (up)", "log p(x)",
-       "approximation gap", "amortization gap"], rows)
-  lines += ["", f"IA-VAE closes {100 * h['gaps']['fraction_of_vae_amortization_gap_closed']:.1f}%"
-            f" of its VAE's amortization gap on held-out data "
-            f"({100 * g['fraction_of_vae_amortization_gap_closed']:.1f}% on the training data).",
-            "", "Per point: diff = IA-VAE's ELBO minus its own VAE's at that point (pooled over "
-            "every IA-VAE and point); points binned by quantiles of |x|, and held-out points by "
-            "distance to the nearest training point.", ""]
-  quantiles = list(h["tail"]["diff_quantiles"])
-  lines += common.markdown_table(
-      ["data", *[f"q{float(q) * 100:g}%" for q in quantiles], "min", "share worse"],
-      [[split, *[f"{tail['diff_quantiles'][q]:.3f}" for q in quantiles],
-        f"{tail['diff_min']:.3f}", f"{100 * tail['fraction_worse']:.2f}%"]
-       for split, tail in (("train", h["train_tail"]), ("held-out", h["tail"]))])
-  lines += [""]
-  rows = []
-  for split, tail, kind, measure in (("train", h["train_tail"], "by_norm", "norm"),
-                                     ("held-out", h["tail"], "by_norm", "norm"),
-                                     ("held-out", h["tail"], "by_distance_to_train", "distance")):
-    for b in tail.get(kind, []):
-      lo, hi = b["quantiles"]
-      rows.append([split, f"{measure} q{100 * lo:g}-{100 * hi:g}%",
-                   f"{b[measure][0]:.2f}-{b[measure][1]:.2f}", b["num_points"],
-                   f"{b['vae_elbo']:.2f}", f"{b['iavae_elbo']:.2f}", f"{b['diff_mean']:.3f}",
-                   f"{b['diff_min']:.3f}", f"{100 * b['fraction_worse']:.2f}%"])
-  lines += common.markdown_table(
-      ["data", "bin", "range", "points", "VAE ELBO", "IA-VAE ELBO", "mean diff", "min diff",
-       "share worse"], rows)
-  return lines + [""]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp_stats
 
-from experiments import common, designs, report
+from experiments import common, designs, report, tables
 from iavae_jax import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -220,7 +220,7 @@ def test_report_end_to_end(workdir):
     assert row["iavae_vs_vae"]["p_value"] < 0.05
   with open(os.path.join(workdir, "table4.md")) as f:
     md = f.read()
-  assert md == report.render_markdown(table)
+  assert md == tables.table4(table)
   assert "| Data set | VAE | IA-VAE | control | p (IA-VAE > VAE) |" in md
   m = table["mnist"]
   assert (f"| MNIST | {m['vae']['mean']:.2f} ± {m['vae']['std']:.2f} | "
@@ -246,13 +246,13 @@ def test_a_run_off_the_papers_split_is_marked(workdir):
         fake_results("fashion_mnist", range(3), -225.9, rng))
   table = report.write_report(workdir)
   assert [table[name]["paper_split"] for name in table] == [False, True, None]
-  md = report.render_markdown(table)
+  md = tables.table4(table)
   assert "| OMNIGLOT † |" in md and "| MNIST |" in md and "| Fashion MNIST |" in md
   assert md.count("†") == 3   # both tables and the footnote
   assert "Not the paper's train/test split" in md
 
 
-def test_render_markdown_marks_significance_and_single_seed():
+def test_table4_markdown_marks_significance_and_single_seed():
   def summary(mean, std):
     return {"mean": mean, "std": std, "per_seed": [],
             "kl": {"mean": 1.0, "std": std, "per_seed": []},
@@ -273,7 +273,7 @@ def test_render_markdown_marks_significance_and_single_seed():
                         "iavae_vs_control": {"test": "wilcoxon", "p_value": 0.125,
                                              "shapiro_p": 0.01, "mean_difference": 0.7,
                                              "n": 3}}}
-  md = report.render_markdown(table)
+  md = tables.table4(table)
   assert ("| Fashion MNIST | -225.87 ± 0.07 | -224.79 ± 0.01 | -225.50 ± 0.05 | 0.0012* | "
           "t-test (SW p=0.5) | 0.1250 | wilcoxon (SW p=0.01) | 3 | 2.0 h |") in md
   assert ("| cifar | -1.00 | -0.50 | -0.90 | — | none (1 seed) | — | none (1 seed) | 1 | — |"
