@@ -66,19 +66,27 @@ SYNTHETIC_KEY_IDS = {"vae": 1, "iavae": 2, "sweep": 3}
 
 
 def synthetic_full() -> SyntheticConfig:
-  """The paper's protocol: 10 VAEs x 10 IA-VAEs, up to 1000 epochs, patience 100."""
+  """The paper's protocol (section 4.1): 10 VAEs x 10 IA-VAEs, up to 1000 epochs, patience 100,
+  the width sweep of Figure 7 and the held-out data.
+
+    python -m experiments.synthetic --workdir=runs/synthetic
+
+  3 min 36 s on 2 CPU cores. Measured (docs/results.md): Table 3's ELBO VAE -12.47 (about -4.9
+  for the typical seed: one has a dead hidden unit), IA-VAE -3.34; the IA-VAE closes 82% of its
+  VAE's amortization gap."""
   return SyntheticConfig()
 
 
 def synthetic_plumbing_check() -> SyntheticConfig:
   """Every step of the protocol on fewer models and epochs, for tests and --plumbing_check: the
-  same files, but 20 epochs at the paper's rate train nothing (VAEs near -900 nats)."""
+  same files, but 20 epochs at the paper's rate train nothing (VAEs near -900 nats).
+
+    python -m experiments.synthetic --plumbing_check --workdir=/tmp/check
+
+  Under a minute on 2 CPU cores."""
   return dataclasses.replace(SyntheticConfig(), num_vae_seeds=2, num_iavae_seeds=3, max_epochs=20,
                              patience=10, sweep_widths=(2, 6, 12, 20), num_sweep_seeds=1,
                              checkpoint_every=10)
-
-
-IMAGE_TIERS = ("paper", "cpu", "converged", "smoke")
 
 
 class ModelSpec(NamedTuple):
@@ -219,47 +227,85 @@ class ImageConfig(hparams.ImageVAEConfig):
     return self
 
 
+def paper_tier(base: ImageConfig) -> ImageConfig:
+  """The paper's protocol (section 4.2): SA-VAE's ResNet and gated PixelCNN, the full data
+  sets, 100 + 100 epochs, 10 seeds.
+
+    python -m experiments.images --dataset=mnist --workdir=runs/paper/mnist
+
+  Not run on the 2 CPU cores (one epoch of full MNIST would take ~35 min there); on one NVIDIA
+  H200, 2 seeds x 5 epochs of the 5,000-image MNIST subset (docs/results.md). The paper reports
+  IA-VAE -84.08, VAE -85.56 on MNIST, not reproduced here."""
+  return base
+
+
+def cpu_tier(base: ImageConfig) -> ImageConfig:
+  """The paper's families, smaller: a narrower ResNet, a 3-layer PixelCNN of 16 features,
+  1,500 / 500 / 500 images, 10 + 10 epochs, 5 seeds.
+
+    python -m experiments.images --dataset=mnist --tier=cpu --data_dir=data/mnist-5k \
+        --workdir=runs/cpu/mnist
+
+  17-22 min per data set on 2 CPU cores. Measured (docs/results.md, Table 4 of the cpu tier;
+  run before the fidelity flags and with the paper design): MNIST VAE -101.60, IA-VAE -100.46,
+  control -100.46."""
+  return dataclasses.replace(
+      base, num_seeds=5, encoder_channels=(16, 16, 16), decoder_features=16,
+      decoder_kernel_sizes=(5, 3, 3), max_train=1500, max_valid=500, max_test=500,
+      vae_epochs=10, warmup_epochs=3, iavae_epochs=10, patience=10, test_samples=5,
+      iwae_samples=25, iwae_chunk=25, eval_batch_size=100)
+
+
+def converged_tier(base: ImageConfig) -> ImageConfig:
+  """Every model trained until its validation ELBO stops improving (the best epoch kept), so
+  that the control cannot win by extra epochs, and every ablation trained: dense encoders and
+  decoders (the kind Cremer et al. measured the gaps of), 1,500 / 500 / 500 images, stage 2 at
+  the paper's rates (at ten times them the IA-VAE's validation ELBO fell from -120 to -196 in
+  its first epoch), 5 seeds. Stage 2's patience counts 1,500 optimiser steps: 150 stopped models
+  whose validation ELBO was still rising (docs/results.md, "The stage-2 patience").
+
+    python -m experiments.images --dataset=mnist --tier=converged --data_dir=data/mnist-5k \
+        --workdir=runs/converged/mnist
+    python -m experiments.gaps --workdir=runs/converged/mnist
+
+  Measured with the patience of 150 steps (--stage2_patience_steps=0): 14.5-18.1 min of
+  training per data set on 2 CPU cores; MNIST VAE -118.26, IA-VAE -117.68, control -117.02.
+  With 1,500 steps, four frozen-decoder models of 3 seeds took 44-47 min per data set."""
+  return dataclasses.replace(
+      base, num_seeds=5, models=IMAGE_MODELS[:6], encoder="mlp", encoder_hidden=(64,),
+      decoder="mlp", decoder_hidden=(100, 100), max_train=1500, max_valid=500, max_test=500,
+      batch_size=100, vae_epochs=1000, iavae_epochs=1000, patience=10,
+      stage2_patience_steps=1500, valid_samples=5, test_samples=10, iwae_samples=500,
+      iwae_chunk=100, eval_batch_size=250, num_reconstructions=8, checkpoint_every=10)
+
+
+def smoke_tier(base: ImageConfig) -> ImageConfig:
+  """Every step of a run on tiny models and data (2 epochs per stage, 2 seeds): a plumbing
+  check, for the tests. Its numbers say nothing about the method.
+
+    python -m experiments.images --tier=smoke --workdir=/tmp/smoke
+
+  About a minute on 2 CPU cores, most of it compiling."""
+  return dataclasses.replace(
+      base, num_seeds=2, encoder_channels=(4, 4), latent_dim=4, decoder_features=4,
+      decoder_kernel_sizes=(3,), latent_feature_maps=1, block_embed_dim=4, input_embed_dim=2,
+      max_train=100, max_valid=40, max_test=40, batch_size=20, vae_epochs=2, warmup_epochs=1,
+      iavae_epochs=2, patience=2, test_samples=2, iwae_samples=8, iwae_chunk=4,
+      eval_batch_size=20, num_reconstructions=4)
+
+
+IMAGE_TIER_CONFIGS = {"paper": paper_tier, "cpu": cpu_tier, "converged": converged_tier,
+                      "smoke": smoke_tier}
+IMAGE_TIERS = tuple(IMAGE_TIER_CONFIGS)
+
+
 def image_config(dataset: str, tier: str) -> ImageConfig:
   """The configuration of a tier for a data set (validated; flags override fields after)."""
+  if tier not in IMAGE_TIER_CONFIGS:
+    raise ConfigError(f"--tier={tier} is not known; choose one of {', '.join(IMAGE_TIERS)}.")
   base = ImageConfig(dataset=dataset, tier=tier,
                      weight_decay=WEIGHT_DECAY.get(dataset, WEIGHT_DECAY["mnist"]))
-  if tier == "paper":
-    return base.validate()
-  if tier == "cpu":
-    # Same families, smaller: a narrower ResNet, a 3-layer PixelCNN of 16 features, subsets of
-    # the data and fewer epochs, so that 3 data sets x 5 seeds x both stages and the control
-    # finish within an hour on a 2-core CPU (see docs/results.md for the measured time).
-    return dataclasses.replace(
-        base, num_seeds=5, encoder_channels=(16, 16, 16), decoder_features=16,
-        decoder_kernel_sizes=(5, 3, 3), max_train=1500, max_valid=500, max_test=500,
-        vae_epochs=10, warmup_epochs=3, iavae_epochs=10, patience=10, test_samples=5,
-        iwae_samples=25, iwae_chunk=25, eval_batch_size=100).validate()
-  if tier == "converged":
-    # Every model trains until its validation ELBO stops improving (early stopping with
-    # patience; the best epoch on validation is kept), so the control cannot win by extra
-    # epochs, and every ablation is trained. Dense encoders and decoders (the kind Cremer et al.
-    # measured the inference gaps of) on 1,500 training images per data set, stage 2 at the
-    # paper's rates (at ten times them the IA-VAE's validation ELBO fell from -120 to -196 in
-    # its first epoch; the control's did not). Sizes from measured costs (benchmarks/step_cost.py
-    # --tier=converged: an IA-VAE step ~3.4x a VAE step) to fit 3 data sets x 5 seeds x 6
-    # models in about two hours on a 2-core CPU. Stage 2's patience is counted in steps: 150
-    # (10 epochs) stopped models whose validation ELBO was still rising (docs/results.md, "The
-    # stage-2 patience"); the tables measured before were run with --stage2_patience_steps=0.
-    return dataclasses.replace(
-        base, num_seeds=5, models=IMAGE_MODELS[:6], encoder="mlp", encoder_hidden=(64,),
-        decoder="mlp", decoder_hidden=(100, 100), max_train=1500, max_valid=500, max_test=500,
-        batch_size=100, vae_epochs=1000, iavae_epochs=1000, patience=10,
-        stage2_patience_steps=1500, valid_samples=5,
-        test_samples=10, iwae_samples=500, iwae_chunk=100, eval_batch_size=250,
-        num_reconstructions=8, checkpoint_every=10).validate()
-  if tier == "smoke":
-    return dataclasses.replace(
-        base, num_seeds=2, encoder_channels=(4, 4), latent_dim=4, decoder_features=4,
-        decoder_kernel_sizes=(3,), latent_feature_maps=1, block_embed_dim=4, input_embed_dim=2,
-        max_train=100, max_valid=40, max_test=40, batch_size=20, vae_epochs=2, warmup_epochs=1,
-        iavae_epochs=2, patience=2, test_samples=2, iwae_samples=8, iwae_chunk=4,
-        eval_batch_size=20, num_reconstructions=4).validate()
-  raise ConfigError(f"--tier={tier} is not known; choose one of {', '.join(IMAGE_TIERS)}.")
+  return IMAGE_TIER_CONFIGS[tier](base).validate()
 
 
 # Samples per step of the tuned refinement's candidates (experiments.gaps_eval.tune_refinement).
