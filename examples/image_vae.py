@@ -72,7 +72,7 @@ def main(argv: list) -> None:
     params, frozen = image_vae.stage_start(model, kind, vae, jax.random.PRNGKey(seed))
     trained[label] = (kind, train(model, kind, params, frozen, data, seed=seed + 1), frozen)
   for label, (kind, params, frozen) in trained.items():
-    print(f"{label + ':':8s}{test_metrics(model, kind, params, frozen, test)}")
+    print(f"{label + ':':9s}{test_metrics(model, kind, params, frozen, test)}")
   print(f"({time.time() - start:.0f} s)")
 
 

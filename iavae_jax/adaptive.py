@@ -43,6 +43,12 @@ def instance_adaptive_encode(encoder_apply: ApplyFn, hypernet_apply: ApplyFn, ph
   this function.
   Returns whatever ``encoder_apply`` returns, with a leading batch axis.
   """
+  if jnp.ndim(x) == 0 or (context is not None and (
+      jnp.ndim(context) == 0 or jnp.shape(context)[0] != jnp.shape(x)[0])):
+    raise ValueError(f"instance_adaptive_encode: x and context must share their leading batch "
+                     f"axis [B, ...], got {jnp.shape(x)} and "
+                     f"{None if context is None else jnp.shape(context)}.")
+
   def encode_one(x_i, c_i):
     return encoder_apply(adaptive_encoder_params(hypernet_apply, phi_avi, psi, c_i), x_i)
   return jax.vmap(encode_one)(x, x if context is None else context)

@@ -277,11 +277,10 @@ class Model:
 
   @functools.lru_cache(maxsize=None)  # one function per kind: jitted callers compile once
   def _encode_fn(self, kind: str, layout: blocks.BlockLayout | None) -> EncodeFn:
-    if kind in ("iavae", "corrector"):
-      return lambda params, frozen, x: self.infer(kind, layout, params, frozen, x,
-                                                  self.context_fn(params, frozen, x))
-
     def encode(params, frozen, x):
+      _check_images("encode", "x", x, channels=True)
+      if kind in ("iavae", "corrector"):
+        return self.infer(kind, layout, params, frozen, x, self.context_fn(params, frozen, x))
       stats = params["batch_stats"] if kind == "vae" else frozen["batch_stats"]
       return self.encoder.apply({"params": params["encoder"], "batch_stats": stats}, x,
                                 train=False)
@@ -300,6 +299,16 @@ class Model:
 
 def _as_images(x: jax.Array) -> jax.Array:
   return x[..., None]
+
+
+def _check_images(fn: str, name: str, x, channels: bool = False) -> None:
+  """Refuses an argument that is not a batch of 28x28 images ([N, 28, 28], or [N, 28, 28, 1]
+  with ``channels``), naming the function and the argument."""
+  shape = tuple(getattr(x, "shape", ()))
+  want = (28, 28, 1) if channels else (28, 28)
+  if len(shape) != len(want) + 1 or shape[1:] != want or shape[0] == 0:
+    raise ValueError(f"{fn}: {name} must be a batch of images [N, {', '.join(map(str, want))}] "
+                     f"with N >= 1, got shape {shape}.")
 
 
 def encode_fn(model: Model, kind: str, frozen) -> EncodeFn:
@@ -429,6 +438,7 @@ def train_step(state: training.TrainState, batch: Batch, *, model: Model, kind: 
   In stages 2 and 3 batch norm uses the frozen running statistics. With ``freeze_decoder`` the
   decoder gets no gradient (nor, from ``stage_optimizer``, any update).
   """
+  _check_images("train_step", "batch.image", batch.image)
   config = model.config
   binarize_key, eps_key = jax.random.split(batch.key)
   x = _as_images(images.binarize(binarize_key, batch.image))
@@ -473,6 +483,7 @@ def dataset_elbo(model: Model, encode: EncodeFn, params, frozen, data: jax.Array
                  num_samples: int, key: jax.Array, chunk_size: int) -> jax.Array:
   """The mean ELBO over binary images data [N, 28, 28], num_samples samples per example, in
   chunks of chunk_size examples (``encode_fn`` gives ``encode``)."""
+  _check_images("dataset_elbo", "data", data)
   chunks, weights = _chunks(data, chunk_size)
   keys = jax.random.split(key, chunks.shape[0])
 
@@ -494,6 +505,7 @@ def evaluate(model: Model, encode: EncodeFn, params, frozen, data: jax.Array, ke
   """Per-example test metrics for binary images data [N, 28, 28], chunk_size examples at a time:
   {elbo, kl} [N] with test_samples samples, and {iwae} [N], the importance-weighted estimate of
   log p(x) with iwae_samples samples drawn iwae_chunk at a time."""
+  _check_images("evaluate", "data", data)
   chunks, _ = _chunks(data, chunk_size)
   num_iwae_chunks = -(-iwae_samples // iwae_chunk)
   keys = jax.random.split(key, chunks.shape[0])
@@ -523,6 +535,7 @@ def reconstruct(model: Model, encode: EncodeFn, params, frozen, x: jax.Array,
                 key: jax.Array) -> jax.Array:
   """Figure 8: z = the posterior mean of q(z|x), then x' ~ p(x|z) drawn pixel by pixel in
   raster order (the decoder is autoregressive). x: [n, 28, 28] -> [n, 28, 28] in {0, 1}."""
+  _check_images("reconstruct", "x", x)
   mean, _ = encode(params, frozen, _as_images(x))
   height, width = x.shape[1:]
   keys = jax.random.split(key, height * width)
@@ -568,6 +581,7 @@ def mean_inputs(model: Model, params: dict, frozen: dict, train: jax.Array,
   training split [N, 28, 28] (binarised once, with a fixed key), the mean of its hypernetwork's
   input ({"mean_context": [context_size]}) or, with a feedback input, the mean of the feedback
   at each pass ({"mean_feedback": [passes, feedback_size]}); chunk_size images at a time."""
+  _check_images("mean_inputs", "train", train)
   x = _as_images(images.binarize(jax.random.PRNGKey(0), train))
   chunks, weights = _chunks(x, chunk_size)
   if model.feedback is None:

@@ -25,9 +25,26 @@ class ElboTerms(NamedTuple):
   kl: jax.Array                       # [...] closed-form KL(q || N(0, I))
 
 
+def _check_gaussian(fn: str, eps: jax.Array, mean: jax.Array, log_var: jax.Array) -> None:
+  """Refuses mean and log_var of different shapes, or noise that does not broadcast against
+  them to [S, *mean.shape] (S samples), naming the function and the arguments."""
+  if jnp.shape(mean) != jnp.shape(log_var) or jnp.ndim(mean) == 0:
+    raise ValueError(f"{fn}: mean and log_var must have the same shape [..., k], got "
+                     f"{jnp.shape(mean)} and {jnp.shape(log_var)}.")
+  try:
+    broadcast = jnp.broadcast_shapes(jnp.shape(eps), jnp.shape(mean))
+  except ValueError:
+    broadcast = None
+  if jnp.ndim(eps) < 2 or broadcast != (jnp.shape(eps)[0], *jnp.shape(mean)):
+    raise ValueError(f"{fn}: eps must be [S, ..., k], S samples that broadcast against mean's "
+                     f"{jnp.shape(mean)} to [S, {', '.join(map(str, jnp.shape(mean)))}], got "
+                     f"{jnp.shape(eps)}.")
+
+
 def elbo(eps: jax.Array, mean: jax.Array, log_var: jax.Array,
          log_likelihood_fn: LogLikelihoodFn) -> ElboTerms:
   """The ELBO with S = eps.shape[0] reparameterised samples per example (paper Algorithm 1)."""
+  _check_gaussian("elbo", eps, mean, log_var)
   z = distributions.reparameterize(eps, mean, log_var)  # [S, ..., k]
   expected_ll = jnp.mean(log_likelihood_fn(z), axis=0)
   kl = distributions.kl_to_standard_normal(mean, log_var)
@@ -38,6 +55,7 @@ def importance_log_weights(eps: jax.Array, mean: jax.Array, log_var: jax.Array,
                            log_likelihood_fn: LogLikelihoodFn) -> jax.Array:
   """log p(x, z_k) - log q(z_k) for the samples z_k = mean + exp(log_var / 2) eps_k. Returns
   [K, ...]; callers that draw K in chunks concatenate these before the logsumexp."""
+  _check_gaussian("importance_log_weights", eps, mean, log_var)
   z = distributions.reparameterize(eps, mean, log_var)  # [K, ..., k]
   return (log_likelihood_fn(z) + distributions.standard_normal_log_prob(z)
           - distributions.diag_gaussian_log_prob(z, mean, log_var))

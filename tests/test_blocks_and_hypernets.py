@@ -51,6 +51,13 @@ class BlocksTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, "one example"):
       hypernet_apply(psi, x)
 
+  def test_instance_adaptive_encode_names_a_context_of_another_batch(self):
+    x, phi, psi, _, encoder_apply, hypernet_apply = _setup()
+    with self.assertRaisesRegex(ValueError, r"instance_adaptive_encode: x and context must share "
+                                            r"their leading batch axis"):
+      adaptive.instance_adaptive_encode(encoder_apply, hypernet_apply, phi, psi, x,
+                                        context=x[:-1])
+
   @chex.variants(with_jit=True, without_jit=True)
   def test_hypernet_is_w_times_concatenation(self):
     x, phi, psi, layout, _, hypernet_apply = _setup()

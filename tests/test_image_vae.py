@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iavae_jax import blocks, hypernets, hparams, image_vae
+from iavae_jax import blocks, hypernets, hparams, image_vae, training
 from iavae_jax.data import images
 
 DENSE = hparams.ImageVAEConfig(encoder="mlp", encoder_hidden=(16,), decoder="mlp",
@@ -117,3 +117,22 @@ def test_stage_start_refuses_the_vae_kind_and_a_tree_that_is_not_a_vae():
     image_vae.stage_start(model, "vae", {}, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="vae has no batch_stats, encoder"):
     image_vae.stage_start(model, "iavae", {"decoder": {}}, jax.random.PRNGKey(0))
+
+
+def test_images_of_another_shape_are_refused_by_name():
+  model = image_vae.Model(DENSE)
+  vae = model.init_vae(jax.random.PRNGKey(0))
+  encode = image_vae.encode_fn(model, "vae", {})
+  flat = jnp.zeros((5, 784))
+  with pytest.raises(ValueError, match=re.escape(
+      "evaluate: data must be a batch of images [N, 28, 28] with N >= 1, got shape (5, 784)")):
+    image_vae.evaluate(model, encode, vae, {}, flat, jax.random.PRNGKey(1), test_samples=1,
+                       iwae_samples=1, iwae_chunk=1, chunk_size=5)
+  with pytest.raises(ValueError, match=re.escape(
+      "encode: x must be a batch of images [N, 28, 28, 1] with N >= 1, got shape (5, 28, 28)")):
+    encode(vae, {}, jnp.zeros((5, 28, 28)))
+  state = training.init_state(vae, image_vae.stage_optimizer(DENSE, "vae"),
+                              jax.random.PRNGKey(2))
+  with pytest.raises(ValueError, match=re.escape("train_step: batch.image must be a batch")):
+    image_vae.train_step(state, image_vae.Batch(jnp.zeros((4, 28, 28, 1)), jax.random.PRNGKey(3)),
+                         model=model, kind="vae", steps_per_epoch=1)

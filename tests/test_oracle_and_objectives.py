@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from iavae_jax import objectives, posterior
 from iavae_jax.data import synthetic
@@ -64,3 +65,29 @@ class OracleTest(chex.TestCase):
     np.testing.assert_allclose(iwae_large, summary.log_px, atol=3e-2)
     self.assertGreater(float(jnp.mean(iwae_large)), float(jnp.mean(elbo)))
     self.assertTrue(np.all(np.isfinite(iwae_small)))
+
+
+@pytest.mark.parametrize("eps_shape, mean_shape, log_var_shape, message", [
+    ((4, 6, 2), (6, 2), (6, 3), r"elbo: mean and log_var must have the same shape \[..., k\], "
+                                r"got \(6, 2\) and \(6, 3\)"),
+    ((6, 2), (6, 2), (6, 2), r"elbo: eps must be \[S, ..., k\], S samples that broadcast against "
+                             r"mean's \(6, 2\) to \[S, 6, 2\], got \(6, 2\)"),
+    ((4, 6, 3), (6, 2), (6, 2), r"got \(4, 6, 3\)"),
+    ((2,), (6, 2), (6, 2), r"got \(2,\)"),
+])
+def test_bad_shapes_are_named(eps_shape, mean_shape, log_var_shape, message):
+  ll = lambda z: jnp.zeros(z.shape[:-1])
+  with pytest.raises(ValueError, match=message):
+    objectives.elbo(jnp.zeros(eps_shape), jnp.zeros(mean_shape), jnp.zeros(log_var_shape), ll)
+
+
+def test_noise_shared_across_the_batch_broadcasts():
+  # eps [S, 1, k] for mean [B, k]: the same draws for every example (common random numbers).
+  x = _data().x
+  mean, log_var = jnp.zeros((x.shape[0], 2)), jnp.zeros((x.shape[0], 2))
+  eps = jax.random.normal(jax.random.PRNGKey(0), (3, 1, 2))
+  terms = objectives.elbo(eps, mean, log_var, lambda z: oracle.log_likelihood(x, z, SIGMA))
+  chex.assert_shape(terms.elbo, (x.shape[0],))
+  same = objectives.elbo(jnp.broadcast_to(eps, (3, x.shape[0], 2)), mean, log_var,
+                         lambda z: oracle.log_likelihood(x, z, SIGMA))
+  chex.assert_trees_all_close(terms, same)
