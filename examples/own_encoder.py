@@ -4,9 +4,9 @@ Stage 1 trains a VAE of our own (MLP encoder and decoder; toy 28x28 images of ra
 columns; load yours instead). Stage 2 freezes its encoder parameters as phi_AVI and trains only a
 hypernetwork psi giving every image its own encoder, phi(x) = phi_AVI + h(x; psi) (the paper also
 fine-tunes the decoder), with the image experiments' defaults (the "mlp" design, its initial scale,
-the normalised image as its input, learning rate 1e-4). Then the same with the decoder's feedback:
-the hypernetwork also sees the encoder's current guess and the ELBO's gradient there, over two
-passes, on the modulated path (no example's parameters formed).
+the normalised image as its input, learning rate 1e-4), on the modulated path (no example's
+parameters formed). Then the same with the decoder's feedback: the hypernetwork also sees the
+encoder's current guess and the ELBO's gradient there, over two passes.
 """
 
 import flax.linen as nn
@@ -70,12 +70,16 @@ vae = {"encoder": encoder.init(jax.random.PRNGKey(3), train[0])["params"],
        "decoder": decoder.init(jax.random.PRNGKey(4), jnp.zeros(LATENT))["params"]}
 vae = fit(lambda p, x, key: -elbo(vae_encode(p["encoder"]), p["decoder"], x, key), vae, 1000, 1e-3)
 phi_avi, theta = vae["encoder"], vae["decoder"]
-# Stage 2: phi_AVI and the decoder frozen; the default design sees the normalised image.
+# Stage 2: phi_AVI and the decoder frozen; the default design sees the normalised image. The
+# deltas are applied without forming any example's parameters (modulated_encode); the same
+# encoder with every example's parameters formed and vmapped, the paper's literal form, is
+# adaptive.instance_adaptive_encode(lambda phi, x_i: encoder.apply({"params": phi}, x_i),
+# lambda psi, c_i: hypernet.apply({"params": psi}, c_i), phi_avi, psi, x, context): equal to
+# float rounding, a little slower on this small encoder and far slower on wide ones.
 hypernet = hypernets.make_hypernet("mlp", blocks.BlockLayout.from_tree(phi_avi))
-iavae_encode = lambda psi: lambda x: adaptive.instance_adaptive_encode(
-    lambda phi, x_i: encoder.apply({"params": phi}, x_i),
-    lambda psi, c_i: hypernet.apply({"params": psi}, c_i),
-    phi_avi, psi, x, context=adaptive.normalized_context(x))
+iavae_encode = lambda psi: lambda x: modulated.modulated_encode(
+    lambda phi, x: encoder.apply({"params": phi}, x), hypernet, phi_avi, psi, x,
+    context=adaptive.normalized_context(x))
 test_elbo = jax.jit(lambda psi: elbo(iavae_encode(psi), theta, test, jax.random.PRNGKey(5), 10))
 psi = hypernet.init(jax.random.PRNGKey(6), jnp.zeros(28 * 28))["params"]
 before = float(test_elbo(psi))  # = the VAE's, up to the ~1e-5 initial deltas (Proposition 1)

@@ -71,9 +71,9 @@ def synthetic_full() -> SyntheticConfig:
 
     python -m experiments.synthetic --workdir=runs/synthetic
 
-  3 min 36 s on 2 CPU cores. Measured (docs/results.md): Table 3's ELBO VAE -12.47 (about -4.9
-  for the typical seed: one has a dead hidden unit), IA-VAE -3.34; the IA-VAE closes 82% of its
-  VAE's amortization gap."""
+  About a minute on 2 CPU cores (59.8 s, median of 3: python -m benchmarks.synthetic_protocol).
+  Measured (docs/results.md): Table 3's ELBO VAE -12.47 (about -4.9 for the typical seed: one
+  has a dead hidden unit), IA-VAE -3.34; the IA-VAE closes 82% of its VAE's amortization gap."""
   return SyntheticConfig()
 
 
@@ -83,7 +83,7 @@ def synthetic_plumbing_check() -> SyntheticConfig:
 
     python -m experiments.synthetic --plumbing_check --workdir=/tmp/check
 
-  Under a minute on 2 CPU cores."""
+  67 s on 2 CPU cores that another run shared (2026-12-03)."""
   return dataclasses.replace(SyntheticConfig(), num_vae_seeds=2, num_iavae_seeds=3, max_epochs=20,
                              patience=10, sweep_widths=(2, 6, 12, 20), num_sweep_seeds=1,
                              checkpoint_every=10)
@@ -283,9 +283,10 @@ def smoke_tier(base: ImageConfig) -> ImageConfig:
   """Every step of a run on tiny models and data (2 epochs per stage, 2 seeds): a plumbing
   check, for the tests. Its numbers say nothing about the method.
 
-    python -m experiments.images --tier=smoke --workdir=/tmp/smoke
+    python -m experiments.images --dataset=mnist --tier=smoke --data_dir=data/mnist-5k \
+        --workdir=/tmp/smoke
 
-  About a minute on 2 CPU cores, most of it compiling."""
+  152 s on 2 CPU cores that another run shared (2026-12-03), most of it compiling."""
   return dataclasses.replace(
       base, num_seeds=2, encoder_channels=(4, 4), latent_dim=4, decoder_features=4,
       decoder_kernel_sizes=(3,), latent_feature_maps=1, block_embed_dim=4, input_embed_dim=2,
