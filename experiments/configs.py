@@ -309,8 +309,6 @@ def image_config(dataset: str, tier: str) -> ImageConfig:
   return IMAGE_TIER_CONFIGS[tier](base).validate()
 
 
-# Samples per step of the tuned refinement's candidates (experiments.gaps_eval.tune_refinement).
-TUNE_SAMPLES = (1, 4, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +339,7 @@ class GapsConfig:
   refine_optimizer: str = "sgd"       # "sgd" (heavy ball, refine_momentum) or "adam"
   # > 0: the VAE's refinement is also tuned, its optimiser, step size and samples per step chosen
   # by the ELBO on this many validation images after tune_budget decoder passes per image
-  # (gaps_eval.tune_refinement); the tuned curve is measured beside the configured one.
+  # (iavae_jax.gaps.tune_refinement); the tuned curve is measured beside the configured one.
   tune_examples: int = 0
   tune_budget: int = 200
   refine_eval_samples: int = 5000     # samples of the ELBO at each K (the final noise of L[q])
@@ -366,11 +364,12 @@ class GapsConfig:
       raise ConfigError(f"--refine_momentum must be in [0, 1), got {self.refine_momentum}.")
     if self.refine_optimizer not in ("sgd", "adam"):
       raise ConfigError(f"--refine_optimizer must be sgd or adam, got {self.refine_optimizer}.")
-    if self.tune_examples < 0 or self.tune_budget < 2 * max(TUNE_SAMPLES):
+    largest = max(hparams.REFINE_TUNE_SAMPLES)
+    if self.tune_examples < 0 or self.tune_budget < 2 * largest:
       raise ConfigError(f"--tune_examples must be a non-negative integer and --tune_budget at "
-                        f"least {2 * max(TUNE_SAMPLES)} (one step of the largest candidate, "
-                        f"{max(TUNE_SAMPLES)} samples, forward and backward), got "
-                        f"{self.tune_examples} and {self.tune_budget}.")
+                        f"least {2 * largest} (one step of the largest candidate, {largest} "
+                        f"samples, forward and backward), got {self.tune_examples} and "
+                        f"{self.tune_budget}.")
     for name in ("num_examples", "convergence_examples"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name} must be a non-negative integer, got "

@@ -427,12 +427,6 @@ def _check_convergence(functions: Functions, loaded: Loaded, test: np.ndarray, s
 # and what each amortized model on that decoder is worth in its steps.
 
 _TUNE = 7   # folded into a validation image's key: apart from the test images' purposes
-# The tuned variant's candidates: SA-VAE's SGD with momentum at these multiples of its step size
-# (its clipping and momentum kept), and Adam at these step sizes; each with these samples per
-# step (configs.GapsConfig checks that tune_budget affords the largest).
-SGD_RATE_FACTORS = (0.1, 0.3, 1.0, 3.0)
-ADAM_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-TUNE_SAMPLES = configs.TUNE_SAMPLES
 FIRST_STEP_SAMPLES = (1, 10, 100)   # SA-VAE's first step with this many samples (diagnostic)
 
 
@@ -461,48 +455,37 @@ def refinement_curve(functions: Functions, loaded: Loaded, x: np.ndarray, seed: 
   return np.concatenate(rows)
 
 
-def _with_refinement(config: GapsConfig, **settings) -> GapsConfig:
-  return dataclasses.replace(config, **{f"refine_{k}": v for k, v in settings.items()})
+def _with_refinement(config: GapsConfig, settings: gaps.RefineSettings, steps: int
+                     ) -> GapsConfig:
+  return dataclasses.replace(
+      config, refine_steps=(steps,), refine_optimizer=settings.optimizer,
+      refine_learning_rate=settings.learning_rate, refine_samples=settings.samples_per_step,
+      refine_momentum=settings.momentum, refine_max_grad_norm=settings.max_grad_norm)
 
 
 def tune_refinement(model: Model, config: GapsConfig, vae: Loaded, valid: np.ndarray,
                     seed: int) -> dict:
-  """The VAE's refinement tuned on validation images valid [n, 28, 28]: every candidate (SGD
-  with SA-VAE's momentum and clipping at SGD_RATE_FACTORS x its step size, and Adam at
-  ADAM_RATES; each with TUNE_SAMPLES samples per step) run for at most tune_budget decoder passes
-  per image (steps = budget // (2 x samples per step)), the one with the highest mean ELBO
-  chosen; and, as a diagnostic, SA-VAE's first step with FIRST_STEP_SAMPLES samples."""
-  def elbo_after(steps, **settings):
-    functions = Functions(model, _with_refinement(config, steps=(steps,), **settings))
-    return np.mean(refinement_curve(functions, vae, valid, seed, _TUNE), axis=0)  # [0, steps]
-  sa_vae = gaps.RefineSettings()
-  rates = {"sgd": [f * sa_vae.learning_rate for f in SGD_RATE_FACTORS], "adam": ADAM_RATES}
-  candidates = []
-  for optimizer, learning_rates in rates.items():
-    for learning_rate in learning_rates:
-      for samples in TUNE_SAMPLES:
-        steps = max(1, config.tune_budget // (2 * samples))
-        start, end = elbo_after(steps, optimizer=optimizer, learning_rate=learning_rate,
-                                samples=samples, momentum=sa_vae.momentum,
-                                max_grad_norm=sa_vae.max_grad_norm)
-        candidates.append({"optimizer": optimizer, "learning_rate": learning_rate,
-                           "samples_per_step": samples, "steps": steps,
-                           "elbo_at_start": float(start), "elbo": float(end)})
-        print(f"[gaps] tuning the VAE's refinement: {candidates[-1]}", flush=True)
-  finite = [c for c in candidates if np.isfinite(c["elbo"])]
-  if not finite:
+  """The VAE's refinement tuned on validation images valid [n, 28, 28] (gaps.tune_refinement,
+  every candidate within tune_budget decoder passes per image); and, as a diagnostic, SA-VAE's
+  first step with FIRST_STEP_SAMPLES samples."""
+  def elbo_after(settings, steps):   # the mean ELBO at the start and after the steps
+    functions = Functions(model, _with_refinement(config, settings, steps))
+    return tuple(map(float, np.mean(refinement_curve(functions, vae, valid, seed, _TUNE),
+                                    axis=0)))
+  tuning = gaps.tune_refinement(
+      elbo_after, config.tune_budget,
+      on_candidate=lambda c: print(f"[gaps] tuning the VAE's refinement: {c}", flush=True))
+  if tuning["chosen"] is None:
     raise common.ConfigError(
         f"every refinement candidate diverged on the {valid.shape[0]} validation images of "
-        f"seed {seed}'s VAE (tuned over {', '.join(rates)}): no tuned variant to measure; rerun "
-        "with --tune_examples=0.")
-  chosen = max(finite, key=lambda c: c["elbo"])
+        f"seed {seed}'s VAE: no tuned variant to measure; rerun with --tune_examples=0.")
+  sa_vae = gaps.RefineSettings()
   first_step = [{"samples_per_step": samples, **dict(zip(
-      ("elbo_at_start", "elbo"), map(float, elbo_after(
-          1, samples=samples, optimizer="sgd", learning_rate=sa_vae.learning_rate,
-          momentum=sa_vae.momentum, max_grad_norm=sa_vae.max_grad_norm))))}
-      for samples in FIRST_STEP_SAMPLES]
+      ("elbo_at_start", "elbo"), elbo_after(dataclasses.replace(sa_vae, samples_per_step=samples),
+                                            1)))}
+                for samples in FIRST_STEP_SAMPLES]
   return {"examples": int(valid.shape[0]), "seed": seed, "budget": config.tune_budget,
-          "candidates": candidates, "chosen": chosen, "sa_vae_first_step": first_step}
+          **tuning, "sa_vae_first_step": first_step}
 
 
 def compare_with_refinement(model: Model, config: GapsConfig, functions: Functions,
@@ -524,9 +507,9 @@ def compare_with_refinement(model: Model, config: GapsConfig, functions: Functio
                                            seed)
       common.write_json(path, recorded)
     chosen = recorded["tuning"]["chosen"]
-    tuned = Functions(model, _with_refinement(
-        config, optimizer=chosen["optimizer"], learning_rate=chosen["learning_rate"],
-        samples=chosen["samples_per_step"]))
+    tuned = Functions(model, dataclasses.replace(
+        config, refine_optimizer=chosen["optimizer"],
+        refine_learning_rate=chosen["learning_rate"], refine_samples=chosen["samples_per_step"]))
     for vae_seed, vae in vaes.items():
       if str(vae_seed) not in recorded:
         recorded[str(vae_seed)] = np.mean(refinement_curve(tuned, vae, test, vae_seed),

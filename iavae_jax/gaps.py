@@ -36,12 +36,14 @@ import jax.numpy as jnp
 import optax
 
 from iavae_jax import objectives
+from iavae_jax.hparams import REFINE_TUNE_SAMPLES
 
 __all__ = ["CONVERGENCE_TOLERANCE", "QStarSettings", "SA_VAE_BATCH_SIZE", "RefineSettings",
            "elbo_estimate", "log_px_estimate", "QStarSearch", "start_search", "search_step",
            "search_check", "QStar", "search_result", "optimize_gaussian", "drive_search",
            "Refinement", "Refined", "start_refinement", "refinement_step", "refine",
-           "drive_refinement", "steps_to_reach", "Compiled", "Measurements"]
+           "drive_refinement", "TUNE_SGD_FACTORS", "TUNE_ADAM_RATES", "refinement_candidates",
+           "tune_refinement", "steps_to_reach", "Compiled", "Measurements"]
 
 CONVERGENCE_TOLERANCE = 0.05   # nats, on the mean of L[q*] over the examples
 
@@ -473,6 +475,51 @@ class Measurements:
     """The refined (mean, log_var) after each of refine_steps (0 first): [B, K, k] each."""
     return drive_refinement(lambda r: self.refine_step(decoder_params, x, r),
                             self.refine_start(mean, log_var, keys), self.refine_steps)
+
+
+# The tuned refinement's candidates: SA-VAE's SGD with momentum at these multiples of its step
+# size (its momentum and clipping kept), and Adam at these step sizes; each with each of
+# REFINE_TUNE_SAMPLES samples per step.
+TUNE_SGD_FACTORS = (0.1, 0.3, 1.0, 3.0)
+TUNE_ADAM_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def refinement_candidates(budget: int, samples: Sequence[int] = REFINE_TUNE_SAMPLES
+                          ) -> list[tuple[RefineSettings, int]]:
+  """The tuned refinement's candidates (TUNE_SGD_FACTORS, TUNE_ADAM_RATES, each with each of
+  ``samples`` samples per step), each with the steps it may take within ``budget`` decoder
+  passes per example, forward and backward: budget // (2 x samples per step), at least 1."""
+  if budget < 2 or not samples or min(samples) <= 0:
+    raise ValueError(f"refinement_candidates: budget must be at least 2 decoder passes and "
+                     f"samples positive, got {budget} and {list(samples)}.")
+  sa_vae = RefineSettings()
+  rates = ([("sgd", factor * sa_vae.learning_rate) for factor in TUNE_SGD_FACTORS]
+           + [("adam", rate) for rate in TUNE_ADAM_RATES])
+  return [(dataclasses.replace(sa_vae, optimizer=optimizer, learning_rate=rate,
+                               samples_per_step=count), max(1, budget // (2 * count)))
+          for optimizer, rate in rates for count in samples]
+
+
+def tune_refinement(elbo_after: Callable[[RefineSettings, int], tuple[float, float]],
+                    budget: int, samples: Sequence[int] = REFINE_TUNE_SAMPLES,
+                    on_candidate: Callable[[dict], Any] | None = None) -> dict:
+  """Refinement tuned on held-out examples: every candidate of ``refinement_candidates(budget,
+  samples)`` scored by ``elbo_after(settings, steps)`` -> (the mean ELBO over the examples at the
+  start, and after that many steps), the highest finite one chosen. Returns {"candidates":
+  [{"optimizer", "learning_rate", "samples_per_step", "steps", "elbo_at_start", "elbo"}, ...],
+  "chosen": one of them, or None when every candidate diverged}; ``on_candidate`` sees each
+  candidate as it is scored (for progress)."""
+  candidates = []
+  for settings, steps in refinement_candidates(budget, samples):
+    start, end = elbo_after(settings, steps)
+    candidates.append({"optimizer": settings.optimizer, "learning_rate": settings.learning_rate,
+                       "samples_per_step": settings.samples_per_step, "steps": steps,
+                       "elbo_at_start": float(start), "elbo": float(end)})
+    if on_candidate is not None:
+      on_candidate(candidates[-1])
+  finite = [c for c in candidates if math.isfinite(c["elbo"])]
+  return {"candidates": candidates,
+          "chosen": max(finite, key=lambda c: c["elbo"]) if finite else None}
 
 
 def steps_to_reach(steps: list, curve: list, target: dict, interpolate: bool = False) -> dict:

@@ -8,7 +8,8 @@ their flags before importing it.
 import dataclasses
 
 __all__ = ["DESIGNS", "FEEDBACKS", "KINDS", "ENCODERS", "DECODERS", "HYPERNET_INPUTS",
-           "WEIGHT_DECAY_MODES", "SYNTHETIC_INPUTS", "ImageVAEConfig", "SyntheticVAEConfig"]
+           "WEIGHT_DECAY_MODES", "SYNTHETIC_INPUTS", "REFINE_TUNE_SAMPLES", "ImageVAEConfig",
+           "SyntheticVAEConfig"]
 
 # The hypernetwork designs (iavae_jax.hypernets.HYPERNETS): the paper's structured one, Ha et
 # al.'s static hypernetwork, a one-hidden-layer generator.
@@ -28,6 +29,8 @@ WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 # What the synthetic hypernetwork sees: x itself, a bounded function of it, or (FEEDBACKS) x with
 # the encoder's current guess and the true decoder's feedback on it.
 SYNTHETIC_INPUTS = ("x", "tanh", "softclip") + FEEDBACKS
+# Samples per step of the tuned refinement's candidates (iavae_jax.gaps.tune_refinement).
+REFINE_TUNE_SAMPLES = (1, 4, 16)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,8 @@ import os
 import pytest
 
 from conftest import SMOKE, run_module
-from experiments import common, configs, designs, gaps_eval
-from iavae_jax import synthetic_vae
+from experiments import common, configs, designs
+from iavae_jax import gaps, synthetic_vae
 
 # A dense smoke run: the feedback's decoder passes are cheap with a dense decoder.
 DENSE = ["--encoder=mlp", "--encoder_hidden=16", "--decoder=mlp", "--decoder_hidden=16,16",
@@ -79,8 +79,8 @@ def test_gradient_feedback_end_to_end(smoke_data_dir, tmp_path):
   assert set(g["refinement_steps_worth"]) == shared
   assert g["decoder_passes_per_example"]["iavae_frozen_decoder"] == 8
   tuned = g["vae_refinement"]["tuned"]
-  assert len(tuned["tuning"]["candidates"]) == (len(gaps_eval.SGD_RATE_FACTORS)
-                                                + len(gaps_eval.ADAM_RATES)) * 3
+  assert len(tuned["tuning"]["candidates"]) == (len(gaps.TUNE_SGD_FACTORS)
+                                                + len(gaps.TUNE_ADAM_RATES)) * 3
   assert tuned["tuning"]["chosen"] in tuned["tuning"]["candidates"]
   assert [f["samples_per_step"] for f in tuned["tuning"]["sa_vae_first_step"]] == [1, 10, 100]
   assert tuned["decoder_passes"] == [2 * tuned["settings"]["samples_per_step"] * k

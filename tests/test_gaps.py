@@ -270,3 +270,28 @@ def test_steps_to_reach_interpolates_between_the_recorded_steps():
   assert gaps.steps_to_reach(steps, curve, _summary([-10.0, -20.0]),
                              interpolate=True)["per_seed"] == [0.0, 0.0]
   assert gaps.steps_to_reach(steps, curve, _summary([-1.0, None]))["per_seed"] == [None, None]
+
+
+def test_tune_refinement_runs_every_candidate_within_the_budget_and_picks_the_best_finite():
+  candidates = gaps.refinement_candidates(200)
+  assert len(candidates) == (len(gaps.TUNE_SGD_FACTORS) + len(gaps.TUNE_ADAM_RATES)) * 3
+  assert all(steps == max(1, 200 // (2 * s.samples_per_step)) for s, steps in candidates)
+  assert {s.optimizer for s, _ in candidates} == {"sgd", "adam"}
+  sa_vae = gaps.RefineSettings()
+  assert all(s.momentum == sa_vae.momentum and s.max_grad_norm == sa_vae.max_grad_norm
+             for s, _ in candidates)
+  # A fake score: Adam at 1e-2 with 4 samples is best; SGD at 3x SA-VAE's step diverges.
+  def elbo_after(settings, steps):
+    if settings.optimizer == "sgd" and settings.learning_rate > sa_vae.learning_rate:
+      return -100.0, float("nan")
+    score = -90.0 + (5.0 if settings.optimizer == "adam" and settings.learning_rate == 1e-2
+                     else 0.0)
+    return -100.0, score + (1.0 if settings.samples_per_step == 4 else 0.0)
+  seen = []
+  tuning = gaps.tune_refinement(elbo_after, 200, on_candidate=seen.append)
+  assert seen == tuning["candidates"] and len(seen) == len(candidates)
+  assert tuning["chosen"]["optimizer"] == "adam" and tuning["chosen"]["learning_rate"] == 1e-2
+  assert tuning["chosen"]["samples_per_step"] == 4 and tuning["chosen"]["steps"] == 25
+  assert gaps.tune_refinement(lambda s, k: (-1.0, float("nan")), 200)["chosen"] is None
+  with pytest.raises(ValueError, match="budget must be at least 2 decoder passes"):
+    gaps.refinement_candidates(1)
