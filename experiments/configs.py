@@ -309,8 +309,6 @@ def image_config(dataset: str, tier: str) -> ImageConfig:
   return IMAGE_TIER_CONFIGS[tier](base).validate()
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class GapsConfig:
   """The gap decomposition and the refinement curve of a trained image run (experiments.gaps).
