@@ -50,7 +50,7 @@ import os
 from absl import app
 
 from experiments import common, configs, report, tables
-from iavae_jax import stats
+from iavae_jax import progress, stats
 
 PAPER = "paper"
 MEAN_CONTEXT = "iavae" + configs.MEAN_SUFFIX
@@ -155,7 +155,7 @@ def patience_check(metrics_path: str, data: dict, patience_epochs: int) -> dict:
   selected validation ELBO would have been had training stopped after half the patience without
   improvement}. A wait close to the patience, or a loss far from 0, says that a longer patience
   could still have found better epochs."""
-  curves = common.read_learning_curves(metrics_path)
+  curves = progress.read_learning_curves(metrics_path)
   steps_per_epoch = data["data"]["train"] // data["config"]["batch_size"]
   checks = {}
   for model, entry in data["models"].items():

@@ -43,11 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import image_vae, plots, training
+from iavae_jax import image_vae, plots, progress, stages, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import images
 from iavae_jax.image_vae import Model
-from experiments import common, stages, tables
+from experiments import common, tables
 from experiments.configs import EVAL_KEY_ID, MODEL_SPECS, ImageConfig, ablated, evaluated_models
 
 
@@ -123,13 +123,13 @@ def make_epoch_fn(model: Model, kind: str, name: str, valid: jax.Array, train_si
     if bool(training.is_done(state, schedule)):
       return state, training.idle_metrics(state)
     key, batches, step_keys = start(state.key, train, order)
-    progress = common.StepProgress(name, int(state.epoch) + 1, schedule.max_epochs,
+    step_log = progress.StepProgress(name, int(state.epoch) + 1, schedule.max_epochs,
                                    steps_per_epoch)
     trained, steps = state, []
     for i in range(steps_per_epoch):
       trained, metrics = step(trained, image_vae.Batch(batches[i], step_keys[i]))
       steps.append(metrics)
-      progress.update(i + 1, metrics.loss.block_until_ready)
+      step_log.update(i + 1, metrics.loss.block_until_ready)
     steps = training.StepMetrics(*(jnp.stack(values) for values in zip(*steps)))
     return finish(state, trained._replace(key=key), steps, valid)
   return epoch

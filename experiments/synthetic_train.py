@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import blocks, exact, hypernets, plots, synthetic_vae, training
+from iavae_jax import blocks, exact, hypernets, plots, stages, synthetic_vae, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders, oracle
-from experiments import common, configs, stages, tables
+from experiments import common, configs, tables
 from experiments.configs import SyntheticConfig
 
 # How errors name a model of a stage, from its index tuple (see model_keys).

@@ -24,10 +24,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from iavae_jax.blocks import PyTree
 
-__all__ = ["MODES", "AXIS", "to_host", "Parallel", "pad_models"]
+__all__ = ["MODES", "AXIS", "is_primary", "to_host", "Parallel", "pad_models"]
 
 MODES = ("none", "seeds", "data")
 AXIS = "devices"
+
+
+def is_primary() -> bool:
+  """Whether this process writes a run's files: process 0 of a multi-host run, or the only one."""
+  return jax.process_index() == 0
 
 
 def _place(tree: PyTree, sharding_of) -> PyTree:

@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from iavae_jax import checkpoints, training
-from experiments import common, stages
+from iavae_jax import checkpoints, stages, training
+from iavae_jax.errors import RunError
 from test_training import _states
 
 DATA = jnp.linspace(-1.0, 1.0, 40)[:, None]
@@ -37,7 +37,7 @@ def _poisoned_epoch_fn(bad_epoch: int, bad_step: int):
 
 def test_nan_in_a_population_names_model_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path):
   epoch_fn = _poisoned_epoch_fn(bad_epoch=3, bad_step=4)
-  with pytest.raises(common.RunError) as error:
+  with pytest.raises(RunError) as error:
     stages.run_stage("vae", str(tmp_path), epoch_fn, _states(3, frozen=[0, 1, 0]), DATA,
                      np.arange(3)[:, None], SCHEDULE, checkpoint_every=1, epochs_per_call=2,
                      model_names=NAMES)
@@ -58,7 +58,7 @@ def test_nan_in_a_population_names_model_epoch_and_step_and_keeps_the_last_check
 def test_nan_in_a_single_model_run_is_caught_after_its_epoch(tmp_path):
   epoch_fn = jax.jit(_poisoned_epoch_fn(bad_epoch=0, bad_step=2))
   state = jax.tree.map(lambda a: a[1], _states(2, frozen=[0, 1]))
-  with pytest.raises(common.RunError, match=r"\[iavae_seed3\] iavae_seed3 diverged in epoch 1: "
+  with pytest.raises(RunError, match=r"\[iavae_seed3\] iavae_seed3 diverged in epoch 1: "
                      r"the training loss was NaN or Inf at step 3 .* no checkpoint of this "
                      r"stage had been saved yet"):
     stages.run_stage("iavae_seed3", str(tmp_path), epoch_fn, state, DATA, np.array([3]),
@@ -84,7 +84,7 @@ def test_too_little_free_disk_fails_before_training(tmp_path, monkeypatch):
   usage = shutil.disk_usage(tmp_path)
   monkeypatch.setattr(stages.shutil, "disk_usage", lambda path: usage._replace(free=100))
   epoch_fn = _poisoned_epoch_fn(bad_epoch=-1, bad_step=-1)
-  with pytest.raises(common.RunError, match=r"0.0 MiB free; this stage's checkpoints need"):
+  with pytest.raises(RunError, match=r"0.0 MiB free; this stage's checkpoints need"):
     stages.run_stage("vae", str(tmp_path), epoch_fn, _states(3), DATA, np.arange(3)[:, None],
                      SCHEDULE, checkpoint_every=1, epochs_per_call=2)
 
@@ -100,7 +100,7 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(tmp_
     save(self, step, tree)
 
   monkeypatch.setattr(checkpoints.Checkpointer, "save", save_until_disk_full)
-  with pytest.raises(common.RunError, match=r"could not write the checkpoint of epoch 4 .*No "
+  with pytest.raises(RunError, match=r"could not write the checkpoint of epoch 4 .*No "
                      r"space left on device.*resumes from the last checkpoint \(epoch 2\)"):
     stages.run_stage("vae", str(tmp_path), epoch_fn, _states(3), DATA, np.arange(3)[:, None],
                      SCHEDULE, checkpoint_every=1, epochs_per_call=2)

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SMOKE, run_module
 from experiments import common, configs, designs
-from iavae_jax import gaps, synthetic_vae
+from iavae_jax import gaps, progress, synthetic_vae
 
 # A dense smoke run: the feedback's decoder passes are cheap with a dense decoder.
 DENSE = ["--encoder=mlp", "--encoder_hidden=16", "--decoder=mlp", "--decoder_hidden=16,16",
@@ -26,7 +26,7 @@ def test_patience_check(tmp_path):
            for epoch, value in enumerate(values, start=1)]
   metrics = tmp_path / "metrics.jsonl"
   metrics.write_text("\n".join(json.dumps(
-      {**line, **{k: [0.0] for k in common.METRICS if k != "valid_elbo"}}) for line in lines))
+      {**line, **{k: [0.0] for k in progress.METRICS if k != "valid_elbo"}}) for line in lines))
   data = {"seeds": [0, 1], "data": {"train": 30}, "config": {"batch_size": 10},
           "models": {"iavae_frozen_decoder": {"valid_elbo_at_start": [-6.0, -1.5]}}}
   # Seed 0 improves at epochs 1, 2, 5 (a wait of 3 epochs of 3 steps); with half of a patience

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from iavae_jax import training
+from iavae_jax import progress, training
 from experiments import common
 
 
@@ -28,7 +28,7 @@ def _lines(workdir):
 
 def test_a_line_per_epoch_with_a_value_per_model(tmp_path, capsys):
   # Two models from epoch 4; model 1 stops after one epoch of this 2-epoch chunk.
-  log = common.StageLog("vae", str(tmp_path), total_epochs=10, num_models=2, steps_per_epoch=5,
+  log = progress.StageLog("vae", str(tmp_path), total_epochs=10, num_models=2, steps_per_epoch=5,
                         start_epoch=4)
   nan = np.nan
   log.chunk(np.array([4, 4]), np.array([6, 5]),
@@ -48,7 +48,7 @@ def test_a_line_per_epoch_with_a_value_per_model(tmp_path, capsys):
 
 
 def test_a_single_model_logs_one_value_lists(tmp_path):
-  log = common.StageLog("iavae_seed3", str(tmp_path), 5, 1, 2)
+  log = progress.StageLog("iavae_seed3", str(tmp_path), 5, 1, 2)
   log.chunk(np.array([0]), np.array([1]), _metrics(2.0, 0.5, 1.0, -3.0), best=np.array([-3.0]),
             done=np.array([False]))
   (line,) = _lines(tmp_path)
@@ -68,7 +68,7 @@ def test_curves_group_the_seeds_of_a_stage_and_the_last_line_of_an_epoch_counts(
   write("iavae_seed0", 1, [5.0])
   write("vae_seed1", 1, [3.0])
   write("vae_seed1", 2, [None])
-  curves = common.read_learning_curves(str(tmp_path / "metrics.jsonl"))
+  curves = progress.read_learning_curves(str(tmp_path / "metrics.jsonl"))
   assert list(curves) == ["vae", "iavae"]
   np.testing.assert_array_equal(curves["vae"]["epoch"], [1, 2])
   np.testing.assert_array_equal(curves["vae"]["train_loss"], [[1.0, 3.0], [2.0, np.nan]])
@@ -91,7 +91,7 @@ def _read_records(path):
 def test_tensorboard_event_files_hold_every_model_and_metric(tmp_path):
   pytest.importorskip("tensorboardX")
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  log = common.StageLog("iavae", str(tmp_path), 10, 2, 5, tensorboard=True)
+  log = progress.StageLog("iavae", str(tmp_path), 10, 2, 5, tensorboard=True)
   log.chunk(np.array([0, 0]), np.array([1, 1]),
             _metrics([[1.5, 2.5]], [[0.5, 0.75]], [[3.0, 4.0]], [[-10.0, -20.0]]),
             best=np.array([-10.0, -20.0]), done=np.array([False, False]))
@@ -111,14 +111,14 @@ def test_tensorboard_event_files_hold_every_model_and_metric(tmp_path):
 
 def test_progress_inside_a_long_epoch(capsys):
   waited = []
-  progress = common.StepProgress("vae_seed0", epoch=3, total_epochs=10, num_steps=1000,
-                                 interval=0.0)
-  progress.update(250, lambda: waited.append(True))
+  ticker = progress.StepProgress("vae_seed0", epoch=3, total_epochs=10, num_steps=1000,
+                                interval=0.0)
+  ticker.update(250, lambda: waited.append(True))
   out = capsys.readouterr().out
   assert waited == [True]
   # Not "[vae_seed0] epoch 3/": that prefix is the end of an epoch (tests kill runs on it).
   assert out.startswith("[vae_seed0] step 250/1000 of epoch 3/10: ")
   assert "steps/s, ETA" in out and "for the stage at most" in out
-  quiet = common.StepProgress("vae_seed0", 3, 10, 1000, interval=3600.0)
+  quiet = progress.StepProgress("vae_seed0", 3, 10, 1000, interval=3600.0)
   quiet.update(250, lambda: waited.append(True))
   assert waited == [True] and not capsys.readouterr().out

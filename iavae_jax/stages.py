@@ -1,5 +1,5 @@
-"""Running one training stage with Orbax checkpoints, resume, progress and fault checks (shared by
-experiments)."""
+"""Running one training stage with Orbax checkpoints: resume, progress and learning curves
+(``progress``), and the faults that stop a run (``errors``)."""
 
 import os
 import shutil
@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import checkpoints, parallel as parallel_lib, training
-from experiments import common
+from iavae_jax import checkpoints, parallel as parallel_lib, progress, training
+from iavae_jax.errors import Cancelled, ConfigError, RunError
+
+__all__ = ["KEPT_CHECKPOINTS", "run_stage"]
 
 KEPT_CHECKPOINTS = 2
 
@@ -32,7 +34,7 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, da
   or a damaged file) raises ConfigError before anything is written. A checkpoint is saved every
   ``checkpoint_every`` epochs and when every model is done; the final state is returned. Every
   epoch's metrics go to DIR/metrics.jsonl (and to TensorBoard under DIR/tensorboard/NAME with
-  ``tensorboard``; see ``common.StageLog``).
+  ``tensorboard``; see ``progress.StageLog``).
 
   Faults raise RunError and leave the last good checkpoint as it was: a NaN or Inf in a model's
   loss or parameters (the message names the stage, the model from ``model_names``, the epoch and
@@ -41,8 +43,8 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, da
   With a ``parallel``, training uses its devices (see ``iavae_jax.parallel``); checkpoints and
   the returned state are host copies, so a run may resume on another number of devices.
 
-  ``cancelled`` (for a stage run by ``common.Background``) is checked after every chunk; when it
-  returns True the stage raises common.Cancelled, keeping its checkpoints.
+  ``cancelled`` (e.g. for a stage run on another thread) is checked after every chunk; when it
+  returns True the stage raises Cancelled, keeping its checkpoints.
   """
   directory = os.path.join(workdir, "checkpoints", name)
   ckpt = checkpoints.Checkpointer(directory, max_to_keep=KEPT_CHECKPOINTS)
@@ -51,7 +53,7 @@ def run_stage(name: str, workdir: str, epoch_fn, states: training.TrainState, da
   num_models = int(np.size(states.epoch))
   names = model_names or ([name] if num_models == 1 else
                           [f"{name} model {i}" for i in range(num_models)])
-  log = common.StageLog(name, workdir, schedule.max_epochs, num_models,
+  log = progress.StageLog(name, workdir, schedule.max_epochs, num_models,
                         data.shape[0] // schedule.batch_size,
                         start_epoch=int(jnp.max(states.epoch)), tensorboard=tensorboard)
   on_chunk = _OnChunk(name, names, directory, ckpt, log, schedule, checkpoint_every,
@@ -80,10 +82,10 @@ def _restored(ckpt: checkpoints.Checkpointer, states, name: str, directory: str)
     states = ckpt.restore(like=states)
   except Exception as e:  # orbax raises several types for structure, shape and read errors
     ckpt.close()
-    raise common.ConfigError(
+    raise ConfigError(
         f"the checkpoint in {directory} cannot be restored into this configuration's stage "
         f"'{name}': it was written by another configuration or is damaged "
-        f"({type(e).__name__}: {str(e)[:300]}). Use a new --workdir; if it is damaged, delete "
+        f"({type(e).__name__}: {str(e)[:300]}). Use a new workdir; if it is damaged, delete "
         f"{os.path.join(directory, str(latest))} to resume from the previous checkpoint, or "
         f"{directory} to retrain this stage.") from e
   print(f"[{name}] resumed from the checkpoint at epoch {latest}", flush=True)
@@ -104,7 +106,7 @@ class _OnChunk:
 
   def __call__(self, states, metrics):
     if self.cancelled is not None and self.cancelled():
-      raise common.Cancelled(self.name)
+      raise Cancelled(self.name)
     reported = time.time()
     # NumPy copies (gathered if spread over hosts); the whole state only when it is saved.
     metrics, epochs, best, done = parallel_lib.to_host(
@@ -125,7 +127,7 @@ class _OnChunk:
     try:
       self.ckpt.save(epoch, parallel_lib.to_host(states))
     except Exception as e:
-      raise common.RunError(
+      raise RunError(
           f"[{self.name}] could not write the checkpoint of epoch {epoch} in {self.directory} "
           f"({type(e).__name__}: {str(e)[:300]}). Free disk space or fix the directory's "
           "permissions, then rerun the same command: it resumes from the last checkpoint "
@@ -146,10 +148,10 @@ def _check_finite(name, model_names, epochs_before, metrics: training.EpochMetri
   kept = (f"the last good checkpoint (epoch {last_saved}) is intact in {directory}" if last_saved
           else "no checkpoint of this stage had been saved yet")
   epoch = int(epochs_before[model]) + epoch_index + 1
-  raise common.RunError(
+  raise RunError(
       f"[{name}] {model_names[model]} diverged in epoch {epoch}: {what}. Nothing of that epoch "
-      f"was saved; {kept}. Rerun with --debug_nans to stop at the operation that produced it, or "
-      "lower the learning rate.")
+      f"was saved; {kept}. Rerun with jax_debug_nans on (the commands' --debug_nans) to stop at "
+      "the operation that produced it, or lower the learning rate.")
 
 
 def _check_free_space(name: str, directory: str, states) -> None:
@@ -158,7 +160,7 @@ def _check_free_space(name: str, directory: str, states) -> None:
   needed = (KEPT_CHECKPOINTS + 1) * size   # the kept ones and the one being written
   free = shutil.disk_usage(directory).free
   if free < needed:
-    raise common.RunError(
+    raise RunError(
         f"[{name}] {directory} has {free / 2**20:.1f} MiB free; this stage's checkpoints need "
         f"about {needed / 2**20:.1f} MiB ({KEPT_CHECKPOINTS} kept + 1 being written, "
-        f"{size / 2**20:.1f} MiB each). Free disk space or choose another --workdir.")
+        f"{size / 2**20:.1f} MiB each). Free disk space or choose another workdir.")
