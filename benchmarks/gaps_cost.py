@@ -3,13 +3,13 @@ r"""What the gap decomposition costs per test image at a tier's architecture, me
   python -m benchmarks.gaps_cost --tier=cpu
   python -m benchmarks.gaps_cost --tier=cpu --batch_size=20 --qstar_samples=10
 
-Times experiments.gaps' own functions (after compiling them) on --batch_size binarised
-images with a decoder of the tier's architecture (random weights: the cost does not depend on
-them): --steps Adam steps of q* with --qstar_samples samples each (a decoder forward and backward
-pass per sample), and log p^ with --iwae_samples samples (a forward pass per sample,
---sample_chunk per call). Prints decoder passes per second (per image in the batch, summed over
-the batch) by wall clock and by this process's CPU time (on a shared machine the CPU time is the
-steadier number; 2 idle cores give about twice as many passes per wall second as per CPU
+Times the measurements experiments.gaps runs (``image_vae.gap_measurements``, compiled first) on
+--batch_size binarised images with a decoder of the tier's architecture (random weights: the cost
+does not depend on them): --steps Adam steps of q* with --qstar_samples samples each (a decoder
+forward and backward pass per sample), and log p^ with --iwae_samples samples (a forward pass per
+sample, --sample_chunk per call). Prints decoder passes per second (per image in the batch, summed
+over the batch) by wall clock and by this process's CPU time (on a shared machine the CPU time is
+the steadier number; 2 idle cores give about twice as many passes per wall second as per CPU
 second), then the projected cost per image and per (model, seed) of q* at --projected_steps steps
 and of log p^. The last line is a JSON object with every number.
 """
@@ -49,25 +49,27 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from experiments import configs, gaps_eval  # pylint: disable=g-import-not-at-top
-  from iavae_jax.image_vae import Model  # pylint: disable=g-import-not-at-top
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  from iavae_jax import gap_runs, gaps, image_vae  # pylint: disable=g-import-not-at-top
 
   image_config = configs.image_config("mnist", FLAGS.tier)
-  model = Model(image_config)
+  model = image_vae.Model(image_config)
   steps = FLAGS.steps
   # Exactly `steps` steps: checks only at the end, never stopping early.
-  config = configs.GapsConfig(
-      tier=FLAGS.tier, batch_size=FLAGS.batch_size, qstar_samples=FLAGS.qstar_samples,
-      qstar_check_every=steps, qstar_check_samples=FLAGS.sample_chunk, qstar_patience=10**6,
-      qstar_max_steps=steps, iwae_samples=FLAGS.iwae_samples,
-      sample_chunk=FLAGS.sample_chunk).validate()
-  functions = gaps_eval.Functions(model, config)
+  functions = image_vae.gap_measurements(
+      model,
+      gaps.QStarSettings(samples_per_step=FLAGS.qstar_samples, check_every=steps,
+                         check_samples=FLAGS.sample_chunk, patience=10**6, max_steps=steps,
+                         sample_chunk=FLAGS.sample_chunk),
+      gaps.RefineSettings(), refine_steps=(1,), final_samples=FLAGS.sample_chunk,
+      iwae_samples=FLAGS.iwae_samples, refine_eval_samples=FLAGS.sample_chunk,
+      sample_chunk=FLAGS.sample_chunk)
   key = jax.random.PRNGKey(0)
   x = (jax.random.uniform(key, (FLAGS.batch_size, 28, 28, 1)) < 0.2).astype(jnp.float32)
   k = image_config.latent_dim
   decoder = model.decoder.init(key, x[:1], jnp.zeros((1, k)))["params"]
   mean, log_var = jnp.zeros((FLAGS.batch_size, k)), jnp.full((FLAGS.batch_size, k), -2.0)
-  keys = gaps_eval.example_keys(0, 0, FLAGS.batch_size)
+  keys = gap_runs.example_keys(key, 0, FLAGS.batch_size)
   qstar_wall, qstar_cpu = _time(functions.optimal_gaussian, decoder, x, mean, log_var, keys,
                                 FLAGS.batch_size)
   iwae_wall, iwae_cpu = _time(functions.log_px, decoder, x, mean, log_var, keys)

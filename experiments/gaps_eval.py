@@ -57,14 +57,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import checkpoints, gaps, image_vae, plots, stats
+from iavae_jax import checkpoints, gap_runs, gaps, image_vae, plots, stats
 from iavae_jax.data import images
 from iavae_jax.image_vae import Model
 from experiments import common, configs, tables
 from experiments.configs import GapsConfig, ImageConfig
 
 GAPS_KEY = 5    # folded into the seed's key: apart from the training stages' keys (1 to 4)
-PHASES = ("encode", "qstar", "elbo", "log_px", "refine", "refine_eval", "qstar_doubled")
 
 
 def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
@@ -74,6 +73,7 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
   model = Model(image_config)
   seeds, names = run_models(workdir)
   train, valid, test = run_images(image_config, workdir, data_dir)
+  valid, test = valid[..., None], test[..., None]   # as the decoder reads them
   loaded = {(name, seed): load_model(model, workdir, name, seed, train)
             for seed in seeds for name in names}
   num_examples = min(config.num_examples or test.shape[0], test.shape[0])
@@ -89,10 +89,11 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
   per_job = {}
   for name, seed in jobs:
     per_job[name, seed] = _measure_job(
-        functions, loaded[name, seed], test[:num_examples], seed, config,
+        functions, loaded[name, seed], test[:num_examples], seed,
         os.path.join(partial_dir, f"{name}_seed{seed}.json"), f"{name} seed {seed}", progress)
 
-  results = summarize(per_job, names, seeds, config)
+  results = gap_runs.summarize(per_job, names, seeds, functions.measure,
+                               config.convergence_tolerance)
   results["decoder_passes_per_example"] = run_passes(workdir, names)
   if "vae" in names:
     results.update(compare_with_refinement(
@@ -263,50 +264,53 @@ def prepare_output(workdir: str, config: GapsConfig, num_examples: int) -> str:
   return partial_dir
 
 
-# The measurements, for one chunk of examples at a time.
+# The measurements (iavae_jax.gap_runs), each chunk saved as it is done.
 
-def example_keys(seed: int, start: int, size: int) -> jax.Array:
-  root = jax.random.fold_in(jax.random.PRNGKey(seed), GAPS_KEY)
-  return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(start, start + size))
+def example_root(seed: int) -> jax.Array:
+  """The root of the seed's example keys (``gap_runs.example_keys``)."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), GAPS_KEY)
 
 
-class Functions(gaps.Measurements):
-  """The measurements (iavae_jax.gaps.Measurements) with the run's settings on the model's
-  decoder, over chunks of examples x [B, 28, 28, 1] with per-example keys (see example_keys),
-  and the compiled encoder of each loaded model."""
+class Functions:
+  """The run's measurements on the model's decoder (``image_vae.gap_measurements`` with the
+  GapsConfig's settings, or the refinement ``refine`` for ``refine_steps``), and the compiled
+  encoder of each loaded model."""
 
-  def __init__(self, model: Model, config: GapsConfig):
-    def log_likelihood_of(decoder_params, x_i):   # one example [28, 28, 1]
-      log_likelihood = model.log_likelihood_fn(decoder_params, x_i[None])
-      return lambda z: log_likelihood(z[:, None])[:, 0]
-    super().__init__(
-        log_likelihood_of,
+  def __init__(self, model: Model, config: GapsConfig,
+               refine: gaps.RefineSettings | None = None, refine_steps: tuple | None = None):
+    self.config, self.encoders = config, {}
+    self.measure = image_vae.gap_measurements(
+        model,
         gaps.QStarSettings(
             learning_rate=config.qstar_learning_rate, samples_per_step=config.qstar_samples,
             check_every=config.qstar_check_every, check_samples=config.qstar_check_samples,
             patience=config.qstar_patience, max_steps=config.qstar_max_steps,
             sample_chunk=config.sample_chunk),
-        gaps.RefineSettings(
+        refine or gaps.RefineSettings(
             learning_rate=config.refine_learning_rate, momentum=config.refine_momentum,
             max_grad_norm=config.refine_max_grad_norm, samples_per_step=config.refine_samples,
             optimizer=config.refine_optimizer),
-        config.refine_steps, config.final_samples, config.iwae_samples,
+        refine_steps or config.refine_steps, config.final_samples, config.iwae_samples,
         config.refine_eval_samples, config.sample_chunk)
-    self.model, self.config, self.encoders = model, config, {}
 
-  def encode(self, loaded: Loaded) -> gaps.Compiled:
-    """The compiled encoder of a loaded model, shared by the models of one encoder function and
-    frozen-input structure (the seeds of a model; the mean-context IA-VAE has its own)."""
+  def _compiled(self, loaded: Loaded) -> gaps.Compiled:
+    """Shared by the models of one encoder function and frozen-input structure (the seeds of a
+    model; the mean-context IA-VAE has its own)."""
     key = (loaded.encode, jax.tree.structure(loaded.frozen))
     if key not in self.encoders:
       self.encoders[key] = gaps.Compiled(loaded.encode)
     return self.encoders[key]
 
-  def compile_for(self, loaded: Loaded, x: jax.Array, keys: jax.Array) -> None:
-    """Compiles the loaded model's encoder and every measurement a chunk like x calls, without
-    running any."""
-    mean, log_var = self.encode(loaded).compile(loaded.params, loaded.frozen, x)
-    self.compile(loaded.params["decoder"], x, mean, log_var, keys)
+  def encoder(self, loaded: Loaded) -> gap_runs.EncodeChunk:
+    """The loaded model's compiled encoder on a chunk x [B, 28, 28, 1]."""
+    return functools.partial(self._compiled(loaded), loaded.params, loaded.frozen)
+
+  def compile_for(self, loaded: Loaded) -> None:
+    """Compiles the loaded model's encoder and every measurement of a chunk, running none."""
+    size = self.config.batch_size
+    x, keys = jnp.zeros((size, 28, 28, 1)), gap_runs.example_keys(example_root(0), 0, size)
+    mean, log_var = self._compiled(loaded).compile(loaded.params, loaded.frozen, x)
+    self.measure.compile(loaded.params["decoder"], x, mean, log_var, keys)
 
 
 class _Progress:
@@ -334,93 +338,41 @@ def _duration(seconds: float) -> str:
           f"{seconds // 60}m{seconds % 60:02d}s")
 
 
-def _pad(x: np.ndarray, size: int) -> jax.Array:
-  """x [n <= size, 28, 28] -> [size, 28, 28, 1] (zero images after the n)."""
-  padded = np.zeros((size, *x.shape[1:]), np.float32)
-  padded[:x.shape[0]] = x
-  return jnp.asarray(padded[..., None])
-
-
-def _new_partial(loaded: Loaded) -> dict:
-  return {"checkpoint": loaded.checkpoint, "examples_done": 0, "elbo": [], "elbo_qstar": [],
-          "log_px": [], "qstar_steps": [], "refinement_elbo": [],
-          "qstar_steps_computed": 0, "seconds": {phase: 0.0 for phase in PHASES},
-          "convergence_done": 0, "elbo_qstar_doubled": [], "qstar_steps_doubled": []}
-
-
 def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: int,
-                 config: GapsConfig, path: str, name: str, progress: _Progress) -> dict:
-  """One model and seed, chunk by chunk, its per-example results saved after every chunk in
-  path (a rerun goes on from there). Returns them."""
-  partial = common.read_json(path) if os.path.exists(path) else _new_partial(loaded)
-  if partial["checkpoint"] != loaded.checkpoint:
+                 path: str, name: str, progress: _Progress) -> dict:
+  """One model and seed (``gap_runs.measure_examples`` and ``check_convergence`` on the test
+  images [n, 28, 28, 1]), the record saved in path after every chunk (a rerun goes on from
+  there). Returns it."""
+  record = (common.read_json(path) if os.path.exists(path)
+            else gap_runs.new_record(loaded.checkpoint))
+  if record["checkpoint"] != loaded.checkpoint:
     raise common.ConfigError(
-        f"{path} measured {partial['checkpoint']}, but the model is now {loaded.checkpoint} (the "
+        f"{path} measured {record['checkpoint']}, but the model is now {loaded.checkpoint} (the "
         f"run trained on). Delete {path} to measure the model as it is now.")
-  n, size = test.shape[0], config.batch_size
+  n, config = test.shape[0], functions.config
   num_convergence = min(config.convergence_examples, n)
-  progress.skip(partial["examples_done"] + 2 * partial["convergence_done"])
-  decoder = loaded.params["decoder"]
-  seconds = partial["seconds"]
-  if partial["examples_done"] < n or partial["convergence_done"] < num_convergence:
-    functions.compile_for(loaded, _pad(test[:0], size), example_keys(seed, 0, size))
+  progress.skip(record["examples_done"] + 2 * record["convergence_done"])
+  if record["examples_done"] < n or record["convergence_done"] < num_convergence:
+    functions.compile_for(loaded)
 
-  timed = functools.partial(_timed, seconds)
-  for begin in range(partial["examples_done"], n, size):
-    count = min(size, n - begin)
-    x, keys = _pad(test[begin:begin + count], size), example_keys(seed, begin, size)
-    mean, log_var = timed("encode", functions.encode(loaded), loaded.params, loaded.frozen, x)
-    q = timed("qstar", functions.optimal_gaussian, decoder, x, mean, log_var, keys, count)
-    elbo = timed("elbo", functions.elbo, decoder, x, mean, log_var, keys)
-    elbo_qstar = timed("elbo", functions.elbo, decoder, x, q.mean, q.log_var, keys)
-    log_px = timed("log_px", functions.log_px, decoder, x, q.mean, q.log_var, keys)
-    refined = timed("refine", functions.refine, decoder, x, mean, log_var, keys)
-    curve = timed("refine_eval", functions.refine_eval, decoder, x, refined.mean,
-                  refined.log_var, keys)
-    for field, values in (("elbo", elbo), ("elbo_qstar", elbo_qstar), ("log_px", log_px),
-                          ("qstar_steps", q.steps), ("refinement_elbo", curve)):
-      partial[field] += np.asarray(values)[:count].tolist()
-    partial["qstar_steps_computed"] += size * int(np.max(q.steps))  # the chunk's slowest
-    partial["examples_done"] = begin + count
-    common.write_json(path, partial)
-    progress.update(count, f"{name}: {begin + count}/{n} examples, L[q] "
-                    f"{np.mean(partial['elbo']):.2f}, L[q*] {np.mean(partial['elbo_qstar']):.2f}"
-                    f", log p^ {np.mean(partial['log_px']):.2f}, q* steps "
-                    f"{np.mean(partial['qstar_steps']):.0f}")
+  def measured(record, count):
+    common.write_json(path, record)
+    progress.update(count, f"{name}: {record['examples_done']}/{n} examples, L[q] "
+                    f"{np.mean(record['elbo']):.2f}, L[q*] {np.mean(record['elbo_qstar']):.2f}"
+                    f", log p^ {np.mean(record['log_px']):.2f}, q* steps "
+                    f"{np.mean(record['qstar_steps']):.0f}")
 
-  _check_convergence(functions, loaded, test, seed, path, name, progress, partial)
-  return partial
-
-
-def _timed(seconds: dict, phase: str, fn, *args, **kwargs):
-  """fn(*args, **kwargs), its wall seconds added to seconds[phase]."""
-  begin = time.perf_counter()
-  out = jax.block_until_ready(fn(*args, **kwargs))
-  seconds[phase] += time.perf_counter() - begin
-  return out
-
-
-def _check_convergence(functions: Functions, loaded: Loaded, test: np.ndarray, seed: int,
-                       path: str, name: str, progress: _Progress, partial: dict) -> None:
-  """The convergence check of a job (q* with the doubled budget on its first
-  convergence_examples examples), added to partial and saved in path chunk by chunk."""
-  size, decoder = functions.config.batch_size, loaded.params["decoder"]
-  num_convergence = min(functions.config.convergence_examples, test.shape[0])
-  for begin in range(partial["convergence_done"], num_convergence, size):
-    count = min(size, num_convergence - begin)
-    x, keys = _pad(test[begin:begin + count], size), example_keys(seed, begin, size)
-    mean, log_var = functions.encode(loaded)(loaded.params, loaded.frozen, x)
-    q = _timed(partial["seconds"], "qstar_doubled", functions.optimal_gaussian, decoder, x, mean,
-               log_var, keys, count, doubled=True)
-    elbo_qstar = functions.elbo(decoder, x, q.mean, q.log_var, keys)
-    partial["elbo_qstar_doubled"] += np.asarray(elbo_qstar)[:count].tolist()
-    partial["qstar_steps_doubled"] += np.asarray(q.steps)[:count].tolist()
-    partial["convergence_done"] = begin + count
-    common.write_json(path, partial)
-    done = partial["convergence_done"]
-    moved = np.mean(partial["elbo_qstar_doubled"]) - np.mean(partial["elbo_qstar"][:done])
+  def checked(record, count):
+    common.write_json(path, record)
+    done = record["convergence_done"]
+    moved = np.mean(record["elbo_qstar_doubled"]) - np.mean(record["elbo_qstar"][:done])
     progress.update(2 * count, f"{name}: convergence check {done}/{num_convergence} examples, "
                     f"twice the budget moves L[q*] by {moved:+.4f}")
+
+  args = (functions.measure, functions.encoder(loaded), loaded.params["decoder"], test,
+          example_root(seed), config.batch_size)
+  gap_runs.measure_examples(*args, record, measured)
+  return gap_runs.check_convergence(*args, num_convergence, record, checked)
 
 
 # Refinement from the VAE's encoder on the VAE's decoder: SA-VAE's settings and a tuned variant,
@@ -437,39 +389,20 @@ def _same_decoder(loaded: Loaded, other: Loaded) -> bool:
 
 def refinement_curve(functions: Functions, loaded: Loaded, x: np.ndarray, seed: int,
                      purpose: int | None = None) -> np.ndarray:
-  """The ELBO after each of functions' refinement steps (0 first), from the model's encoder on
-  images x [n, 28, 28], each example's noise from (seed, its index) as in the measurements (and
-  ``purpose`` folded in, for images other than the test split's): [n, 1 + len(steps)]."""
-  size, rows = functions.config.batch_size, []
-  for begin in range(0, x.shape[0], size):
-    count = min(size, x.shape[0] - begin)
-    chunk = _pad(x[begin:begin + count], size)
-    chunk_keys = example_keys(seed, begin, size)
-    if purpose is not None:
-      chunk_keys = jax.vmap(lambda k: jax.random.fold_in(k, purpose))(chunk_keys)
-    decoder = loaded.params["decoder"]
-    mean, log_var = functions.encode(loaded)(loaded.params, loaded.frozen, chunk)
-    refined = functions.refine(decoder, chunk, mean, log_var, chunk_keys)
-    rows.append(np.asarray(functions.refine_eval(decoder, chunk, refined.mean, refined.log_var,
-                                                 chunk_keys))[:count])
-  return np.concatenate(rows)
-
-
-def _with_refinement(config: GapsConfig, settings: gaps.RefineSettings, steps: int
-                     ) -> GapsConfig:
-  return dataclasses.replace(
-      config, refine_steps=(steps,), refine_optimizer=settings.optimizer,
-      refine_learning_rate=settings.learning_rate, refine_samples=settings.samples_per_step,
-      refine_momentum=settings.momentum, refine_max_grad_norm=settings.max_grad_norm)
+  """``gap_runs.refinement_curve`` from the model's encoder on images x [n, 28, 28, 1], with
+  the seed's example keys: [n, 1 + len(steps)]."""
+  return gap_runs.refinement_curve(functions.measure, functions.encoder(loaded),
+                                   loaded.params["decoder"], x, example_root(seed),
+                                   functions.config.batch_size, purpose)
 
 
 def tune_refinement(model: Model, config: GapsConfig, vae: Loaded, valid: np.ndarray,
                     seed: int) -> dict:
-  """The VAE's refinement tuned on validation images valid [n, 28, 28] (gaps.tune_refinement,
+  """The VAE's refinement tuned on validation images valid [n, 28, 28, 1] (gaps.tune_refinement,
   every candidate within tune_budget decoder passes per image); and, as a diagnostic, SA-VAE's
   first step with FIRST_STEP_SAMPLES samples."""
   def elbo_after(settings, steps):   # the mean ELBO at the start and after the steps
-    functions = Functions(model, _with_refinement(config, settings, steps))
+    functions = Functions(model, config, settings, (steps,))
     return tuple(map(float, np.mean(refinement_curve(functions, vae, valid, seed, _TUNE),
                                     axis=0)))
   tuning = gaps.tune_refinement(
@@ -496,7 +429,8 @@ def compare_with_refinement(model: Model, config: GapsConfig, functions: Functio
   "refinement_steps_worth" (for each model on the VAE's decoder: the steps, and decoder passes,
   of each curve at which the refined VAE reaches the model's ELBO)."""
   steps = results["vae"]["refinement"]["steps"]
-  curves = {"sa_vae": {"settings": dataclasses.asdict(functions.refine_settings),
+  configured = functions.measure.refine_settings
+  curves = {"sa_vae": {"settings": dataclasses.asdict(configured),
                        "steps": steps, "elbo": results["vae"]["refinement"]["elbo"]}}
   if config.tune_examples:
     path = os.path.join(partial_dir, "tuned_refinement.json")
@@ -507,16 +441,16 @@ def compare_with_refinement(model: Model, config: GapsConfig, functions: Functio
                                            seed)
       common.write_json(path, recorded)
     chosen = recorded["tuning"]["chosen"]
-    tuned = Functions(model, dataclasses.replace(
-        config, refine_optimizer=chosen["optimizer"],
-        refine_learning_rate=chosen["learning_rate"], refine_samples=chosen["samples_per_step"]))
+    tuned = Functions(model, config, dataclasses.replace(
+        configured, optimizer=chosen["optimizer"], learning_rate=chosen["learning_rate"],
+        samples_per_step=chosen["samples_per_step"]))
     for vae_seed, vae in vaes.items():
       if str(vae_seed) not in recorded:
         recorded[str(vae_seed)] = np.mean(refinement_curve(tuned, vae, test, vae_seed),
                                           axis=0).tolist()
         common.write_json(path, recorded)
     curves["tuned"] = {
-        "settings": dataclasses.asdict(tuned.refine_settings), "steps": steps,
+        "settings": dataclasses.asdict(tuned.measure.refine_settings), "steps": steps,
         "elbo": [stats.summarize_seeds([recorded[str(s)][i] for s in vaes])
                  for i in range(len(steps))],
         "tuning": recorded["tuning"]}
@@ -540,81 +474,3 @@ def passes_figure(results: dict, title: str):
                    results[name]["refinement"]["elbo"][0]["mean"])
             for name in ["vae", *results["same_decoder_as_vae"]]}
   return plots.passes_figure(curves, points, title)
-
-
-# The summary over seeds, and its rendering.
-
-def _per_seed_values(per_job: dict, name: str, seeds: list, fn) -> list:
-  return [fn(per_job[name, seed]) for seed in seeds]
-
-
-def _model_summary(per_job: dict, name: str, seeds: list, config: GapsConfig
-                   ) -> tuple[dict, list]:
-  """One model's entry of gaps.json, and its amortization gap per seed."""
-  steps = [0, *config.refine_steps]
-  mean = lambda field: lambda job: float(np.mean(job[field]))
-  values = functools.partial(_per_seed_values, per_job, name, seeds)
-  elbo, elbo_qstar, log_px = values(mean("elbo")), values(mean("elbo_qstar")), values(
-      mean("log_px"))
-  amortization = [a - b for a, b in zip(elbo_qstar, elbo)]
-  per_example = lambda job, phase: job["seconds"][phase] / max(
-      job["convergence_done" if phase == "qstar_doubled" else "examples_done"], 1)
-  encode = values(lambda job: per_example(job, "encode"))
-  refine_step = values(lambda job: per_example(job, "refine") / max(steps))
-  curve = values(lambda job: np.mean(job["refinement_elbo"], axis=0).tolist())
-  entry = {
-      "log_px": stats.summarize_seeds(log_px),
-      "elbo_qstar": stats.summarize_seeds(elbo_qstar),
-      "elbo": stats.summarize_seeds(elbo),
-      "approximation_gap": stats.summarize_seeds([a - b for a, b in zip(log_px, elbo_qstar)]),
-      "amortization_gap": stats.summarize_seeds(amortization),
-      "qstar_steps": stats.summarize_seeds(values(mean("qstar_steps"))),
-      "seconds_per_example": {phase: stats.summarize_seeds(
-          values(lambda job, p=phase: per_example(job, p))) for phase in PHASES},
-      "decoder_passes_per_second": {
-          "qstar": stats.summarize_seeds(values(
-              lambda job: job["qstar_steps_computed"] * config.qstar_samples
-              / max(job["seconds"]["qstar"], 1e-9))),
-          "log_px": stats.summarize_seeds(values(
-              lambda job: job["examples_done"] * config.iwae_samples
-              / max(job["seconds"]["log_px"], 1e-9)))},
-      "refinement": {
-          "steps": steps,
-          "elbo": [stats.summarize_seeds([c[i] for c in curve]) for i in range(len(steps))],
-          "seconds_per_example": [stats.summarize_seeds(
-              [e + k * r for e, r in zip(encode, refine_step)]) for k in steps]},
-  }
-  num_convergence = len(per_job[name, seeds[0]]["elbo_qstar_doubled"])
-  if num_convergence:
-    delta = values(lambda job: float(np.mean(job["elbo_qstar_doubled"])
-                                     - np.mean(job["elbo_qstar"][:len(
-                                         job["elbo_qstar_doubled"])])))
-    entry["convergence"] = {
-        "examples": num_convergence, "tolerance": config.convergence_tolerance,
-        "delta": stats.summarize_seeds(delta),
-        "converged": bool(all(abs(d) < config.convergence_tolerance for d in delta))}
-  return entry, amortization
-
-
-def summarize(per_job: dict, names: list, seeds: list, config: GapsConfig) -> dict:
-  """gaps.json's content (see the module docstring) from each job's per-example results."""
-  steps = [0, *config.refine_steps]
-  results = {"models": names, "seeds": seeds}
-  amortization = {}
-  for name in names:
-    results[name], amortization[name] = _model_summary(per_job, name, seeds, config)
-  if "vae" in names:
-    for name in names:
-      if name != "vae":
-        results[name]["share_of_vae_amortization_gap_closed"] = stats.summarize_seeds(
-            [1 - g / v for g, v in zip(amortization[name], amortization["vae"])])
-  if "iavae" in names:
-    single_pass = results["iavae"]["refinement"]["elbo"][0]   # K = 0
-    results["refinement_steps_to_match_iavae"] = {}
-    for name in names:
-      if name != "iavae":
-        results["refinement_steps_to_match_iavae"][name] = gaps.steps_to_reach(
-            steps, results[name]["refinement"]["elbo"], single_pass)
-  return results
-
-

@@ -419,6 +419,7 @@ class Measurements:
       _chunk_size(value, sample_chunk, f"Measurements: {name}")
     self.qstar_settings, self.refine_settings = qstar.validate(), refine.validate()
     self.refine_steps = (0, *refine_steps)
+    self.iwae_samples = iwae_samples
     self._log_likelihood_of = log_likelihood_of
     fold, doubled = jax.random.fold_in, qstar.doubled()
     self.qstar_start = self._per_example(

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from iavae_jax import adaptive, blocks, distributions, hypernets, modulated, objectives
+from iavae_jax import adaptive, blocks, distributions, gaps, hypernets, modulated, objectives
 from iavae_jax import feedback as feedback_lib
 from iavae_jax import training
 from iavae_jax.hparams import KINDS, ImageVAEConfig
@@ -42,7 +42,8 @@ from iavae_jax.models import decoders, encoders, pixelcnn
 
 __all__ = ["ImageVAEConfig", "Model", "Batch", "encode_fn", "stage_start", "kind_of",
            "check_params", "stage_optimizer", "kl_weight", "train_step", "dataset_elbo",
-           "evaluate", "reconstruct", "matched_model", "mean_inputs", "param_counts"]
+           "evaluate", "reconstruct", "gap_measurements", "matched_model", "mean_inputs",
+           "param_counts"]
 
 _FEEDBACK_KEY = 7   # the fixed noise of the gradient feedback, folded with the pass
 
@@ -546,6 +547,15 @@ def reconstruct(model: Model, encode: EncodeFn, params, frozen, x: jax.Array,
     pixel = jax.random.bernoulli(keys[i], jax.nn.sigmoid(logits[:, r, c, 0]))
     return canvas.at[:, r, c, 0].set(pixel.astype(canvas.dtype))
   return jax.lax.fori_loop(0, height * width, draw_pixel, jnp.zeros_like(_as_images(x)))[..., 0]
+
+
+def gap_measurements(model: Model, *args, **kwargs) -> gaps.Measurements:
+  """``gaps.Measurements`` on the model's decoder, an example being one image [28, 28, 1] in
+  {0, 1}; the other arguments as gaps.Measurements takes them."""
+  def log_likelihood_of(decoder_params, x_i):
+    log_likelihood = model.log_likelihood_fn(decoder_params, x_i[None])
+    return lambda z: log_likelihood(z[:, None])[:, 0]
+  return gaps.Measurements(log_likelihood_of, *args, **kwargs)
 
 
 def matched_model(model: Model) -> Model:

@@ -11,7 +11,7 @@ import chex
 import numpy as np
 import pytest
 
-from iavae_jax import gaps
+from iavae_jax import gap_runs, gaps
 from experiments import configs, gaps_eval, tables
 
 from conftest import SMOKE_GAPS, run_module
@@ -25,17 +25,20 @@ QUANTITIES = ("log_px", "elbo_qstar", "elbo", "approximation_gap", "amortization
 
 
 def _job(elbo, elbo_qstar, log_px, curve, doubled=None):
-  """A (model, seed)'s per-example results as gaps_eval keeps them, from per-example lists."""
+  """A (model, seed)'s record (gap_runs.measure_examples), from per-example lists."""
   n = len(elbo)
   return {"examples_done": n, "elbo": elbo, "elbo_qstar": elbo_qstar, "log_px": log_px,
           "qstar_steps": [100] * n, "refinement_elbo": curve, "qstar_steps_computed": 100 * n,
-          "seconds": {phase: 1.0 * n for phase in gaps_eval.PHASES},
+          "seconds": {phase: 1.0 * n for phase in gap_runs.PHASES},
           "convergence_done": len(doubled or []), "elbo_qstar_doubled": doubled or [],
           "qstar_steps_doubled": [200] * len(doubled or [])}
 
 
 def test_summary_over_seeds():
-  config = configs.GapsConfig(refine_steps=(1, 5), convergence_tolerance=0.05)
+  # What summarize reads of the measurements: the refinement steps, q*'s and log p^'s samples.
+  measurements = gaps.Measurements(None, gaps.QStarSettings(), gaps.RefineSettings(),
+                                   refine_steps=(1, 5), final_samples=100, iwae_samples=100,
+                                   refine_eval_samples=100)
   # Two seeds, two examples each. VAE amortization gaps 2 and 4; IA-VAE 1 and 1: it closes
   # 1/2 and 3/4 of its seed's VAE gap.
   per_job = {
@@ -47,7 +50,7 @@ def test_summary_over_seeds():
                                                                  [-9.5, -9, -9]]),
       ("iavae", 1): _job([-11, -9], [-10, -8], [-9, -7], [[-11, -10, -10], [-9, -8, -8]]),
   }
-  r = gaps_eval.summarize(per_job, ["vae", "iavae"], [0, 1], config)
+  r = gap_runs.summarize(per_job, ["vae", "iavae"], [0, 1], measurements, 0.05)
   assert r["models"] == ["vae", "iavae"] and r["seeds"] == [0, 1]
   assert r["vae"]["amortization_gap"]["per_seed"] == [2, 4]
   assert r["vae"]["amortization_gap"]["mean"] == 3
@@ -64,7 +67,7 @@ def test_summary_over_seeds():
   assert r["refinement_steps_to_match_iavae"] == {"vae": {"per_seed": [1, 5],
                                                           "of_the_means": 5}}
   per_job[("vae", 1)]["refinement_elbo"] = [[-14, -13, -12], [-12, -11, -10.5]]
-  r_never = gaps_eval.summarize(per_job, ["vae", "iavae"], [0, 1], config)
+  r_never = gap_runs.summarize(per_job, ["vae", "iavae"], [0, 1], measurements, 0.05)
   assert r_never["refinement_steps_to_match_iavae"]["vae"] == {"per_seed": [1, None],
                                                                "of_the_means": None}
   # Wall time per example at K: the encoder's 1 s plus K refinement steps of 1 s / 5.

@@ -1,0 +1,217 @@
+"""The gap decomposition of an amortized encoder over a data set, and its summary over seeds.
+
+``measure_examples`` runs ``gaps.Measurements`` on a data set chunk by chunk and keeps each
+example's results in a record (a dictionary of lists that reads back from JSON), so a caller
+that saves the record after every chunk can resume where it stopped; ``check_convergence`` adds
+q* with the doubled budget on the first examples, ``refinement_curve`` gives the refinement
+curve alone, and ``summarize`` turns the records of several models and seeds into means,
+standard deviations and the share of the VAE's amortization gap each model closes.
+
+Each example's noise comes from its own key, ``example_keys(root, i)`` for example i, so the
+results do not depend on the chunk size, on interruptions (up to rounding) or on which model is
+measured: models measured from one root are compared on the same noise.
+"""
+
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iavae_jax import gaps, stats
+
+__all__ = ["PHASES", "EncodeChunk", "OnChunk", "example_keys", "pad", "new_record",
+           "measure_examples", "check_convergence", "refinement_curve", "summarize_model",
+           "summarize"]
+
+# The timed phases of a record's "seconds".
+PHASES = ("encode", "qstar", "elbo", "log_px", "refine", "refine_eval", "qstar_doubled")
+
+# encode(x [B, ...]) -> (mean, log_var) [B, k]: the measured model's encoder on a chunk.
+EncodeChunk = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+# on_chunk(record, units): called after every chunk (e.g. to save the record and say so).
+OnChunk = Callable[[dict, int], None]
+
+
+def example_keys(root: jax.Array, start: int, size: int) -> jax.Array:
+  """The keys of examples start, ..., start + size - 1: fold_in(root, i). [size, 2]"""
+  return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(start, start + size))
+
+
+def pad(x: np.ndarray, size: int) -> jax.Array:
+  """x [n <= size, ...] as float32 [size, ...], zero examples after the n."""
+  padded = np.zeros((size, *x.shape[1:]), np.float32)
+  padded[:x.shape[0]] = x
+  return jnp.asarray(padded)
+
+
+def new_record(source: str) -> dict:
+  """An empty record of ``measure_examples`` for the model described by ``source`` (e.g. its
+  checkpoint: a record of another source should not be resumed)."""
+  return {"checkpoint": source, "examples_done": 0, "elbo": [], "elbo_qstar": [],
+          "log_px": [], "qstar_steps": [], "refinement_elbo": [],
+          "qstar_steps_computed": 0, "seconds": {phase: 0.0 for phase in PHASES},
+          "convergence_done": 0, "elbo_qstar_doubled": [], "qstar_steps_doubled": []}
+
+
+def _timed(seconds: dict, phase: str, fn, *args, **kwargs):
+  """fn(*args, **kwargs), its wall seconds added to seconds[phase]."""
+  begin = time.perf_counter()
+  out = jax.block_until_ready(fn(*args, **kwargs))
+  seconds[phase] += time.perf_counter() - begin
+  return out
+
+
+def _chunks(start: int, stop: int, size: int, x: np.ndarray, root: jax.Array):
+  """(begin, count, padded chunk [size, ...], its keys) from example start to stop."""
+  for begin in range(start, stop, size):
+    count = min(size, stop - begin)
+    yield begin, count, pad(x[begin:begin + count], size), example_keys(root, begin, size)
+
+
+def measure_examples(measurements: gaps.Measurements, encode: EncodeChunk, decoder,
+                     x: np.ndarray, root: jax.Array, batch_size: int, record: dict,
+                     on_chunk: OnChunk | None = None) -> dict:
+  """Per example of x [n, ...] (as the decoder reads them), with the decoder's parameters fixed:
+  the encoder's ELBO L[q] (``final_samples``), q* found from the encoder's output and L[q*] on
+  the same noise, log p^ with q* as the proposal, and the ELBO after each refinement step count
+  (0 first); each phase's wall seconds. Chunks of batch_size examples from
+  record["examples_done"] on (``new_record`` to start), each appended to ``record`` and then
+  reported to on_chunk(record, its examples). Returns the record."""
+  timed = functools.partial(_timed, record["seconds"])
+  for begin, count, chunk, keys in _chunks(record["examples_done"], x.shape[0], batch_size, x,
+                                           root):
+    mean, log_var = timed("encode", encode, chunk)
+    q = timed("qstar", measurements.optimal_gaussian, decoder, chunk, mean, log_var, keys,
+              count)
+    elbo = timed("elbo", measurements.elbo, decoder, chunk, mean, log_var, keys)
+    elbo_qstar = timed("elbo", measurements.elbo, decoder, chunk, q.mean, q.log_var, keys)
+    log_px = timed("log_px", measurements.log_px, decoder, chunk, q.mean, q.log_var, keys)
+    refined = timed("refine", measurements.refine, decoder, chunk, mean, log_var, keys)
+    curve = timed("refine_eval", measurements.refine_eval, decoder, chunk, refined.mean,
+                  refined.log_var, keys)
+    for field, values in (("elbo", elbo), ("elbo_qstar", elbo_qstar), ("log_px", log_px),
+                          ("qstar_steps", q.steps), ("refinement_elbo", curve)):
+      record[field] += np.asarray(values)[:count].tolist()
+    record["qstar_steps_computed"] += batch_size * int(np.max(q.steps))  # the chunk's slowest
+    record["examples_done"] = begin + count
+    if on_chunk is not None:
+      on_chunk(record, count)
+  return record
+
+
+def check_convergence(measurements: gaps.Measurements, encode: EncodeChunk, decoder,
+                      x: np.ndarray, root: jax.Array, batch_size: int, num_examples: int,
+                      record: dict, on_chunk: OnChunk | None = None) -> dict:
+  """q* with the doubled budget (``QStarSettings.doubled``) on the first num_examples examples
+  of x and the same noise, its L[q*] and steps appended to ``record`` ("elbo_qstar_doubled",
+  "qstar_steps_doubled") chunk by chunk from record["convergence_done"] on, each chunk then
+  reported to on_chunk(record, its examples). Returns the record."""
+  for begin, count, chunk, keys in _chunks(record["convergence_done"], num_examples, batch_size,
+                                           x, root):
+    mean, log_var = encode(chunk)
+    q = _timed(record["seconds"], "qstar_doubled", measurements.optimal_gaussian, decoder, chunk,
+               mean, log_var, keys, count, doubled=True)
+    elbo_qstar = measurements.elbo(decoder, chunk, q.mean, q.log_var, keys)
+    record["elbo_qstar_doubled"] += np.asarray(elbo_qstar)[:count].tolist()
+    record["qstar_steps_doubled"] += np.asarray(q.steps)[:count].tolist()
+    record["convergence_done"] = begin + count
+    if on_chunk is not None:
+      on_chunk(record, count)
+  return record
+
+
+def refinement_curve(measurements: gaps.Measurements, encode: EncodeChunk, decoder,
+                     x: np.ndarray, root: jax.Array, batch_size: int,
+                     purpose: int | None = None) -> np.ndarray:
+  """The ELBO after each of the measurements' refinement step counts (0 first), from the encoder
+  on x [n, ...], example i's noise from example_keys(root, i) (with ``purpose`` folded into
+  each key, for examples apart from the measured ones): [n, 1 + len(refine steps)]."""
+  rows = []
+  for _, count, chunk, keys in _chunks(0, x.shape[0], batch_size, x, root):
+    if purpose is not None:
+      keys = jax.vmap(lambda k: jax.random.fold_in(k, purpose))(keys)
+    mean, log_var = encode(chunk)
+    refined = measurements.refine(decoder, chunk, mean, log_var, keys)
+    rows.append(np.asarray(measurements.refine_eval(decoder, chunk, refined.mean,
+                                                    refined.log_var, keys))[:count])
+  return np.concatenate(rows)
+
+
+def summarize_model(records: list[dict], measurements: gaps.Measurements,
+                    tolerance: float = gaps.CONVERGENCE_TOLERANCE) -> tuple[dict, list]:
+  """One model's summary over its seeds' records (each seed's value the mean over its examples;
+  ``stats.summarize_seeds``), and its amortization gap per seed. The convergence entry (with
+  ``tolerance`` on the mean of L[q*]) is there if the records hold a convergence check."""
+  steps = list(measurements.refine_steps)
+  values = lambda fn: [fn(record) for record in records]
+  mean = lambda field: lambda record: float(np.mean(record[field]))
+  elbo, elbo_qstar, log_px = values(mean("elbo")), values(mean("elbo_qstar")), values(
+      mean("log_px"))
+  amortization = [a - b for a, b in zip(elbo_qstar, elbo)]
+  per_example = lambda record, phase: record["seconds"][phase] / max(
+      record["convergence_done" if phase == "qstar_doubled" else "examples_done"], 1)
+  encode = values(lambda record: per_example(record, "encode"))
+  refine_step = values(lambda record: per_example(record, "refine") / max(steps))
+  curve = values(lambda record: np.mean(record["refinement_elbo"], axis=0).tolist())
+  qstar_samples = measurements.qstar_settings.samples_per_step
+  entry = {
+      "log_px": stats.summarize_seeds(log_px),
+      "elbo_qstar": stats.summarize_seeds(elbo_qstar),
+      "elbo": stats.summarize_seeds(elbo),
+      "approximation_gap": stats.summarize_seeds([a - b for a, b in zip(log_px, elbo_qstar)]),
+      "amortization_gap": stats.summarize_seeds(amortization),
+      "qstar_steps": stats.summarize_seeds(values(mean("qstar_steps"))),
+      "seconds_per_example": {phase: stats.summarize_seeds(
+          values(lambda record, p=phase: per_example(record, p))) for phase in PHASES},
+      "decoder_passes_per_second": {
+          "qstar": stats.summarize_seeds(values(
+              lambda record: record["qstar_steps_computed"] * qstar_samples
+              / max(record["seconds"]["qstar"], 1e-9))),
+          "log_px": stats.summarize_seeds(values(
+              lambda record: record["examples_done"] * measurements.iwae_samples
+              / max(record["seconds"]["log_px"], 1e-9)))},
+      "refinement": {
+          "steps": steps,
+          "elbo": [stats.summarize_seeds([c[i] for c in curve]) for i in range(len(steps))],
+          "seconds_per_example": [stats.summarize_seeds(
+              [e + k * r for e, r in zip(encode, refine_step)]) for k in steps]},
+  }
+  num_convergence = len(records[0]["elbo_qstar_doubled"])
+  if num_convergence:
+    delta = values(lambda record: float(np.mean(record["elbo_qstar_doubled"])
+                                        - np.mean(record["elbo_qstar"][:len(
+                                            record["elbo_qstar_doubled"])])))
+    entry["convergence"] = {
+        "examples": num_convergence, "tolerance": tolerance,
+        "delta": stats.summarize_seeds(delta),
+        "converged": bool(all(abs(d) < tolerance for d in delta))}
+  return entry, amortization
+
+
+def summarize(records: dict, names: list, seeds: list, measurements: gaps.Measurements,
+              tolerance: float = gaps.CONVERGENCE_TOLERANCE) -> dict:
+  """{"models": names, "seeds": seeds, name: ``summarize_model`` of records[name, seed] over the
+  seeds, ...}; with a "vae", every other model's "share_of_vae_amortization_gap_closed" (1 - its
+  gap / the seed's VAE gap); with an "iavae", "refinement_steps_to_match_iavae": for every other
+  model, the first recorded step count at which its refined ELBO reaches the IA-VAE's unrefined
+  one (``gaps.steps_to_reach``)."""
+  results = {"models": names, "seeds": seeds}
+  amortization = {}
+  for name in names:
+    results[name], amortization[name] = summarize_model(
+        [records[name, seed] for seed in seeds], measurements, tolerance)
+  if "vae" in names:
+    for name in names:
+      if name != "vae":
+        results[name]["share_of_vae_amortization_gap_closed"] = stats.summarize_seeds(
+            [1 - g / v for g, v in zip(amortization[name], amortization["vae"])])
+  if "iavae" in names:
+    single_pass = results["iavae"]["refinement"]["elbo"][0]   # K = 0
+    results["refinement_steps_to_match_iavae"] = {
+        name: gaps.steps_to_reach(list(measurements.refine_steps),
+                                  results[name]["refinement"]["elbo"], single_pass)
+        for name in names if name != "iavae"}
+  return results
