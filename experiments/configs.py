@@ -175,24 +175,12 @@ class ImageConfig(hparams.ImageVAEConfig):
   seed: int = 0                     # model seeds are seed, seed + 1, ...
   num_seeds: int = 10
   models: tuple[str, ...] = ("vae", "iavae", "control")   # IMAGE_MODELS to train, per seed
-  # Stage 1 as in SA-VAE: batch 50 (its optimiser and warm-up: ImageVAEConfig).
-  batch_size: int = 50
-  vae_epochs: int = 100
-  # Stage 2 (and the control: the stage-1 VAE trained on with the same settings).
-  iavae_epochs: int = 100
-  patience: int = 100                    # epochs without a better validation ELBO (both stages)
-  # > 0: the patience of every model that starts from the VAE (IA-VAEs, controls, correctors)
-  # counted in optimiser steps (rounded up to whole epochs), so that it does not shrink with the
-  # training set.
-  stage2_patience_steps: int = 0
   # Stage 2's and the control's starting point (the stage-1 VAE) is a model-selection candidate
   # (epoch 0), so a run never selects something worse on validation than where it started.
   start_as_candidate: bool = True
   # Evaluation.
-  valid_samples: int = 1            # per example for the validation ELBO (fixed noise)
   test_samples: int = 10            # per example for the test ELBO
   iwae_samples: int = 5000          # K of the importance-weighted log-likelihood estimate
-  eval_batch_size: int = 50         # examples per evaluation chunk
   iwae_chunk: int = 100             # importance samples per decoder call
   num_reconstructions: int = 8      # Figure 8 columns
   checkpoint_every: int = 1         # epochs between resume checkpoints
@@ -210,14 +198,12 @@ class ImageConfig(hparams.ImageVAEConfig):
       raise ConfigError(f"--models={','.join(self.models)}: name each model once, among "
                         f"{', '.join(IMAGE_MODELS)}, and include vae (every other model starts "
                         "from it or is compared with it).")
-    positive = ["num_seeds", "batch_size", "vae_epochs", "iavae_epochs", "patience",
-                "valid_samples", "test_samples", "iwae_samples", "eval_batch_size", "iwae_chunk",
-                "checkpoint_every"]
+    positive = ["num_seeds", "test_samples", "iwae_samples", "iwae_chunk", "checkpoint_every"]
     for name in positive:
       if getattr(self, name) <= 0:
         raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
     for name in ("split_seed", "max_train", "max_valid", "max_test", "seed",
-                 "num_reconstructions", "stage2_patience_steps"):
+                 "num_reconstructions"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name} must be a non-negative integer, got {getattr(self, name)}.")
     if self.seed + self.num_seeds > MAX_SEED + 1:

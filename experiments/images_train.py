@@ -3,9 +3,9 @@ evaluation.
 
 The models, their optimisers and their train steps are iavae_jax.image_vae's; this module trains
 the models of ``config.models`` (``MODEL_SPECS``) for each seed, one after the other, each alone:
-``make_epoch_fn`` loops ``image_vae.train_step`` over an epoch's batches in Python (XLA:CPU is
-slow on convolution gradients inside lax.scan), and the shared ``training`` and ``stages``
-machinery adds early stopping, Orbax checkpoints, resume and the learning curves:
+``image_vae.make_epoch_fn`` loops ``image_vae.train_step`` over an epoch's batches in Python
+(XLA:CPU is slow on convolution gradients inside lax.scan), and ``training`` and ``stages``
+add early stopping, Orbax checkpoints, resume and the learning curves:
   vae     : the VAE (``image_vae.Model``), KL warm-up;
   iavae   : the VAE's encoder frozen as phi_AVI, batch-norm statistics frozen; the
             hypernetwork, its embeddings and the decoder trained (paper section 4.2);
@@ -33,7 +33,6 @@ Every model is selected on the validation ELBO and evaluated on the test split: 
 ``iwae_samples`` samples.
 """
 
-import functools
 import json
 import os
 import time
@@ -43,96 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import image_vae, plots, progress, stages, training
+from iavae_jax import image_vae, plots, stages, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import images
 from iavae_jax.image_vae import Model
 from experiments import common, tables
 from experiments.configs import EVAL_KEY_ID, MODEL_SPECS, ImageConfig, ablated, evaluated_models
-
-
-def stage_schedule(config: ImageConfig, kind: str, steps_per_epoch: int) -> training.Schedule:
-  """The batch size, epochs and patience of a model of this kind: ``patience`` epochs, or for
-  the models that start from the VAE, with stage2_patience_steps, as many epochs as hold that
-  many optimiser steps."""
-  patience = config.patience
-  if kind != "vae" and config.stage2_patience_steps:
-    patience = -(-config.stage2_patience_steps // steps_per_epoch)
-  return training.Schedule(config.batch_size,
-                           config.vae_epochs if kind == "vae" else config.iavae_epochs, patience)
-
-
-@functools.lru_cache(maxsize=None)  # one set per model and kind, shared by every seed
-def _epoch_functions(model: Model, kind: str, steps_per_epoch: int,
-                     parallel: parallel_lib.Parallel | None, freeze_decoder: bool = False):
-  """The jitted pieces of an epoch of a model of this kind: start, train_step and finish (see
-  make_epoch_fn)."""
-  config, schedule = model.config, stage_schedule(model.config, kind, steps_per_epoch)
-
-  def start(key, train, order):
-    """The epoch's batches [steps, B, 28, 28] and step keys, and the next epoch's key."""
-    key, steps_key = jax.random.split(key)
-    batches = train[order.reshape(steps_per_epoch, config.batch_size)]
-    if parallel is not None and parallel.mode == "data":   # split every batch over the devices
-      batches = jax.lax.with_sharding_constraint(
-          batches, parallel.batch_sharding(1, batches.ndim))
-    return key, batches, jax.random.split(steps_key, steps_per_epoch)
-
-  def finish(state, trained, steps, valid):
-    """Scores the trained parameters (``validation_score``) and closes the epoch
-    (``training.end_epoch``)."""
-    score = validation_elbo(model, kind, trained.params, trained.frozen, valid)
-    return training.end_epoch(state, trained, steps, score, schedule)
-
-  step = functools.partial(image_vae.train_step, model=model, kind=kind,
-                           steps_per_epoch=steps_per_epoch, freeze_decoder=freeze_decoder)
-  options = model.compiler_options
-  return (jax.jit(start), jax.jit(step, compiler_options=options),
-          jax.jit(finish, compiler_options=options))
-
-
-@functools.lru_cache(maxsize=None)  # one per model and kind: compiled once
-def validation_score(model: Model, kind: str):
-  """The monitored score of a model of this kind, jitted: score(params, frozen, valid
-  [n, 28, 28]) -> the validation ELBO (``validation_elbo``)."""
-  return jax.jit(functools.partial(validation_elbo, model, kind),
-                 compiler_options=model.compiler_options)
-
-
-def validation_elbo(model: Model, kind: str, params, frozen, valid: jax.Array) -> jax.Array:
-  """The validation ELBO of a model of this kind: valid_samples samples per example, the same noise
-  every time."""
-  return image_vae.dataset_elbo(model, image_vae.encode_fn(model, kind, frozen), params, frozen,
-                                valid, model.config.valid_samples, jax.random.PRNGKey(0),
-                                model.config.eval_batch_size)
-
-
-def make_epoch_fn(model: Model, kind: str, name: str, valid: jax.Array, train_size: int,
-                  parallel: parallel_lib.Parallel | None = None, freeze_decoder: bool = False):
-  """An epoch of a model of this kind for ``training.train_model``: epoch(state, train
-  [N, 28, 28], order) -> (state, EpochMetrics). A Python loop of the jitted
-  ``image_vae.train_step`` over the shuffled batches (XLA:CPU runs convolution gradients inside
-  a loop ~8x slower than outside one), a progress line at most every 30 s of a long epoch, then
-  the validation ELBO on ``valid`` [n, 28, 28] as the monitored score."""
-  steps_per_epoch = train_size // model.config.batch_size
-  schedule = stage_schedule(model.config, kind, steps_per_epoch)
-  start, step, finish = _epoch_functions(model, kind, steps_per_epoch, parallel,
-                                         freeze_decoder)
-
-  def epoch(state: training.TrainState, train: jax.Array, order: jax.Array):
-    if bool(training.is_done(state, schedule)):
-      return state, training.idle_metrics(state)
-    key, batches, step_keys = start(state.key, train, order)
-    step_log = progress.StepProgress(name, int(state.epoch) + 1, schedule.max_epochs,
-                                   steps_per_epoch)
-    trained, steps = state, []
-    for i in range(steps_per_epoch):
-      trained, metrics = step(trained, image_vae.Batch(batches[i], step_keys[i]))
-      steps.append(metrics)
-      step_log.update(i + 1, metrics.loss.block_until_ready)
-    steps = training.StepMetrics(*(jnp.stack(values) for values in zip(*steps)))
-    return finish(state, trained._replace(key=key), steps, valid)
-  return epoch
 
 
 class Selected(NamedTuple):
@@ -148,10 +63,11 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
                timings: dict, resumed: list, parallel: parallel_lib.Parallel | None = None,
                tensorboard: bool = False) -> dict:
   """Trains the models ``config.models`` of one seed (resuming what is in workdir); returns
-  them, {name: Selected}. Each model is trained alone (``make_epoch_fn``). The stage-2 models
-  (IA-VAEs and controls) start from the VAE, scored before their first step
-  (``validation_score``): with config.start_as_candidate that start is selected unless an epoch
-  scores higher. Stages that start from a checkpoint are appended to ``resumed``."""
+  them, {name: Selected}. Each model is trained alone (``image_vae.make_epoch_fn``). The
+  stage-2 models (IA-VAEs and controls) start from the VAE, scored before their first step
+  (``image_vae.validation_score``): with config.start_as_candidate that start is selected
+  unless an epoch scores higher. Stages that start from a checkpoint are appended to
+  ``resumed``."""
   config = model.config
   train = jnp.asarray(data.train)
   valid = jnp.asarray(data.valid)
@@ -169,16 +85,16 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
       params = run_model.init_vae(init_key)
     # Stage-2 models start from the VAE (Proposition 1 for the IA-VAE): their starting score.
     start = (None if spec.kind == "vae"
-             else float(validation_score(run_model, spec.kind)(params, frozen, valid)))
+             else float(image_vae.validation_score(run_model, spec.kind)(params, frozen, valid)))
     state = stages.run_stage(
         stage_name, workdir,
-        make_epoch_fn(run_model, spec.kind, stage_name, valid, train.shape[0], parallel,
-                      spec.freeze_decoder),
+        image_vae.make_epoch_fn(run_model, spec.kind, stage_name, valid, train.shape[0],
+                                parallel, spec.freeze_decoder),
         training.init_state(params,
                             image_vae.stage_optimizer(config, spec.kind, spec.freeze_decoder),
                             train_key, frozen, start if config.start_as_candidate else None),
         train, np.array([seed, spec.key_id]),
-        stage_schedule(config, spec.kind, train.shape[0] // config.batch_size),
+        image_vae.stage_schedule(config, spec.kind, train.shape[0] // config.batch_size),
         config.checkpoint_every, parallel=parallel, tensorboard=tensorboard)
     timings[stage_name] = time.time() - t0
     selected[name] = Selected(state.best_params, state.frozen, int(state.best_epoch),

@@ -89,6 +89,17 @@ class ImageVAEConfig:
   # clipped gradient before Adam's scaling; "decoupled" is AdamW's (the decay added to the update).
   weight_decay_mode: str = "coupled"
   num_samples: int = 1              # z samples per example in the training ELBO
+  # The schedules (stage 1 as in SA-VAE: batch 50) and early stopping on the validation ELBO.
+  batch_size: int = 50
+  vae_epochs: int = 100
+  iavae_epochs: int = 100                # stage 2, the control and the corrector
+  patience: int = 100                    # epochs without a better validation ELBO (both stages)
+  # > 0: the patience of every model that starts from the VAE (IA-VAEs, controls, correctors)
+  # counted in optimiser steps (rounded up to whole epochs), so that it does not shrink with the
+  # training set.
+  stage2_patience_steps: int = 0
+  valid_samples: int = 1            # per example for the validation ELBO (fixed noise)
+  eval_batch_size: int = 50         # examples per evaluation chunk
 
   def validate(self) -> "ImageVAEConfig":
     """Returns self, or raises ValueError naming the first field that is wrong and what it
@@ -110,7 +121,8 @@ class ImageVAEConfig:
                                             for k in self.decoder_kernel_sizes):
       raise ValueError(f"decoder_kernel_sizes must be odd positive integers, got "
                        f"{list(self.decoder_kernel_sizes)}.")
-    for name in ("hypernet_hidden", "hypernet_projection", "corrector_hidden", "warmup_epochs"):
+    for name in ("hypernet_hidden", "hypernet_projection", "corrector_hidden", "warmup_epochs",
+                 "stage2_patience_steps"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be a non-negative integer (0: none, or the default), got "
                          f"{getattr(self, name)}.")
@@ -120,7 +132,8 @@ class ImageVAEConfig:
     if self.ha_block_gains and self.hypernet != "ha":
       raise ValueError(f"ha_block_gains applies to hypernet=ha only, not {self.hypernet}.")
     for name in ("latent_dim", "decoder_features", "latent_feature_maps", "block_embed_dim",
-                 "input_embed_dim", "feedback_samples", "passes", "num_samples"):
+                 "input_embed_dim", "feedback_samples", "passes", "num_samples", "batch_size",
+                 "vae_epochs", "iavae_epochs", "patience", "valid_samples", "eval_batch_size"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
     if self.passes > 1 and self.hypernet_input not in FEEDBACKS:

@@ -35,13 +35,14 @@ import optax
 
 from iavae_jax import adaptive, blocks, distributions, gaps, hypernets, modulated, objectives
 from iavae_jax import feedback as feedback_lib
-from iavae_jax import training
+from iavae_jax import parallel as parallel_lib, progress, training
 from iavae_jax.hparams import KINDS, ImageVAEConfig
 from iavae_jax.data import images
 from iavae_jax.models import decoders, encoders, pixelcnn
 
 __all__ = ["ImageVAEConfig", "Model", "Batch", "encode_fn", "stage_start", "kind_of",
-           "check_params", "stage_optimizer", "kl_weight", "train_step", "dataset_elbo",
+           "check_params", "stage_optimizer", "kl_weight", "train_step", "stage_schedule",
+           "validation_elbo", "validation_score", "make_epoch_fn", "dataset_elbo",
            "evaluate", "reconstruct", "gap_measurements", "matched_model", "mean_inputs",
            "param_counts"]
 
@@ -469,6 +470,90 @@ def train_step(state: training.TrainState, batch: Batch, *, model: Model, kind: 
     params = {**params, "batch_stats": batch_stats}
   return (state._replace(params=params, opt_state=opt_state, step=state.step + 1),
           training.StepMetrics(loss, kl, optax.tree.norm(grads)))
+
+
+def stage_schedule(config: ImageVAEConfig, kind: str, steps_per_epoch: int) -> training.Schedule:
+  """The batch size, epochs and patience of a model of this kind: ``patience`` epochs, or for
+  the models that start from the VAE, with stage2_patience_steps, as many epochs as hold that
+  many optimiser steps."""
+  patience = config.patience
+  if kind != "vae" and config.stage2_patience_steps:
+    patience = -(-config.stage2_patience_steps // steps_per_epoch)
+  return training.Schedule(config.batch_size,
+                           config.vae_epochs if kind == "vae" else config.iavae_epochs, patience)
+
+
+@functools.lru_cache(maxsize=None)  # one set per model and kind, shared by every seed
+def _epoch_functions(model: Model, kind: str, steps_per_epoch: int,
+                     parallel: parallel_lib.Parallel | None, freeze_decoder: bool = False):
+  """The jitted pieces of an epoch of a model of this kind: start, train_step and finish (see
+  make_epoch_fn)."""
+  config, schedule = model.config, stage_schedule(model.config, kind, steps_per_epoch)
+
+  def start(key, train, order):
+    """The epoch's batches [steps, B, 28, 28] and step keys, and the next epoch's key."""
+    key, steps_key = jax.random.split(key)
+    batches = train[order.reshape(steps_per_epoch, config.batch_size)]
+    if parallel is not None and parallel.mode == "data":   # split every batch over the devices
+      batches = jax.lax.with_sharding_constraint(
+          batches, parallel.batch_sharding(1, batches.ndim))
+    return key, batches, jax.random.split(steps_key, steps_per_epoch)
+
+  def finish(state, trained, steps, valid):
+    """Scores the trained parameters (``validation_score``) and closes the epoch
+    (``training.end_epoch``)."""
+    score = validation_elbo(model, kind, trained.params, trained.frozen, valid)
+    return training.end_epoch(state, trained, steps, score, schedule)
+
+  step = functools.partial(train_step, model=model, kind=kind,
+                           steps_per_epoch=steps_per_epoch, freeze_decoder=freeze_decoder)
+  options = model.compiler_options
+  return (jax.jit(start), jax.jit(step, compiler_options=options),
+          jax.jit(finish, compiler_options=options))
+
+
+@functools.lru_cache(maxsize=None)  # one per model and kind: compiled once
+def validation_score(model: Model, kind: str):
+  """The monitored score of a model of this kind, jitted: score(params, frozen, valid
+  [n, 28, 28]) -> the validation ELBO (``validation_elbo``)."""
+  return jax.jit(functools.partial(validation_elbo, model, kind),
+                 compiler_options=model.compiler_options)
+
+
+def validation_elbo(model: Model, kind: str, params, frozen, valid: jax.Array) -> jax.Array:
+  """The validation ELBO of a model of this kind: valid_samples samples per example, the same noise
+  every time."""
+  return dataset_elbo(model, encode_fn(model, kind, frozen), params, frozen, valid,
+                      model.config.valid_samples, jax.random.PRNGKey(0),
+                      model.config.eval_batch_size)
+
+
+def make_epoch_fn(model: Model, kind: str, name: str, valid: jax.Array, train_size: int,
+                  parallel: parallel_lib.Parallel | None = None, freeze_decoder: bool = False):
+  """An epoch of a model of this kind for ``training.train_model`` (or ``stages.run_stage``):
+  epoch(state, train [N, 28, 28], order) -> (state, EpochMetrics). A Python loop of the jitted
+  ``train_step`` over the shuffled batches (XLA:CPU runs convolution gradients inside a loop
+  ~8x slower than outside one), a progress line named ``name`` at most every 30 s of a long
+  epoch, then the validation ELBO on ``valid`` [n, 28, 28] as the monitored score."""
+  steps_per_epoch = train_size // model.config.batch_size
+  schedule = stage_schedule(model.config, kind, steps_per_epoch)
+  start, step, finish = _epoch_functions(model, kind, steps_per_epoch, parallel,
+                                         freeze_decoder)
+
+  def epoch(state: training.TrainState, train: jax.Array, order: jax.Array):
+    if bool(training.is_done(state, schedule)):
+      return state, training.idle_metrics(state)
+    key, batches, step_keys = start(state.key, train, order)
+    step_log = progress.StepProgress(name, int(state.epoch) + 1, schedule.max_epochs,
+                                     steps_per_epoch)
+    trained, steps = state, []
+    for i in range(steps_per_epoch):
+      trained, metrics = step(trained, Batch(batches[i], step_keys[i]))
+      steps.append(metrics)
+      step_log.update(i + 1, metrics.loss.block_until_ready)
+    steps = training.StepMetrics(*(jnp.stack(values) for values in zip(*steps)))
+    return finish(state, trained._replace(key=key), steps, valid)
+  return epoch
 
 
 def _chunks(data: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:

@@ -13,7 +13,7 @@ import pytest
 
 from iavae_jax import adaptive, blocks, image_vae, training
 from iavae_jax.models import decoders, encoders
-from experiments import common, configs, images_train
+from experiments import common, configs
 
 X_GREY = jax.random.uniform(jax.random.PRNGKey(3), (20, 28, 28))
 
@@ -163,9 +163,9 @@ def test_dense_models_train_an_epoch_with_their_compiler_options():
   assert _model().compiler_options == {}   # the convolutional models keep XLA's defaults
   state, _ = _stage_2(model, "iavae", freeze_decoder=False)
   valid = (X_GREY[:8] > 0.5).astype(jnp.float32)
-  epoch = images_train.make_epoch_fn(model, "iavae", "test", valid, X_GREY.shape[0])
+  epoch = image_vae.make_epoch_fn(model, "iavae", "test", valid, X_GREY.shape[0])
   new, _ = epoch(state, X_GREY, jnp.arange(X_GREY.shape[0]))
   assert int(new.epoch) == 1 and np.isfinite(float(new.best_score))
-  score = images_train.validation_score(model, "iavae")(new.params, new.frozen, valid)
-  assert float(score) == pytest.approx(float(images_train.validation_elbo(
+  score = image_vae.validation_score(model, "iavae")(new.params, new.frozen, valid)
+  assert float(score) == pytest.approx(float(image_vae.validation_elbo(
       model, "iavae", new.params, new.frozen, valid)), abs=1e-3)
