@@ -160,17 +160,20 @@ def prepare_workdir(workdir: str, config: Any) -> None:
   wanted = as_json(config)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
-    recorded = read_json(path, "restore it, or use a new --workdir")
-    diffs = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
-    if diffs:
-      details = ", ".join(f"{k}: recorded {recorded.get(k)!r}, now {wanted.get(k)!r}"
-                          for k in diffs)
+    details = differences(read_json(path, "restore it, or use a new --workdir"), wanted)
+    if details:
       raise ConfigError(f"--workdir={workdir} holds a run with a different configuration "
                         f"({details}). Use a new --workdir, or the same flags to resume.")
   elif not os.path.exists(os.path.join(workdir, "checkpoints")):
     write_json(path, wanted)
   # Checkpoints without a config.json: restoring them checks their structure and shapes, and the
   # run records its config only once it has finished (see record_config).
+
+
+def differences(recorded: dict, wanted: dict) -> str:
+  """"key: recorded X, now Y" for every key whose value differs, in key order; "" if none."""
+  return ", ".join(f"{k}: recorded {recorded.get(k)!r}, now {wanted.get(k)!r}"
+                   for k in sorted(set(wanted) | set(recorded)) if wanted.get(k) != recorded.get(k))
 
 
 def _require_workdir(workdir: str) -> None:

@@ -250,11 +250,8 @@ def prepare_output(workdir: str, config: GapsConfig, num_examples: int) -> str:
   wanted = {**common.as_json(config), "num_examples": num_examples}
   path = os.path.join(partial_dir, "settings.json")
   if os.path.exists(path):
-    recorded = common.read_json(path)
-    diffs = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
-    if diffs:
-      details = ", ".join(f"{k}: recorded {recorded.get(k)!r}, now {wanted.get(k)!r}"
-                          for k in diffs)
+    details = common.differences(common.read_json(path), wanted)
+    if details:
       raise common.ConfigError(
           f"{partial_dir} holds measurements with other settings ({details}). Use the same flags "
           f"to resume them, or delete {partial_dir} to start over with these.")
