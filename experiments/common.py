@@ -144,11 +144,13 @@ def run_command(argv: list[str], body: Callable[[], Any]) -> None:
     sys.exit(2 if isinstance(e, ConfigError) else 1)
 
 
-def prepare_workdir(workdir: str, config: Any) -> None:
+def prepare_workdir(workdir: str, config: Any, may_change: tuple[str, ...] = ()) -> None:
   """Creates workdir and records config in it, or checks that it matches the recorded one.
 
   A workdir holds the checkpoints of one configuration; resuming it with another would mix runs,
-  so that is refused before anything is written.
+  so that is refused before anything is written. Only the fields ``may_change`` (e.g. how many
+  seeds a run holds: each seed's models are checkpointed apart) may differ: config.json then
+  records the new values, and the run resumes what the workdir holds.
   """
   _require_workdir(workdir)
   try:
@@ -160,10 +162,16 @@ def prepare_workdir(workdir: str, config: Any) -> None:
   wanted = as_json(config)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
-    details = differences(read_json(path, "restore it, or use a new --workdir"), wanted)
+    recorded = read_json(path, "restore it, or use a new --workdir")
+    fixed = lambda fields: {k: v for k, v in fields.items() if k not in may_change}
+    details = differences(fixed(recorded), fixed(wanted))
     if details:
       raise ConfigError(f"--workdir={workdir} holds a run with a different configuration "
                         f"({details}). Use a new --workdir, or the same flags to resume.")
+    if recorded != wanted:
+      print(f"note: --workdir={workdir} goes on with {differences(recorded, wanted)}",
+            flush=True)
+      write_json(path, wanted)
   elif not os.path.exists(os.path.join(workdir, "checkpoints")):
     write_json(path, wanted)
   # Checkpoints without a config.json: restoring them checks their structure and shapes, and the

@@ -217,7 +217,7 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
   apply: ``training.train_model`` refuses it)."""
   config.validate()
   data = load_data(config, data_dir, source)
-  common.prepare_workdir(workdir, config)
+  common.prepare_workdir(workdir, config, may_change=("num_seeds",))   # seeds added or left
   check_data(workdir, data.info)
   start = time.time()
   model = Model(config)

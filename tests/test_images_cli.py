@@ -490,3 +490,22 @@ def test_help_gives_every_tiers_value_of_a_flag():
                      for tier in configs.IMAGE_TIERS)
   assert f"--latent_dim: Override the configuration's latent_dim ({values})." in text
   assert "--hypernet: Override the configuration's hypernet (mlp in every tier)." in text
+
+
+@pytest.mark.slow
+def test_more_seeds_resume_the_recorded_ones_and_train_the_new(smoke_run, smoke_flags, tmp_path):
+  # The smoke run holds seeds 0 and 1; a copy of it run with --num_seeds=3 resumes their six
+  # stages, trains seed 2's three, and reports seeds 0 and 1 exactly as before.
+  workdir = tmp_path / "mnist"
+  shutil.copytree(smoke_run[1], workdir)
+  before = _results(smoke_run[1])
+  result = run("experiments.images", f"--workdir={workdir}", *smoke_flags, "--num_seeds=3")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "goes on with num_seeds: recorded 2, now 3" in result.stdout
+  assert result.stdout.count("resumed from the checkpoint") == 6
+  after = _results(workdir)
+  assert after["seeds"] == [0, 1, 2]
+  for name, metrics in before["models"].items():
+    for key, values in metrics.items():
+      assert after["models"][name][key][:2] == values, (name, key)
+  assert json.load(open(workdir / "config.json"))["num_seeds"] == 3
