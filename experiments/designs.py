@@ -8,39 +8,10 @@ experiments.gaps beside it where there is one, groups the runs by data set and d
 --hypernet name, then the design flags that differ from their defaults, e.g. "mlp
 input=penultimate"), and writes DIR/designs.json and DIR/designs.md (exit code 2 while another
 command holds DIR). Nothing is trained or recomputed. Per data set, on the seeds every design's
-run has:
-
-  {"seeds": [...],
-   "same_vae": true,       # every run's VAE has the same test ELBO at every seed: the designs
-                           # start from the same stage-1 model (false: other settings or
-                           # machines, and the paired tests compare different VAEs too)
-   "vae", "control": summary,          # test ELBO, from the first design's run
-   "designs": {label: {
-       "source": "<results.json, relative to DIR>",
-       "iavae": summary,               # test ELBO
-       "valid_elbo": summary,          # validation ELBO of the selected epoch (held-out data:
-                                       # the score the run selected on)
-       "iavae_mean_context": summary,  # where the run reports it
-       "gap_closed": summary or null,  # fraction of the VAE's amortization gap the IA-VAE
-                                       # closes (gaps.json, where it covers the seeds)
-       "vs_control", "vs_mean_input", "vs_paper": paired tests (H1: this design's IA-VAE >
-                                       # the other), vs_paper where a "paper" run is present
-   }},
-   "best_on_validation": label,        # the highest mean validation ELBO
-   "frozen_decoder": {label: {         # the runs that trained iavae_frozen_decoder
-       "models": {model: {             # it, control_frozen_decoder, corrector_frozen_decoder and
-                                       # iavae_frozen_decoder_mean_context, where trained
-           "test_elbo": summary, "decoder_passes": per example, "gap_closed": summary or null,
-           "worth_steps": {"sa_vae", "tuned": refinement steps or null} or null,
-           "longest_wait_steps", "lost_at_half_patience": patience_check's}},
-       "patience_steps": the stage-2 patience the run trained with, in steps,
-       "vs_control", "vs_corrector", "vs_mean_input": paired tests (H1: the IA-VAE > the other)
-   }}}
-The runs without an unfrozen IA-VAE (iavae) appear only under "frozen_decoder"; "control" and
-"best_on_validation" are there when some run has one.
-
-Summaries and tests as in experiments.report (mean, sample std and per-seed values; Shapiro-
-Wilk, then a one-sided paired t-test or Wilcoxon signed-rank test). Bad input exits with code 2.
+run has, each design's test and validation ELBO, its mean-input ablation, the share of the VAE's
+amortization gap it closes and its paired tests; and the runs with the decoder frozen, every
+model on it. Summaries and tests as in experiments.report. designs.json's schema: docs/cli.md.
+Bad input exits with code 2.
 """
 
 import dataclasses

@@ -5,46 +5,11 @@ parameters and frozen inputs (``TrainState.best_params``, ``frozen``) of
 DIR/checkpoints/{model}_seed{seed}. What a model is follows from its parameters: an encoder with
 its own batch-norm statistics (the VAE), an encoder with frozen statistics (the control), or a
 hypernetwork over a frozen encoder phi_AVI (the IA-VAE); any other stage of one of these shapes
-is measured the same way (``image_vae.encode_fn`` of its kind).
-
-The examples are the first N images of the test split (``images.load``'s, permuted by split_seed,
-not capped by max_test, so its first max_test images are those results.json was evaluated on).
-Each example's random inputs come from (seed, example index) alone, so every model of a seed
-sees the same noise (the model comparisons are paired), and results do not depend on
---batch_size or on interruptions (up to rounding). Per example, with that model's decoder fixed:
-  L[q]    : the encoder's ELBO, final_samples samples;
-  L[q*]   : iavae_jax.gaps' search for q* from the encoder's output (driven from Python over
-            jitted steps, as ``gaps.drive_search``), then final_samples samples (the same noise
-            as L[q]);
-  log p^  : iavae_jax.gaps.log_px_estimate with q* as the proposal, iwae_samples samples;
-  refinement: iavae_jax.gaps' refinement from the encoder's output (``gaps.drive_refinement``),
-            the ELBO after each K (K = 0 is
-            the encoder's) with refine_eval_samples samples (the noise of L[q]: with as many
-            samples as L[q], the K = 0 point is L[q] itself);
-  convergence: on the first convergence_examples examples, q* again with twice the patience and
-            max_steps and the same noise; the rule (iavae_jax.gaps) is that the mean of L[q*]
-            moves by less than convergence_tolerance.
-
-DIR/gaps.json:
-  {"models": [names], "seeds": [...], "dataset", "tier", "num_examples", "settings": {the
-   GapsConfig}, "wall_seconds" (this invocation), "environment",
-   "refinement_steps_to_match_iavae": {model: {"per_seed": [K or null], "of_the_means": K or
-       null}}   (models other than iavae, when the run holds an iavae: the first recorded K at
-       which the model's refined ELBO reaches the IA-VAE's K = 0 ELBO; null: not within the
-       largest K),
-   <model>: {"log_px", "elbo_qstar", "elbo", "approximation_gap", "amortization_gap",
-             "share_of_vae_amortization_gap_closed" (models other than vae: 1 - its gap / the
-                 seed's VAE gap; each model's gap is with its own decoder),
-             "qstar_steps", "seconds_per_example": {phase: ...},
-             "decoder_passes_per_second": {"qstar": fwd+bwd per sample-step, "log_px": fwd},
-             "convergence": {"examples", "tolerance", "delta" (mean L[q*] with twice the
-                 budget minus without), "converged" (|delta| < tolerance for every seed)},
-             "refinement": {"steps": [0, K...], "elbo": [per K], "seconds_per_example":
-                 [per K: encoder pass + K steps]}},
-   ...}
-where every number is {"mean", "std", "per_seed"} over seeds (each seed's value the mean over
-the examples; std with ddof=1, null with one seed). DIR/gaps.md renders it, and
-DIR/gaps_refinement.png plots the refinement curves against K and against wall time.
+is measured the same way (``image_vae.encode_fn`` of its kind). The examples are the first N
+images of the test split (``images.load``'s, permuted by split_seed, not capped by max_test, so
+its first max_test images are those results.json was evaluated on); what is measured per
+example is ``iavae_jax.gap_runs``'s, each example's noise from (seed, its index). Outputs
+(gaps.json, gaps.md, gaps_refinement.png, gaps_passes.png) and their schema: docs/cli.md.
 """
 
 import dataclasses

@@ -5,40 +5,9 @@ r"""Table 4 of the paper from the results of experiments.images.
 Finds every results.json under DIR (recursively) whose top-level "experiment" is "images" (one
 per data set) and writes DIR/table4.json and DIR/table4.md (exit code 2 while another command
 holds DIR; the runs under DIR may be training meanwhile). Nothing is trained or recomputed: the
-numbers are the per-seed test metrics those runs recorded.
-
-table4.json maps each data set, in the paper's order (omniglot, mnist, fashion_mnist, then
-others alphabetically), to
-
-  {"source": "<results.json, relative to DIR>", "tier": ..., "seeds": [...],
-   "wall_seconds": ... or null,
-   "paper_split": true, false or null,   # results.json data.paper_split (null: not recorded)
-   "vae":     {"mean", "std", "per_seed",                # test ELBO
-               "kl": {"mean", "std", "per_seed"},        # test KL
-               "iwae": {"mean", "std", "per_seed"},      # test IWAE bound
-               "diverged_seeds": [...]},                 # no finite validation ELBO
-   "iavae":   {... same ...},
-   "control": {... same ...},
-   "iavae_vs_vae":     {"test", "p_value", "shapiro_p", "mean_difference", "n"},
-   "iavae_vs_control": {... same ...},
-   # and, for the ablation models a run trained (experiments.images --models), their summaries
-   # under their names (configs.ABLATIONS) and these comparisons where both models are present:
-   "iavae_vs_iavae_mean_context": ...,   # what the hypernetwork's per-example input adds
-   "iavae_frozen_decoder_vs_control_frozen_decoder": ...,   # inference alone improved
-   "iavae_vs_vae_matched": ...}          # against a VAE with as many inference parameters
-
-std is the sample standard deviation over seeds (ddof=1); null with a single seed. The paired
-tests are iavae_jax.stats.paired_one_sided on test ELBO (H1: IA-VAE > the other model): Shapiro-
-Wilk on the per-seed differences, then a one-sided paired t-test if normality is not rejected at
-0.05, else a one-sided Wilcoxon signed-rank test (H1 of "a_vs_b": a > b). With a single seed no
-test is possible and "test", "p_value" and "shapiro_p" are null. Non-finite KL or IWAE values are
-written as null.
-
-table4.md renders that dictionary (experiments.tables.table4, a pure function of it); a data set
-whose run was not on the paper's train/test split (paper_split false: e.g. OMNIGLOT from Lake's
-zips or TFDS rather than Burda et al.'s chardata.mat, or a subset of MNIST) is marked with a
-dagger. Bad input (no results, two results for one data set, a malformed results file) exits
-with code 2.
+numbers are the per-seed test metrics those runs recorded. The schema of table4.json, its
+paired tests, and how table4.md marks runs off the paper's split: docs/cli.md. Bad input (no
+results, two results for one data set, a malformed results file) exits with code 2.
 """
 
 import glob
