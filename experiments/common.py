@@ -1,7 +1,6 @@
 """What every command line shares: flags, usage errors, the workdir contract, progress and
 learning curves, results files."""
 
-import atexit
 import contextlib
 import dataclasses
 import fcntl
@@ -11,12 +10,11 @@ import platform
 import socket
 import sys
 import tempfile
-import threading
 from typing import Any, Callable, Iterator
 
 from absl import app, flags, logging
 
-from iavae_jax.errors import Cancelled, ConfigError, RunError  # noqa: F401  (the commands' errors)
+from iavae_jax.errors import ConfigError, RunError
 
 
 def define_run_flags() -> None:
@@ -137,7 +135,8 @@ def run_command(argv: list[str], body: Callable[[], Any]) -> None:
     try:
       body()
     finally:   # before the interpreter shuts down (Orbax then refuses to start a save)
-      Background.stop_unfinished()
+      if "iavae_jax.stages" in sys.modules:   # else no stage ran on another thread
+        sys.modules["iavae_jax.stages"].Background.stop_unfinished()
   except (ConfigError, RunError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
@@ -359,49 +358,3 @@ def write_results(workdir: str, results: dict, markdown: str, config: Any,
   write_json(os.path.join(workdir, "results.json"), results)
   print(f"wrote {workdir}/results.json, results.md and figures ({results['wall_seconds']:.1f} s)",
         flush=True)
-
-
-class Background:
-  """Runs fn(cancelled) on a second thread, where cancelled() says whether to stop early.
-
-  For work that needs nothing from the main thread's: XLA runs both threads' computations at
-  once, so on a CPU each gets a core. result() waits and returns fn's value (or raises its
-  exception). fn should check cancelled() often (a stage checks it after every chunk) and then
-  raise Cancelled (iavae_jax.errors): a command that ends early (an error or Ctrl-C in the main
-  thread) asks every unfinished task to stop and waits for it (``run_command`` does, and an exit
-  hook), since JAX aborts a process that exits while another thread is inside XLA. What a
-  stopped stage checkpointed resumes like a killed run's.
-  """
-  _unfinished = set()
-  _exit_hook = False
-
-  def __init__(self, fn: Callable[[Callable[[], bool]], Any]):
-    self._stop = threading.Event()
-    self._outcome = {}
-
-    def run():
-      try:
-        self._outcome["value"] = fn(self._stop.is_set)
-      except BaseException as e:  # pylint: disable=broad-except  (re-raised by result())
-        self._outcome["error"] = e
-    # A daemon thread, so that the interpreter reaches the exit hook below instead of waiting.
-    self._thread = threading.Thread(target=run, name="background", daemon=True)
-    if not Background._exit_hook:   # registered after JAX's, so it runs before JAX's
-      Background._exit_hook = bool(atexit.register(Background.stop_unfinished))
-    Background._unfinished.add(self)
-    self._thread.start()
-
-  def result(self) -> Any:
-    self._thread.join()
-    Background._unfinished.discard(self)
-    if "error" in self._outcome:
-      raise self._outcome["error"]
-    return self._outcome["value"]
-
-  @staticmethod
-  def stop_unfinished() -> None:
-    """Asks every unfinished task to stop, and waits for it."""
-    for task in list(Background._unfinished):
-      task._stop.set()
-      task._thread.join()
-    Background._unfinished.clear()

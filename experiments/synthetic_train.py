@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import blocks, exact, hypernets, plots, stages, synthetic_vae, training
+from iavae_jax import blocks, errors, exact, hypernets, plots, stages, synthetic_vae, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders, oracle
@@ -214,7 +214,7 @@ def train_all(config: SyntheticConfig, workdir: str, x: jax.Array,
     sweep_states = train_sweep(config, workdir, x, parallel, tensorboard, cancelled)
     timings["sweep"] = time.time() - t0
     if cancelled():
-      raise common.Cancelled("posterior")
+      raise errors.Cancelled("posterior")
     t0 = time.time()
     truth = exact.true_posterior(x, config.sigma)   # log p(x), the MAP, q*
     timings["posterior"] = time.time() - t0
@@ -222,7 +222,7 @@ def train_all(config: SyntheticConfig, workdir: str, x: jax.Array,
 
   # Stage 3 and the posterior need nothing from stages 1-2: with one device of one process they
   # run on a second thread meanwhile (on a CPU, a second core), else after them.
-  background = (common.Background(sweep_and_posterior) if (parallel is None or parallel.mode ==
+  background = (stages.Background(sweep_and_posterior) if (parallel is None or parallel.mode ==
                 "none") and jax.process_count() == 1 else None)
   t0 = time.time()
   vae_states = train_vaes(config, workdir, x, parallel, tensorboard)

@@ -1,10 +1,13 @@
 """Running one training stage with Orbax checkpoints: resume, progress and learning curves
-(``progress``), and the faults that stop a run (``errors``)."""
+(``progress``), and the faults that stop a run (``errors``); and stages on a second thread
+(``Background``)."""
 
+import atexit
 import os
 import shutil
+import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,7 @@ import numpy as np
 from iavae_jax import checkpoints, parallel as parallel_lib, progress, training
 from iavae_jax.errors import Cancelled, ConfigError, RunError
 
-__all__ = ["KEPT_CHECKPOINTS", "run_stage"]
+__all__ = ["KEPT_CHECKPOINTS", "run_stage", "Background"]
 
 KEPT_CHECKPOINTS = 2
 
@@ -164,3 +167,50 @@ def _check_free_space(name: str, directory: str, states) -> None:
         f"[{name}] {directory} has {free / 2**20:.1f} MiB free; this stage's checkpoints need "
         f"about {needed / 2**20:.1f} MiB ({KEPT_CHECKPOINTS} kept + 1 being written, "
         f"{size / 2**20:.1f} MiB each). Free disk space or choose another workdir.")
+
+
+class Background:
+  """Runs fn(cancelled) on a second thread, where cancelled() says whether to stop early (pass
+  it to ``run_stage``).
+
+  For work that needs nothing from the main thread's: XLA runs both threads' computations at
+  once, so on a CPU each gets a core. result() waits and returns fn's value (or raises its
+  exception). fn should check cancelled() often (a stage checks it after every chunk) and then
+  raise Cancelled: a program that ends early (an error or Ctrl-C in the main thread) asks every
+  unfinished task to stop and waits for it (``stop_unfinished``, also an exit hook), since JAX
+  aborts a process that exits while another thread is inside XLA. What a stopped stage
+  checkpointed resumes like a killed run's.
+  """
+  _unfinished = set()
+  _exit_hook = False
+
+  def __init__(self, fn: Callable[[Callable[[], bool]], Any]):
+    self._stop = threading.Event()
+    self._outcome = {}
+
+    def run():
+      try:
+        self._outcome["value"] = fn(self._stop.is_set)
+      except BaseException as e:  # pylint: disable=broad-except  (re-raised by result())
+        self._outcome["error"] = e
+    # A daemon thread, so that the interpreter reaches the exit hook below instead of waiting.
+    self._thread = threading.Thread(target=run, name="background", daemon=True)
+    if not Background._exit_hook:   # registered after JAX's, so it runs before JAX's
+      Background._exit_hook = bool(atexit.register(Background.stop_unfinished))
+    Background._unfinished.add(self)
+    self._thread.start()
+
+  def result(self) -> Any:
+    self._thread.join()
+    Background._unfinished.discard(self)
+    if "error" in self._outcome:
+      raise self._outcome["error"]
+    return self._outcome["value"]
+
+  @staticmethod
+  def stop_unfinished() -> None:
+    """Asks every unfinished task to stop, and waits for it."""
+    for task in list(Background._unfinished):
+      task._stop.set()
+      task._thread.join()
+    Background._unfinished.clear()
