@@ -1,0 +1,88 @@
+"""iavae_jax.gap_runs: the gap decomposition over a data set, on the linear-Gaussian model of
+test_gaps (whose posterior, L[q*] and log p(x) are known in closed form)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iavae_jax import gap_runs, gaps
+from test_gaps import D, N, _encoder_output, _exact, _log_likelihood_fn, _model
+
+BATCH = 3   # N = 4 examples: a full chunk, then one example and two of padding
+
+
+class _Stop(Exception):
+  pass
+
+
+def _setup():
+  w, b, x = _model()
+  post_mean, qstar_log_var, elbo_qstar, log_px = _exact(w, b, x)
+  # An encoder that knows each example's output by its row in x (padding rows: zeros).
+  outputs = _encoder_output(post_mean, qstar_log_var)
+
+  def encode(chunk):
+    rows = jnp.argmin(jnp.sum((chunk[:, None, :] - x[None]) ** 2, -1), axis=1)
+    known = jnp.any(chunk != 0, axis=1)[:, None]
+    return tuple(jnp.where(known, out[rows], 0.0) for out in outputs)
+  measure = gaps.Measurements(
+      lambda params, x_i: _log_likelihood_fn(params["w"], params["b"], x_i),
+      gaps.QStarSettings(learning_rate=1e-2, check_every=50, patience=5),
+      gaps.RefineSettings(), refine_steps=(1, 10), final_samples=1000, iwae_samples=1000,
+      refine_eval_samples=1000, sample_chunk=500)
+  return measure, jax.jit(encode), {"w": w, "b": b}, np.asarray(x), (elbo_qstar, log_px)
+
+
+def test_records_match_the_closed_forms_and_a_resumed_run_matches_an_uninterrupted_one():
+  measure, encode, decoder, x, (elbo_qstar, log_px) = _setup()
+  root = jax.random.PRNGKey(5)
+  chex.assert_shape(gap_runs.example_keys(root, 2, 3), (3, 2))
+  chex.assert_shape(gap_runs.pad(x[:1], BATCH), (BATCH, D))
+  whole = gap_runs.measure_examples(measure, encode, decoder, x, root, BATCH,
+                                    gap_runs.new_record("model"))
+  assert whole["examples_done"] == N and len(whole["elbo"]) == N
+  chex.assert_shape(np.asarray(whole["refinement_elbo"]), (N, 3))
+  chex.assert_trees_all_close(np.asarray(whole["elbo_qstar"]), elbo_qstar, atol=0.05)
+  chex.assert_trees_all_close(np.asarray(whole["log_px"]), log_px, atol=0.1)
+  assert np.all(np.asarray(whole["elbo_qstar"]) > np.asarray(whole["elbo"]))
+  # Stopped after its first chunk (the record as a caller would have saved it), then resumed.
+  seen = []
+
+  def stop_after_first(record, count):
+    seen.append(count)
+    raise _Stop
+  partial = gap_runs.new_record("model")
+  with pytest.raises(_Stop):
+    gap_runs.measure_examples(measure, encode, decoder, x, root, BATCH, partial,
+                              stop_after_first)
+  assert seen == [BATCH] and partial["examples_done"] == BATCH
+  resumed = gap_runs.measure_examples(measure, encode, decoder, x, root, BATCH, partial)
+  for field in ("elbo", "elbo_qstar", "log_px", "qstar_steps", "refinement_elbo"):
+    chex.assert_trees_all_close(np.asarray(resumed[field]), np.asarray(whole[field]), atol=1e-5)
+  # The refinement curve alone, on the same keys, is the record's.
+  chex.assert_trees_all_close(
+      gap_runs.refinement_curve(measure, encode, decoder, x, root, BATCH),
+      np.asarray(whole["refinement_elbo"]), atol=1e-5)
+
+
+def test_convergence_check_and_summary():
+  measure, encode, decoder, x, _ = _setup()
+  root = jax.random.PRNGKey(5)
+  records = []
+  for seed_root in (root, jax.random.fold_in(root, 1)):
+    record = gap_runs.measure_examples(measure, encode, decoder, x, seed_root, BATCH,
+                                       gap_runs.new_record("model"))
+    records.append(gap_runs.check_convergence(measure, encode, decoder, x, seed_root, BATCH, 2,
+                                              record))
+  assert records[0]["convergence_done"] == 2 and len(records[0]["elbo_qstar_doubled"]) == 2
+  summary = gap_runs.summarize({("vae", 0): records[0], ("vae", 1): records[1]}, ["vae"], [0, 1],
+                               measure, tolerance=0.05)
+  entry = summary["vae"]
+  gaps_per_seed = [float(np.mean(r["elbo_qstar"]) - np.mean(r["elbo"])) for r in records]
+  chex.assert_trees_all_close(entry["amortization_gap"]["per_seed"], gaps_per_seed, atol=1e-6)
+  assert entry["amortization_gap"]["mean"] > 0 and entry["approximation_gap"]["mean"] > 0
+  assert entry["refinement"]["steps"] == [0, 1, 10]
+  # The doubled budget moves L[q*] by less than the tolerance: q* had converged.
+  assert entry["convergence"]["examples"] == 2 and entry["convergence"]["converged"]
