@@ -78,6 +78,7 @@ def _percent(summary: dict | None) -> str:
   std = "" if summary["std"] is None else f" ± {100 * summary['std']:.1f}"
   return f"{100 * summary['mean']:.1f}{std}%"
 
+
 def _plus_minus(entry: dict, key: str, digits: int) -> str:
   """entry[key] +- entry[key_std], as the synthetic experiment's results hold them."""
   return f"{entry[key]:.{digits}f} +- {entry[key + '_std']:.{digits}f}"
