@@ -119,20 +119,7 @@ def _restore(workdir: str, name: str, seed: int) -> tuple[dict, dict, str]:
     raise common.ConfigError(f"{directory} is missing: results.json lists model {name!r} for "
                              f"seed {seed}, but its checkpoint is gone. Rerun experiments.images "
                              "in this workdir to restore it.")
-  ckpt = checkpoints.Checkpointer(directory)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise common.ConfigError(f"{directory} holds no complete checkpoint; rerun "
-                               "experiments.images in this workdir.")
-    state = ckpt.restore(step=step)
-  except common.ConfigError:
-    raise
-  except Exception as e:  # orbax raises several types for damaged files
-    raise common.ConfigError(f"the checkpoint in {directory} cannot be read ({type(e).__name__}: "
-                             f"{str(e)[:300]}).") from e
-  finally:
-    ckpt.close()
+  state, step = checkpoints.read_latest(directory)
   if not isinstance(state, dict) or not isinstance(state.get("best_params"), dict):
     raise common.ConfigError(f"{directory} does not hold a training state with best_params.")
   return state["best_params"], state.get("frozen"), f"{directory} step {step}"

@@ -15,8 +15,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from iavae_jax.blocks import PyTree
+from iavae_jax.errors import ConfigError
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "read_latest"]
 
 # Orbax's managers share process-wide state: two saving at once from two threads (two stages
 # training side by side) broke a checkpoint. Every Orbax call here holds this lock.
@@ -58,3 +59,27 @@ class Checkpointer:
   def close(self) -> None:
     with _ORBAX:
       self._manager.close()
+
+
+def read_latest(directory: str) -> tuple[PyTree, int]:
+  """The latest complete checkpoint under ``directory`` as it was saved (nested dicts of NumPy
+  arrays: for a checkpoint whose structure is not known beforehand), and its step. A directory
+  that is missing, holds no complete checkpoint or one that cannot be read is a ConfigError
+  naming it."""
+  if not os.path.isdir(directory):
+    raise ConfigError(f"{directory} does not exist: no checkpoint to read.")
+  ckpt = Checkpointer(directory)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise ConfigError(f"{directory} holds no complete checkpoint: rerun the training that "
+                        "writes it.")
+    return ckpt.restore(step=step), step
+  except ConfigError:
+    raise
+  except Exception as e:  # orbax raises several types for damaged files
+    raise ConfigError(f"the checkpoint in {directory} cannot be read ({type(e).__name__}: "
+                      f"{str(e)[:300]}); delete its step's directory to read the one before, "
+                      "or rerun the training that writes it.") from e
+  finally:
+    ckpt.close()

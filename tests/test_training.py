@@ -1,5 +1,6 @@
 """Population training: early stopping, masking, determinism, resume, checkpoints."""
 
+import os
 import tempfile
 
 import chex
@@ -10,6 +11,7 @@ import optax
 import pytest
 
 from iavae_jax import checkpoints, training
+from iavae_jax.errors import ConfigError
 
 DATA = jnp.linspace(-1.0, 1.0, 40)[:, None]
 
@@ -208,6 +210,21 @@ class TrainingTest(chex.TestCase):
     restored = ckpt.restore(like=states)
     self.assertIsInstance(restored, training.TrainState)
     chex.assert_trees_all_equal(restored, states)
+    ckpt.close()
+
+  def test_read_latest_gives_the_tree_as_saved_or_names_the_directory(self):
+    directory = tempfile.mkdtemp()
+    with self.assertRaisesRegex(ConfigError, "holds no complete checkpoint"):
+      checkpoints.read_latest(directory)
+    with self.assertRaisesRegex(ConfigError, "missing.* does not exist"):
+      checkpoints.read_latest(os.path.join(directory, "missing"))
+    ckpt = checkpoints.Checkpointer(directory)
+    ckpt.save(3, {"a": np.arange(3.0)})
+    ckpt.save(5, {"a": np.arange(5.0)})
+    ckpt.close()
+    tree, step = checkpoints.read_latest(directory)
+    self.assertEqual(step, 5)
+    chex.assert_trees_all_equal(tree, {"a": np.arange(5.0)})
 
   def test_schedule_validation(self):
     with self.assertRaisesRegex(ValueError, "batch_size must be positive"):
