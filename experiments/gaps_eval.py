@@ -328,7 +328,6 @@ def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: i
 # and what each amortized model on that decoder is worth in its steps.
 
 _TUNE = 7   # folded into a validation image's key: apart from the test images' purposes
-FIRST_STEP_SAMPLES = (1, 10, 100)   # SA-VAE's first step with this many samples (diagnostic)
 
 
 def _same_decoder(loaded: Loaded, other: Loaded) -> bool:
@@ -345,29 +344,22 @@ def refinement_curve(functions: Functions, loaded: Loaded, x: np.ndarray, seed: 
                                    functions.config.batch_size, purpose)
 
 
-def tune_refinement(model: Model, config: GapsConfig, vae: Loaded, valid: np.ndarray,
-                    seed: int) -> dict:
-  """The VAE's refinement tuned on validation images valid [n, 28, 28, 1] (gaps.tune_refinement,
-  every candidate within tune_budget decoder passes per image); and, as a diagnostic, SA-VAE's
-  first step with FIRST_STEP_SAMPLES samples."""
-  def elbo_after(settings, steps):   # the mean ELBO at the start and after the steps
-    functions = Functions(model, config, settings, (steps,))
-    return tuple(map(float, np.mean(refinement_curve(functions, vae, valid, seed, _TUNE),
-                                    axis=0)))
-  tuning = gaps.tune_refinement(
-      elbo_after, config.tune_budget,
+def tune_refinement(model: Model, config: GapsConfig, functions: Functions, vae: Loaded,
+                    valid: np.ndarray, seed: int) -> dict:
+  """The VAE's refinement tuned on validation images valid [n, 28, 28, 1]
+  (``gap_runs.tune_refinement``, every candidate within tune_budget decoder passes per image,
+  with SA-VAE's first step as a diagnostic)."""
+  tuning = gap_runs.tune_refinement(
+      lambda settings, steps: Functions(model, config, settings, (steps,)).measure,
+      functions.encoder(vae), vae.params["decoder"], valid, example_root(seed),
+      config.batch_size, config.tune_budget, _TUNE,
       on_candidate=lambda c: print(f"[gaps] tuning the VAE's refinement: {c}", flush=True))
   if tuning["chosen"] is None:
     raise common.ConfigError(
         f"every refinement candidate diverged on the {valid.shape[0]} validation images of "
         f"seed {seed}'s VAE: no tuned variant to measure; rerun with --tune_examples=0.")
-  sa_vae = gaps.RefineSettings()
-  first_step = [{"samples_per_step": samples, **dict(zip(
-      ("elbo_at_start", "elbo"), elbo_after(dataclasses.replace(sa_vae, samples_per_step=samples),
-                                            1)))}
-                for samples in FIRST_STEP_SAMPLES]
   return {"examples": int(valid.shape[0]), "seed": seed, "budget": config.tune_budget,
-          **tuning, "sa_vae_first_step": first_step}
+          **tuning}
 
 
 def compare_with_refinement(model: Model, config: GapsConfig, functions: Functions,
@@ -386,8 +378,8 @@ def compare_with_refinement(model: Model, config: GapsConfig, functions: Functio
     recorded = common.read_json(path) if os.path.exists(path) else {}
     seed = min(vaes)
     if "tuning" not in recorded:
-      recorded["tuning"] = tune_refinement(model, config, vaes[seed], valid[:config.tune_examples],
-                                           seed)
+      recorded["tuning"] = tune_refinement(model, config, functions, vaes[seed],
+                                           valid[:config.tune_examples], seed)
       common.write_json(path, recorded)
     chosen = recorded["tuning"]["chosen"]
     tuned = Functions(model, config, dataclasses.replace(

@@ -12,9 +12,10 @@ results do not depend on the chunk size, on interruptions (up to rounding) or on
 measured: models measured from one root are compared on the same noise.
 """
 
+import dataclasses
 import functools
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,8 @@ import numpy as np
 from iavae_jax import gaps, stats
 
 __all__ = ["PHASES", "EncodeChunk", "OnChunk", "example_keys", "pad", "new_record",
-           "measure_examples", "check_convergence", "refinement_curve", "summarize_model",
-           "summarize"]
+           "measure_examples", "check_convergence", "refinement_curve", "FIRST_STEP_SAMPLES",
+           "tune_refinement", "summarize_model", "summarize"]
 
 # The timed phases of a record's "seconds".
 PHASES = ("encode", "qstar", "elbo", "log_px", "refine", "refine_eval", "qstar_doubled")
@@ -138,6 +139,33 @@ def refinement_curve(measurements: gaps.Measurements, encode: EncodeChunk, decod
     rows.append(np.asarray(measurements.refine_eval(decoder, chunk, refined.mean,
                                                     refined.log_var, keys))[:count])
   return np.concatenate(rows)
+
+
+# SA-VAE's first refinement step with this many samples per step (tune_refinement's diagnostic).
+FIRST_STEP_SAMPLES = (1, 10, 100)
+
+
+def tune_refinement(measurements_for: Callable[[gaps.RefineSettings, int], gaps.Measurements],
+                    encode: EncodeChunk, decoder, x: np.ndarray, root: jax.Array,
+                    batch_size: int, budget: int, purpose: int | None = None,
+                    on_candidate: Callable[[dict], Any] | None = None) -> dict:
+  """The refinement from the encoder tuned on examples x (held out from those it is then
+  measured on): ``gaps.tune_refinement``'s candidates within ``budget`` decoder passes per
+  example, each scored by the mean ELBO after its steps (``refinement_curve`` with
+  measurements_for(settings, steps), whose only refinement step count is ``steps``); then, as a
+  diagnostic, SA-VAE's first step with FIRST_STEP_SAMPLES samples. Returns
+  gaps.tune_refinement's dictionary and "sa_vae_first_step": [{"samples_per_step",
+  "elbo_at_start", "elbo"}]."""
+  def elbo_after(settings, steps):   # the mean ELBO at the start and after the steps
+    curve = refinement_curve(measurements_for(settings, steps), encode, decoder, x, root,
+                             batch_size, purpose)
+    return tuple(map(float, np.mean(curve, axis=0)))
+  tuning = gaps.tune_refinement(elbo_after, budget, on_candidate=on_candidate)
+  first_step = [{"samples_per_step": samples, **dict(zip(
+      ("elbo_at_start", "elbo"),
+      elbo_after(dataclasses.replace(gaps.RefineSettings(), samples_per_step=samples), 1)))}
+                for samples in FIRST_STEP_SAMPLES]
+  return {**tuning, "sa_vae_first_step": first_step}
 
 
 def summarize_model(records: list[dict], measurements: gaps.Measurements,
