@@ -294,10 +294,12 @@ def read_json(path: str, remedy: str = "rerun the experiment that wrote it or re
 
 
 def is_primary() -> bool:
-  """Whether this process writes the run's files: process 0 of a multi-host run (JAX numbers
-  the processes after jax.distributed.initialize), or the only process."""
-  jax = sys.modules.get("jax")
-  return jax is None or jax.process_index() == 0
+  """Whether this process writes the run's files (``parallel.is_primary``); before JAX is
+  imported, a command is the only process."""
+  if "jax" not in sys.modules:
+    return True
+  from iavae_jax import parallel  # pylint: disable=g-import-not-at-top  (imports JAX)
+  return parallel.is_primary()
 
 
 def write_json(path: str, obj: Any) -> None:
