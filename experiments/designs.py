@@ -21,7 +21,7 @@ import os
 from absl import app
 
 from experiments import common, configs, report, tables
-from iavae_jax import progress, stats
+from iavae_jax import progress, runs, stats
 
 PAPER = "paper"
 MEAN_CONTEXT = "iavae" + configs.MEAN_SUFFIX
@@ -59,7 +59,7 @@ def load_runs(workdir: str) -> dict[str, dict[str, tuple[str, dict, dict | None]
 def _read_gaps(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
-  return common.read_json(path, "rerun experiments.gaps on that run or remove the file")
+  return runs.read_json(path, "rerun experiments.gaps on that run or remove the file")
 
 
 def _on_seeds(values: list, run_seeds: list, seeds: list) -> list:

@@ -23,6 +23,7 @@ import os
 from absl import app, flags
 
 from experiments import common, configs
+from iavae_jax import runs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The directory of a finished experiments.images run.")
@@ -68,7 +69,7 @@ def main(argv):
     if not FLAGS.workdir or not os.path.isdir(FLAGS.workdir):
       raise common.ConfigError(f"--workdir={FLAGS.workdir} holds no finished "
                                "experiments.images run (no such directory).")
-    with common.workdir_lock(FLAGS.workdir):
+    with runs.workdir_lock(FLAGS.workdir):
       image_config = run_config(FLAGS.workdir)
       config = config_from_flags(image_config.tier)
       from experiments import gaps_eval  # imports JAX: after the flags are known to be sound

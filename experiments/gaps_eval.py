@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import checkpoints, gap_runs, gaps, image_vae, plots, stats
+from iavae_jax import checkpoints, gap_runs, gaps, image_vae, plots, runs, stats
 from iavae_jax.data import images
 from iavae_jax.image_vae import Model
 from experiments import common, configs, tables
@@ -68,11 +68,11 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
         valid, test[:num_examples], partial_dir))
   results.update({
       "dataset": image_config.dataset, "tier": image_config.tier, "num_examples": num_examples,
-      "settings": common.as_json(config), "wall_seconds": time.time() - start,
-      "environment": common.environment(None)})
-  common.write_json(os.path.join(workdir, "gaps.json"), results)
-  common.write_text(os.path.join(workdir, "gaps.md"), tables.gaps(results))
-  common.save_figure(plots.refinement_figure(
+      "settings": runs.as_json(config), "wall_seconds": time.time() - start,
+      "environment": runs.environment(None)})
+  runs.write_json(os.path.join(workdir, "gaps.json"), results)
+  runs.write_text(os.path.join(workdir, "gaps.md"), tables.gaps(results))
+  runs.save_figure(plots.refinement_figure(
       {name: (results[name]["refinement"]["steps"],
               [t["mean"] for t in results[name]["refinement"]["seconds_per_example"]],
               [e["mean"] for e in results[name]["refinement"]["elbo"]],
@@ -81,7 +81,7 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
       f"each model's encoder, {num_examples} test images, seeds {seeds}"),
       os.path.join(workdir, "gaps_refinement.png"))
   if "vae_refinement" in results:
-    common.save_figure(passes_figure(results, f"{image_config.dataset} ({image_config.tier} "
+    runs.save_figure(passes_figure(results, f"{image_config.dataset} ({image_config.tier} "
                                               f"tier), {num_examples} test images, seeds {seeds}"),
                        os.path.join(workdir, "gaps_passes.png"))
   print(f"wrote {workdir}/gaps.json ({results['wall_seconds']:.1f} s)", flush=True)
@@ -93,7 +93,7 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
 def run_models(workdir: str) -> tuple[list, list]:
   """The seeds and model names DIR/results.json reports."""
   path = os.path.join(workdir, "results.json")
-  run = common.read_json(path)
+  run = runs.read_json(path)
   seeds, models = (run.get(key) if isinstance(run, dict) else None for key in ("seeds", "models"))
   if not isinstance(seeds, list) or not seeds or not isinstance(models, dict) or not models:
     raise common.ConfigError(f"{path} lists no seeds or no models: there are no trained models "
@@ -164,7 +164,7 @@ def load_model(model: Model, workdir: str, name: str, seed: int, train: np.ndarr
 def run_passes(workdir: str, names: list) -> dict:
   """Each model's decoder passes per example, as DIR/results.json records them (0 for a run
   written before it did: no model then had feedback)."""
-  recorded = common.read_json(os.path.join(workdir, "results.json")).get(
+  recorded = runs.read_json(os.path.join(workdir, "results.json")).get(
       "decoder_passes_per_example", {})
   return {name: int(recorded.get(name, 0)) for name in names}
 
@@ -175,7 +175,7 @@ def run_images(config: ImageConfig, workdir: str, data_dir: str | None
   validation images (in {0, 1}, capped by max_valid) and its test split [N, 28, 28] in {0, 1}
   (not capped), read where DIR/data.json says (or data_dir), refused if they are not the data
   the run recorded."""
-  recorded = common.read_json(os.path.join(workdir, "data.json"))
+  recorded = runs.read_json(os.path.join(workdir, "data.json"))
   source = recorded.get("source", "auto")
   if data_dir is None:
     files = recorded.get("files") or []
@@ -199,17 +199,17 @@ def prepare_output(workdir: str, config: GapsConfig, num_examples: int) -> str:
   settings of these measurements, or a check that they are those of the partial results already
   there. Returns DIR/gaps."""
   partial_dir = os.path.join(workdir, "gaps")
-  wanted = {**common.as_json(config), "num_examples": num_examples}
+  wanted = {**runs.as_json(config), "num_examples": num_examples}
   path = os.path.join(partial_dir, "settings.json")
   if os.path.exists(path):
-    details = common.differences(common.read_json(path), wanted)
+    details = runs.differences(runs.read_json(path), wanted)
     if details:
       raise common.ConfigError(
           f"{partial_dir} holds measurements with other settings ({details}). Use the same flags "
           f"to resume them, or delete {partial_dir} to start over with these.")
     return partial_dir
   os.makedirs(partial_dir, exist_ok=True)
-  common.write_json(path, wanted)
+  runs.write_json(path, wanted)
   return partial_dir
 
 
@@ -292,7 +292,7 @@ def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: i
   """One model and seed (``gap_runs.measure_examples`` and ``check_convergence`` on the test
   images [n, 28, 28, 1]), the record saved in path after every chunk (a rerun goes on from
   there). Returns it."""
-  record = (common.read_json(path) if os.path.exists(path)
+  record = (runs.read_json(path) if os.path.exists(path)
             else gap_runs.new_record(loaded.checkpoint))
   if record["checkpoint"] != loaded.checkpoint:
     raise common.ConfigError(
@@ -305,14 +305,14 @@ def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: i
     functions.compile_for(loaded)
 
   def measured(record, count):
-    common.write_json(path, record)
+    runs.write_json(path, record)
     progress.update(count, f"{name}: {record['examples_done']}/{n} examples, L[q] "
                     f"{np.mean(record['elbo']):.2f}, L[q*] {np.mean(record['elbo_qstar']):.2f}"
                     f", log p^ {np.mean(record['log_px']):.2f}, q* steps "
                     f"{np.mean(record['qstar_steps']):.0f}")
 
   def checked(record, count):
-    common.write_json(path, record)
+    runs.write_json(path, record)
     done = record["convergence_done"]
     moved = np.mean(record["elbo_qstar_doubled"]) - np.mean(record["elbo_qstar"][:done])
     progress.update(2 * count, f"{name}: convergence check {done}/{num_convergence} examples, "
@@ -375,12 +375,12 @@ def compare_with_refinement(model: Model, config: GapsConfig, functions: Functio
                        "steps": steps, "elbo": results["vae"]["refinement"]["elbo"]}}
   if config.tune_examples:
     path = os.path.join(partial_dir, "tuned_refinement.json")
-    recorded = common.read_json(path) if os.path.exists(path) else {}
+    recorded = runs.read_json(path) if os.path.exists(path) else {}
     seed = min(vaes)
     if "tuning" not in recorded:
       recorded["tuning"] = tune_refinement(model, config, functions, vaes[seed],
                                            valid[:config.tune_examples], seed)
-      common.write_json(path, recorded)
+      runs.write_json(path, recorded)
     chosen = recorded["tuning"]["chosen"]
     tuned = Functions(model, config, dataclasses.replace(
         configured, optimizer=chosen["optimizer"], learning_rate=chosen["learning_rate"],
@@ -389,7 +389,7 @@ def compare_with_refinement(model: Model, config: GapsConfig, functions: Functio
       if str(vae_seed) not in recorded:
         recorded[str(vae_seed)] = np.mean(refinement_curve(tuned, vae, test, vae_seed),
                                           axis=0).tolist()
-        common.write_json(path, recorded)
+        runs.write_json(path, recorded)
     curves["tuned"] = {
         "settings": dataclasses.asdict(tuned.measure.refine_settings), "steps": steps,
         "elbo": [stats.summarize_seeds([recorded[str(s)][i] for s in vaes])

@@ -21,6 +21,7 @@ import dataclasses
 from absl import app, flags
 
 from experiments import common, configs
+from iavae_jax import runs
 from iavae_jax.data import DATASETS, SOURCES
 
 FLAGS = flags.FLAGS
@@ -60,7 +61,7 @@ def main(argv):
       raise common.ConfigError("--parallel=seeds splits a population of models over the "
                                "devices; the image experiment trains one model at a time: use "
                                "--parallel=data.")
-    with common.workdir_lock(FLAGS.workdir):
+    with runs.workdir_lock(FLAGS.workdir):
       from experiments import images_train  # imports JAX: after the flags are known to be sound
       images_train.train_and_evaluate(config, FLAGS.workdir, FLAGS.data_dir, FLAGS.source,
                                       common.parallel_from_flags(), FLAGS.tensorboard)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import image_vae, plots, stages, training
+from iavae_jax import image_vae, plots, runs, stages, training
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import images
 from iavae_jax.image_vae import Model
@@ -202,8 +202,8 @@ def collect_results(model: Model, data: images.ImageSplits, seeds: list, per_see
                      **({"matched_encoder": image_vae.param_counts(
                          image_vae.matched_model(model))["encoder"]}
                         if "vae_matched" in config.models else {})},
-      "config": common.as_json(config),
-      "environment": common.environment(parallel),
+      "config": runs.as_json(config),
+      "environment": runs.environment(parallel),
   }
 
 
@@ -217,7 +217,7 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
   apply: ``training.train_model`` refuses it)."""
   config.validate()
   data = load_data(config, data_dir, source)
-  common.prepare_workdir(workdir, config, may_change=("num_seeds",))   # seeds added or left
+  runs.prepare_workdir(workdir, config, may_change=("num_seeds",))   # seeds added or left
   check_data(workdir, data.info)
   start = time.time()
   model = Model(config)
@@ -256,8 +256,8 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
         np.asarray(data.test[:config.num_reconstructions]), recon,
         f"{config.dataset} ({config.tier} tier, seed {seeds[0]}): test images and x' ~ p(x | z = "
         "mean of q(z | x)), drawn pixel by pixel")
-    common.save_figure(fig8, os.path.join(workdir, "figure8_reconstructions.png"))
-  common.write_results(workdir, results, tables.image_run(results), config,
+    runs.save_figure(fig8, os.path.join(workdir, "figure8_reconstructions.png"))
+  runs.write_results(workdir, results, tables.image_run(results), config,
                        f"{config.dataset} ({config.tier} tier): a line per seed")
   return results
 
@@ -268,12 +268,12 @@ def check_data(workdir: str, info: dict) -> None:
   path = os.path.join(workdir, "data.json")
   wanted = json.loads(json.dumps(info))
   if os.path.exists(path):
-    recorded = common.read_json(path, "use a new --workdir")
+    recorded = runs.read_json(path, "use a new --workdir")
     if recorded != wanted:
       raise common.ConfigError(
           f"--workdir={workdir} holds a run on other data (recorded {recorded}, now {wanted}); "
           "use the same --data_dir and --source to resume, or a new --workdir.")
   else:
-    common.write_json(path, wanted)
+    runs.write_json(path, wanted)
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 from absl import app, flags
 
 from experiments import common, configs, tables
-from iavae_jax import stats
+from iavae_jax import runs, stats
 
 FLAGS = flags.FLAGS
 
@@ -31,7 +31,7 @@ def find_results(workdir: str) -> list[str]:
   """Paths of every results.json under workdir written by experiments.images, sorted."""
   found = []
   for path in sorted(glob.glob(os.path.join(workdir, "**", "results.json"), recursive=True)):
-    data = common.read_json(path)
+    data = runs.read_json(path)
     if isinstance(data, dict) and data.get("experiment") == EXPERIMENT:
       found.append(path)
   return found
@@ -55,7 +55,7 @@ def results_under(workdir: str) -> list[str]:
 def load_results(path: str, required: tuple[str, ...] = configs.TABLE4_MODELS) -> dict:
   """Reads one images results.json and checks the fields Table 4 needs (of the ``required``
   models, and of the ablations it holds)."""
-  data = common.read_json(path)
+  data = runs.read_json(path)
   for key in ("dataset", "seeds", "models"):
     if key not in data:
       raise common.ConfigError(f"{path} has no {key!r}; it is not a complete results.json of "
@@ -149,9 +149,9 @@ def write_summary(workdir: str, table: dict, stem: str, render: Callable[[dict],
   """Writes table as workdir/{stem}.json and render(table) as workdir/{stem}.md; returns it.
   Only workdir itself is locked: the runs under it may still be training, as their results.json
   is replaced whole, never half-written."""
-  with common.workdir_lock(workdir):
-    common.write_json(os.path.join(workdir, f"{stem}.json"), table)
-    common.write_text(os.path.join(workdir, f"{stem}.md"), render(table))
+  with runs.workdir_lock(workdir):
+    runs.write_json(os.path.join(workdir, f"{stem}.json"), table)
+    runs.write_text(os.path.join(workdir, f"{stem}.md"), render(table))
   return table
 
 

@@ -22,6 +22,7 @@ import dataclasses
 from absl import app, flags
 
 from experiments import common, configs
+from iavae_jax import runs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and results (created if absent).")
@@ -46,7 +47,7 @@ def config_from_flags() -> configs.SyntheticConfig:
 def main(argv):
   def body():
     config = config_from_flags()
-    with common.workdir_lock(FLAGS.workdir):
+    with runs.workdir_lock(FLAGS.workdir):
       if FLAGS.plumbing_check:   # once the workdir is ours: a refused run prints nothing
         print("--plumbing_check: 20 epochs train nothing; these numbers say nothing about the "
               "method. Run without it for the paper's protocol (about a minute).", flush=True)

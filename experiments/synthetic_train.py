@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import blocks, errors, exact, hypernets, plots, stages, synthetic_vae, training
+from iavae_jax import (blocks, errors, exact, hypernets, plots, runs, stages, synthetic_vae,
+                       training)
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import synthetic
 from iavae_jax.models import encoders, oracle
-from experiments import common, configs, tables
+from experiments import configs, tables
 from experiments.configs import SyntheticConfig
 
 # How errors name a model of a stage, from its index tuple (see model_keys).
@@ -185,10 +186,10 @@ def save_figures(config: SyntheticConfig, workdir: str, data: synthetic.Syntheti
         "z_map": center, "mu_vae": np.asarray(vae_means[0, i]),
         "mu_iavae": np.asarray(iavae_means[0, i]), "precision": np.asarray(summary.precision[i]),
         "title": f"example {i}: x = ({', '.join(f'{v:.2f}' for v in np.asarray(x[i]))})"})
-  common.save_figure(plots.posterior_figure(panels),
+  runs.save_figure(plots.posterior_figure(panels),
                      os.path.join(workdir, "figure6_posterior.png"))
   curve = efficiency_entry["vae_curve"]
-  common.save_figure(plots.efficiency_figure(
+  runs.save_figure(plots.efficiency_figure(
       [c["params"] for c in curve], [c["elbo"] for c in curve], [c["elbo_std"] for c in curve],
       efficiency_entry["iavae_params"], efficiency_entry["iavae_elbo"],
       efficiency_entry["iavae_elbo_std"]), os.path.join(workdir, "figure7_efficiency.png"))
@@ -281,7 +282,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   ``tensorboard``, TensorBoard event files too); with a ``parallel``, the populations train on
   its devices (``iavae_jax.parallel``)."""
   config.validate()
-  common.prepare_workdir(workdir, config)
+  runs.prepare_workdir(workdir, config)
   start = time.time()
   data = synthetic.generate(jax.random.PRNGKey(config.data_seed), config.num_examples,
                             config.sigma)
@@ -307,9 +308,9 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
                                        efficiency_entry),
       "stage_seconds": timings,
       "wall_seconds": time.time() - start,
-      "environment": common.environment(parallel),
+      "environment": runs.environment(parallel),
   }
-  common.write_results(workdir, results, tables.synthetic(results), config,
+  runs.write_results(workdir, results, tables.synthetic(results), config,
                        "synthetic oracle experiment: a line per model")
   return results
 

@@ -2,7 +2,8 @@
 
 Pure functions over PyTrees; no flags (``experiments/`` holds the command lines), and files are
 read or written only where that is the job: ``checkpoints`` (Orbax), ``stages`` and ``progress``
-(a training stage's checkpoints, progress lines and metrics.jsonl) and ``data`` (the data sets).
+(a training stage's checkpoints, progress lines and metrics.jsonl), ``runs`` (a run's directory
+and its results files) and ``data`` (the data sets).
 Every module lists its public names in ``__all__``; CHANGELOG.md records their changes.
 """
 

@@ -8,8 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from iavae_jax import progress, training
-from experiments import common
+from iavae_jax import progress, runs, training
 
 
 def _metrics(loss, kl, grad_norm, score):
@@ -73,7 +72,7 @@ def test_curves_group_the_seeds_of_a_stage_and_the_last_line_of_an_epoch_counts(
   np.testing.assert_array_equal(curves["vae"]["epoch"], [1, 2])
   np.testing.assert_array_equal(curves["vae"]["train_loss"], [[1.0, 3.0], [2.0, np.nan]])
   np.testing.assert_array_equal(curves["iavae"]["valid_elbo"], [[5.0]])
-  common.save_learning_curves(str(tmp_path), "a test")
+  runs.save_learning_curves(str(tmp_path), "a test")
   assert os.path.getsize(tmp_path / "learning_curves.png") > 0
 
 

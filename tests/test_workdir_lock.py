@@ -1,4 +1,4 @@
-"""One run per workdir (common.workdir_lock): a second holder is refused naming the first one's
+"""One run per workdir (runs.workdir_lock): a second holder is refused naming the first one's
 pid and changes nothing, kill -9 of the holder frees the workdir, the report is not blocked by
 runs under its directory, and the commands end to end (slow: a refused second run leaves the
 first one's numbers unchanged, a killed run resumes, a refused multi-process run stops every
@@ -17,13 +17,14 @@ import pytest
 
 from conftest import ROOT, SMOKE, TINY, run_module, start_distributed
 from experiments import common, report
+from iavae_jax import runs
 from test_stats_and_report import fake_results, write
 from test_synthetic_cli import _numbers
 
 # Holds the workdir given as argv[1] until its stdin closes.
 _HOLD = ("import sys\n"
-         "from experiments import common\n"
-         "with common.workdir_lock(sys.argv[1]):\n"
+         "from iavae_jax import runs\n"
+         "with runs.workdir_lock(sys.argv[1]):\n"
          "  print('held', flush=True)\n"
          "  sys.stdin.read()\n")
 
@@ -53,20 +54,20 @@ def files(workdir):
 
 def test_a_second_holder_is_refused_naming_the_first_and_changing_nothing(tmp_path):
   workdir = tmp_path / "w"
-  lock = workdir / common.LOCK_FILE
+  lock = workdir / runs.LOCK_FILE
   with held_by_another_process(workdir) as child:
     assert lock.read_text() == holder_text(child.pid)
     before = files(workdir)
     with pytest.raises(common.ConfigError) as refusal:
-      with common.workdir_lock(str(workdir)):
+      with runs.workdir_lock(str(workdir)):
         pytest.fail("entered a workdir that another process holds")
     assert str(refusal.value) == (
-        f"--workdir={workdir} is in use by another run (pid {child.pid} on "
+        f"workdir {workdir} is in use by another run (pid {child.pid} on "
         f"{socket.gethostname()}, holding {lock}). Wait for it to finish or stop it, or choose "
-        "another --workdir.")
+        "another workdir.")
     assert files(workdir) == before
   assert not workdir.exists()   # the holder created it and wrote nothing: it has gone again
-  with common.workdir_lock(str(workdir)):
+  with runs.workdir_lock(str(workdir)):
     assert lock.read_text() == holder_text(os.getpid())
     (workdir / "results.json").write_text("{}")
   assert os.listdir(workdir) == ["results.json"]   # the lock file goes, the outputs stay
@@ -76,38 +77,38 @@ def test_a_lock_file_removed_by_its_last_holder_is_not_taken(tmp_path, monkeypat
   # The last holder removes the file between this process's open and flock: the lock on the
   # removed file guards nothing (a third process would create and lock a new one), so the
   # lock must be taken on the file now at the path.
-  lock = tmp_path / common.LOCK_FILE
-  flock, calls = common.fcntl.flock, []
+  lock = tmp_path / runs.LOCK_FILE
+  flock, calls = runs.fcntl.flock, []
 
   def flock_after_a_release(fd, operation):
     if not calls:
       os.remove(lock)
     calls.append(fd)
     return flock(fd, operation)
-  monkeypatch.setattr(common.fcntl, "flock", flock_after_a_release)
-  with common.workdir_lock(str(tmp_path)):
+  monkeypatch.setattr(runs.fcntl, "flock", flock_after_a_release)
+  with runs.workdir_lock(str(tmp_path)):
     assert len(calls) == 2 and lock.read_text() == holder_text(os.getpid())
 
 
 def test_kill_9_of_the_holder_frees_the_workdir(tmp_path):
-  lock = tmp_path / common.LOCK_FILE
+  lock = tmp_path / runs.LOCK_FILE
   with held_by_another_process(tmp_path) as child:
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=60)
     assert lock.read_text() == holder_text(child.pid)   # left behind, but no longer locked
-    with common.workdir_lock(str(tmp_path)):
+    with runs.workdir_lock(str(tmp_path)):
       assert lock.read_text() == holder_text(os.getpid())
   assert not lock.exists()
 
 
 def test_a_missing_or_unwritable_workdir_is_a_config_error(tmp_path):
-  with pytest.raises(common.ConfigError, match="--workdir is required"):
-    with common.workdir_lock(""):
+  with pytest.raises(common.ConfigError, match="a workdir is required"):
+    with runs.workdir_lock(""):
       pass
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   with pytest.raises(common.ConfigError, match="is not a writable directory"):
-    with common.workdir_lock(str(blocker / "sub")):
+    with runs.workdir_lock(str(blocker / "sub")):
       pass
   assert blocker.read_text() == "not a directory"
 
@@ -130,7 +131,7 @@ def test_every_command_refuses_a_held_workdir_with_exit_2_and_writes_nothing(tmp
     for module, args in commands.items():
       result = run_module(module, f"--workdir={tmp_path}", *args)
       assert result.returncode == 2, (module, result.stderr[-2000:])
-      assert (f"error: --workdir={tmp_path} is in use by another run (pid {child.pid} "
+      assert (f"error: workdir {tmp_path} is in use by another run (pid {child.pid} "
               in result.stderr), (module, result.stderr[-2000:])
       assert files(tmp_path) == before, module
 
@@ -149,7 +150,7 @@ def test_a_second_run_is_refused_while_the_first_runs_and_the_first_is_unchanged
   second = run_module("experiments.synthetic", f"--workdir={tmp_path}", *TINY)
   rest = first.communicate(timeout=600)[0]
   assert second.returncode == 2, second.stderr[-2000:]
-  assert (f"error: --workdir={tmp_path} is in use by another run (pid {first.pid} on "
+  assert (f"error: workdir {tmp_path} is in use by another run (pid {first.pid} on "
           in second.stderr), second.stderr[-2000:]
   assert second.stdout == ""
   assert first.returncode == 0, rest[-3000:]
@@ -161,25 +162,25 @@ def test_a_second_run_is_refused_while_the_first_runs_and_the_first_is_unchanged
 def test_after_kill_9_the_next_run_takes_the_workdir_and_resumes(tiny_run, tmp_path,
                                                                  kill_after_line):
   kill_after_line("experiments.synthetic", [f"--workdir={tmp_path}", *TINY], "[iavae] epoch 2/")
-  killed = int(re.fullmatch(r"pid (\d+) on .*\n", (tmp_path / common.LOCK_FILE).read_text())[1])
+  killed = int(re.fullmatch(r"pid (\d+) on .*\n", (tmp_path / runs.LOCK_FILE).read_text())[1])
   with pytest.raises(ProcessLookupError):
     os.kill(killed, 0)   # the lock file names a run that is gone
   result = run_module("experiments.synthetic", f"--workdir={tmp_path}", *TINY)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "[vae] resumed from the checkpoint at epoch 4" in result.stdout
   assert _numbers(tmp_path) == _numbers(tiny_run[0])
-  assert not (tmp_path / common.LOCK_FILE).exists()
+  assert not (tmp_path / runs.LOCK_FILE).exists()
 
 
 @pytest.mark.slow
 def test_a_refused_multi_process_run_stops_every_process_with_exit_2(tmp_path):
   # Only process 0 tries the lock; process 1 must learn the answer rather than train on and
   # wait for a process 0 that has gone (it failed after 30 s with a Gloo timeout, exit 1).
-  with common.workdir_lock(str(tmp_path)):
+  with runs.workdir_lock(str(tmp_path)):
     procs = start_distributed("experiments.synthetic", f"--workdir={tmp_path}", *TINY,
                               "--parallel=seeds")
     outputs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [2, 2], outputs[0][-2000:] + outputs[1][-2000:]
   assert f"is in use by another run (pid {os.getpid()} on " in outputs[0]
-  assert f"error: --workdir={tmp_path}: process 0 could not take the workdir" in outputs[1]
+  assert f"error: workdir {tmp_path}: process 0 could not take the workdir" in outputs[1]
   assert not os.listdir(tmp_path)   # this process's lock file has gone; they wrote nothing
