@@ -49,13 +49,16 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
 
   functions = Functions(model, config)
   jobs = [(name, seed) for seed in seeds for name in names]
-  progress = _Progress(len(jobs) * (num_examples + 2 * min(config.convergence_examples,
-                                                            num_examples)))
+  progress = gap_runs.Progress(len(jobs) * (num_examples + 2 * min(config.convergence_examples,
+                                                                   num_examples)))
   per_job = {}
-  for name, seed in jobs:
-    per_job[name, seed] = _measure_job(
-        functions, loaded[name, seed], test[:num_examples], seed,
-        os.path.join(partial_dir, f"{name}_seed{seed}.json"), f"{name} seed {seed}", progress)
+  for name, seed in jobs:   # each record saved in gaps/ after every chunk: a rerun goes on
+    model_seed = loaded[name, seed]
+    per_job[name, seed] = gap_runs.measure_saved(
+        functions.measure, functions.encoder(model_seed), model_seed.params["decoder"],
+        test[:num_examples], example_root(seed), config.batch_size, config.convergence_examples,
+        os.path.join(partial_dir, f"{name}_seed{seed}.json"), model_seed.checkpoint,
+        f"{name} seed {seed}", progress, functools.partial(functions.compile_for, model_seed))
 
   results = gap_runs.summarize(per_job, names, seeds, functions.measure,
                                config.convergence_tolerance)
@@ -260,68 +263,6 @@ class Functions:
     x, keys = jnp.zeros((size, 28, 28, 1)), gap_runs.example_keys(example_root(0), 0, size)
     mean, log_var = self._compiled(loaded).compile(loaded.params, loaded.frozen, x)
     self.measure.compile(loaded.params["decoder"], x, mean, log_var, keys)
-
-
-class _Progress:
-  """A line per chunk: where the job is, and a rough ETA of the whole run from this
-  invocation's rate (a convergence example counts as two: its q* runs at least twice as long)."""
-
-  def __init__(self, total_units: int):
-    self.total, self.done, self.done_here, self.start = total_units, 0, 0, time.time()
-
-  def skip(self, units: int) -> None:
-    self.done += units
-
-  def update(self, units: int, line: str) -> None:
-    self.done += units
-    self.done_here += units
-    rate = self.done_here / max(time.time() - self.start, 1e-9)
-    eta = (self.total - self.done) / rate
-    print(f"[gaps] {line}  run {100 * self.done / self.total:.0f}% done, ETA "
-          f"{_duration(eta)}", flush=True)
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else
-          f"{seconds // 60}m{seconds % 60:02d}s")
-
-
-def _measure_job(functions: Functions, loaded: Loaded, test: np.ndarray, seed: int,
-                 path: str, name: str, progress: _Progress) -> dict:
-  """One model and seed (``gap_runs.measure_examples`` and ``check_convergence`` on the test
-  images [n, 28, 28, 1]), the record saved in path after every chunk (a rerun goes on from
-  there). Returns it."""
-  record = (runs.read_json(path) if os.path.exists(path)
-            else gap_runs.new_record(loaded.checkpoint))
-  if record["checkpoint"] != loaded.checkpoint:
-    raise common.ConfigError(
-        f"{path} measured {record['checkpoint']}, but the model is now {loaded.checkpoint} (the "
-        f"run trained on). Delete {path} to measure the model as it is now.")
-  n, config = test.shape[0], functions.config
-  num_convergence = min(config.convergence_examples, n)
-  progress.skip(record["examples_done"] + 2 * record["convergence_done"])
-  if record["examples_done"] < n or record["convergence_done"] < num_convergence:
-    functions.compile_for(loaded)
-
-  def measured(record, count):
-    runs.write_json(path, record)
-    progress.update(count, f"{name}: {record['examples_done']}/{n} examples, L[q] "
-                    f"{np.mean(record['elbo']):.2f}, L[q*] {np.mean(record['elbo_qstar']):.2f}"
-                    f", log p^ {np.mean(record['log_px']):.2f}, q* steps "
-                    f"{np.mean(record['qstar_steps']):.0f}")
-
-  def checked(record, count):
-    runs.write_json(path, record)
-    done = record["convergence_done"]
-    moved = np.mean(record["elbo_qstar_doubled"]) - np.mean(record["elbo_qstar"][:done])
-    progress.update(2 * count, f"{name}: convergence check {done}/{num_convergence} examples, "
-                    f"twice the budget moves L[q*] by {moved:+.4f}")
-
-  args = (functions.measure, functions.encoder(loaded), loaded.params["decoder"], test,
-          example_root(seed), config.batch_size)
-  gap_runs.measure_examples(*args, record, measured)
-  return gap_runs.check_convergence(*args, num_convergence, record, checked)
 
 
 # Refinement from the VAE's encoder on the VAE's decoder: SA-VAE's settings and a tuned variant,

@@ -6,6 +6,8 @@ that saves the record after every chunk can resume where it stopped; ``check_con
 q* with the doubled budget on the first examples, ``refinement_curve`` gives the refinement
 curve alone, and ``summarize`` turns the records of several models and seeds into means,
 standard deviations and the share of the VAE's amortization gap each model closes.
+``measure_saved`` runs both on one model with its record in a JSON file, saved after every chunk
+and resumed from it, and a line of ``Progress`` per chunk.
 
 Each example's noise comes from its own key, ``example_keys(root, i)`` for example i, so the
 results do not depend on the chunk size, on interruptions (up to rounding) or on which model is
@@ -14,6 +16,7 @@ measured: models measured from one root are compared on the same noise.
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Callable
 
@@ -21,11 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import gaps, stats
+from iavae_jax import gaps, runs, stats
+from iavae_jax.errors import ConfigError
 
 __all__ = ["PHASES", "EncodeChunk", "OnChunk", "example_keys", "pad", "new_record",
-           "measure_examples", "check_convergence", "refinement_curve", "FIRST_STEP_SAMPLES",
-           "tune_refinement", "summarize_model", "summarize"]
+           "measure_examples", "check_convergence", "Progress", "measure_saved",
+           "refinement_curve", "FIRST_STEP_SAMPLES", "tune_refinement", "summarize_model",
+           "summarize"]
 
 # The timed phases of a record's "seconds".
 PHASES = ("encode", "qstar", "elbo", "log_px", "refine", "refine_eval", "qstar_doubled")
@@ -122,6 +127,72 @@ def check_convergence(measurements: gaps.Measurements, encode: EncodeChunk, deco
     if on_chunk is not None:
       on_chunk(record, count)
   return record
+
+
+class Progress:
+  """A line per chunk of a run of ``measure_saved`` jobs: where the job is, the run's share done
+  and a rough ETA from this invocation's rate. Units: a measured example counts one, an example
+  of the convergence check two (its q* runs at least twice as long)."""
+
+  def __init__(self, total_units: int, prefix: str = "[gaps]"):
+    self.total, self.prefix, self.done, self.done_here = total_units, prefix, 0, 0
+    self.start = time.time()
+
+  def skip(self, units: int) -> None:
+    """Counts units done by an earlier invocation (not in the rate)."""
+    self.done += units
+
+  def update(self, units: int, line: str) -> None:
+    self.done += units
+    self.done_here += units
+    eta = (self.total - self.done) * max(time.time() - self.start, 1e-9) / self.done_here
+    print(f"{self.prefix} {line}  run {100 * self.done / self.total:.0f}% done, ETA "
+          f"{_duration(eta)}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else
+          f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+def measure_saved(measurements: gaps.Measurements, encode: EncodeChunk, decoder,
+                  x: np.ndarray, root: jax.Array, batch_size: int, convergence_examples: int,
+                  path: str, source: str, name: str, progress: Progress,
+                  compile_fn: Callable[[], Any] | None = None) -> dict:
+  """``measure_examples`` on x [n, ...], then ``check_convergence`` on its first
+  convergence_examples, for the model described by ``source`` (e.g. its checkpoint), its record
+  written to the JSON file ``path`` after every chunk (primary process only) and resumed from
+  it: a record there of another source is a ConfigError, nothing run. ``compile_fn()``, if
+  given, is called once before the first chunk (so the records' seconds leave compilation out).
+  A line of ``progress`` per chunk, headed by ``name``. Returns the record."""
+  record = runs.read_json(path) if os.path.exists(path) else new_record(source)
+  if record["checkpoint"] != source:
+    raise ConfigError(f"{path} measured {record['checkpoint']}, but the model is now {source}. "
+                      f"Delete {path} to measure the model as it is now.")
+  n, num_convergence = x.shape[0], min(convergence_examples, x.shape[0])
+  progress.skip(record["examples_done"] + 2 * record["convergence_done"])
+  if compile_fn is not None and (record["examples_done"] < n
+                                 or record["convergence_done"] < num_convergence):
+    compile_fn()
+
+  def measured(record, count):
+    runs.write_json(path, record)
+    progress.update(count, f"{name}: {record['examples_done']}/{n} examples, L[q] "
+                    f"{np.mean(record['elbo']):.2f}, L[q*] {np.mean(record['elbo_qstar']):.2f}"
+                    f", log p^ {np.mean(record['log_px']):.2f}, q* steps "
+                    f"{np.mean(record['qstar_steps']):.0f}")
+
+  def checked(record, count):
+    runs.write_json(path, record)
+    done = record["convergence_done"]
+    moved = np.mean(record["elbo_qstar_doubled"]) - np.mean(record["elbo_qstar"][:done])
+    progress.update(2 * count, f"{name}: convergence check {done}/{num_convergence} examples, "
+                    f"twice the budget moves L[q*] by {moved:+.4f}")
+
+  args = (measurements, encode, decoder, x, root, batch_size)
+  measure_examples(*args, record, measured)
+  return check_convergence(*args, num_convergence, record, checked)
 
 
 def refinement_curve(measurements: gaps.Measurements, encode: EncodeChunk, decoder,

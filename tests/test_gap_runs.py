@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from iavae_jax import gap_runs, gaps
+from iavae_jax.errors import ConfigError
 from test_gaps import D, N, _encoder_output, _exact, _log_likelihood_fn, _model
 
 BATCH = 3   # N = 4 examples: a full chunk, then one example and two of padding
@@ -86,3 +87,23 @@ def test_convergence_check_and_summary():
   assert entry["refinement"]["steps"] == [0, 1, 10]
   # The doubled budget moves L[q*] by less than the tolerance: q* had converged.
   assert entry["convergence"]["examples"] == 2 and entry["convergence"]["converged"]
+
+
+def test_measure_saved_resumes_from_its_file_and_refuses_another_models_record(tmp_path,
+                                                                                capsys):
+  measure, encode, decoder, x, _ = _setup()
+  root, path = jax.random.PRNGKey(5), str(tmp_path / "model.json")
+  compiled = []
+  args = (measure, encode, decoder, x, root, BATCH, 2, path, "model step 7", "model")
+  whole = gap_runs.measure_saved(*args, gap_runs.Progress(N + 2 * 2),
+                                 lambda: compiled.append(1))
+  assert compiled == [1] and whole["examples_done"] == N and whole["convergence_done"] == 2
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 3 and lines[-1].startswith("[gaps] model: convergence check 2/2")
+  assert "run 100% done" in lines[-1]
+  # Everything is in the file: a rerun measures nothing, compiles nothing, returns the record.
+  again = gap_runs.measure_saved(*args, gap_runs.Progress(N + 2 * 2),
+                                 lambda: compiled.append(1))
+  assert compiled == [1] and again == whole
+  with pytest.raises(ConfigError, match="measured model step 7, but the model is now"):
+    gap_runs.measure_saved(*args[:8], "model step 8", "model", gap_runs.Progress(1))
