@@ -202,17 +202,14 @@ def prepare_output(workdir: str, config: GapsConfig, num_examples: int) -> str:
   settings of these measurements, or a check that they are those of the partial results already
   there. Returns DIR/gaps."""
   partial_dir = os.path.join(workdir, "gaps")
-  wanted = {**runs.as_json(config), "num_examples": num_examples}
-  path = os.path.join(partial_dir, "settings.json")
-  if os.path.exists(path):
-    details = runs.differences(runs.read_json(path), wanted)
-    if details:
-      raise common.ConfigError(
-          f"{partial_dir} holds measurements with other settings ({details}). Use the same flags "
-          f"to resume them, or delete {partial_dir} to start over with these.")
-    return partial_dir
   os.makedirs(partial_dir, exist_ok=True)
-  runs.write_json(path, wanted)
+  details = runs.record_or_compare(os.path.join(partial_dir, "settings.json"),
+                                   {**runs.as_json(config), "num_examples": num_examples},
+                                   f"delete {partial_dir} to start over")
+  if details:
+    raise common.ConfigError(
+        f"{partial_dir} holds measurements with other settings ({details}). Use the same flags "
+        f"to resume them, or delete {partial_dir} to start over with these.")
   return partial_dir
 
 

@@ -265,15 +265,8 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
 def check_data(workdir: str, info: dict) -> None:
   """Records the data's description in workdir/data.json, or refuses data other than the
   recorded (another --data_dir or --source would resume checkpoints trained on other data)."""
-  path = os.path.join(workdir, "data.json")
-  wanted = json.loads(json.dumps(info))
-  if os.path.exists(path):
-    recorded = runs.read_json(path, "use a new --workdir")
-    if recorded != wanted:
-      raise common.ConfigError(
-          f"--workdir={workdir} holds a run on other data (recorded {recorded}, now {wanted}); "
-          "use the same --data_dir and --source to resume, or a new --workdir.")
-  else:
-    runs.write_json(path, wanted)
-
-
+  details = runs.record_or_compare(os.path.join(workdir, "data.json"),
+                                   json.loads(json.dumps(info)), "use a new --workdir")
+  if details:
+    raise common.ConfigError(f"--workdir={workdir} holds a run on other data ({details}); use "
+                             "the same --data_dir and --source to resume, or a new --workdir.")

@@ -20,9 +20,9 @@ from typing import Any, Iterator
 
 from iavae_jax.errors import ConfigError
 
-__all__ = ["LOCK_FILE", "prepare_workdir", "differences", "workdir_lock", "record_config",
-           "as_json", "read_json", "is_primary", "write_json", "write_text", "save_figure",
-           "save_learning_curves", "environment", "write_results"]
+__all__ = ["LOCK_FILE", "prepare_workdir", "record_or_compare", "differences", "workdir_lock",
+           "record_config", "as_json", "read_json", "is_primary", "write_json", "write_text",
+           "save_figure", "save_learning_curves", "environment", "write_results"]
 
 
 def prepare_workdir(workdir: str, config: Any, may_change: tuple[str, ...] = ()) -> None:
@@ -57,6 +57,16 @@ def prepare_workdir(workdir: str, config: Any, may_change: tuple[str, ...] = ())
     write_json(path, wanted)
   # Checkpoints without a config.json: restoring them checks their structure and shapes, and the
   # run records its config only once it has finished (see record_config).
+
+
+def record_or_compare(path: str, wanted: dict, remedy: str) -> str:
+  """Writes ``wanted`` to the JSON file ``path`` if it is absent and returns ""; else what the
+  file holds differs from ``wanted`` in (``differences``: "" if nothing). A file that cannot be
+  read as JSON is a ConfigError saying ``remedy``."""
+  if not os.path.exists(path):
+    write_json(path, wanted)
+    return ""
+  return differences(read_json(path, remedy), wanted)
 
 
 def differences(recorded: dict, wanted: dict) -> str:

@@ -184,3 +184,17 @@ def test_a_refused_multi_process_run_stops_every_process_with_exit_2(tmp_path):
   assert f"is in use by another run (pid {os.getpid()} on " in outputs[0]
   assert f"error: workdir {tmp_path}: process 0 could not take the workdir" in outputs[1]
   assert not os.listdir(tmp_path)   # this process's lock file has gone; they wrote nothing
+
+
+def test_record_or_compare_writes_once_then_names_what_differs(tmp_path):
+  path = str(tmp_path / "settings.json")
+  assert runs.record_or_compare(path, {"a": 1, "b": [1, 2]}, "remove it") == ""
+  assert runs.read_json(path) == {"a": 1, "b": [1, 2]}
+  assert runs.record_or_compare(path, {"a": 1, "b": [1, 2]}, "remove it") == ""
+  assert (runs.record_or_compare(path, {"a": 2, "b": [1, 2]}, "remove it")
+          == "a: recorded 1, now 2")
+  assert runs.read_json(path) == {"a": 1, "b": [1, 2]}   # a difference is not written
+  with open(path, "w") as f:
+    f.write("{")
+  with pytest.raises(common.ConfigError, match="cannot be read as JSON .*; remove it"):
+    runs.record_or_compare(path, {"a": 1}, "remove it")
