@@ -296,77 +296,17 @@ def image_config(dataset: str, tier: str) -> ImageConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class GapsConfig:
-  """The gap decomposition and the refinement curve of a trained image run (experiments.gaps).
-
-  The paper tier's q* and refinement settings are iavae_jax.gaps' defaults: Cremer et al.'s for
-  q* (Adam 1e-3, 50 samples per step, a check every 100 steps, patience 10, 5,000 samples for
-  the final values and for log p^) and SA-VAE's test-time refinement, per example.
-  """
+class GapsConfig(hparams.GapSettings):
+  """The gap decomposition and the refinement curve of a trained image run (experiments.gaps):
+  iavae_jax.hparams.GapSettings' fields, and the run's tier."""
   tier: str = "paper"
-  num_examples: int = 0               # the first N images of the test split (0: all of it)
-  batch_size: int = 50                # examples per jitted call
-  qstar_learning_rate: float = 1e-3   # Adam
-  qstar_samples: int = 50             # samples per step
-  qstar_check_every: int = 100        # steps between checks of a fixed-noise ELBO estimate
-  qstar_check_samples: int = 100      # samples of that estimate
-  qstar_patience: int = 10            # checks without improvement before stopping
-  qstar_max_steps: int = 100_000      # cap on the steps (rounded up to a whole check)
-  final_samples: int = 5000           # samples of the reported L[q] and L[q*]
-  iwae_samples: int = 5000            # K of log p^ (q* as the proposal)
-  sample_chunk: int = 100             # samples per decoder call
-  refine_steps: tuple[int, ...] = (1, 5, 20, 100)   # K recorded on the refinement curve
-  refine_learning_rate: float = 1 / 50               # SGD with momentum (SA-VAE per example)
-  refine_momentum: float = 0.5
-  refine_max_grad_norm: float = 5 * 50**0.5
-  refine_samples: int = 1             # samples per refinement step
-  refine_optimizer: str = "sgd"       # "sgd" (heavy ball, refine_momentum) or "adam"
-  # > 0: the VAE's refinement is also tuned, its optimiser, step size and samples per step chosen
-  # by the ELBO on this many validation images after tune_budget decoder passes per image
-  # (iavae_jax.gaps.tune_refinement); the tuned curve is measured beside the configured one.
-  tune_examples: int = 0
-  tune_budget: int = 200
-  refine_eval_samples: int = 5000     # samples of the ELBO at each K (the final noise of L[q])
-  convergence_examples: int = 100     # examples rerun with twice the patience and max_steps
-  convergence_tolerance: float = 0.05  # nats: the rule on the mean of L[q*] over them
 
   def validate(self) -> "GapsConfig":
+    """Returns self, or raises ConfigError naming the first flag that is wrong."""
     if self.tier not in IMAGE_TIERS:
       raise ConfigError(f"tier {self.tier!r} is not known; choose one of "
                         f"{', '.join(IMAGE_TIERS)}.")
-    positive = ["batch_size", "qstar_samples", "qstar_check_every",
-                "qstar_check_samples", "qstar_patience", "qstar_max_steps", "final_samples",
-                "iwae_samples", "sample_chunk", "refine_samples", "refine_eval_samples"]
-    for name in positive:
-      if getattr(self, name) <= 0:
-        raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
-    for name in ("qstar_learning_rate", "refine_learning_rate", "refine_max_grad_norm",
-                 "convergence_tolerance"):
-      if not 0 < getattr(self, name) < float("inf"):
-        raise ConfigError(f"--{name} must be positive and finite, got {getattr(self, name)}.")
-    if not 0 <= self.refine_momentum < 1:
-      raise ConfigError(f"--refine_momentum must be in [0, 1), got {self.refine_momentum}.")
-    if self.refine_optimizer not in ("sgd", "adam"):
-      raise ConfigError(f"--refine_optimizer must be sgd or adam, got {self.refine_optimizer}.")
-    largest = max(hparams.REFINE_TUNE_SAMPLES)
-    if self.tune_examples < 0 or self.tune_budget < 2 * largest:
-      raise ConfigError(f"--tune_examples must be a non-negative integer and --tune_budget at "
-                        f"least {2 * largest} (one step of the largest candidate, {largest} "
-                        f"samples, forward and backward), got {self.tune_examples} and "
-                        f"{self.tune_budget}.")
-    for name in ("num_examples", "convergence_examples"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"--{name} must be a non-negative integer, got "
-                          f"{getattr(self, name)}.")
-    if not self.refine_steps or min(self.refine_steps) <= 0:
-      raise ConfigError(f"--refine_steps must be positive step counts, got "
-                        f"{list(self.refine_steps)}.")
-    for name in ("qstar_check_samples", "final_samples", "iwae_samples", "refine_eval_samples"):
-      value = getattr(self, name)
-      if value > self.sample_chunk and value % self.sample_chunk:
-        raise ConfigError(f"--{name}={value} must be a multiple of --sample_chunk="
-                          f"{self.sample_chunk} (or at most it): every decoder call draws as "
-                          "many samples.")
+    _as_flags(super().validate, hparams.GapSettings)
     return self
 
 

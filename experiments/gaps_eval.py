@@ -229,18 +229,7 @@ class Functions:
                refine: gaps.RefineSettings | None = None, refine_steps: tuple | None = None):
     self.config, self.encoders = config, {}
     self.measure = image_vae.gap_measurements(
-        model,
-        gaps.QStarSettings(
-            learning_rate=config.qstar_learning_rate, samples_per_step=config.qstar_samples,
-            check_every=config.qstar_check_every, check_samples=config.qstar_check_samples,
-            patience=config.qstar_patience, max_steps=config.qstar_max_steps,
-            sample_chunk=config.sample_chunk),
-        refine or gaps.RefineSettings(
-            learning_rate=config.refine_learning_rate, momentum=config.refine_momentum,
-            max_grad_norm=config.refine_max_grad_norm, samples_per_step=config.refine_samples,
-            optimizer=config.refine_optimizer),
-        refine_steps or config.refine_steps, config.final_samples, config.iwae_samples,
-        config.refine_eval_samples, config.sample_chunk)
+        model, *gap_runs.measurement_args(config, refine, refine_steps))
 
   def _compiled(self, loaded: Loaded) -> gaps.Compiled:
     """Shared by the models of one encoder function and frozen-input structure (the seeds of a

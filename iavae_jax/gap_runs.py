@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import gaps, runs, stats
+from iavae_jax import gaps, hparams, runs, stats
 from iavae_jax.errors import ConfigError
 
-__all__ = ["PHASES", "EncodeChunk", "OnChunk", "example_keys", "pad", "new_record",
-           "measure_examples", "check_convergence", "Progress", "measure_saved",
+__all__ = ["PHASES", "EncodeChunk", "OnChunk", "measurement_args", "example_keys", "pad",
+           "new_record", "measure_examples", "check_convergence", "Progress", "measure_saved",
            "refinement_curve", "FIRST_STEP_SAMPLES", "tune_refinement", "summarize_model",
            "summarize"]
 
@@ -39,6 +39,24 @@ PHASES = ("encode", "qstar", "elbo", "log_px", "refine", "refine_eval", "qstar_d
 EncodeChunk = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 # on_chunk(record, units): called after every chunk (e.g. to save the record and say so).
 OnChunk = Callable[[dict, int], None]
+
+
+def measurement_args(settings: hparams.GapSettings, refine: gaps.RefineSettings | None = None,
+                     refine_steps: tuple[int, ...] | None = None) -> tuple:
+  """The arguments of ``gaps.Measurements`` after its log-likelihood that ``settings`` give
+  (q*, the refinement, its step counts, the sample counts), the refinement and its step counts
+  replaced by ``refine`` and ``refine_steps`` if given."""
+  qstar = gaps.QStarSettings(
+      learning_rate=settings.qstar_learning_rate, samples_per_step=settings.qstar_samples,
+      check_every=settings.qstar_check_every, check_samples=settings.qstar_check_samples,
+      patience=settings.qstar_patience, max_steps=settings.qstar_max_steps,
+      sample_chunk=settings.sample_chunk)
+  refine = refine or gaps.RefineSettings(
+      learning_rate=settings.refine_learning_rate, momentum=settings.refine_momentum,
+      max_grad_norm=settings.refine_max_grad_norm, samples_per_step=settings.refine_samples,
+      optimizer=settings.refine_optimizer)
+  return (qstar, refine, refine_steps or settings.refine_steps, settings.final_samples,
+          settings.iwae_samples, settings.refine_eval_samples, settings.sample_chunk)
 
 
 def example_keys(root: jax.Array, start: int, size: int) -> jax.Array:

@@ -1,5 +1,6 @@
 """The configurations of the paper's two IA-VAEs (``ImageVAEConfig``, iavae_jax.image_vae's;
-``SyntheticVAEConfig``, iavae_jax.synthetic_vae's) and the names of the library's choices.
+``SyntheticVAEConfig``, iavae_jax.synthetic_vae's), of the gap measurements over a data set
+(``GapSettings``, iavae_jax.gap_runs') and the names of the library's choices.
 
 Plain data, free of JAX (as ``iavae_jax.data``'s names are), so that command lines can check
 their flags before importing it.
@@ -9,7 +10,7 @@ import dataclasses
 
 __all__ = ["DESIGNS", "FEEDBACKS", "KINDS", "ENCODERS", "DECODERS", "HYPERNET_INPUTS",
            "WEIGHT_DECAY_MODES", "SYNTHETIC_INPUTS", "REFINE_TUNE_SAMPLES", "ImageVAEConfig",
-           "SyntheticVAEConfig"]
+           "SyntheticVAEConfig", "GapSettings"]
 
 # The hypernetwork designs (iavae_jax.hypernets.HYPERNETS): the paper's structured one, Ha et
 # al.'s static hypernetwork, a one-hidden-layer generator.
@@ -190,4 +191,74 @@ class SyntheticVAEConfig:
       raise ValueError(f"passes={self.passes}: give 1, or more with hypernet_input="
                        f"{' or '.join(FEEDBACKS)} (later passes differ from the first only "
                        "through the decoder's feedback).")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class GapSettings:
+  """The gap decomposition of a trained model over a data set (``iavae_jax.gap_runs``) and the
+  refinement curve measured beside it. The defaults are ``iavae_jax.gaps``': Cremer et al.'s
+  for q* (Adam 1e-3, 50 samples per step, a check every 100 steps, patience 10, 5,000 samples
+  for the final values and for log p^) and SA-VAE's test-time refinement, per example.
+  ``validate`` checks every field and names the one that is wrong."""
+  num_examples: int = 0               # the first N images of the test split (0: all of it)
+  batch_size: int = 50                # examples per jitted call
+  qstar_learning_rate: float = 1e-3   # Adam
+  qstar_samples: int = 50             # samples per step
+  qstar_check_every: int = 100        # steps between checks of a fixed-noise ELBO estimate
+  qstar_check_samples: int = 100      # samples of that estimate
+  qstar_patience: int = 10            # checks without improvement before stopping
+  qstar_max_steps: int = 100_000      # cap on the steps (rounded up to a whole check)
+  final_samples: int = 5000           # samples of the reported L[q] and L[q*]
+  iwae_samples: int = 5000            # K of log p^ (q* as the proposal)
+  sample_chunk: int = 100             # samples per decoder call
+  refine_steps: tuple[int, ...] = (1, 5, 20, 100)   # K recorded on the refinement curve
+  refine_learning_rate: float = 1 / 50               # SGD with momentum (SA-VAE per example)
+  refine_momentum: float = 0.5
+  refine_max_grad_norm: float = 5 * 50**0.5
+  refine_samples: int = 1             # samples per refinement step
+  refine_optimizer: str = "sgd"       # "sgd" (heavy ball, refine_momentum) or "adam"
+  # > 0: the VAE's refinement is also tuned, its optimiser, step size and samples per step chosen
+  # by the ELBO on this many validation images after tune_budget decoder passes per image
+  # (iavae_jax.gaps.tune_refinement); the tuned curve is measured beside the configured one.
+  tune_examples: int = 0
+  tune_budget: int = 200
+  refine_eval_samples: int = 5000     # samples of the ELBO at each K (the final noise of L[q])
+  convergence_examples: int = 100     # examples rerun with twice the patience and max_steps
+  convergence_tolerance: float = 0.05  # nats: the rule on the mean of L[q*] over them
+
+
+  def validate(self) -> "GapSettings":
+    """Returns self, or raises ValueError naming the first field that is wrong and what it
+    accepts."""
+    for name in ("batch_size", "qstar_samples", "qstar_check_every", "qstar_check_samples",
+                 "qstar_patience", "qstar_max_steps", "final_samples", "iwae_samples",
+                 "sample_chunk", "refine_samples", "refine_eval_samples"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+    for name in ("qstar_learning_rate", "refine_learning_rate", "refine_max_grad_norm",
+                 "convergence_tolerance"):
+      if not 0 < getattr(self, name) < float("inf"):
+        raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}.")
+    if not 0 <= self.refine_momentum < 1:
+      raise ValueError(f"refine_momentum must be in [0, 1), got {self.refine_momentum}.")
+    if self.refine_optimizer not in ("sgd", "adam"):
+      raise ValueError(f"refine_optimizer must be sgd or adam, got {self.refine_optimizer}.")
+    largest = max(REFINE_TUNE_SAMPLES)
+    if self.tune_examples < 0 or self.tune_budget < 2 * largest:
+      raise ValueError(f"tune_examples={self.tune_examples} must be a non-negative integer and "
+                       f"tune_budget={self.tune_budget} at least {2 * largest} (one step of the "
+                       f"largest candidate, {largest} samples, forward and backward).")
+    for name in ("num_examples", "convergence_examples"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)}.")
+    if not self.refine_steps or min(self.refine_steps) <= 0:
+      raise ValueError(f"refine_steps must be positive step counts, got "
+                       f"{list(self.refine_steps)}.")
+    for name in ("qstar_check_samples", "final_samples", "iwae_samples", "refine_eval_samples"):
+      value = getattr(self, name)
+      if value > self.sample_chunk and value % self.sample_chunk:
+        raise ValueError(f"{name}={value} must be a multiple of sample_chunk="
+                         f"{self.sample_chunk} (or at most it): every decoder call draws as "
+                         "many samples.")
     return self

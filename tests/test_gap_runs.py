@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iavae_jax import gap_runs, gaps
+from iavae_jax import gap_runs, gaps, hparams
 from iavae_jax.errors import ConfigError
 from test_gaps import D, N, _encoder_output, _exact, _log_likelihood_fn, _model
 
@@ -107,3 +107,15 @@ def test_measure_saved_resumes_from_its_file_and_refuses_another_models_record(t
   assert compiled == [1] and again == whole
   with pytest.raises(ConfigError, match="measured model step 7, but the model is now"):
     gap_runs.measure_saved(*args[:8], "model step 8", "model", gap_runs.Progress(1))
+
+
+def test_gap_settings_default_to_the_measurements_defaults_and_name_a_bad_field():
+  qstar, refine, steps, *samples = gap_runs.measurement_args(hparams.GapSettings().validate())
+  assert (qstar, refine) == (gaps.QStarSettings(), gaps.RefineSettings())
+  assert steps == (1, 5, 20, 100) and samples == [5000, 5000, 5000, 100]
+  tuned = gaps.RefineSettings(optimizer="adam", learning_rate=1e-2)
+  assert gap_runs.measurement_args(hparams.GapSettings(), tuned, (3,))[1:3] == (tuned, (3,))
+  with pytest.raises(ValueError, match="^batch_size must be a positive integer, got 0"):
+    hparams.GapSettings(batch_size=0).validate()
+  with pytest.raises(ValueError, match="^final_samples=150 must be a multiple of sample_chunk"):
+    hparams.GapSettings(final_samples=150).validate()
