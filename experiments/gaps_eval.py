@@ -85,8 +85,8 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
       os.path.join(workdir, "gaps_refinement.png"))
   if "vae_refinement" in results:
     runs.save_figure(passes_figure(results, f"{image_config.dataset} ({image_config.tier} "
-                                              f"tier), {num_examples} test images, seeds {seeds}"),
-                       os.path.join(workdir, "gaps_passes.png"))
+                                            f"tier), {num_examples} test images, seeds {seeds}"),
+                     os.path.join(workdir, "gaps_passes.png"))
   print(f"wrote {workdir}/gaps.json ({results['wall_seconds']:.1f} s)", flush=True)
   return results
 

@@ -258,7 +258,7 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
         "mean of q(z | x)), drawn pixel by pixel")
     runs.save_figure(fig8, os.path.join(workdir, "figure8_reconstructions.png"))
   runs.write_results(workdir, results, tables.image_run(results), config,
-                       f"{config.dataset} ({config.tier} tier): a line per seed")
+                     f"{config.dataset} ({config.tier} tier): a line per seed")
   return results
 
 

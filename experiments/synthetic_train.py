@@ -27,7 +27,7 @@ from iavae_jax import (blocks, errors, exact, hypernets, plots, runs, stages, sy
                        training)
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import synthetic
-from iavae_jax.models import encoders, oracle
+from iavae_jax.models import encoders
 from experiments import configs, tables
 from experiments.configs import SyntheticConfig
 
@@ -117,77 +117,27 @@ def train_sweep(config: SyntheticConfig, workdir: str, x: jax.Array,
                      train_keys, order_seeds, x, parallel, tensorboard, cancelled=cancelled)
 
 
-def table2(config: SyntheticConfig, vae_eval: dict, iavae_eval: dict, vae_states,
-           iavae_states) -> list:
-  """Table 2: per VAE seed, the VAE and the mean and std of its IA-VAEs."""
-  shape = (config.num_vae_seeds, config.num_iavae_seeds)
-  iavae_grid = {k: v.reshape(shape) for k, v in iavae_eval.items()}
-  rows = []
-  for v in range(config.num_vae_seeds):
-    row = {"vae_seed": v,
-           "vae": {k: float(vae_eval[k][v]) for k in ("elbo", "kl", "d_map", "r_map")},
-           "iavae": {}}
-    row["vae"]["best_epoch"] = int(vae_states.best_epoch[v])
-    for k in ("elbo", "kl", "d_map", "r_map"):
-      stats = exact.over_models(iavae_grid[k][v])
-      row["iavae"][f"{k}_mean"], row["iavae"][f"{k}_std"] = stats["mean"], stats["std"]
-    row["iavae"]["elbo_per_seed"] = iavae_grid["elbo"][v].tolist()
-    row["iavae"]["best_epoch_per_seed"] = np.asarray(
-        iavae_states.best_epoch).reshape(shape)[v].tolist()
-    rows.append(row)
-  return rows
-
-
 def efficiency(config: SyntheticConfig, layout: blocks.BlockLayout, sweep_eval: dict,
                iavae_eval: dict) -> dict:
-  """Figure 7: the sweep's ELBO against parameters, and the smallest VAE matching the IA-VAE."""
-  curve = []
-  sweep_elbo = sweep_eval["elbo"].reshape(len(config.sweep_widths), config.num_sweep_seeds)
-  for i, w in enumerate(config.sweep_widths):
-    stats = exact.over_models(sweep_elbo[i])
-    curve.append({"width": w, "params": 8 * w + 4, "elbo": stats["mean"],
-                  "elbo_std": stats["std"], "elbo_per_seed": sweep_elbo[i].tolist()})
-  iavae_elbo = exact.over_models(iavae_eval["elbo"])
-  matching = [c for c in curve if c["elbo"] >= iavae_elbo["mean"]]
-  context = synthetic_vae.context_size(config)
-  hypernet_params = layout.d_max * (context + config.embed_dim) + layout.d_max
-  return {
-      "base_params": layout.num_params,
-      "hypernet_params": hypernet_params,
-      "embedding_params": layout.num_blocks * config.embed_dim,
-      "iavae_params": layout.num_params + hypernet_params,
-      "iavae_elbo": iavae_elbo["mean"],
-      "iavae_elbo_std": iavae_elbo["std"],
-      "vae_curve": curve,
-      "smallest_matching_width": matching[0]["width"] if matching else None,
-      "smallest_matching_params": matching[0]["params"] if matching else None,
-  }
+  """Figure 7's numbers: the parameter counts and ``exact.efficiency_curve``."""
+  hypernet_params = (layout.d_max * (synthetic_vae.context_size(config) + config.embed_dim)
+                     + layout.d_max)
+  return {"base_params": layout.num_params, "hypernet_params": hypernet_params,
+          "embedding_params": layout.num_blocks * config.embed_dim,
+          "iavae_params": layout.num_params + hypernet_params,
+          **exact.efficiency_curve(config.sweep_widths, sweep_eval["elbo"], iavae_eval["elbo"],
+                                   lambda width: 8 * width + 4)}   # MLPEncoder's parameters
 
 
 def save_figures(config: SyntheticConfig, workdir: str, data: synthetic.SyntheticData,
                  summary, vae_means, iavae_means, efficiency_entry: dict) -> list[int]:
   """Figure 6 (two random observations: their posterior, VAE seed 0 and its first IA-VAE) and
   Figure 7; returns Figure 6's examples."""
-  x = data.x
   rng = np.random.default_rng(config.seed)
   chosen = rng.choice(config.num_examples, size=2, replace=False)
-  panels = []
-  for i in chosen:
-    center = np.asarray(summary.z_map[i])
-    points = np.stack([np.asarray(data.z_true[i]), np.asarray(vae_means[0, i]),
-                       np.asarray(iavae_means[0, i])])
-    half = max(0.4, 1.25 * float(np.abs(points - center).max()))
-    z1 = np.linspace(center[0] - half, center[0] + half, 241)
-    z2 = np.linspace(center[1] - half, center[1] + half, 241)
-    grid = jnp.stack(jnp.meshgrid(z1, z2, indexing="ij"), -1)
-    density = np.exp(np.asarray(oracle.log_joint(grid, x[i], config.sigma) - summary.log_px[i]))
-    panels.append({
-        "z1": z1, "z2": z2, "density": density, "z_true": np.asarray(data.z_true[i]),
-        "z_map": center, "mu_vae": np.asarray(vae_means[0, i]),
-        "mu_iavae": np.asarray(iavae_means[0, i]), "precision": np.asarray(summary.precision[i]),
-        "title": f"example {i}: x = ({', '.join(f'{v:.2f}' for v in np.asarray(x[i]))})"})
+  panels = exact.posterior_panels(data, summary, vae_means, iavae_means, config.sigma, chosen)
   runs.save_figure(plots.posterior_figure(panels),
-                     os.path.join(workdir, "figure6_posterior.png"))
+                   os.path.join(workdir, "figure6_posterior.png"))
   curve = efficiency_entry["vae_curve"]
   runs.save_figure(plots.efficiency_figure(
       [c["params"] for c in curve], [c["elbo"] for c in curve], [c["elbo_std"] for c in curve],
@@ -295,7 +245,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   efficiency_entry = efficiency(config, trained.layout, evaluated["sweep"], iavae)
   results = {
       "config": dataclasses.asdict(config),
-      "table2": table2(config, vae, iavae, trained.vae, trained.iavae),
+      "table2": exact.table2(vae, iavae, trained.vae.best_epoch, trained.iavae.best_epoch),
       "table3": {"vae": exact.table3_entry(vae), "iavae": exact.table3_entry(iavae)},
       "efficiency": efficiency_entry,
       "gaps": exact.gap_decomposition(truth, vae, iavae, config.num_iavae_seeds),
@@ -311,7 +261,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
       "environment": runs.environment(parallel),
   }
   runs.write_results(workdir, results, tables.synthetic(results), config,
-                       "synthetic oracle experiment: a line per model")
+                     "synthetic oracle experiment: a line per model")
   return results
 
 

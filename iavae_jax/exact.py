@@ -3,7 +3,8 @@
 ``true_posterior`` gives the truth on a data set: log p(x), the MAP and the local Gaussian by
 quadrature (``posterior``), and q*, the best Gaussian, by per-example Newton on the exact ELBO.
 ``evaluate`` measures a population of encoders in closed form (ELBO, KL, d_MAP, r_MAP, the
-amortization gap); ``table3_entry`` is a row of the paper's Table 3; ``gap_decomposition``
+amortization gap); ``table3_entry`` is a row of the paper's Table 3, ``table2`` its Table 2,
+``efficiency_curve`` its Figure 7 and ``posterior_panels`` its Figure 6; ``gap_decomposition``
 splits log p(x) into the ELBO, the approximation gap and the amortization gap, with the share of
 each VAE's amortization gap its IA-VAEs close; ``tail_summary`` compares IA-VAEs with their VAE
 point by point (quantiles, and bins by |x| and by the distance to the training data).
@@ -13,13 +14,15 @@ import functools
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from iavae_jax import distributions, posterior, training
 from iavae_jax.models import oracle
 
-__all__ = ["Truth", "true_posterior", "evaluate", "over_models", "table3_entry",
-           "gap_decomposition", "TAIL_QUANTILES", "TAIL_BINS", "nearest_distance", "tail_summary"]
+__all__ = ["Truth", "true_posterior", "evaluate", "over_models", "table3_entry", "table2",
+           "efficiency_curve", "posterior_panels", "gap_decomposition", "TAIL_QUANTILES",
+           "TAIL_BINS", "nearest_distance", "tail_summary"]
 
 
 class Truth(NamedTuple):
@@ -78,15 +81,79 @@ def over_models(values) -> dict:
           else 0.0}
 
 
+_TABLE_METRICS = ("elbo", "kl", "d_map", "r_map")
+
+
 def table3_entry(evaluation: dict) -> dict:
   """A Table 3 row: mean and std over models of each model's mean over the data."""
   entry = {}
-  for k in ("elbo", "kl", "d_map", "r_map"):
+  for k in _TABLE_METRICS:
     stats = over_models(evaluation[k])
     entry[k], entry[f"{k}_std"] = stats["mean"], stats["std"]
   entry["elbo_median"] = float(np.median(np.asarray(evaluation["elbo"], np.float64)))
   entry["num_models"] = int(evaluation["elbo"].size)
   return entry
+
+
+def table2(vae_eval: dict, iavae_eval: dict, vae_best_epoch, iavae_best_epoch) -> list:
+  """Table 2: a row per VAE, its metrics and best epoch, and the mean and std over its IA-VAEs
+  (``evaluate``'s NumPy metrics and the best epochs [V] and [V * S], VAE-major)."""
+  num_vaes = len(vae_eval["elbo"])
+  grid = {k: np.asarray(iavae_eval[k]).reshape(num_vaes, -1) for k in _TABLE_METRICS}
+  epochs = np.asarray(iavae_best_epoch).reshape(num_vaes, -1)
+  rows = []
+  for v in range(num_vaes):
+    row = {"vae_seed": v, "vae": {k: float(vae_eval[k][v]) for k in _TABLE_METRICS},
+           "iavae": {}}
+    row["vae"]["best_epoch"] = int(np.asarray(vae_best_epoch)[v])
+    for k in _TABLE_METRICS:
+      stats = over_models(grid[k][v])
+      row["iavae"][f"{k}_mean"], row["iavae"][f"{k}_std"] = stats["mean"], stats["std"]
+    row["iavae"]["elbo_per_seed"] = grid["elbo"][v].tolist()
+    row["iavae"]["best_epoch_per_seed"] = epochs[v].tolist()
+    rows.append(row)
+  return rows
+
+
+def efficiency_curve(widths, sweep_elbo, iavae_elbo,
+                     params_of_width: Callable[[int], int]) -> dict:
+  """Figure 7: the mean ELBO of the VAEs of each width (``sweep_elbo`` [W * S], width-major)
+  against their parameters, the IA-VAEs' (``iavae_elbo`` [M]), and the smallest width whose
+  VAEs reach it on average."""
+  per_width = np.asarray(sweep_elbo).reshape(len(widths), -1)
+  curve = []
+  for w, elbo in zip(widths, per_width):
+    stats = over_models(elbo)
+    curve.append({"width": w, "params": params_of_width(w), "elbo": stats["mean"],
+                  "elbo_std": stats["std"], "elbo_per_seed": elbo.tolist()})
+  iavae = over_models(iavae_elbo)
+  matching = [c for c in curve if c["elbo"] >= iavae["mean"]]
+  return {"iavae_elbo": iavae["mean"], "iavae_elbo_std": iavae["std"], "vae_curve": curve,
+          "smallest_matching_width": matching[0]["width"] if matching else None,
+          "smallest_matching_params": matching[0]["params"] if matching else None}
+
+
+def posterior_panels(data, summary: posterior.PosteriorSummary, vae_means, iavae_means,
+                     sigma: float, examples) -> list[dict]:
+  """Figure 6's panels (``plots.posterior_figure``): for each of ``examples`` of the synthetic
+  data, the true posterior's density on a grid around its MAP, the latent that drew x, the MAP
+  and the means of the first VAE and IA-VAE (``vae_means``, ``iavae_means`` [M, N, 2])."""
+  panels = []
+  for i in examples:
+    center = np.asarray(summary.z_map[i])
+    points = np.stack([np.asarray(data.z_true[i]), np.asarray(vae_means[0, i]),
+                       np.asarray(iavae_means[0, i])])
+    half = max(0.4, 1.25 * float(np.abs(points - center).max()))
+    z1 = np.linspace(center[0] - half, center[0] + half, 241)
+    z2 = np.linspace(center[1] - half, center[1] + half, 241)
+    grid = jnp.stack(jnp.meshgrid(z1, z2, indexing="ij"), -1)
+    density = np.exp(np.asarray(oracle.log_joint(grid, data.x[i], sigma) - summary.log_px[i]))
+    panels.append({
+        "z1": z1, "z2": z2, "density": density, "z_true": np.asarray(data.z_true[i]),
+        "z_map": center, "mu_vae": np.asarray(vae_means[0, i]),
+        "mu_iavae": np.asarray(iavae_means[0, i]), "precision": np.asarray(summary.precision[i]),
+        "title": f"example {i}: x = ({', '.join(f'{v:.2f}' for v in np.asarray(data.x[i]))})"})
+  return panels
 
 
 def gap_decomposition(truth: Truth, vae_eval: dict, iavae_eval: dict,
