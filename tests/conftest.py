@@ -3,7 +3,8 @@ command-line runs shared by the test modules (one tiny synthetic run, one smoke 
 
 Two tiers: ``python -m pytest`` runs the fast one (setup.cfg deselects ``slow``);
 ``python -m pytest -m slow`` runs whole commands in subprocesses (training end to end, kill and
-resume, several devices) and the paper architecture's steps. Tests of the real data sets run
+resume, several devices), the paper architecture's steps and the no-jit variants of the tests
+(``pytest_collection_modifyitems``). Tests of the real data sets run
 when IAVAE_TEST_DATA names a directory holding them (``mnist-5k/``, ``omniglot/``) and skip
 otherwise; every other test makes its own data.
 
@@ -109,6 +110,17 @@ def smoke_flags(smoke_data_dir) -> list:
 @pytest.fixture
 def key():
   return jax.random.PRNGKey(0)
+
+
+@pytest.hookimpl(tryfirst=True)   # before -m deselects the slow tier
+def pytest_collection_modifyitems(items):
+  """A test's no-jit variant (chex's ``__without_jit``, or ``use_jit=False``) joins the slow
+  tier: it checks the same mathematics as its jitted twin, which stays in the fast tier, one
+  operation at a time, and costs several times as long."""
+  for item in items:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if item.name.endswith("__without_jit") or params.get("use_jit") is False:
+      item.add_marker(pytest.mark.slow)
 
 
 def pytest_unconfigure(config):  # pylint: disable=unused-argument

@@ -11,6 +11,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import pytest
 from absl.testing import parameterized
 
 from iavae_jax import adaptive, blocks, hypernets, modulated
@@ -132,22 +133,35 @@ def _loss(encode):
   return loss
 
 
+def _check_against_the_reference_path(layer: str, design: str) -> None:
+  encoder, variables, x, contexts, hypernet, psi = _setup(layer, design)
+  reference, modulated_ = _paths(encoder, variables, hypernet, x, contexts)
+  base = encoder.apply(variables, x)
+  (_, want), want_grad = jax.jit(jax.value_and_grad(_loss(reference), has_aux=True))(psi)
+  (_, got), got_grad = jax.jit(jax.value_and_grad(_loss(modulated_), has_aux=True))(psi)
+  # Every example's encoder differs from the base one, so the comparison is not vacuous.
+  assert float(jnp.abs(want[0] - base[0]).min()) > 1e-4
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(got_grad, want_grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+class OtherDesignTest(parameterized.TestCase):
+  """The slow tier: each layer kind under the design ModulatedTest does not run it with."""
+
+  @parameterized.parameters(*[(layer, ("paper", "mlp")[i % 2]) for i, layer in enumerate(LAYERS)])
+  def test_outputs_and_gradients_match_the_reference_path(self, layer, design):
+    _check_against_the_reference_path(layer, design)
+
+
 class ModulatedTest(chex.TestCase, parameterized.TestCase):
 
-  # Every layer with the codes carrying the example (mlp; ha alike) and with the basis
-  # carrying it (paper); ha on two layers.
-  @parameterized.parameters(*[(layer, design) for layer in LAYERS for design in ("mlp", "paper")],
+  # Every layer with the codes carrying the example (mlp; ha alike) or with the basis carrying
+  # it (paper), in turn; ha on two layers. The other design of each layer: below, slow tier.
+  @parameterized.parameters(*[(layer, ("mlp", "paper")[i % 2]) for i, layer in enumerate(LAYERS)],
                             ("dense", "ha"), ("conv2d_strided", "ha"))
   def test_outputs_and_gradients_match_the_reference_path(self, layer, design):
-    encoder, variables, x, contexts, hypernet, psi = _setup(layer, design)
-    reference, modulated_ = _paths(encoder, variables, hypernet, x, contexts)
-    base = encoder.apply(variables, x)
-    (_, want), want_grad = jax.jit(jax.value_and_grad(_loss(reference), has_aux=True))(psi)
-    (_, got), got_grad = jax.jit(jax.value_and_grad(_loss(modulated_), has_aux=True))(psi)
-    # Every example's encoder differs from the base one, so the comparison is not vacuous.
-    self.assertGreater(float(jnp.abs(want[0] - base[0]).min()), 1e-4)
-    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
-    chex.assert_trees_all_close(got_grad, want_grad, rtol=1e-3, atol=1e-4)
+    _check_against_the_reference_path(layer, design)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_jit_and_no_jit(self):
