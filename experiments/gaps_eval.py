@@ -1,11 +1,8 @@
 """The gap decomposition and the refinement curve of every model of an experiments.images run.
 
-The models are those the run's results.json lists, for each of its seeds, loaded from the best
-parameters and frozen inputs (``TrainState.best_params``, ``frozen``) of
-DIR/checkpoints/{model}_seed{seed}. What a model is follows from its parameters: an encoder with
-its own batch-norm statistics (the VAE), an encoder with frozen statistics (the control), or a
-hypernetwork over a frozen encoder phi_AVI (the IA-VAE); any other stage of one of these shapes
-is measured the same way (``image_vae.encode_fn`` of its kind). The examples are the first N
+The models are those the run's results.json lists, for each of its seeds, each the model its
+stage selected (``image_vae.load_trained`` from DIR/checkpoints/{model}_seed{seed}: its kind,
+and so its encoder, follows from its parameters). The examples are the first N
 images of the test split (``images.load``'s, permuted by split_seed, not capped by max_test, so
 its first max_test images are those results.json was evaluated on); what is measured per
 example is ``iavae_jax.gap_runs``'s, each example's noise from (seed, its index). Outputs
@@ -16,7 +13,6 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +53,7 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
     per_job[name, seed] = gap_runs.measure_saved(
         functions.measure, functions.encoder(model_seed), model_seed.params["decoder"],
         test[:num_examples], example_root(seed), config.batch_size, config.convergence_examples,
-        os.path.join(partial_dir, f"{name}_seed{seed}.json"), model_seed.checkpoint,
+        os.path.join(partial_dir, f"{name}_seed{seed}.json"), model_seed.source,
         f"{name} seed {seed}", progress, functools.partial(functions.compile_for, model_seed))
 
   results = gap_runs.summarize(per_job, names, seeds, functions.measure,
@@ -104,64 +100,38 @@ def run_models(workdir: str) -> tuple[list, list]:
   return seeds, list(models)
 
 
-class Loaded(NamedTuple):
-  """One trained model: its parameters, what its encoder needs, and where it came from."""
-  kind: str            # "vae", "control", "iavae" or "corrector" (image_vae.kind_of)
-  params: dict         # best_params: the decoder's under "decoder"
-  frozen: dict         # what it uses but did not train (TrainState.frozen): phi_AVI, the VAE's
-                       # batch-norm statistics
-  encode: Callable     # encode(params, frozen, x [B, 28, 28, 1]) -> (mean, log_var) [B, k]
-  checkpoint: str      # "{directory} step {step}": partial results of another are refused
-
-
-def _restore(workdir: str, name: str, seed: int) -> tuple[dict, dict, str]:
-  """best_params and frozen (None if absent) of DIR/checkpoints/{name}_seed{seed}'s latest
-  training state, as saved, and "{directory} step {step}"."""
+def _checkpoint(workdir: str, name: str, seed: int) -> str:
   directory = os.path.join(workdir, "checkpoints", f"{name}_seed{seed}")
   if not os.path.isdir(directory):
     raise common.ConfigError(f"{directory} is missing: results.json lists model {name!r} for "
                              f"seed {seed}, but its checkpoint is gone. Rerun experiments.images "
                              "in this workdir to restore it.")
-  state, step = checkpoints.read_latest(directory)
-  if not isinstance(state, dict) or not isinstance(state.get("best_params"), dict):
-    raise common.ConfigError(f"{directory} does not hold a training state with best_params.")
-  return state["best_params"], state.get("frozen"), f"{directory} step {step}"
+  return directory
 
 
-def load_model(model: Model, workdir: str, name: str, seed: int, train: np.ndarray) -> Loaded:
-  """Model ``name`` of ``seed``: its best parameters and frozen inputs, checked against the
-  configuration, and the encoder of its kind (see the module docstring). The mean-context
-  IA-VAE is the seed's IA-VAE with the hypernetwork's input averaged over ``train`` (the run's
-  training split, as images_train evaluated it); ``vae_matched`` has its widened encoder."""
+def load_model(model: Model, workdir: str, name: str, seed: int,
+               train: np.ndarray) -> image_vae.Trained:
+  """Model ``name`` of ``seed`` (``image_vae.load_trained`` from
+  DIR/checkpoints/{name}_seed{seed}; a checkpoint without frozen inputs takes the seed's VAE's,
+  which it trained with). The mean-context IA-VAE is the seed's IA-VAE with the hypernetwork's
+  input averaged over ``train`` (the run's training split, as images_train evaluated it);
+  ``vae_matched`` has its widened encoder."""
   if configs.ablated(name):
     iavae = load_model(model, workdir, configs.ablated(name), seed, train)
     frozen = {**iavae.frozen, **image_vae.mean_inputs(model, iavae.params, iavae.frozen,
                                                       jnp.asarray(train),
                                                       model.config.eval_batch_size)}
-    return iavae._replace(frozen=frozen, checkpoint=f"{iavae.checkpoint} (mean input)")
+    return iavae._replace(frozen=frozen, source=f"{iavae.source} (mean input)")
   spec = configs.MODEL_SPECS.get(name)
+  kind = spec.kind if spec else None
   if spec is not None and spec.matched:
     model = image_vae.matched_model(model)
-  params, frozen, where = _restore(workdir, name, seed)
-  kind = image_vae.kind_of(params)
-  if kind is None:
-    raise common.ConfigError(f"{where}: model {name!r} has parameters {sorted(params)}, none of "
-                             "the shapes this command can measure (a VAE, an IA-VAE, a control, "
-                             "a corrector).")
-  if kind == "vae":
-    frozen = {}
-  elif frozen is None:   # written before training states held their frozen inputs: the VAE's
-    vae = _restore(workdir, "vae", seed)[0]
-    frozen = ({"batch_stats": vae["batch_stats"]} if kind == "control"
-              else {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]})
-  try:
-    image_vae.check_params(model, kind, params, frozen)
-  except ValueError as e:
-    raise common.ConfigError(
-        f"{where} holds parameters of another architecture than {workdir}/config.json describes "
-        f"({e}). Was config.json edited? Restore it, or rerun experiments.images in a new "
-        "workdir.") from e
-  return Loaded(kind, params, frozen, image_vae.encode_fn(model, kind, frozen), where)
+  frozen = None
+  if kind != "vae":
+    vae = checkpoints.read_latest(_checkpoint(workdir, "vae", seed))[0]["best_params"]
+    frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
+    frozen = {"batch_stats": vae["batch_stats"]} if kind == "control" else frozen
+  return image_vae.load_trained(model, _checkpoint(workdir, name, seed), frozen)
 
 
 def run_passes(workdir: str, names: list) -> dict:
@@ -231,7 +201,7 @@ class Functions:
     self.measure = image_vae.gap_measurements(
         model, *gap_runs.measurement_args(config, refine, refine_steps))
 
-  def _compiled(self, loaded: Loaded) -> gaps.Compiled:
+  def _compiled(self, loaded: image_vae.Trained) -> gaps.Compiled:
     """Shared by the models of one encoder function and frozen-input structure (the seeds of a
     model; the mean-context IA-VAE has its own)."""
     key = (loaded.encode, jax.tree.structure(loaded.frozen))
@@ -239,11 +209,11 @@ class Functions:
       self.encoders[key] = gaps.Compiled(loaded.encode)
     return self.encoders[key]
 
-  def encoder(self, loaded: Loaded) -> gap_runs.EncodeChunk:
+  def encoder(self, loaded: image_vae.Trained) -> gap_runs.EncodeChunk:
     """The loaded model's compiled encoder on a chunk x [B, 28, 28, 1]."""
     return functools.partial(self._compiled(loaded), loaded.params, loaded.frozen)
 
-  def compile_for(self, loaded: Loaded) -> None:
+  def compile_for(self, loaded: image_vae.Trained) -> None:
     """Compiles the loaded model's encoder and every measurement of a chunk, running none."""
     size = self.config.batch_size
     x, keys = jnp.zeros((size, 28, 28, 1)), gap_runs.example_keys(example_root(0), 0, size)
@@ -257,12 +227,12 @@ class Functions:
 _TUNE = 7   # folded into a validation image's key: apart from the test images' purposes
 
 
-def _same_decoder(loaded: Loaded, other: Loaded) -> bool:
+def _same_decoder(loaded: image_vae.Trained, other: image_vae.Trained) -> bool:
   return all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded.params["decoder"]),
                                                    jax.tree.leaves(other.params["decoder"])))
 
 
-def refinement_curve(functions: Functions, loaded: Loaded, x: np.ndarray, seed: int,
+def refinement_curve(functions: Functions, loaded: image_vae.Trained, x: np.ndarray, seed: int,
                      purpose: int | None = None) -> np.ndarray:
   """``gap_runs.refinement_curve`` from the model's encoder on images x [n, 28, 28, 1], with
   the seed's example keys: [n, 1 + len(steps)]."""
@@ -271,7 +241,7 @@ def refinement_curve(functions: Functions, loaded: Loaded, x: np.ndarray, seed: 
                                    functions.config.batch_size, purpose)
 
 
-def tune_refinement(model: Model, config: GapsConfig, functions: Functions, vae: Loaded,
+def tune_refinement(model: Model, config: GapsConfig, functions: Functions, vae: image_vae.Trained,
                     valid: np.ndarray, seed: int) -> dict:
   """The VAE's refinement tuned on validation images valid [n, 28, 28, 1]
   (``gap_runs.tune_refinement``, every candidate within tune_budget decoder passes per image,

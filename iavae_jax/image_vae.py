@@ -33,18 +33,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from iavae_jax import adaptive, blocks, distributions, gaps, hypernets, modulated, objectives
+from iavae_jax import (adaptive, blocks, checkpoints, distributions, gaps, hypernets, modulated,
+                       objectives)
 from iavae_jax import feedback as feedback_lib
 from iavae_jax import parallel as parallel_lib, progress, training
+from iavae_jax.errors import ConfigError
 from iavae_jax.hparams import KINDS, ImageVAEConfig
 from iavae_jax.data import images
 from iavae_jax.models import decoders, encoders, pixelcnn
 
 __all__ = ["ImageVAEConfig", "Model", "Batch", "encode_fn", "stage_start", "kind_of",
            "check_params", "stage_optimizer", "kl_weight", "train_step", "stage_schedule",
-           "validation_elbo", "validation_score", "make_epoch_fn", "dataset_elbo",
-           "evaluate", "reconstruct", "gap_measurements", "matched_model", "mean_inputs",
-           "param_counts"]
+           "validation_elbo", "validation_score", "make_epoch_fn", "Trained", "load_trained",
+           "dataset_elbo", "evaluate", "reconstruct", "gap_measurements", "matched_model",
+           "mean_inputs", "param_counts"]
 
 _FEEDBACK_KEY = 7   # the fixed noise of the gradient feedback, folded with the pass
 
@@ -554,6 +556,43 @@ def make_epoch_fn(model: Model, kind: str, name: str, valid: jax.Array, train_si
     steps = training.StepMetrics(*(jnp.stack(values) for values in zip(*steps)))
     return finish(state, trained._replace(key=key), steps, valid)
   return epoch
+
+
+class Trained(NamedTuple):
+  """A trained model as ``load_trained`` reads it from its stage's checkpoint."""
+  kind: str          # "vae", "control", "iavae" or "corrector" (kind_of)
+  params: dict       # the selected parameters (TrainState.best_params): the decoder's under
+                     # "decoder"
+  frozen: dict       # what it uses but did not train (TrainState.frozen): phi_AVI, the VAE's
+                     # batch-norm statistics; {} for a VAE
+  encode: EncodeFn   # its encoder (encode_fn)
+  source: str        # "{directory} step {step}": which checkpoint it is
+
+
+def load_trained(model: Model, directory: str, frozen: dict | None = None) -> Trained:
+  """The model a stage trained, from the latest checkpoint of its training state under
+  ``directory`` (``stages.run_stage``'s DIR/checkpoints/NAME): its selected parameters, its
+  frozen inputs (``frozen`` where the checkpoint holds none: one written before training
+  states held them), its kind, read from its parameters, and its encoder. A checkpoint that is
+  missing or unreadable, holds no training state, or parameters of no kind or of another
+  configuration than ``model``'s is a ConfigError naming the directory."""
+  state, step = checkpoints.read_latest(directory)
+  source = f"{directory} step {step}"
+  params = state.get("best_params") if isinstance(state, dict) else None
+  if not isinstance(params, dict):
+    raise ConfigError(f"{directory} does not hold a training state with best_params.")
+  kind = kind_of(params)
+  if kind is None:
+    raise ConfigError(f"{source}: parameters {sorted(params)} are none of a VAE, an IA-VAE, a "
+                      "control or a corrector.")
+  frozen = {} if kind == "vae" else state.get("frozen") or frozen
+  try:
+    check_params(model, kind, params, frozen)
+  except ValueError as e:
+    raise ConfigError(f"{source} holds parameters of another architecture than the model's "
+                      f"configuration ({e}); load it with the configuration it trained "
+                      "with.") from e
+  return Trained(kind, params, frozen, encode_fn(model, kind, frozen), source)
 
 
 def _chunks(data: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iavae_jax import blocks, hypernets, hparams, image_vae, training
+from iavae_jax import blocks, checkpoints, hypernets, hparams, image_vae, training
+from iavae_jax.errors import ConfigError
 from iavae_jax.data import images
 
 DENSE = hparams.ImageVAEConfig(encoder="mlp", encoder_hidden=(16,), decoder="mlp",
@@ -136,3 +137,28 @@ def test_images_of_another_shape_are_refused_by_name():
   with pytest.raises(ValueError, match=re.escape("train_step: batch.image must be a batch")):
     image_vae.train_step(state, image_vae.Batch(jnp.zeros((4, 28, 28, 1)), jax.random.PRNGKey(3)),
                          model=model, kind="vae", steps_per_epoch=1)
+
+
+def test_load_trained_reads_a_stages_checkpoint_and_refuses_another_architecture(tmp_path):
+  model = image_vae.Model(DENSE)
+  key = jax.random.PRNGKey(0)
+  vae = model.init_vae(key)
+  params, frozen = image_vae.stage_start(model, "iavae", vae, key)
+  state = training.init_state(params, image_vae.stage_optimizer(DENSE, "iavae"), key, frozen)
+  directory = str(tmp_path / "iavae_seed0")
+  ckpt = checkpoints.Checkpointer(directory)
+  ckpt.save(3, state)
+  ckpt.close()
+  trained = image_vae.load_trained(model, directory)
+  assert trained.kind == "iavae" and trained.source == f"{directory} step 3"
+  chex.assert_trees_all_close(trained.params, state.best_params)
+  chex.assert_trees_all_close(trained.frozen, frozen)
+  x = jnp.zeros((2, 28, 28, 1))
+  chex.assert_trees_all_close(trained.encode(trained.params, trained.frozen, x),
+                              image_vae.encode_fn(model, "iavae", frozen)(params, frozen, x))
+  wider = image_vae.Model(dataclasses.replace(DENSE, encoder_hidden=(8,)))
+  with pytest.raises(ConfigError, match=f"^{re.escape(directory)} step 3 holds parameters of "
+                     "another architecture"):
+    image_vae.load_trained(wider, directory)
+  with pytest.raises(ConfigError, match="does not exist: no checkpoint to read"):
+    image_vae.load_trained(model, str(tmp_path / "missing"))
