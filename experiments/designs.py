@@ -42,18 +42,18 @@ def design_label(config: dict) -> str:
 def load_runs(workdir: str) -> dict[str, dict[str, tuple[str, dict, dict | None]]]:
   """data set -> design label -> (results.json path, its contents, the gaps.json beside it or
   None); designs in order: "paper" first, then alphabetically."""
-  runs = {}
+  found = {}
   for path in report.results_under(workdir):
     data = report.load_results(path, required=("vae",))   # runs on the frozen decoder only too
     label = design_label(data.get("config") or {})
-    by_design = runs.setdefault(data["dataset"], {})
+    by_design = found.setdefault(data["dataset"], {})
     if label in by_design:
       raise common.ConfigError(
           f"two runs of design {label!r} on {data['dataset']}: {by_design[label][0]} and {path}; "
           f"move one of them out of --workdir={workdir}.")
     by_design[label] = (path, data, _read_gaps(os.path.join(os.path.dirname(path), "gaps.json")))
   return {name: dict(sorted(by_design.items(), key=lambda item: (item[0] != PAPER, item[0])))
-          for name, by_design in runs.items()}
+          for name, by_design in found.items()}
 
 
 def _read_gaps(path: str) -> dict | None:
