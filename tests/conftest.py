@@ -1,10 +1,11 @@
 """Shared test set-up: fixed keys, tiny data files written to temporary directories, and the
 command-line runs shared by the test modules (one tiny synthetic run, one smoke image run).
 
-Two tiers: ``python -m pytest`` runs the fast one (setup.cfg deselects ``slow``);
+Three tiers: ``python -m pytest`` runs the fast one (setup.cfg deselects the others);
+``python -m pytest -m extended`` the in-process checks beyond it (the no-jit variants, marked by
+``pytest_collection_modifyitems``, and the modulated path's second design per layer kind);
 ``python -m pytest -m slow`` runs whole commands in subprocesses (training end to end, kill and
-resume, several devices), the paper architecture's steps and the no-jit variants of the tests
-(``pytest_collection_modifyitems``). Tests of the real data sets run
+resume, several devices) and the paper architecture's steps. Tests of the real data sets run
 when IAVAE_TEST_DATA names a directory holding them (``mnist-5k/``, ``omniglot/``) and skip
 otherwise; every other test makes its own data.
 
@@ -112,15 +113,15 @@ def key():
   return jax.random.PRNGKey(0)
 
 
-@pytest.hookimpl(tryfirst=True)   # before -m deselects the slow tier
+@pytest.hookimpl(tryfirst=True)   # before -m deselects by marker
 def pytest_collection_modifyitems(items):
-  """A test's no-jit variant (chex's ``__without_jit``, or ``use_jit=False``) joins the slow
-  tier: it checks the same mathematics as its jitted twin, which stays in the fast tier, one
+  """A test's no-jit variant (chex's ``__without_jit``, or ``use_jit=False``) is ``extended``:
+  it checks the same mathematics as its jitted twin, which stays in the fast tier, one
   operation at a time, and costs several times as long."""
   for item in items:
     params = getattr(getattr(item, "callspec", None), "params", {})
     if item.name.endswith("__without_jit") or params.get("use_jit") is False:
-      item.add_marker(pytest.mark.slow)
+      item.add_marker(pytest.mark.extended)
 
 
 def pytest_unconfigure(config):  # pylint: disable=unused-argument

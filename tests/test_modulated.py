@@ -145,9 +145,9 @@ def _check_against_the_reference_path(layer: str, design: str) -> None:
   chex.assert_trees_all_close(got_grad, want_grad, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 class OtherDesignTest(parameterized.TestCase):
-  """The slow tier: each layer kind under the design ModulatedTest does not run it with."""
+  """The extended tier: each layer kind under the design ModulatedTest does not run it with."""
 
   @parameterized.parameters(*[(layer, ("paper", "mlp")[i % 2]) for i, layer in enumerate(LAYERS)])
   def test_outputs_and_gradients_match_the_reference_path(self, layer, design):
@@ -157,7 +157,7 @@ class OtherDesignTest(parameterized.TestCase):
 class ModulatedTest(chex.TestCase, parameterized.TestCase):
 
   # Every layer with the codes carrying the example (mlp; ha alike) or with the basis carrying
-  # it (paper), in turn; ha on two layers. The other design of each layer: below, slow tier.
+  # it (paper), in turn; ha on two layers. The other design of each layer: below, extended tier.
   @parameterized.parameters(*[(layer, ("mlp", "paper")[i % 2]) for i, layer in enumerate(LAYERS)],
                             ("dense", "ha"), ("conv2d_strided", "ha"))
   def test_outputs_and_gradients_match_the_reference_path(self, layer, design):
