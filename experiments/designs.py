@@ -21,7 +21,7 @@ import os
 from absl import app
 
 from experiments import common, configs, report, tables
-from iavae_jax import progress, runs, stats
+from iavae_jax import progress, runs, stats, training
 
 PAPER = "paper"
 MEAN_CONTEXT = "iavae" + configs.MEAN_SUFFIX
@@ -124,8 +124,7 @@ def patience_check(metrics_path: str, data: dict, patience_epochs: int) -> dict:
   improvement of the validation ELBO (from the start where that was a candidate, else the first
   epoch), over every seed; "lost_at_half_patience": how much lower, in mean over seeds, the
   selected validation ELBO would have been had training stopped after half the patience without
-  improvement}. A wait close to the patience, or a loss far from 0, says that a longer patience
-  could still have found better epochs."""
+  improvement} (``training.patience_check``)."""
   curves = progress.read_learning_curves(metrics_path)
   steps_per_epoch = data["data"]["train"] // data["config"]["batch_size"]
   checks = {}
@@ -134,18 +133,10 @@ def patience_check(metrics_path: str, data: dict, patience_epochs: int) -> dict:
       continue
     starts = ((data["config"].get("start_as_candidate", True)
                and entry.get("valid_elbo_at_start")) or [None] * len(data["seeds"]))
-    wait, lost = 0, []
-    for column, start in zip(curves[model]["valid_elbo"].T, starts):
-      best = half = -math.inf if start is None else start
-      last, stopped = 0, False
-      for epoch, value in zip(curves[model]["epoch"], column):
-        if value > best:   # False for NaN: epochs after the model stopped
-          wait, best, last = max(wait, int(epoch) - last), value, int(epoch)
-          half = half if stopped else value
-        # As training.end_epoch: stopped once this many epochs passed since the best.
-        stopped = stopped or int(epoch) - last >= max(1, patience_epochs // 2)
-      lost.append(best - half)
-    checks[model] = {"longest_wait_steps": wait * steps_per_epoch,
+    waits, lost = zip(*(training.patience_check(curves[model]["epoch"], column,
+                                                patience_epochs, start)
+                        for column, start in zip(curves[model]["valid_elbo"].T, starts)))
+    checks[model] = {"longest_wait_steps": max(waits) * steps_per_epoch,
                      "lost_at_half_patience": float(sum(lost) / len(lost))}
   return checks
 

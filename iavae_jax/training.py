@@ -31,6 +31,7 @@ the batches an uninterrupted one would.
 """
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -42,6 +43,7 @@ from iavae_jax import parallel as parallel_lib
 from iavae_jax.blocks import PyTree
 
 __all__ = ["NoiseFn", "LossFn", "ScoreFn", "TrainState", "StepMetrics", "EpochMetrics", "diverged",
+           "patience_check",
            "Schedule", "init_state", "derive_key", "model_keys", "population_keys",
            "is_done", "idle_metrics",
            "end_epoch", "make_step_fn", "make_epoch_fn", "train_model", "cpu_compiler_options",
@@ -181,6 +183,24 @@ def end_epoch(state: TrainState, trained: TrainState, steps: StepMetrics, score:
   done = is_done(state, schedule)
   return (_tree_select(done, state, new_state),
           _tree_select(done, idle_metrics(state), metrics))
+
+
+def patience_check(epochs, scores, patience: int, start: float | None = None
+                   ) -> tuple[int, float]:
+  """Whether early stopping's patience was long enough, from one model's validation curve
+  (``scores`` at ``epochs``, NaN after it stopped; ``start``: its starting point's score where
+  that was a candidate): the longest wait, in epochs, for an improvement, and how much lower
+  the selected score would have been had training stopped after half the patience without an
+  improvement (as ``end_epoch`` stops). A wait near the patience, or a loss far from 0, says
+  that a longer patience could still have found better epochs."""
+  best = half = -math.inf if start is None else start
+  wait, last, stopped = 0, 0, False
+  for epoch, score in zip(epochs, scores):
+    if score > best:   # False for NaN
+      wait, best, last = max(wait, int(epoch) - last), score, int(epoch)
+      half = half if stopped else score
+    stopped = stopped or int(epoch) - last >= max(1, patience // 2)
+  return wait, float(best - half)
 
 
 def make_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation):

@@ -248,3 +248,16 @@ def test_examples_last_trains_the_same_model():
     return training.train_population(epoch_fn, _states(3), data, np.arange(3)[:, None],
                                      schedule, epochs_per_call=2)
   chex.assert_trees_all_equal(run(True), run(False))
+
+
+def test_patience_check_measures_the_longest_wait_and_the_cost_of_half_the_patience():
+  nan = float("nan")
+  # Best at epochs 1, 2 and 7: the longest wait 5 epochs; with a patience of 6, half of it (3)
+  # would have stopped at epoch 5 with the score of epoch 2, 0.5 below the selected one.
+  epochs = np.arange(1, 11)
+  scores = np.array([-3.0, -2.0, -2.5, -2.4, -2.2, -2.1, -1.5, -1.6, nan, nan])
+  assert training.patience_check(epochs, scores, patience=6) == (5, 0.5)
+  # From a starting point better than every epoch: never improved, nothing lost.
+  assert training.patience_check(epochs, scores, patience=6, start=0.0) == (0, 0.0)
+  # Improving every epoch: waits of one epoch, and half the patience loses nothing.
+  assert training.patience_check(epochs, -1.0 / epochs, patience=4) == (1, 0.0)
