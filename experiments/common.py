@@ -124,7 +124,7 @@ def run_command(argv: list[str], body: Callable[[], Any]) -> None:
                                  flags.FLAGS.process_id)
   try:
     if "workdir" in flags.FLAGS and not flags.FLAGS.workdir:
-      raise ConfigError("--workdir is required: a directory for checkpoints and results.")
+      raise ConfigError("--workdir is required (--help says what the command keeps there).")
     if "tensorboard" in flags.FLAGS:
       check_tensorboard()
     try:

@@ -109,6 +109,19 @@ def _checkpoint(workdir: str, name: str, seed: int) -> str:
   return directory
 
 
+def _vae_frozen(workdir: str, seed: int, kind: str) -> dict:
+  """What a stage-2 model of this kind trained with but a checkpoint written before training
+  states held their frozen inputs lacks: the seed's VAE's encoder (phi_AVI) and batch-norm
+  statistics."""
+  state = checkpoints.read_latest(_checkpoint(workdir, "vae", seed))[0]
+  vae = state.get("best_params") if isinstance(state, dict) else None
+  if not isinstance(vae, dict) or not {"encoder", "batch_stats"} <= set(vae):
+    raise common.ConfigError(f"{_checkpoint(workdir, 'vae', seed)} does not hold a VAE's "
+                             "training state with best_params.")
+  return ({"batch_stats": vae["batch_stats"]} if kind == "control"
+          else {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]})
+
+
 def load_model(model: Model, workdir: str, name: str, seed: int,
                train: np.ndarray) -> image_vae.Trained:
   """Model ``name`` of ``seed`` (``image_vae.load_trained`` from
@@ -123,15 +136,12 @@ def load_model(model: Model, workdir: str, name: str, seed: int,
                                                       model.config.eval_batch_size)}
     return iavae._replace(frozen=frozen, source=f"{iavae.source} (mean input)")
   spec = configs.MODEL_SPECS.get(name)
-  kind = spec.kind if spec else None
   if spec is not None and spec.matched:
     model = image_vae.matched_model(model)
-  frozen = None
-  if kind != "vae":
-    vae = checkpoints.read_latest(_checkpoint(workdir, "vae", seed))[0]["best_params"]
-    frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
-    frozen = {"batch_stats": vae["batch_stats"]} if kind == "control" else frozen
-  return image_vae.load_trained(model, _checkpoint(workdir, name, seed), frozen)
+  return image_vae.load_trained(
+      model, _checkpoint(workdir, name, seed), functools.partial(_vae_frozen, workdir, seed),
+      f"was {workdir}/config.json edited? Restore it, or rerun experiments.images in a new "
+      "workdir")
 
 
 def run_passes(workdir: str, names: list) -> dict:

@@ -39,9 +39,6 @@ def find_results(workdir: str) -> list[str]:
 
 def results_under(workdir: str) -> list[str]:
   """find_results(workdir), refusing a missing workdir and one that holds no image results."""
-  if not workdir:
-    raise common.ConfigError("--workdir is required: the directory holding the results of "
-                             "experiments.images.")
   if not os.path.isdir(workdir):
     raise common.ConfigError(f"--workdir={workdir} is not a directory.")
   paths = find_results(workdir)

@@ -227,7 +227,6 @@ class GapSettings:
   convergence_examples: int = 100     # examples rerun with twice the patience and max_steps
   convergence_tolerance: float = 0.05  # nats: the rule on the mean of L[q*] over them
 
-
   def validate(self) -> "GapSettings":
     """Returns self, or raises ValueError naming the first field that is wrong and what it
     accepts."""

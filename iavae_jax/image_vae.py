@@ -569,13 +569,16 @@ class Trained(NamedTuple):
   source: str        # "{directory} step {step}": which checkpoint it is
 
 
-def load_trained(model: Model, directory: str, frozen: dict | None = None) -> Trained:
+def load_trained(model: Model, directory: str,
+                 frozen_if_absent: Callable[[str], dict] | None = None,
+                 remedy: str = "load it with the configuration it trained with") -> Trained:
   """The model a stage trained, from the latest checkpoint of its training state under
   ``directory`` (``stages.run_stage``'s DIR/checkpoints/NAME): its selected parameters, its
-  frozen inputs (``frozen`` where the checkpoint holds none: one written before training
-  states held them), its kind, read from its parameters, and its encoder. A checkpoint that is
-  missing or unreadable, holds no training state, or parameters of no kind or of another
-  configuration than ``model``'s is a ConfigError naming the directory."""
+  frozen inputs, its kind, read from its parameters, and its encoder. A checkpoint written
+  before training states held their frozen inputs takes ``frozen_if_absent(kind)``. A
+  checkpoint that is missing or unreadable, holds no training state, parameters of no kind, no
+  frozen inputs (and no ``frozen_if_absent``), or parameters of another configuration than
+  ``model``'s (the message then says ``remedy``) is a ConfigError naming the directory."""
   state, step = checkpoints.read_latest(directory)
   source = f"{directory} step {step}"
   params = state.get("best_params") if isinstance(state, dict) else None
@@ -585,13 +588,17 @@ def load_trained(model: Model, directory: str, frozen: dict | None = None) -> Tr
   if kind is None:
     raise ConfigError(f"{source}: parameters {sorted(params)} are none of a VAE, an IA-VAE, a "
                       "control or a corrector.")
-  frozen = {} if kind == "vae" else state.get("frozen") or frozen
+  frozen = {} if kind == "vae" else state.get("frozen")
+  if frozen is None:
+    if frozen_if_absent is None:
+      raise ConfigError(f"{source} holds a {kind} without its frozen inputs (a checkpoint "
+                        "written before training states held them): give frozen_if_absent.")
+    frozen = frozen_if_absent(kind)
   try:
     check_params(model, kind, params, frozen)
   except ValueError as e:
     raise ConfigError(f"{source} holds parameters of another architecture than the model's "
-                      f"configuration ({e}); load it with the configuration it trained "
-                      "with.") from e
+                      f"configuration ({e}); {remedy}.") from e
   return Trained(kind, params, frozen, encode_fn(model, kind, frozen), source)
 
 

@@ -44,6 +44,8 @@ def prepare_workdir(workdir: str, config: Any, may_change: tuple[str, ...] = ())
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     recorded = read_json(path, "restore it, or use a new workdir")
+    if not isinstance(recorded, dict):
+      raise ConfigError(f"{path} does not hold a JSON object; restore it, or use a new workdir.")
     fixed = lambda fields: {k: v for k, v in fields.items() if k not in may_change}
     details = differences(fixed(recorded), fixed(wanted))
     if details:
@@ -66,13 +68,26 @@ def record_or_compare(path: str, wanted: dict, remedy: str) -> str:
   if not os.path.exists(path):
     write_json(path, wanted)
     return ""
-  return differences(read_json(path, remedy), wanted)
+  recorded = read_json(path, remedy)
+  if not isinstance(recorded, dict):
+    raise ConfigError(f"{path} does not hold a JSON object; {remedy}.")
+  return differences(recorded, wanted)
+
+
+class _Absent:
+  def __repr__(self) -> str:
+    return "absent"
+
+
+_ABSENT = _Absent()
 
 
 def differences(recorded: dict, wanted: dict) -> str:
-  """"key: recorded X, now Y" for every key whose value differs, in key order; "" if none."""
-  return ", ".join(f"{k}: recorded {recorded.get(k)!r}, now {wanted.get(k)!r}"
-                   for k in sorted(set(wanted) | set(recorded)) if wanted.get(k) != recorded.get(k))
+  """"key: recorded X, now Y" for every key whose value differs (a key only one of them has:
+  "absent" in the other), in key order; "" if none."""
+  return ", ".join(f"{k}: recorded {recorded.get(k, _ABSENT)!r}, now {wanted.get(k, _ABSENT)!r}"
+                   for k in sorted(set(wanted) | set(recorded))
+                   if wanted.get(k, _ABSENT) != recorded.get(k, _ABSENT))
 
 
 def _require_workdir(workdir: str) -> None:

@@ -162,3 +162,14 @@ def test_load_trained_reads_a_stages_checkpoint_and_refuses_another_architecture
     image_vae.load_trained(wider, directory)
   with pytest.raises(ConfigError, match="does not exist: no checkpoint to read"):
     image_vae.load_trained(model, str(tmp_path / "missing"))
+  # A state saved without its frozen inputs (as before training states held them).
+  legacy = str(tmp_path / "legacy")
+  ckpt = checkpoints.Checkpointer(legacy)
+  ckpt.save(1, {"best_params": state.best_params})
+  ckpt.close()
+  with pytest.raises(ConfigError, match="holds a iavae without its frozen inputs"):
+    image_vae.load_trained(model, legacy)
+  kinds = []
+  restored = image_vae.load_trained(model, legacy, lambda kind: kinds.append(kind) or frozen)
+  assert kinds == ["iavae"]
+  chex.assert_trees_all_close(restored.frozen, frozen)

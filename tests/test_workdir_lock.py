@@ -198,3 +198,9 @@ def test_record_or_compare_writes_once_then_names_what_differs(tmp_path):
     f.write("{")
   with pytest.raises(common.ConfigError, match="cannot be read as JSON .*; remove it"):
     runs.record_or_compare(path, {"a": 1}, "remove it")
+
+
+def test_differences_name_a_key_only_one_side_has():
+  assert runs.differences({"a": None}, {}) == "a: recorded None, now absent"
+  assert runs.differences({}, {"b": [1]}) == "b: recorded absent, now [1]"
+  assert runs.differences({"a": 1}, {"a": 1}) == ""
