@@ -102,11 +102,52 @@ def _without_bias(module: nn.Module, kernel: jax.Array, x: jax.Array, **fields) 
   return layer.apply({"params": {"kernel": kernel}}, x)
 
 
+def _as_tuple(value, rank: int) -> tuple[int, ...]:
+  if value is None:
+    return (1,) * rank
+  return (value,) * rank if isinstance(value, int) else tuple(value)
+
+
+def _patches(module: nn.Module, x: jax.Array, window: tuple[int, ...]) -> jax.Array | None:
+  """The convolution's patches of x [B, *spatial, C] as strided slices of the padded input:
+  [B, *out_spatial, prod(window) C], ordered as the kernel [*window, C, outputs] flattens, so
+  patches @ kernel.reshape(-1, outputs) is the layer without its bias. None where the layer
+  reads its input otherwise than this covers (input dilation, circular or causal padding,
+  extra batch axes): the caller then applies the layer with an identity kernel."""
+  rank = len(window)
+  if not isinstance(module, (nn.Conv, encoders.Conv)) or x.ndim != rank + 2:
+    return None
+  strides = _as_tuple(module.strides, rank)
+  dilation = _as_tuple(getattr(module, "kernel_dilation", None), rank)
+  if _as_tuple(getattr(module, "input_dilation", None), rank) != (1,) * rank:
+    return None
+  padding = module.padding
+  if isinstance(padding, str):
+    if padding not in ("SAME", "VALID"):
+      return None
+    dilated = tuple(d * (k - 1) + 1 for k, d in zip(window, dilation))
+    padding = jax.lax.padtype_to_pads(x.shape[1:-1], dilated, strides, padding)
+  elif isinstance(padding, int):
+    padding = [(padding, padding)] * rank
+  else:
+    padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  x = jnp.pad(x, [(0, 0), *padding, (0, 0)])
+  out = [(size - d * (k - 1) - 1) // stride + 1
+         for size, k, d, stride in zip(x.shape[1:-1], window, dilation, strides)]
+  return jnp.concatenate(
+      [x[(slice(None),
+          *(slice(o * d, o * d + (n - 1) * stride + 1, stride)
+            for o, d, n, stride in zip(offset, dilation, out, strides)), slice(None))]
+       for offset in np.ndindex(*window)], axis=-1)
+
+
 def _kernel_correction(module: nn.Module, x: jax.Array, block: _Block,
-                       input_axes: Sequence[int], num_outputs: int) -> jax.Array:
+                       input_axes: Sequence[int], num_outputs: int,
+                       shared_kernel: jax.Array) -> tuple[jax.Array, bool]:
   """layer_nobias(x_i; x-dependent part of delta_i) for every example, without a per-example
-  layer: by the factored form, or (where that costs less) by the example's delta formed and
-  applied to the layer's patches.
+  layer, by the factored form; or, where that costs more, layer_nobias(x_i; shared_kernel +
+  delta_i), each example's kernel formed and applied to the layer's patches, so the shared
+  layer need not run. Returns the output and whether it is the latter (the shared kernel in).
 
   ``input_axes``: the axes of x that the kernel's input-feature axes (``block.cut.input_axes``,
   in order) contract with; the kernel's last ``num_outputs`` axes are the layer's outputs.
@@ -116,10 +157,12 @@ def _kernel_correction(module: nn.Module, x: jax.Array, block: _Block,
   n, s, r = cut.num_slices, cut.slice_size, codes.shape[-1]
   positions = x.size // (x.shape[0] * n)   # where the layer reads its input (convolutions)
   forming_is_cheaper = n * r * s + positions * n * s < positions * r * (n + s)
-  if codes.ndim == 3 and basis.ndim == 2 and forming_is_cheaper:
+  forming = codes.ndim == 3 and basis.ndim == 2 and forming_is_cheaper
+  if forming:
     # Mixing n features into r >= about n costs more than forming each example's delta (n r s)
     # and applying it through the layer's patches (positions n s): e.g. a convolution on few
-    # channels with a wide hypernetwork. Then that is done, still with no per-example layer.
+    # channels with a wide hypernetwork. Then each example's whole kernel is formed and applied
+    # so, as on the reference path, but with no per-example layer.
     mixed, kernel_cut, basis = x, cut, codes @ basis
   else:
     # The mixed input carries r features on the axis of the last input axis, 1 on the others;
@@ -136,17 +179,20 @@ def _kernel_correction(module: nn.Module, x: jax.Array, block: _Block,
     mixed = jnp.moveaxis(mixed.reshape(*rest, *(1,) * (rank - 1), r),
                          range(x.ndim - rank, x.ndim), input_axes)
   if basis.ndim == 2:   # one layer for the batch
-    return _without_bias(module, kernel_cut.assemble(basis), mixed)
-  # Each example's kernel on the mixed input: the layer's patches (its identity kernel), then
-  # every example's kernel as a matrix [patch size, outputs].
+    return _without_bias(module, kernel_cut.assemble(basis), mixed), False
+  # Each example's kernel on the mixed input: the layer's patches (strided slices, or the layer
+  # with an identity kernel), then every example's kernel as a matrix [patch size, outputs].
   outputs = kernel_cut.shape[len(kernel_cut.shape) - num_outputs:]
   patch_size = math.prod(kernel_cut.shape) // math.prod(outputs)
-  identity = jnp.eye(patch_size, dtype=mixed.dtype).reshape(
-      *kernel_cut.shape[:len(kernel_cut.shape) - num_outputs], patch_size)
-  patches = _without_bias(module, identity, mixed, features=patch_size)
-  kernels = jax.vmap(kernel_cut.assemble)(basis).reshape(basis.shape[0], patch_size, -1)
+  inputs = kernel_cut.shape[:len(kernel_cut.shape) - num_outputs]
+  patches = _patches(module, mixed, inputs[:-1]) if num_outputs == 1 else None
+  if patches is None:
+    identity = jnp.eye(patch_size, dtype=mixed.dtype).reshape(*inputs, patch_size)
+    patches = _without_bias(module, identity, mixed, features=patch_size)
+  kernels = jax.vmap(kernel_cut.assemble)(basis)
+  kernels = (shared_kernel + kernels if forming else kernels).reshape(len(basis), patch_size, -1)
   out = jnp.einsum("b...p,bpo->b...o", patches, kernels)
-  return out.reshape(*out.shape[:-1], *outputs)
+  return out.reshape(*out.shape[:-1], *outputs), forming
 
 
 def _contracted_axes(module: nn.Module, x: jax.Array, kernel_shape: tuple[int, ...]
@@ -181,9 +227,13 @@ def linear_rule(module: nn.Module, call: Callable, args: tuple, kwargs: dict,
   axes, num_outputs = contracted
   if not kernel.cut.input_axes or any(a not in axes for a in kernel.cut.input_axes):
     return None   # a kernel sliced along axes that do not read input features
-  out = call(*args, **kwargs)
-  out = out + _kernel_correction(module, x, kernel, [axes[a] for a in kernel.cut.input_axes],
-                                 num_outputs)
+  shared = module.variables["params"]
+  out, complete = _kernel_correction(module, x, kernel, [axes[a] for a in kernel.cut.input_axes],
+                                     num_outputs, shared["kernel"])
+  if not complete:
+    out = call(*args, **kwargs) + out
+  elif "bias" in shared:
+    out = out + shared["bias"]
   if "bias" in own:
     out = out + _trailing(_vector_delta(own["bias"]), out.ndim)
   return out

@@ -71,6 +71,10 @@ LAYERS = {
     "conv1d": (nn.Conv(4, (3,)), (3, 7, 2), None),
     "conv2d_strided": (nn.Conv(4, (3, 2), strides=(2, 1), padding="VALID"), (3, 7, 6, 2), None),
     "conv3d_dilated": (nn.Conv(3, (2, 2, 2), kernel_dilation=2), (3, 5, 5, 5, 2), None),
+    "conv2d_explicit_padding": (nn.Conv(4, (3, 2), padding=((1, 0), (2, 1))), (3, 5, 4, 2),
+                                None),
+    # Patches the rule does not slice out itself: it applies the layer with an identity kernel.
+    "conv1d_circular": (nn.Conv(4, (3,), padding="CIRCULAR"), (3, 7, 2), None),
     # Many channels: the mlp design's codes mix them (few channels: its deltas are formed).
     "conv2d_many_channels": (nn.Conv(16, (2, 2)), (3, 4, 4, 40), None),
     "project_conv": (encoders.Conv(4, (2, 2), strides=(2, 2), padding="VALID"), (3, 6, 6, 2),
@@ -185,12 +189,14 @@ class ModulatedTest(chex.TestCase, parameterized.TestCase):
 
   def test_the_fallback_is_taken_only_where_no_rule_applies(self):
     # The reference path for one call vmaps the module over the examples: a Conv covered by its
-    # rule runs one convolution for the batch, a grouped one (no rule) one per example.
+    # rule runs convolutions for the batch (on few channels none: it slices out the patches), a
+    # grouped one (no rule) one per example.
     def feature_groups(layer):
       encoder, variables, x, contexts, hypernet, psi = _setup(layer, "mlp")
       _, modulated_ = _paths(encoder, variables, hypernet, x, contexts)
       return set(re.findall(r"feature_group_count=(\d+)", str(jax.make_jaxpr(modulated_)(psi))))
-    self.assertEqual(feature_groups("conv2d_strided"), {"1"})
+    self.assertEqual(feature_groups("conv2d_many_channels"), {"1"})
+    self.assertEqual(feature_groups("conv2d_strided"), set())
     self.assertEqual(feature_groups("grouped_conv"), {"6"})   # 2 groups x 3 examples
 
   @parameterized.parameters(*DESIGNS)
