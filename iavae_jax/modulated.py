@@ -17,8 +17,10 @@ mix contracting x_i's input features with the codes (n_l -> r_l features) and th
 as a kernel with r_l input features. With per-example codes that last layer is one layer shared
 by the batch; a dense layer [n_in, n_out] costs (n_in + n_out) r per example instead of the
 n_in n_out r of forming its delta. With a per-example basis (paper: r = 1) the mix is shared and
-the example's kernel acts on the r mixed features through the layer's own patches (the layer
-applied with an identity kernel), so no per-example convolution is run either. Biases and
+the example's kernel acts on the r mixed features through the layer's patches (strided slices
+of the padded input), so no per-example convolution is run either. Where mixing into r features
+costs more than forming each example's delta (a convolution on few channels under a wide
+hypernetwork), each example's whole kernel is formed and applied to the patches instead. Biases and
 normalisation scales are vectors: their per-example deltas are formed and added.
 
 ``modulated_encode`` runs a batch through a Flax encoder this way: its modules' calls are
