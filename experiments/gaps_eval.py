@@ -113,11 +113,12 @@ def _vae_frozen(workdir: str, seed: int, kind: str) -> dict:
   """What a stage-2 model of this kind trained with but a checkpoint written before training
   states held their frozen inputs lacks: the seed's VAE's encoder (phi_AVI) and batch-norm
   statistics."""
-  state = checkpoints.read_latest(_checkpoint(workdir, "vae", seed))[0]
+  directory = _checkpoint(workdir, "vae", seed)
+  state = checkpoints.read_latest(directory)[0]
   vae = state.get("best_params") if isinstance(state, dict) else None
   if not isinstance(vae, dict) or not {"encoder", "batch_stats"} <= set(vae):
-    raise common.ConfigError(f"{_checkpoint(workdir, 'vae', seed)} does not hold a VAE's "
-                             "training state with best_params.")
+    raise common.ConfigError(f"{directory} does not hold a VAE's training state with "
+                             "best_params.")
   return ({"batch_stats": vae["batch_stats"]} if kind == "control"
           else {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]})
 

@@ -36,6 +36,7 @@ import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
+from flax.linen.linear import canonicalize_padding
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,16 +124,12 @@ def _patches(module: nn.Module, x: jax.Array, window: tuple[int, ...]) -> jax.Ar
   dilation = _as_tuple(getattr(module, "kernel_dilation", None), rank)
   if _as_tuple(getattr(module, "input_dilation", None), rank) != (1,) * rank:
     return None
-  padding = module.padding
+  padding = canonicalize_padding(module.padding, rank)   # as nn.Conv reads it
   if isinstance(padding, str):
     if padding not in ("SAME", "VALID"):
       return None
     dilated = tuple(d * (k - 1) + 1 for k, d in zip(window, dilation))
     padding = jax.lax.padtype_to_pads(x.shape[1:-1], dilated, strides, padding)
-  elif isinstance(padding, int):
-    padding = [(padding, padding)] * rank
-  else:
-    padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
   x = jnp.pad(x, [(0, 0), *padding, (0, 0)])
   out = [(size - d * (k - 1) - 1) // stride + 1
          for size, k, d, stride in zip(x.shape[1:-1], window, dilation, strides)]
