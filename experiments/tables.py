@@ -6,7 +6,8 @@ results.md of experiments.images and experiments.synthetic); and the cells they 
 import math
 
 from experiments import configs
-from iavae_jax import stats
+from iavae_jax import runs, stats
+from iavae_jax.stats import format_p, format_share, format_summary, format_test
 
 DISPLAY_NAMES = {"omniglot": "OMNIGLOT", "mnist": "MNIST", "fashion_mnist": "Fashion MNIST"}
 MODEL_NAMES = {"vae": "VAE", "iavae": "IA-VAE", "control": "control",
@@ -15,36 +16,6 @@ MODEL_NAMES = {"vae": "VAE", "iavae": "IA-VAE", "control": "control",
                "vae_matched": "VAE, matched encoder", "corrector": "corrector",
                "corrector_frozen_decoder": "corrector, decoder frozen",
                "iavae_frozen_decoder_mean_context": "IA-VAE, decoder frozen, mean input"}
-
-
-def markdown_table(header: list[str], rows: list[list]) -> list[str]:
-  """A Markdown table's lines: the header, the separator, a line per row (cells as str)."""
-  return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-          + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
-
-
-def mean_std(summary: dict, digits: int = 2) -> str:
-  """A summary over seeds (stats.summarize_seeds) as "mean ± std", "mean" (one seed) or "n/a"."""
-  mean, std = summary["mean"], summary["std"]
-  if mean is None:
-    return "n/a"
-  return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
-
-
-def p_value_cell(comparison: dict) -> str:
-  p = comparison["p_value"]
-  if p is None:
-    return "—"
-  text = "<0.0001" if p < 1e-4 else f"{p:.4f}"
-  return text + ("*" if p < stats.ALPHA else "")
-
-
-def test_name_cell(comparison: dict) -> str:
-  if comparison["test"] is None:
-    return f"none ({comparison['n']} seed)"
-  if comparison["shapiro_p"] is None:
-    return f"{comparison['test']} (SW n/a)"
-  return f"{comparison['test']} (SW p={comparison['shapiro_p']:.2g})"
 
 
 def _wall_time(seconds) -> str:
@@ -65,18 +36,11 @@ def _data_set(name: str, row: dict) -> str:
 def _difference(entry: dict, key: str) -> list[str]:
   if key not in entry:
     return ["—", "—"]
-  return [f"{entry[key]['mean_difference']:+.2f}", p_value_cell(entry[key])]
+  return [f"{entry[key]['mean_difference']:+.2f}", format_p(entry[key])]
 
 
 def _steps(value: float | None) -> str:
   return "—" if value is None else f"{value:.1f}"
-
-
-def _percent(summary: dict | None) -> str:
-  if summary is None or summary["mean"] is None:
-    return "—"
-  std = "" if summary["std"] is None else f" ± {100 * summary['std']:.1f}"
-  return f"{100 * summary['mean']:.1f}{std}%"
 
 
 def _plus_minus(entry: dict, key: str, digits: int) -> str:
@@ -90,19 +54,19 @@ def table4(table: dict) -> str:
   """table4.md, from the table4.json dictionary of experiments.report."""
   models = configs.TABLE4_MODELS
   lines = ["# Table 4: test ELBO (mean ± std over seeds, higher is better)", ""]
-  lines += markdown_table(
+  lines += runs.markdown_table(
       ["Data set", "VAE", "IA-VAE", "control", "p (IA-VAE > VAE)", "test",
        "p (IA-VAE > control)", "test", "seeds", "wall time"],
-      [[_data_set(name, row)] + [mean_std(row[model]) for model in models]
+      [[_data_set(name, row)] + [format_summary(row[model]) for model in models]
        + [cell for key, _, _ in configs.COMPARISONS
-          for cell in (p_value_cell(row[key]), test_name_cell(row[key]))]
+          for cell in (format_p(row[key]), format_test(row[key]))]
        + [len(row["seeds"]), _wall_time(row["wall_seconds"])] for name, row in table.items()])
   lines += ["", "## Test KL and IWAE bound (mean ± std over seeds)", ""]
-  lines += markdown_table(
+  lines += runs.markdown_table(
       ["Data set"] + [f"KL {MODEL_NAMES[m]}" for m in models]
       + [f"IWAE {MODEL_NAMES[m]}" for m in models],
-      [[_data_set(name, row)] + [mean_std(row[model]["kl"]) for model in models]
-       + [mean_std(row[model]["iwae"]) for model in models] for name, row in table.items()])
+      [[_data_set(name, row)] + [format_summary(row[model]["kl"]) for model in models]
+       + [format_summary(row[model]["iwae"]) for model in models] for name, row in table.items()])
   lines += _table4_ablations(table)
   diverged = [f"{DISPLAY_NAMES.get(name, name)} {MODEL_NAMES[m]} seeds "
               f"{row[m]['diverged_seeds']}" for name, row in table.items()
@@ -115,26 +79,22 @@ def table4(table: dict) -> str:
     lines += ["", "† Not the paper's train/test split (OMNIGLOT: Burda et al.'s chardata.mat; "
               "MNIST, Fashion-MNIST: the standard test set): see each run's results.json "
               "\"data\"; these numbers do not compare with the paper's."]
-  lines += ["",
-            "Tests on test ELBO, paired by seed, H1: IA-VAE > the other model. Shapiro-Wilk "
-            f"(SW) on the per-seed differences; if normality is not rejected at {stats.ALPHA} a "
-            "one-sided paired Student t-test, otherwise (or with fewer than 3 seeds, or "
-            "identical differences, where SW is undefined) a one-sided Wilcoxon signed-rank "
-            f"test. `*`: p < {stats.ALPHA}. std: sample standard deviation (ddof = 1).", ""]
+  lines += ["", "Tests on test ELBO, paired by seed, H1: IA-VAE > the other model. "
+            + stats.TESTS_NOTE, ""]
   return "\n".join(lines)
 
 
 def _table4_ablations(table: dict) -> list[str]:
   """The ablations' test ELBO and their paired tests, for the data sets that ran any."""
-  rows = [[_data_set(name, row), MODEL_NAMES[model], mean_std(row[model]),
-           MODEL_NAMES[other], f"{row[key]['mean_difference']:+.2f}", p_value_cell(row[key]),
-           test_name_cell(row[key])]
+  rows = [[_data_set(name, row), MODEL_NAMES[model], format_summary(row[model]),
+           MODEL_NAMES[other], f"{row[key]['mean_difference']:+.2f}", format_p(row[key]),
+           format_test(row[key])]
           for name, row in table.items() for key, model, other in configs.ABLATION_COMPARISONS
           if key in row]
   if not rows:
     return []
   return ["", "## Ablations: test ELBO, and the paired test of H1: model > the other", ""] + (
-      markdown_table(["Data set", "model", "test ELBO", "other", "mean difference",
+      runs.markdown_table(["Data set", "model", "test ELBO", "other", "mean difference",
                              "p (model > other)", "test"], rows))
 
 
@@ -143,21 +103,21 @@ def _table4_ablations(table: dict) -> list[str]:
 def designs(table: dict) -> str:
   """designs.md, from the designs.json dictionary of experiments.designs."""
   lines = ["# Hypernetwork designs: the IA-VAE's test ELBO (mean ± std over seeds)", ""]
-  lines += markdown_table(
+  lines += runs.markdown_table(
       ["Data set", "design", "IA-VAE", "validation ELBO", "vs control", "p", "vs mean input",
        "p", "vs paper", "p", "VAE gap closed", "seeds"],
-      [[DISPLAY_NAMES.get(name, name), label, mean_std(entry["iavae"]),
-        mean_std(entry["valid_elbo"])]
+      [[DISPLAY_NAMES.get(name, name), label, format_summary(entry["iavae"]),
+        format_summary(entry["valid_elbo"])]
        + _difference(entry, "vs_control") + _difference(entry, "vs_mean_input")
        + _difference(entry, "vs_paper")
-       + [_percent(entry["gap_closed"]), len(row["seeds"])]
+       + [format_share(entry["gap_closed"]), len(row["seeds"])]
        for name, row in table.items() for label, entry in row["designs"].items()])
   lines.append("")
   for name, row in table.items():
     lines.append(
         f"- {DISPLAY_NAMES.get(name, name)} (seeds {row['seeds']}): VAE "
-        f"{mean_std(row['vae'])}"
-        + (f", control {mean_std(row['control'])}" if "control" in row else "") + "; "
+        f"{format_summary(row['vae'])}"
+        + (f", control {format_summary(row['control'])}" if "control" in row else "") + "; "
         + ("the same VAE in every run" if row["same_vae"] else
            "**the runs' VAEs differ** (other settings or machines): the paired tests compare "
            "different VAEs as well")
@@ -182,8 +142,8 @@ def _designs_frozen(table: dict) -> list[str]:
         tests = ([cell for key in configs.FROZEN_OTHERS for cell in _difference(entry, key)]
                  if model == configs.FROZEN_IAVAE else ["", ""] * 3)
         rows.append([DISPLAY_NAMES.get(name, name), label,
-                     MODEL_NAMES.get(model, model), mean_std(values["test_elbo"]),
-                     values["decoder_passes"], _percent(values["gap_closed"]),
+                     MODEL_NAMES.get(model, model), format_summary(values["test_elbo"]),
+                     values["decoder_passes"], format_share(values["gap_closed"]),
                      *(_steps(worth.get(key)) for key in ("sa_vae", "tuned")), *tests,
                      "—" if values["longest_wait_steps"] is None else
                      f"{values['longest_wait_steps']} / {entry['patience_steps']}",
@@ -193,7 +153,7 @@ def _designs_frozen(table: dict) -> list[str]:
   if not rows:
     return []
   return ["## With the decoder frozen (the VAE's): inference alone", "",
-          *markdown_table(
+          *runs.markdown_table(
               ["Data set", "design", "model", "test ELBO", "decoder passes", "VAE gap closed",
                "worth SA-VAE steps", "worth tuned steps", "IA-VAE vs control", "p",
                "vs corrector", "p", "vs mean input", "p", "longest wait / patience (steps)",
@@ -220,7 +180,7 @@ def _gaps_vae_refinement(results: dict) -> list[str]:
   passes = results["decoder_passes_per_example"]
   samples = {label: curve["settings"]["samples_per_step"] for label, curve in curves.items()}
   worth = lambda n, label: n if n is None else f"{n:.1f} ({2 * samples[label] * n:.0f} passes)"
-  rows = [[name, passes[name], mean_std(results[name]["refinement"]["elbo"][0]),
+  rows = [[name, passes[name], format_summary(results[name]["refinement"]["elbo"][0]),
            *(worth(results["refinement_steps_worth"][name][label]["of_the_means"], label)
              if name != "vae" else "" for label in curves)]
           for name in ["vae", *results["same_decoder_as_vae"]]]
@@ -228,7 +188,7 @@ def _gaps_vae_refinement(results: dict) -> list[str]:
            "refinement estimator's, K = 0), its decoder passes per image, and the refinement "
            "steps from the VAE's encoder at which the VAE reaches it (interpolated between "
            "the recorded K, from the means over seeds; None: not within the largest K).", "",
-           *markdown_table(["model", "decoder passes", "ELBO",
+           *runs.markdown_table(["model", "decoder passes", "ELBO",
                                    *(f"worth, in {label} refinement steps" for label in curves)],
                                   rows)]
   if "tuned" in curves:
@@ -251,20 +211,20 @@ def gaps(results: dict) -> str:
   rows = []
   for name in names:
     r = results[name]
-    share = (mean_std(r["share_of_vae_amortization_gap_closed"], 3)
+    share = (format_summary(r["share_of_vae_amortization_gap_closed"], 3)
              if "share_of_vae_amortization_gap_closed" in r else "")
     convergence = r.get("convergence")
-    moved = (f"{mean_std(convergence['delta'], 4)} ({convergence['examples']} images: "
+    moved = (f"{format_summary(convergence['delta'], 4)} ({convergence['examples']} images: "
              f"{'converged' if convergence['converged'] else 'NOT converged'})"
              if convergence else "not checked")
-    rows.append([name, mean_std(r["log_px"]), mean_std(r["elbo_qstar"]), mean_std(r["elbo"]),
-                 mean_std(r["approximation_gap"], 3), mean_std(r["amortization_gap"], 3), share,
-                 mean_std(r["qstar_steps"], 0), moved])
+    rows.append([name, *(format_summary(r[key]) for key in ("log_px", "elbo_qstar", "elbo")),
+                 *(format_summary(r[key], 3) for key in ("approximation_gap", "amortization_gap")),
+                 share, format_summary(r["qstar_steps"], 0), moved])
   lines = [
       f"# {results['dataset']} ({results['tier']} tier): inference gaps on "
       f"{results['num_examples']} test images, {len(seeds)} seed(s) {seeds}", "",
       "Mean ± std over seeds of each seed's mean over the images; nats.", "",
-      *markdown_table(
+      *runs.markdown_table(
           ["model", "log p^", "L[q*]", "L[q]", "approximation gap", "amortization gap",
            "VAE's amortization gap closed", "q* steps", "twice the q* budget moves L[q*] by"],
           rows)]
@@ -272,9 +232,9 @@ def gaps(results: dict) -> str:
   lines += ["", "Test-time refinement (SA-VAE's SGD on each image's mean and log-variance from "
             "the encoder's output, decoder fixed): ELBO after K steps, and wall time per image "
             "(encoder pass + K steps).", "",
-            *markdown_table(
+            *runs.markdown_table(
                 ["model", *(f"K = {k}" for k in steps)],
-                [[name, *(f"{mean_std(e)} ({1e3 * t['mean']:.2f} ms)" for e, t in zip(
+                [[name, *(f"{format_summary(e)} ({1e3 * t['mean']:.2f} ms)" for e, t in zip(
                     results[name]["refinement"]["elbo"],
                     results[name]["refinement"]["seconds_per_example"]))] for name in names])]
   lines += _gaps_vae_refinement(results)
@@ -307,7 +267,7 @@ def _number(value: float | None) -> str:
 def image_run(results: dict) -> str:
   """results.md of experiments.images, from its results.json dictionary."""
   lines = [f"# {results['dataset']} ({results['tier']} tier): test metrics per seed", ""]
-  lines += markdown_table(
+  lines += runs.markdown_table(
       ["seed", "model", "test ELBO", "test KL",
        f"IWAE bound (K={results['config']['iwae_samples']})", "valid ELBO (selection score)",
        "best epoch"],
@@ -334,7 +294,7 @@ def synthetic(r: dict) -> str:
            "## Table 2: robustness to random initialisation", "",
            "ELBO (KL) per VAE seed; IA-VAE: mean +- std over "
            f"{r['config']['num_iavae_seeds']} seeds on that VAE's frozen encoder.", ""]
-  lines += markdown_table(["VAE seed", "VAE", "IA-VAE"], [
+  lines += runs.markdown_table(["VAE seed", "VAE", "IA-VAE"], [
       [row["vae_seed"], f"{row['vae']['elbo']:.2f} ({row['vae']['kl']:.2f})",
        f"**{row['iavae']['elbo_mean']:.2f} +- {row['iavae']['elbo_std']:.2f}** "
        f"({row['iavae']['kl_mean']:.2f} +- {row['iavae']['kl_std']:.2f})"]
@@ -345,7 +305,7 @@ def synthetic(r: dict) -> str:
             "model's value is its average over the data. d_MAP: Mahalanobis distance of the "
             "inferred mean from z_MAP under the Laplace Gaussian; r_MAP = p(mu|x) / p(z_MAP|x).",
             ""]
-  lines += markdown_table(
+  lines += runs.markdown_table(
       ["Method", "ELBO (up)", "ELBO, median over models", "KL", "d_MAP (down)", "r_MAP (up)"],
       [[name, _plus_minus(t3[key], "elbo", 2), f"{t3[key]['elbo_median']:.2f}",
         f"{t3[key]['kl']:.2f}",
@@ -356,7 +316,7 @@ def synthetic(r: dict) -> str:
             f"IA-VAE: {eff['iavae_params']} parameters (base {eff['base_params']} + hypernetwork "
             f"{eff['hypernet_params']}; plus {eff['embedding_params']} embedding values), ELBO "
             f"{eff['iavae_elbo']:.2f} +- {eff['iavae_elbo_std']:.2f}.", ""]
-  lines += markdown_table(["width", "parameters", "VAE ELBO"],
+  lines += runs.markdown_table(["width", "parameters", "VAE ELBO"],
                                  [[c["width"], c["params"], _plus_minus(c, "elbo", 2)]
                                   for c in eff["vae_curve"]])
   match = eff["smallest_matching_width"]
@@ -369,7 +329,7 @@ def synthetic(r: dict) -> str:
   lines += ["", "## Beyond the paper: the inference gap, exactly", "",
             f"log p(x) by quadrature: {g['log_px']:.4f}; ELBO of the per-example optimal Gaussian "
             f"q*: {g['elbo_qstar']:.4f} (KL {g['kl_qstar']:.2f}).", ""]
-  lines += markdown_table(
+  lines += runs.markdown_table(
       ["Method", "total gap", "approximation gap", "amortization gap"],
       [[name, f"{g[key]['total_gap']:.3f}", f"{g[key]['approximation_gap']:.3f}",
         _plus_minus(g[key], "amortization_gap", 3)]
@@ -394,7 +354,7 @@ def _synthetic_heldout(r: dict) -> list[str]:
                    _plus_minus(table[key], "d_map", 2), _plus_minus(table[key], "r_map", 2),
                    f"{gaps['log_px']:.3f}", f"{gaps[key]['approximation_gap']:.3f}",
                    _plus_minus(gaps[key], "amortization_gap", 3)])
-  lines += markdown_table(
+  lines += runs.markdown_table(
       ["Method", "data", "ELBO (up)", "KL", "d_MAP (down)", "r_MAP (up)", "log p(x)",
        "approximation gap", "amortization gap"], rows)
   lines += ["", f"IA-VAE closes {100 * h['gaps']['fraction_of_vae_amortization_gap_closed']:.1f}%"
@@ -404,7 +364,7 @@ def _synthetic_heldout(r: dict) -> list[str]:
             "every IA-VAE and point); points binned by quantiles of |x|, and held-out points by "
             "distance to the nearest training point.", ""]
   quantiles = list(h["tail"]["diff_quantiles"])
-  lines += markdown_table(
+  lines += runs.markdown_table(
       ["data", *[f"q{float(q) * 100:g}%" for q in quantiles], "min", "share worse"],
       [[split, *[f"{tail['diff_quantiles'][q]:.3f}" for q in quantiles],
         f"{tail['diff_min']:.3f}", f"{100 * tail['fraction_worse']:.2f}%"]
@@ -420,7 +380,7 @@ def _synthetic_heldout(r: dict) -> list[str]:
                    f"{b[measure][0]:.2f}-{b[measure][1]:.2f}", b["num_points"],
                    f"{b['vae_elbo']:.2f}", f"{b['iavae_elbo']:.2f}", f"{b['diff_mean']:.3f}",
                    f"{b['diff_min']:.3f}", f"{100 * b['fraction_worse']:.2f}%"])
-  lines += markdown_table(
+  lines += runs.markdown_table(
       ["data", "bin", "range", "points", "VAE ELBO", "IA-VAE ELBO", "mean diff", "min diff",
        "share worse"], rows)
   return lines + [""]

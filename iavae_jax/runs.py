@@ -221,6 +221,12 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+  """A Markdown table's lines: the header, the separator, a line per row (cells as str)."""
+  return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+          + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
 def write_text(path: str, text: str) -> None:
   if not is_primary():
     return

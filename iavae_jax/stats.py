@@ -23,8 +23,9 @@ Edge cases, decided here so that every caller reports them the same way:
   ValueError, since any p-value would be meaningless.
 
 ``summarize_seeds`` and ``paired_comparison`` give the same as JSON-able dictionaries, as the
-experiments' results files hold them. The library has no I/O; ``experiments/report.py`` turns
-results files into Table 4.
+experiments' results files hold them, and ``format_summary``, ``format_share``, ``format_p`` and
+``format_test`` write those dictionaries as the cells of a table (``TESTS_NOTE`` says how to read
+them). The module has no I/O.
 """
 
 import dataclasses
@@ -35,7 +36,8 @@ import numpy as np
 from scipy import stats as sp_stats
 
 __all__ = ["T_TEST", "WILCOXON", "ALPHA", "PairedTest", "paired_one_sided", "summarize_seeds",
-           "paired_comparison"]
+           "paired_comparison", "format_summary", "format_share", "format_p", "format_test",
+           "TESTS_NOTE"]
 
 T_TEST = "t-test"
 WILCOXON = "wilcoxon"
@@ -150,3 +152,45 @@ def paired_comparison(a: Sequence[float], b: Sequence[float], alpha: float = ALP
   result = paired_one_sided(a, b, alpha=alpha)
   return {"test": result.test, "p_value": result.p_value, "shapiro_p": result.shapiro_p,
           "mean_difference": result.mean_difference, "n": result.n}
+
+
+# The dictionaries above as a table's cells.
+
+TESTS_NOTE = ("Shapiro-Wilk (SW) on the per-seed differences; if normality is not rejected at "
+              f"{ALPHA} a one-sided paired Student t-test, otherwise (or with fewer than 3 seeds, "
+              "or identical differences, where SW is undefined) a one-sided Wilcoxon signed-rank "
+              f"test. `*`: p < {ALPHA}. std: sample standard deviation (ddof = 1).")
+
+
+def format_summary(summary: dict, digits: int = 2) -> str:
+  """A ``summarize_seeds`` dictionary as "mean ± std", "mean" (one seed) or "n/a"."""
+  mean, std = summary["mean"], summary["std"]
+  if mean is None:
+    return "n/a"
+  return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def format_share(summary: dict | None) -> str:
+  """A ``summarize_seeds`` dictionary of fractions as "mean ± std%" (one decimal), "—" if None."""
+  if summary is None or summary["mean"] is None:
+    return "—"
+  std = "" if summary["std"] is None else f" ± {100 * summary['std']:.1f}"
+  return f"{100 * summary['mean']:.1f}{std}%"
+
+
+def format_p(comparison: dict) -> str:
+  """A ``paired_comparison``'s p-value, starred below ALPHA; "—" where no test was made."""
+  p = comparison["p_value"]
+  if p is None:
+    return "—"
+  text = "<0.0001" if p < 1e-4 else f"{p:.4f}"
+  return text + ("*" if p < ALPHA else "")
+
+
+def format_test(comparison: dict) -> str:
+  """A ``paired_comparison``'s test, with Shapiro-Wilk's p that chose it."""
+  if comparison["test"] is None:
+    return f"none ({comparison['n']} seed)"
+  if comparison["shapiro_p"] is None:
+    return f"{comparison['test']} (SW n/a)"
+  return f"{comparison['test']} (SW p={comparison['shapiro_p']:.2g})"
