@@ -9,7 +9,6 @@ example is ``iavae_jax.gap_runs``'s, each example's noise from (seed, its index)
 (gaps.json, gaps.md, gaps_refinement.png, gaps_passes.png) and their schema: docs/cli.md.
 """
 
-import dataclasses
 import functools
 import os
 import time
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import checkpoints, gap_runs, gaps, image_vae, plots, runs, stats
+from iavae_jax import checkpoints, gap_runs, gaps, image_vae, plots, runs
 from iavae_jax.data import images
 from iavae_jax.image_vae import Model
 from experiments import common, configs, tables
@@ -273,44 +272,20 @@ def tune_refinement(model: Model, config: GapsConfig, functions: Functions, vae:
 def compare_with_refinement(model: Model, config: GapsConfig, functions: Functions,
                             results: dict, vaes: dict, shared: list, valid: np.ndarray,
                             test: np.ndarray, partial_dir: str) -> dict:
-  """gaps.json's "vae_refinement" (the VAE's refinement curves on its decoder against decoder
-  passes: SA-VAE's and, with tune_examples, the tuned variant's), "same_decoder_as_vae" and
-  "refinement_steps_worth" (for each model on the VAE's decoder: the steps, and decoder passes,
-  of each curve at which the refined VAE reaches the model's ELBO)."""
-  steps = results["vae"]["refinement"]["steps"]
-  configured = functions.measure.refine_settings
-  curves = {"sa_vae": {"settings": dataclasses.asdict(configured),
-                       "steps": steps, "elbo": results["vae"]["refinement"]["elbo"]}}
+  """gaps.json's refinement from the VAE's encoder on its decoder, SA-VAE's and, with
+  tune_examples, the tuned variant's (resumed from DIR/gaps/tuned_refinement.json), against the
+  models on that decoder (``gap_runs.refinement_comparison``)."""
+  configured, tuned = functions.measure.refine_settings, None
   if config.tune_examples:
-    path = os.path.join(partial_dir, "tuned_refinement.json")
-    recorded = runs.read_json(path) if os.path.exists(path) else {}
     seed = min(vaes)
-    if "tuning" not in recorded:
-      recorded["tuning"] = tune_refinement(model, config, functions, vaes[seed],
-                                           valid[:config.tune_examples], seed)
-      runs.write_json(path, recorded)
-    chosen = recorded["tuning"]["chosen"]
-    tuned = Functions(model, config, dataclasses.replace(
-        configured, optimizer=chosen["optimizer"], learning_rate=chosen["learning_rate"],
-        samples_per_step=chosen["samples_per_step"]))
-    for vae_seed, vae in vaes.items():
-      if str(vae_seed) not in recorded:
-        recorded[str(vae_seed)] = np.mean(refinement_curve(tuned, vae, test, vae_seed),
-                                          axis=0).tolist()
-        runs.write_json(path, recorded)
-    curves["tuned"] = {
-        "settings": dataclasses.asdict(tuned.measure.refine_settings), "steps": steps,
-        "elbo": [stats.summarize_seeds([recorded[str(s)][i] for s in vaes])
-                 for i in range(len(steps))],
-        "tuning": recorded["tuning"]}
-  for curve in curves.values():
-    curve["decoder_passes"] = [2 * curve["settings"]["samples_per_step"] * k for k in steps]
-  worth = {name: {label: gaps.steps_to_reach(steps, curve["elbo"],
-                                        results[name]["refinement"]["elbo"][0],  # its K = 0
-                                        interpolate=True)
-                  for label, curve in curves.items()} for name in shared}
-  return {"vae_refinement": curves, "same_decoder_as_vae": shared,
-          "refinement_steps_worth": worth}
+    refine_with = functools.cache(lambda settings: Functions(model, config, settings))
+    tuned = gap_runs.tuned_curves(
+        os.path.join(partial_dir, "tuned_refinement.json"), list(vaes), configured,
+        lambda: tune_refinement(model, config, functions, vaes[seed],
+                                valid[:config.tune_examples], seed),
+        lambda s, settings: np.mean(refinement_curve(refine_with(settings), vaes[s], test, s),
+                                    axis=0).tolist())
+  return gap_runs.refinement_comparison(results, shared, configured, tuned)
 
 
 def passes_figure(results: dict, title: str):

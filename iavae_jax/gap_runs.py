@@ -29,8 +29,8 @@ from iavae_jax.errors import ConfigError
 
 __all__ = ["PHASES", "EncodeChunk", "OnChunk", "measurement_args", "example_keys", "pad",
            "new_record", "measure_examples", "check_convergence", "Progress", "measure_saved",
-           "refinement_curve", "FIRST_STEP_SAMPLES", "tune_refinement", "summarize_model",
-           "summarize"]
+           "refinement_curve", "FIRST_STEP_SAMPLES", "tune_refinement", "tuned_settings",
+           "tuned_curves", "refinement_comparison", "summarize_model", "summarize"]
 
 # The timed phases of a record's "seconds".
 PHASES = ("encode", "qstar", "elbo", "log_px", "refine", "refine_eval", "qstar_doubled")
@@ -255,6 +255,63 @@ def tune_refinement(measurements_for: Callable[[gaps.RefineSettings, int], gaps.
       elbo_after(dataclasses.replace(gaps.RefineSettings(), samples_per_step=samples), 1)))}
                 for samples in FIRST_STEP_SAMPLES]
   return {**tuning, "sa_vae_first_step": first_step}
+
+
+def tuned_settings(configured: gaps.RefineSettings, chosen: dict) -> gaps.RefineSettings:
+  """The configured refinement with the optimiser, learning rate and samples per step of
+  ``chosen`` (a candidate of ``tune_refinement``)."""
+  return dataclasses.replace(configured, optimizer=chosen["optimizer"],
+                             learning_rate=chosen["learning_rate"],
+                             samples_per_step=chosen["samples_per_step"])
+
+
+def tuned_curves(path: str, seeds: list, configured: gaps.RefineSettings,
+                 tune: Callable[[], dict],
+                 curve: Callable[[int, gaps.RefineSettings], list[float]]) -> dict:
+  """The tuned refinement and its curve for each seed, kept in the JSON file ``path``, saved after
+  each and resumed from it: {"tuning": tune() (``tune_refinement``'s dictionary, made once),
+  str(seed): curve(seed, the configured refinement tuned as it chose) (the mean ELBO after each
+  step count), ...}."""
+  recorded = runs.read_json(path) if os.path.exists(path) else {}
+  if "tuning" not in recorded:
+    recorded["tuning"] = tune()
+    runs.write_json(path, recorded)
+  settings = tuned_settings(configured, recorded["tuning"]["chosen"])
+  for seed in seeds:
+    if str(seed) not in recorded:
+      recorded[str(seed)] = curve(seed, settings)
+      runs.write_json(path, recorded)
+  return recorded
+
+
+def refinement_comparison(results: dict, shared: list, configured: gaps.RefineSettings,
+                          tuned: dict | None = None) -> dict:
+  """What refinement from the VAE's encoder on its decoder is worth against the amortized models
+  on that decoder: {"vae_refinement": {"sa_vae": the configured refinement's curve (``summarize``
+  results' "vae"), "tuned": ``tuned_curves``' (if given)}, each with its "settings", "steps",
+  "elbo" (summaries over the seeds) and "decoder_passes" (per example, forward and backward
+  counted); "same_decoder_as_vae": shared; "refinement_steps_worth": {model: {curve: the steps at
+  which the refined VAE reaches the model's ELBO, interpolated (``gaps.steps_to_reach``)}} for
+  each model of ``shared``}."""
+  vae = results["vae"]["refinement"]
+  steps, seeds = vae["steps"], results["seeds"]
+  curves = {"sa_vae": {"settings": dataclasses.asdict(configured), "steps": steps,
+                       "elbo": vae["elbo"]}}
+  if tuned is not None:
+    curves["tuned"] = {
+        "settings": dataclasses.asdict(tuned_settings(configured, tuned["tuning"]["chosen"])),
+        "steps": steps,
+        "elbo": [stats.summarize_seeds([tuned[str(s)][i] for s in seeds])
+                 for i in range(len(steps))],
+        "tuning": tuned["tuning"]}
+  for curve in curves.values():
+    curve["decoder_passes"] = [2 * curve["settings"]["samples_per_step"] * k for k in steps]
+  worth = {name: {label: gaps.steps_to_reach(steps, curve["elbo"],
+                                             results[name]["refinement"]["elbo"][0],  # its K = 0
+                                             interpolate=True)
+                  for label, curve in curves.items()} for name in shared}
+  return {"vae_refinement": curves, "same_decoder_as_vae": shared,
+          "refinement_steps_worth": worth}
 
 
 def summarize_model(records: list[dict], measurements: gaps.Measurements,

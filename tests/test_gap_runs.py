@@ -119,3 +119,41 @@ def test_gap_settings_default_to_the_measurements_defaults_and_name_a_bad_field(
     hparams.GapSettings(batch_size=0).validate()
   with pytest.raises(ValueError, match="^final_samples=150 must be a multiple of sample_chunk"):
     hparams.GapSettings(final_samples=150).validate()
+
+
+def test_tuned_curves_resume_and_refinement_comparison_reads_steps_off_the_curves(tmp_path):
+  configured = gaps.RefineSettings()
+  chosen = {"optimizer": "adam", "learning_rate": 0.01, "samples_per_step": 4}
+  calls = []
+
+  def tune():
+    calls.append("tune")
+    return {"chosen": chosen, "candidates": [chosen]}
+
+  def curve(seed, settings):
+    calls.append((seed, settings))
+    return [-10.0 + seed, -6.0 + seed, -4.0 + seed]   # K = 0, 1, 3
+  path = str(tmp_path / "tuned.json")
+  first = gap_runs.tuned_curves(path, [0], configured, tune, curve)
+  tuned = gap_runs.tuned_curves(path, [0, 2], configured, tune, curve)   # resumed: seed 2 only
+  settings = gap_runs.tuned_settings(configured, chosen)
+  assert settings.samples_per_step == 4 and settings.momentum == configured.momentum
+  assert calls == ["tune", (0, settings), (2, settings)]
+  assert tuned == {**first, "2": [-8.0, -4.0, -2.0]}
+
+  summary = lambda values: {"mean": float(np.mean(values)), "std": None, "per_seed": values}
+  results = {"seeds": [0, 2],
+             "vae": {"refinement": {"steps": [0, 1, 3],
+                                    "elbo": [summary([v, v]) for v in (-9.0, -8.0, -7.0)]}},
+             "model": {"refinement": {"elbo": [summary([-5.0, -5.0])]}}}
+  comparison = gap_runs.refinement_comparison(results, ["model"], configured, tuned)
+  curves = comparison["vae_refinement"]
+  assert curves["sa_vae"]["decoder_passes"] == [0, 2, 6]   # one sample: a forward and a backward
+  assert curves["tuned"]["decoder_passes"] == [0, 8, 24]
+  assert [e["mean"] for e in curves["tuned"]["elbo"]] == [-9.0, -5.0, -3.0]
+  # -5 is past SA-VAE's curve (None), and the tuned curve's mean at K = 1 exactly; per seed,
+  # seed 0 (-10, -6, -4) reaches it 1/2 of the way from K = 1 to 3, seed 2 (-8, -4, -2) at 3/4.
+  assert comparison["refinement_steps_worth"] == {
+      "model": {"sa_vae": {"per_seed": [None, None], "of_the_means": None},
+                "tuned": {"per_seed": [2.0, 0.75], "of_the_means": 1.0}}}
+  assert comparison["same_decoder_as_vae"] == ["model"]
