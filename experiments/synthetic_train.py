@@ -20,14 +20,12 @@ import time
 from typing import Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import (blocks, errors, exact, hypernets, plots, runs, stages, synthetic_vae,
+from iavae_jax import (errors, exact, plots, runs, stages, synthetic_vae,
                        training)
 from iavae_jax import parallel as parallel_lib
 from iavae_jax.data import synthetic
-from iavae_jax.models import encoders
 from experiments import configs, tables
 from experiments.configs import SyntheticConfig
 
@@ -77,31 +75,23 @@ def heldout_data(config: SyntheticConfig) -> synthetic.SyntheticData:
 def train_vaes(config: SyntheticConfig, workdir: str, x: jax.Array,
                parallel: parallel_lib.Parallel | None, tensorboard: bool):
   """Stage 1: the population of VAEs (encoders; the decoder is the known truth)."""
-  encoder = encoders.MLPEncoder(config.encoder_width)
   init_keys, train_keys, order_seeds = model_keys(
       config, "vae", [(v,) for v in range(config.num_vae_seeds)])
-  params0 = jax.vmap(lambda k: encoder.init(k, x[0])["params"])(init_keys)
-  return train_stage("vae", workdir, config, synthetic_vae.vae_train_encode, params0, None,
+  return train_stage("vae", workdir, config, synthetic_vae.vae_train_encode,
+                     synthetic_vae.init_vaes(init_keys, [config.encoder_width], x[0]), None,
                      train_keys, order_seeds, x, parallel, tensorboard)
 
 
 def train_iavaes(config: SyntheticConfig, workdir: str, x: jax.Array, phi_avi,
                  parallel: parallel_lib.Parallel | None, tensorboard: bool):
   """Stage 2: num_iavae_seeds IA-VAEs on each VAE's frozen encoder phi_avi (a leading axis of
-  VAEs). Returns (their states, the block layout, their frozen encoders, their encode fn)."""
-  layout = blocks.BlockLayout.from_tree(jax.tree.map(lambda a: a[0], phi_avi))
-  hypernet = hypernets.LinearHypernet(layout, config.embed_dim, config.hypernet_init_std)
+  VAEs). Returns (their states, their synthetic_vae.IAVAEs)."""
   indices = [(v, s) for v in range(config.num_vae_seeds) for s in range(config.num_iavae_seeds)]
   init_keys, train_keys, order_seeds = model_keys(config, "iavae", indices)
-  c0 = jnp.zeros(synthetic_vae.context_size(config))
-  psi0 = jax.vmap(lambda k: hypernet.init(k, c0)["params"])(init_keys)
-  frozen_phi = jax.tree.map(lambda a: jnp.repeat(a, config.num_iavae_seeds, axis=0), phi_avi)
-  context = synthetic_vae.hypernet_context(config, x)
-  encode = synthetic_vae.iavae_train_encode(layout, context,
-                                            synthetic_vae.feedback_context(config), config.passes)
-  states = train_stage("iavae", workdir, config, encode, psi0, frozen_phi, train_keys,
-                       order_seeds, x, parallel, tensorboard, config.start_as_candidate)
-  return states, layout, frozen_phi, synthetic_vae.iavae_encode(config, layout, context)
+  iavaes = synthetic_vae.init_iavaes(config, phi_avi, init_keys, x)
+  return train_stage("iavae", workdir, config, iavaes.train_encode, iavaes.params, iavaes.frozen,
+                     train_keys, order_seeds, x, parallel, tensorboard,
+                     config.start_as_candidate), iavaes
 
 
 def train_sweep(config: SyntheticConfig, workdir: str, x: jax.Array,
@@ -109,24 +99,9 @@ def train_sweep(config: SyntheticConfig, workdir: str, x: jax.Array,
   """Stage 3: VAEs of every width of the sweep, zero-padded to the widest."""
   indices = [(w, s) for w in config.sweep_widths for s in range(config.num_sweep_seeds)]
   init_keys, train_keys, order_seeds = model_keys(config, "sweep", indices)
-  params0 = [encoders.pad_hidden(encoders.MLPEncoder(w).init(k, x[0])["params"],
-                                 max(config.sweep_widths))
-             for (w, _), k in zip(indices, init_keys)]
-  params0 = jax.tree.map(lambda *a: jnp.stack(a), *params0)
-  return train_stage("sweep", workdir, config, synthetic_vae.vae_train_encode, params0, None,
+  return train_stage("sweep", workdir, config, synthetic_vae.vae_train_encode,
+                     synthetic_vae.init_vaes(init_keys, [w for w, _ in indices], x[0]), None,
                      train_keys, order_seeds, x, parallel, tensorboard, cancelled=cancelled)
-
-
-def efficiency(config: SyntheticConfig, layout: blocks.BlockLayout, sweep_eval: dict,
-               iavae_eval: dict) -> dict:
-  """Figure 7's numbers: the parameter counts and ``exact.efficiency_curve``."""
-  hypernet_params = (layout.d_max * (synthetic_vae.context_size(config) + config.embed_dim)
-                     + layout.d_max)
-  return {"base_params": layout.num_params, "hypernet_params": hypernet_params,
-          "embedding_params": layout.num_blocks * config.embed_dim,
-          "iavae_params": layout.num_params + hypernet_params,
-          **exact.efficiency_curve(config.sweep_widths, sweep_eval["elbo"], iavae_eval["elbo"],
-                                   lambda width: 8 * width + 4)}   # MLPEncoder's parameters
 
 
 def save_figures(config: SyntheticConfig, workdir: str, data: synthetic.SyntheticData,
@@ -151,9 +126,7 @@ class Trained(NamedTuple):
   vae: training.TrainState       # stage 1, a leading axis of VAEs
   iavae: training.TrainState     # stage 2, VAE-major: num_iavae_seeds per VAE
   sweep: training.TrainState     # stage 3, width-major
-  layout: blocks.BlockLayout     # the VAE encoder's blocks
-  frozen_phi: dict               # each IA-VAE's frozen encoder, phi_AVI of its VAE
-  iavae_fn: Callable   # its EncodeFn (synthetic_vae.iavae_encode)
+  iavaes: synthetic_vae.IAVAEs   # stage 2's layout, frozen encoders and encode functions
 
 
 def train_all(config: SyntheticConfig, workdir: str, x: jax.Array,
@@ -179,12 +152,12 @@ def train_all(config: SyntheticConfig, workdir: str, x: jax.Array,
   vae_states = train_vaes(config, workdir, x, parallel, tensorboard)
   timings["vae"] = time.time() - t0
   t0 = time.time()
-  iavae_states, layout, frozen_phi, iavae_fn = train_iavaes(
+  iavae_states, iavaes = train_iavaes(
       config, workdir, x, vae_states.best_params, parallel, tensorboard)
   timings["iavae"] = time.time() - t0
   sweep_states, truth = background.result() if background else sweep_and_posterior(
       lambda: False)
-  return Trained(vae_states, iavae_states, sweep_states, layout, frozen_phi, iavae_fn), truth
+  return Trained(vae_states, iavae_states, sweep_states, iavaes), truth
 
 
 def evaluate_all(config: SyntheticConfig, x: jax.Array, trained: Trained, truth: exact.Truth,
@@ -199,8 +172,9 @@ def evaluate_all(config: SyntheticConfig, x: jax.Array, trained: Trained, truth:
     args = (x, config.sigma, truth.summary, truth.elbo_qstar)
     return (jax.tree.map(np.asarray, exact.evaluate(vae_fn, trained.vae.best_params, None,
                                                     *args)),
-            jax.tree.map(np.asarray, exact.evaluate(trained.iavae_fn, trained.iavae.best_params,
-                                                    trained.frozen_phi, *args)))
+            jax.tree.map(np.asarray, exact.evaluate(trained.iavaes.encode,
+                                                    trained.iavae.best_params,
+                                                    trained.iavaes.frozen, *args)))
 
   (vae, vae_means, vae_points), (iavae, iavae_means, iavae_points) = evaluate_pair(x, truth)
   sweep, _, _ = jax.tree.map(np.asarray, exact.evaluate(
@@ -242,7 +216,10 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   timings = {k: timings[k] for k in ("vae", "iavae", "sweep", "posterior")}
   evaluated = evaluate_all(config, data.x, trained, truth, timings)
   vae, iavae = evaluated["vae"], evaluated["iavae"]
-  efficiency_entry = efficiency(config, trained.layout, evaluated["sweep"], iavae)
+  efficiency_entry = {  # Figure 7's numbers
+      **synthetic_vae.param_counts(config, trained.iavaes.layout),
+      **exact.efficiency_curve(config.sweep_widths, evaluated["sweep"]["elbo"], iavae["elbo"],
+                               lambda width: 8 * width + 4)}   # MLPEncoder's parameters
   results = {
       "config": dataclasses.asdict(config),
       "table2": exact.table2(vae, iavae, trained.vae.best_epoch, trained.iavae.best_epoch),

@@ -13,7 +13,7 @@ populations train, several times faster on CPU).
     # one model's epoch: epoch_fn(state, x [3, N], order); training.train_population for many
 """
 
-from typing import Callable
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,8 @@ from iavae_jax.models import encoders, oracle
 
 __all__ = ["LOOP_EMITTERS", "vae_encode", "vae_train_encode", "hypernet_context",
            "feedback_context", "context_size", "decoder_passes", "iavae_encode",
-           "iavae_train_encode", "exact_score", "make_epoch_fn"]
+           "iavae_train_encode", "init_vaes", "IAVAEs", "init_iavaes", "param_counts",
+           "exact_score", "make_epoch_fn"]
 
 # Whether a population's epoch compiles with XLA:CPU's loop emitters
 # (training.cpu_compiler_options): the IA-VAEs' epochs ran 1.3x faster with them, the VAEs' 1.3x
@@ -140,6 +141,57 @@ def iavae_train_encode(layout: blocks.BlockLayout, context: Callable | None = No
           adaptive.modulate_examples_last(phi_avi, deltas), x)
     return mean, log_var
   return encode
+
+
+def init_vaes(keys: jax.Array, widths: Sequence[int], x0: jax.Array) -> dict:
+  """The initial encoders of VAEs, one per key [M, 2], stacked along a leading axis: all of
+  ``widths[0]`` if it is the only width, else of the width of their index in ``widths``, each
+  zero-padded to the widest (``encoders.pad_hidden``) so that they train side by side. x0 [3]:
+  an example."""
+  if len(widths) == 1:
+    encoder = encoders.MLPEncoder(widths[0])
+    return jax.vmap(lambda k: encoder.init(k, x0)["params"])(keys)
+  if len(widths) != keys.shape[0]:
+    raise ValueError(f"init_vaes: widths gives {len(widths)} widths for {keys.shape[0]} keys; "
+                     "give one width, or one per key.")
+  params = [encoders.pad_hidden(encoders.MLPEncoder(w).init(k, x0)["params"], max(widths))
+            for w, k in zip(widths, keys)]
+  return jax.tree.map(lambda *a: jnp.stack(a), *params)
+
+
+class IAVAEs(NamedTuple):
+  """A population of IA-VAEs on frozen VAE encoders (``init_iavaes``)."""
+  layout: blocks.BlockLayout       # the VAE encoder's blocks
+  params: dict                     # the hypernetworks' initial parameters, stacked [M, ...]
+  frozen: dict                     # each one's frozen encoder phi_AVI, stacked [M, ...]
+  train_encode: TrainEncodeFn      # ``iavae_train_encode`` as the config sets it
+  encode: EncodeFn                 # ``iavae_encode`` as the config sets it
+
+
+def init_iavaes(config: SyntheticVAEConfig, phi_avi: dict, keys: jax.Array,
+                train_x: jax.Array) -> IAVAEs:
+  """``keys.shape[0] / V`` IA-VAEs on each of V VAEs' encoders phi_avi (stacked [V, ...]),
+  VAE-major: IA-VAE i sits on VAE i // (M / V). Their hypernetwork's input is configured from
+  the training data train_x [N, 3] (``hypernet_context``)."""
+  layout = blocks.BlockLayout.from_tree(jax.tree.map(lambda a: a[0], phi_avi))
+  hypernet = hypernets.LinearHypernet(layout, config.embed_dim, config.hypernet_init_std)
+  psi = jax.vmap(lambda k: hypernet.init(k, jnp.zeros(context_size(config)))["params"])(keys)
+  repeats = keys.shape[0] // jax.tree.leaves(phi_avi)[0].shape[0]
+  frozen = jax.tree.map(lambda a: jnp.repeat(a, repeats, axis=0), phi_avi)
+  context = hypernet_context(config, train_x)
+  return IAVAEs(layout, psi, frozen,
+                iavae_train_encode(layout, context, feedback_context(config), config.passes),
+                iavae_encode(config, layout, context))
+
+
+def param_counts(config: SyntheticVAEConfig, layout: blocks.BlockLayout) -> dict:
+  """Figure 7's parameter counts: {"base_params" (the VAE's encoder), "hypernet_params" (the
+  linear hypernetwork's), "embedding_params" (its block embeddings' values, counted apart),
+  "iavae_params" (base and hypernetwork)}."""
+  hypernet = layout.d_max * (context_size(config) + config.embed_dim) + layout.d_max
+  return {"base_params": layout.num_params, "hypernet_params": hypernet,
+          "embedding_params": layout.num_blocks * config.embed_dim,
+          "iavae_params": layout.num_params + hypernet}
 
 
 def _rows(examples_last: bool) -> Callable:

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -268,18 +269,19 @@ def test_stage_2_never_selects_below_its_start(tmp_path, start_as_candidate):
                      "bias": np.array([10.0, 10.0], np.float32)},     # relu(x1 + 10), relu(x2 + 10)
          "Dense_1": {"kernel": np.eye(2, 4, dtype=np.float32),
                      "bias": np.array([-10.0, -10.0, -5.0, -5.0], np.float32)}}
-  layout = blocks.BlockLayout.from_tree(phi)
-  hypernet = hypernets.LinearHypernet(layout, config.embed_dim, config.hypernet_init_std)
   init_keys, train_keys, order_seeds = synthetic_train.model_keys(config, "iavae",
                                                                   [(0, 0), (0, 1)])
-  psi0 = jax.vmap(lambda k: hypernet.init(k, x[0])["params"])(init_keys)
-  frozen = jax.tree.map(lambda a: np.stack([a, a]), phi)
-  states = synthetic_train.train_stage("iavae", str(tmp_path), config,
-                                       synthetic_vae.iavae_train_encode(layout), psi0, frozen,
-                                       train_keys, order_seeds, x,
+  iavaes = synthetic_vae.init_iavaes(config, jax.tree.map(lambda a: a[None], phi), init_keys, x)
+  psi0, frozen = iavaes.params, iavaes.frozen
+  chex.assert_trees_all_equal(frozen, jax.tree.map(lambda a: np.stack([a, a]), phi))
+  counts = synthetic_vae.param_counts(config, iavaes.layout)   # per IA-VAE, as Figure 7's
+  assert (sum(a.size for a in jax.tree.leaves(psi0)) // 2
+          == counts["hypernet_params"] + counts["embedding_params"])
+  states = synthetic_train.train_stage("iavae", str(tmp_path), config, iavaes.train_encode,
+                                       psi0, frozen, train_keys, order_seeds, x,
                                        start_as_candidate=start_as_candidate)
-  start = jax.vmap(synthetic_vae.exact_score(config, synthetic_vae.iavae_encode(
-      config, layout), examples_last=False), in_axes=(0, 0, None))(psi0, frozen, x)
+  start = jax.vmap(synthetic_vae.exact_score(config, iavaes.encode, examples_last=False),
+                   in_axes=(0, 0, None))(psi0, frozen, x)
   if start_as_candidate:
     np.testing.assert_array_equal(states.best_epoch, [0, 0])
     np.testing.assert_allclose(states.best_score, start, rtol=1e-6)
@@ -303,3 +305,18 @@ def test_training_form_of_the_iavae_computes_the_evaluated_one(hypernet_input):
   mean_t, log_var_t = synthetic_vae.iavae_train_encode(layout, context)(psi, phi, x.T)
   np.testing.assert_allclose(mean_t.T, mean, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(log_var_t.T, log_var, rtol=1e-5, atol=1e-5)
+
+
+def test_init_vaes_pads_narrower_encoders_to_compute_their_own_function():
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  x = synthetic.generate(jax.random.PRNGKey(1), 16, 0.1).x
+  params = synthetic_vae.init_vaes(keys, [2, 4], x[0])
+  chex.assert_shape(params["Dense_0"]["kernel"], (2, 3, 4))
+  narrow = encoders.MLPEncoder(2).init(keys[0], x[0])["params"]
+  padded = jax.tree.map(lambda a: a[0], params)
+  chex.assert_trees_all_close(synthetic_vae.vae_encode(4)(padded, None, x),
+                              synthetic_vae.vae_encode(2)(narrow, None, x))
+  same = synthetic_vae.init_vaes(keys, [3], x[0])   # one width: every key's encoder of it
+  chex.assert_shape(same["Dense_1"]["kernel"], (2, 3, 4))
+  with pytest.raises(ValueError, match="3 widths for 2 keys"):
+    synthetic_vae.init_vaes(keys, [2, 3, 4], x[0])
