@@ -45,10 +45,9 @@ class SyntheticConfig(hparams.SyntheticVAEConfig):
   def validate(self) -> "SyntheticConfig":
     """Returns self, or raises ConfigError naming the first flag that is wrong."""
     _as_flags(super().validate, hparams.SyntheticVAEConfig)
-    for name in ("num_examples", "num_vae_seeds", "num_iavae_seeds", "num_sweep_seeds",
-                 "epochs_per_call", "checkpoint_every"):
-      if getattr(self, name) <= 0:
-        raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+    _as_flags(lambda: hparams.check_fields(self, positive=(
+        "num_examples", "num_vae_seeds", "num_iavae_seeds", "num_sweep_seeds", "epochs_per_call",
+        "checkpoint_every")), SyntheticConfig)
     for name in ("seed", "data_seed"):
       if not 0 <= getattr(self, name) <= MAX_SEED:
         raise ConfigError(f"--{name} must be an integer in [0, {MAX_SEED}], got "
@@ -198,14 +197,11 @@ class ImageConfig(hparams.ImageVAEConfig):
       raise ConfigError(f"--models={','.join(self.models)}: name each model once, among "
                         f"{', '.join(IMAGE_MODELS)}, and include vae (every other model starts "
                         "from it or is compared with it).")
-    positive = ["num_seeds", "test_samples", "iwae_samples", "iwae_chunk", "checkpoint_every"]
-    for name in positive:
-      if getattr(self, name) <= 0:
-        raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
-    for name in ("split_seed", "max_train", "max_valid", "max_test", "seed",
-                 "num_reconstructions"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"--{name} must be a non-negative integer, got {getattr(self, name)}.")
+    _as_flags(lambda: hparams.check_fields(
+        self, positive=("num_seeds", "test_samples", "iwae_samples", "iwae_chunk",
+                        "checkpoint_every"),
+        non_negative=("split_seed", "max_train", "max_valid", "max_test", "seed",
+                      "num_reconstructions")), ImageConfig)
     if self.seed + self.num_seeds > MAX_SEED + 1:
       raise ConfigError(f"--seed + --num_seeds must be at most {MAX_SEED + 1} (the seeds are "
                         f"{self.seed}, {self.seed} + 1, ..., and JAX names seeds with 32-bit "

@@ -10,7 +10,7 @@ import dataclasses
 
 __all__ = ["DESIGNS", "FEEDBACKS", "KINDS", "ENCODERS", "DECODERS", "HYPERNET_INPUTS",
            "WEIGHT_DECAY_MODES", "SYNTHETIC_INPUTS", "REFINE_TUNE_SAMPLES", "ImageVAEConfig",
-           "SyntheticVAEConfig", "GapSettings"]
+           "SyntheticVAEConfig", "GapSettings", "check_fields"]
 
 # The hypernetwork designs (iavae_jax.hypernets.HYPERNETS): the paper's structured one, Ha et
 # al.'s static hypernetwork, a one-hidden-layer generator.
@@ -32,6 +32,20 @@ WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 SYNTHETIC_INPUTS = ("x", "tanh", "softclip") + FEEDBACKS
 # Samples per step of the tuned refinement's candidates (iavae_jax.gaps.tune_refinement).
 REFINE_TUNE_SAMPLES = (1, 4, 16)
+
+
+def check_fields(config, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 positive_finite: tuple[str, ...] = ()) -> None:
+  """Raises ValueError naming the first of ``config``'s fields in ``positive`` that is not a
+  positive integer, in ``non_negative`` not a non-negative one, or in ``positive_finite`` not a
+  positive finite number."""
+  for names, ok, what in ((positive, lambda v: v > 0, "a positive integer"),
+                          (non_negative, lambda v: v >= 0, "a non-negative integer"),
+                          (positive_finite, lambda v: 0 < v < float("inf"),
+                           "positive and finite")):
+    for name in names:
+      if not ok(getattr(config, name)):
+        raise ValueError(f"{name} must be {what}, got {getattr(config, name)}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,29 +136,24 @@ class ImageVAEConfig:
                                             for k in self.decoder_kernel_sizes):
       raise ValueError(f"decoder_kernel_sizes must be odd positive integers, got "
                        f"{list(self.decoder_kernel_sizes)}.")
-    for name in ("hypernet_hidden", "hypernet_projection", "corrector_hidden", "warmup_epochs",
-                 "stage2_patience_steps"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"{name} must be a non-negative integer (0: none, or the default), got "
-                         f"{getattr(self, name)}.")
+    check_fields(self, non_negative=("hypernet_hidden", "hypernet_projection",
+                                     "corrector_hidden", "warmup_epochs", "stage2_patience_steps"))
     if self.hypernet_hidden and self.hypernet == "paper":
       raise ValueError("hypernet_hidden sets the hidden width of hypernet=ha or mlp; the paper "
                        "design has no hidden layer.")
     if self.ha_block_gains and self.hypernet != "ha":
       raise ValueError(f"ha_block_gains applies to hypernet=ha only, not {self.hypernet}.")
-    for name in ("latent_dim", "decoder_features", "latent_feature_maps", "block_embed_dim",
-                 "input_embed_dim", "feedback_samples", "passes", "num_samples", "batch_size",
-                 "vae_epochs", "iavae_epochs", "patience", "valid_samples", "eval_batch_size"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+    check_fields(self, positive=(
+        "latent_dim", "decoder_features", "latent_feature_maps", "block_embed_dim",
+        "input_embed_dim", "feedback_samples", "passes", "num_samples", "batch_size",
+        "vae_epochs", "iavae_epochs", "patience", "valid_samples", "eval_batch_size"))
     if self.passes > 1 and self.hypernet_input not in FEEDBACKS:
       raise ValueError(f"passes={self.passes}: later passes differ from the first only through "
                        f"the decoder's feedback; use hypernet_input="
                        f"{' or '.join(FEEDBACKS)}, or passes=1.")
-    for name in ("vae_learning_rate", "hypernet_learning_rate", "decoder_learning_rate",
-                 "hypernet_init_std", "max_grad_norm", "warmup_start"):
-      if not 0 < getattr(self, name) < float("inf"):
-        raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}.")
+    check_fields(self, positive_finite=("vae_learning_rate", "hypernet_learning_rate",
+                                        "decoder_learning_rate", "hypernet_init_std",
+                                        "max_grad_norm", "warmup_start"))
     if self.warmup_start > 1:
       raise ValueError(f"warmup_start is a KL weight in (0, 1], got {self.warmup_start}.")
     if not 0 <= self.weight_decay < float("inf"):
@@ -177,13 +186,9 @@ class SyntheticVAEConfig:
   def validate(self) -> "SyntheticVAEConfig":
     """Returns self, or raises ValueError naming the first field that is wrong and what it
     accepts."""
-    for name in ("encoder_width", "embed_dim", "batch_size", "max_epochs", "patience",
-                 "num_samples"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
-    for name in ("sigma", "learning_rate", "hypernet_init_std"):
-      if not getattr(self, name) > 0:
-        raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+    check_fields(self, positive=("encoder_width", "embed_dim", "batch_size", "max_epochs",
+                                 "patience", "num_samples"),
+                 positive_finite=("sigma", "learning_rate", "hypernet_init_std"))
     if self.hypernet_input not in SYNTHETIC_INPUTS:
       raise ValueError(f"hypernet_input={self.hypernet_input} is not known; choose one of "
                        f"{', '.join(SYNTHETIC_INPUTS)}.")
@@ -230,15 +235,13 @@ class GapSettings:
   def validate(self) -> "GapSettings":
     """Returns self, or raises ValueError naming the first field that is wrong and what it
     accepts."""
-    for name in ("batch_size", "qstar_samples", "qstar_check_every", "qstar_check_samples",
-                 "qstar_patience", "qstar_max_steps", "final_samples", "iwae_samples",
-                 "sample_chunk", "refine_samples", "refine_eval_samples"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
-    for name in ("qstar_learning_rate", "refine_learning_rate", "refine_max_grad_norm",
-                 "convergence_tolerance"):
-      if not 0 < getattr(self, name) < float("inf"):
-        raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}.")
+    check_fields(self, positive=("batch_size", "qstar_samples", "qstar_check_every",
+                                 "qstar_check_samples", "qstar_patience", "qstar_max_steps",
+                                 "final_samples", "iwae_samples", "sample_chunk",
+                                 "refine_samples", "refine_eval_samples"),
+                 non_negative=("num_examples", "convergence_examples"),
+                 positive_finite=("qstar_learning_rate", "refine_learning_rate",
+                                  "refine_max_grad_norm", "convergence_tolerance"))
     if not 0 <= self.refine_momentum < 1:
       raise ValueError(f"refine_momentum must be in [0, 1), got {self.refine_momentum}.")
     if self.refine_optimizer not in ("sgd", "adam"):
@@ -248,9 +251,6 @@ class GapSettings:
       raise ValueError(f"tune_examples={self.tune_examples} must be a non-negative integer and "
                        f"tune_budget={self.tune_budget} at least {2 * largest} (one step of the "
                        f"largest candidate, {largest} samples, forward and backward).")
-    for name in ("num_examples", "convergence_examples"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)}.")
     if not self.refine_steps or min(self.refine_steps) <= 0:
       raise ValueError(f"refine_steps must be positive step counts, got "
                        f"{list(self.refine_steps)}.")
