@@ -306,38 +306,37 @@ class GapsConfig(hparams.GapSettings):
     return self
 
 
-def gaps_config(tier: str) -> GapsConfig:
-  """The gap decomposition's settings for a run of this tier (flags override fields after)."""
-  base = GapsConfig(tier=tier)
-  if tier == "paper":   # the whole test split, Cremer et al.'s settings
-    return base.validate()
-  if tier == "cpu":
+# Each tier's gap-measurement settings, over GapSettings' defaults (the paper tier's: the whole
+# test split, Cremer et al.'s settings).
+GAPS_TIERS = {
+    "paper": {},
     # Cremer et al.'s settings cost ~6 CPU-minutes per image and model with the cpu tier's
     # decoder (~3,000 Adam steps of 50 samples at ~500 forward+backward passes per CPU-second;
     # benchmarks/gaps_cost.py). On a cpu-tier MNIST VAE, Adam 1e-2 with 4 samples per step came
     # within 0.03 nats of Adam 1e-3 with 10 samples in ~550 steps rather than ~2,900; the
     # convergence check says whether it did on each run.
-    return dataclasses.replace(
-        base, num_examples=50, batch_size=10, qstar_learning_rate=1e-2, qstar_samples=4,
-        qstar_check_every=50, qstar_check_samples=50, qstar_patience=5, qstar_max_steps=2000,
-        final_samples=500, iwae_samples=1000, refine_eval_samples=100,
-        convergence_examples=10).validate()
-  if tier == "converged":
+    "cpu": dict(num_examples=50, batch_size=10, qstar_learning_rate=1e-2, qstar_samples=4,
+                qstar_check_every=50, qstar_check_samples=50, qstar_patience=5,
+                qstar_max_steps=2000, final_samples=500, iwae_samples=1000,
+                refine_eval_samples=100, convergence_examples=10),
     # The dense decoder makes ~60,000 forward+backward passes per CPU-second here, so Cremer et
     # al.'s K = 5,000 for log p^ fits; q* by the cpu tier's faster search (Adam 1e-2) with 10
     # samples per step (~700 steps). Measured on a trained converged-tier MNIST model: ~0.45 s
     # per image and model, ~0.85 s per image for the doubled-budget check; so 50 images per
     # model and seed, 10 of them checked, for the 35 models and seeds of each data set.
-    return dataclasses.replace(
-        base, num_examples=50, batch_size=50, qstar_learning_rate=1e-2, qstar_samples=10,
-        qstar_check_every=50, qstar_check_samples=100, qstar_patience=5, qstar_max_steps=5000,
-        final_samples=500, iwae_samples=5000, sample_chunk=500, refine_eval_samples=200,
-        convergence_examples=10, tune_examples=50,
-        refine_steps=(1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200)).validate()
-  if tier == "smoke":
-    return dataclasses.replace(
-        base, num_examples=20, batch_size=10, qstar_samples=4, qstar_check_every=10,
-        qstar_check_samples=8, qstar_patience=2, qstar_max_steps=100, final_samples=32,
-        iwae_samples=32, sample_chunk=32, refine_eval_samples=32, convergence_examples=10
-        ).validate()
-  raise ConfigError(f"tier {tier!r} is not known; choose one of {', '.join(IMAGE_TIERS)}.")
+    "converged": dict(num_examples=50, batch_size=50, qstar_learning_rate=1e-2, qstar_samples=10,
+                      qstar_check_every=50, qstar_check_samples=100, qstar_patience=5,
+                      qstar_max_steps=5000, final_samples=500, iwae_samples=5000,
+                      sample_chunk=500, refine_eval_samples=200, convergence_examples=10,
+                      tune_examples=50,
+                      refine_steps=(1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200)),
+    "smoke": dict(num_examples=20, batch_size=10, qstar_samples=4, qstar_check_every=10,
+                  qstar_check_samples=8, qstar_patience=2, qstar_max_steps=100, final_samples=32,
+                  iwae_samples=32, sample_chunk=32, refine_eval_samples=32,
+                  convergence_examples=10),
+}
+
+
+def gaps_config(tier: str) -> GapsConfig:
+  """The gap decomposition's settings for a run of this tier (flags override fields after)."""
+  return dataclasses.replace(GapsConfig(tier=tier).validate(), **GAPS_TIERS[tier]).validate()

@@ -43,14 +43,8 @@ common.define_config_flags(configs.ImageConfig, exclude=("dataset", "tier"),
 def config_from_flags() -> configs.ImageConfig:
   if FLAGS.dataset is None:
     raise common.ConfigError(f"--dataset is required: one of {', '.join(DATASETS)}.")
-  if FLAGS.dataset not in DATASETS:
-    raise common.ConfigError(f"--dataset={FLAGS.dataset} is not known; choose one of "
-                             f"{', '.join(DATASETS)}.")
-  if FLAGS.tier not in configs.IMAGE_TIERS:
-    raise common.ConfigError(f"--tier={FLAGS.tier} is not known; choose one of "
-                             f"{', '.join(configs.IMAGE_TIERS)}.")
+  config = configs.image_config(FLAGS.dataset, FLAGS.tier)   # refuses an unknown one of them
   overrides = common.config_overrides(configs.ImageConfig, exclude=("dataset", "tier"))
-  config = configs.image_config(FLAGS.dataset, FLAGS.tier)
   return dataclasses.replace(config, **overrides).validate()
 
 
