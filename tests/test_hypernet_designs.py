@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from iavae_jax import adaptive, blocks, hypernets
@@ -179,6 +180,26 @@ class SlicingTest(chex.TestCase, parameterized.TestCase):
       blocks.slicings(layout, {"log_temperature": (0,)})
 
 
+def _check_equations(design, fields, variant):
+  """The design's deltas on the foreign encoder against its equations written out literally."""
+  _, x, phi, _ = _foreign()
+  layout = blocks.BlockLayout.from_tree(phi)
+  hypernet = hypernets.make_hypernet(design, layout, init_std=0.1, input_axes=FOREIGN_AXES,
+                                     **fields)
+  c = x[0].reshape(-1)
+  psi = hypernet.init(jax.random.PRNGKey(3), c)["params"]
+  if "block_gains" in psi:
+    psi["block_gains"] = 1 + jax.random.normal(jax.random.PRNGKey(4), psi["block_gains"].shape)
+  got = variant(hypernet.apply)({"params": psi}, c)
+  chex.assert_trees_all_equal_shapes(got, phi)
+  chex.assert_trees_all_close(got, _literal_deltas(design, hypernet, psi, c), atol=1e-5)
+
+
+@pytest.mark.extended
+def test_equations_of_ha_with_block_gains():
+  _check_equations("ha", {"block_gains": True}, jax.jit)
+
+
 class DesignTest(chex.TestCase, parameterized.TestCase):
 
   def test_paper_design_numbers_are_pinned(self):
@@ -202,20 +223,9 @@ class DesignTest(chex.TestCase, parameterized.TestCase):
                                rtol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(("paper", {}), ("ha", {}), ("ha", {"block_gains": True}),
-                            ("mlp", {}))
-  def test_equations(self, design, fields):
-    _, x, phi, _ = _foreign()
-    layout = blocks.BlockLayout.from_tree(phi)
-    hypernet = hypernets.make_hypernet(design, layout, init_std=0.1, input_axes=FOREIGN_AXES,
-                                       **fields)
-    c = x[0].reshape(-1)
-    psi = hypernet.init(jax.random.PRNGKey(3), c)["params"]
-    if "block_gains" in psi:
-      psi["block_gains"] = 1 + jax.random.normal(jax.random.PRNGKey(4), psi["block_gains"].shape)
-    got = self.variant(hypernet.apply)({"params": psi}, c)
-    chex.assert_trees_all_equal_shapes(got, phi)
-    chex.assert_trees_all_close(got, _literal_deltas(design, hypernet, psi, c), atol=1e-5)
+  @parameterized.parameters(*DESIGNS)
+  def test_equations(self, design):
+    _check_equations(design, {}, self.variant)
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(*DESIGNS)

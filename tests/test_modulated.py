@@ -149,13 +149,71 @@ def _check_against_the_reference_path(layer: str, design: str) -> None:
   chex.assert_trees_all_close(got_grad, want_grad, rtol=1e-3, atol=1e-4)
 
 
+def _user_encoder_case(design):
+  encoder = UserEncoder()
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 6, 6, 2))
+  variables = jax.jit(encoder.init)(jax.random.PRNGKey(1), x)
+  hypernet = hypernets.make_hypernet(
+      design, blocks.BlockLayout.from_tree(variables["params"]), init_std=0.3)
+  contexts = x.reshape(3, -1)
+  psi = jax.jit(hypernet.init)(jax.random.PRNGKey(3), contexts[0])["params"]
+  reference, modulated_ = _paths(encoder, variables, hypernet, x, contexts)
+  chex.assert_trees_all_close(jax.jit(modulated_)(psi), jax.jit(reference)(psi), rtol=1e-4,
+                              atol=1e-5)
+
+
+def _projected_context_case(design):
+  encoder, variables, x, contexts, hypernet, psi = _setup("conv2d_strided", design, 3)
+  reference, modulated_ = _paths(encoder, variables, hypernet, x, contexts)
+  chex.assert_trees_all_close(jax.jit(modulated_)(psi), jax.jit(reference)(psi), rtol=1e-4,
+                              atol=1e-5)
+
+
+def _materialize_case(design):
+  _, _, _, contexts, hypernet, psi = _setup("conv1d", design)
+  factors = hypernet.apply({"params": psi}, contexts, method="factors")
+  formed = modulated.materialize(factors, hypernet.cuts, hypernet.layout)
+  for i in range(contexts.shape[0]):
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], formed),
+                                hypernet.apply({"params": psi}, contexts[i]), atol=1e-6)
+
+
+def _resnet_proposition_1_case(design):
+  # A zero output layer: every example's encoder is phi_AVI, so the base encoder's outputs.
+  encoder = encoders.ResNetEncoder((2, 3), 3)
+  x = jax.random.bernoulli(jax.random.PRNGKey(2), 0.3, (3, 8, 8, 1)).astype(jnp.float32)
+  variables = jax.jit(encoder.init)(jax.random.PRNGKey(0), x)
+  hypernet = hypernets.make_hypernet(design, blocks.BlockLayout.from_tree(variables["params"]))
+  contexts = adaptive.normalized_context(x)
+  psi = jax.jit(hypernet.init)(jax.random.PRNGKey(3), contexts[0])["params"]
+  psi = {k: jnp.zeros_like(v) if k.startswith(OUTPUT_LAYER[design]) else v
+         for k, v in psi.items()}
+  got = jax.jit(lambda psi: modulated.modulated_encode(
+      lambda p, x: encoder.apply({**variables, "params": p}, x, train=False), hypernet,
+      variables["params"], psi, x, contexts))(psi)
+  chex.assert_trees_all_close(got, encoder.apply(variables, x, train=False), atol=1e-5)
+
+
+# The checks that hold for every design: one design each in the fast tier (FAST_DESIGN), the
+# others in the extended tier.
+FAST_DESIGN = {_user_encoder_case: "paper", _projected_context_case: "ha",
+               _materialize_case: "mlp", _resnet_proposition_1_case: "mlp"}
+OTHER_DESIGNS = [(case, design) for case, fast in FAST_DESIGN.items() for design in DESIGNS
+                 if design != fast]
+
+
 @pytest.mark.extended
 class OtherDesignTest(parameterized.TestCase):
-  """The extended tier: each layer kind under the design ModulatedTest does not run it with."""
+  """The extended tier: each layer kind under the design ModulatedTest does not run it with, and
+  the other designs of the design-generic checks."""
 
   @parameterized.parameters(*[(layer, ("paper", "mlp")[i % 2]) for i, layer in enumerate(LAYERS)])
   def test_outputs_and_gradients_match_the_reference_path(self, layer, design):
     _check_against_the_reference_path(layer, design)
+
+  @parameterized.parameters(*OTHER_DESIGNS)
+  def test_the_design_generic_checks(self, case, design):
+    case(design)
 
 
 class ModulatedTest(chex.TestCase, parameterized.TestCase):
@@ -174,18 +232,8 @@ class ModulatedTest(chex.TestCase, parameterized.TestCase):
     chex.assert_trees_all_close(self.variant(modulated_)(psi), reference(psi), rtol=1e-4,
                                 atol=1e-5)
 
-  @parameterized.parameters(*DESIGNS)
-  def test_a_user_encoder_with_layers_without_rules(self, design):
-    encoder = UserEncoder()
-    x = jax.random.normal(jax.random.PRNGKey(0), (3, 6, 6, 2))
-    variables = jax.jit(encoder.init)(jax.random.PRNGKey(1), x)
-    hypernet = hypernets.make_hypernet(
-        design, blocks.BlockLayout.from_tree(variables["params"]), init_std=0.3)
-    contexts = x.reshape(3, -1)
-    psi = jax.jit(hypernet.init)(jax.random.PRNGKey(3), contexts[0])["params"]
-    reference, modulated_ = _paths(encoder, variables, hypernet, x, contexts)
-    chex.assert_trees_all_close(jax.jit(modulated_)(psi), jax.jit(reference)(psi), rtol=1e-4,
-                                atol=1e-5)
+  def test_a_user_encoder_with_layers_without_rules(self):
+    _user_encoder_case(FAST_DESIGN[_user_encoder_case])
 
   def test_the_fallback_is_taken_only_where_no_rule_applies(self):
     # The reference path for one call vmaps the module over the examples: a Conv covered by its
@@ -199,37 +247,14 @@ class ModulatedTest(chex.TestCase, parameterized.TestCase):
     self.assertEqual(feature_groups("conv2d_strided"), set())
     self.assertEqual(feature_groups("grouped_conv"), {"6"})   # 2 groups x 3 examples
 
-  @parameterized.parameters(*DESIGNS)
-  def test_a_projected_context(self, design):
-    encoder, variables, x, contexts, hypernet, psi = _setup("conv2d_strided", design, 3)
-    reference, modulated_ = _paths(encoder, variables, hypernet, x, contexts)
-    chex.assert_trees_all_close(jax.jit(modulated_)(psi), jax.jit(reference)(psi), rtol=1e-4,
-                                atol=1e-5)
+  def test_a_projected_context(self):
+    _projected_context_case(FAST_DESIGN[_projected_context_case])
 
-  @parameterized.parameters(*DESIGNS)
-  def test_materialize_gives_each_examples_deltas(self, design):
-    _, _, _, contexts, hypernet, psi = _setup("conv1d", design)
-    factors = hypernet.apply({"params": psi}, contexts, method="factors")
-    formed = modulated.materialize(factors, hypernet.cuts, hypernet.layout)
-    for i in range(contexts.shape[0]):
-      chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], formed),
-                                  hypernet.apply({"params": psi}, contexts[i]), atol=1e-6)
+  def test_materialize_gives_each_examples_deltas(self):
+    _materialize_case(FAST_DESIGN[_materialize_case])
 
-  @parameterized.parameters(*DESIGNS)
-  def test_proposition_1_on_the_resnet_encoder(self, design):
-    # A zero output layer: every example's encoder is phi_AVI, so the base encoder's outputs.
-    encoder = encoders.ResNetEncoder((2, 3), 3)
-    x = jax.random.bernoulli(jax.random.PRNGKey(2), 0.3, (3, 8, 8, 1)).astype(jnp.float32)
-    variables = jax.jit(encoder.init)(jax.random.PRNGKey(0), x)
-    hypernet = hypernets.make_hypernet(design, blocks.BlockLayout.from_tree(variables["params"]))
-    contexts = adaptive.normalized_context(x)
-    psi = jax.jit(hypernet.init)(jax.random.PRNGKey(3), contexts[0])["params"]
-    psi = {k: jnp.zeros_like(v) if k.startswith(OUTPUT_LAYER[design]) else v
-           for k, v in psi.items()}
-    got = jax.jit(lambda psi: modulated.modulated_encode(
-        lambda p, x: encoder.apply({**variables, "params": p}, x, train=False), hypernet,
-        variables["params"], psi, x, contexts))(psi)
-    chex.assert_trees_all_close(got, encoder.apply(variables, x, train=False), atol=1e-5)
+  def test_proposition_1_on_the_resnet_encoder(self):
+    _resnet_proposition_1_case(FAST_DESIGN[_resnet_proposition_1_case])
 
   def test_errors_name_the_argument(self):
     encoder, variables, x, contexts, hypernet, psi = _setup("dense", "mlp")
