@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import checkpoints, gap_runs, gaps, image_vae, plots, runs
+from iavae_jax import checkpoints, gap_runs, gaps, image_vae, runs
 from iavae_jax.data import images
 from iavae_jax.image_vae import Model
 from experiments import common, configs, tables
@@ -70,17 +70,13 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
       "environment": runs.environment(None)})
   runs.write_json(os.path.join(workdir, "gaps.json"), results)
   runs.write_text(os.path.join(workdir, "gaps.md"), tables.gaps(results))
-  runs.save_figure(plots.refinement_figure(
-      {name: (results[name]["refinement"]["steps"],
-              [t["mean"] for t in results[name]["refinement"]["seconds_per_example"]],
-              [e["mean"] for e in results[name]["refinement"]["elbo"]],
-              [e["std"] or 0.0 for e in results[name]["refinement"]["elbo"]]) for name in names},
-      f"{image_config.dataset} ({image_config.tier} tier): SA-VAE's test-time refinement from "
-      f"each model's encoder, {num_examples} test images, seeds {seeds}"),
+  description = (f"{image_config.dataset} ({image_config.tier} tier), {num_examples} test images, "
+                 f"seeds {seeds}")
+  runs.save_figure(gap_runs.refinement_figure(
+      results, f"SA-VAE's test-time refinement from each model's encoder: {description}"),
       os.path.join(workdir, "gaps_refinement.png"))
   if "vae_refinement" in results:
-    runs.save_figure(passes_figure(results, f"{image_config.dataset} ({image_config.tier} "
-                                            f"tier), {num_examples} test images, seeds {seeds}"),
+    runs.save_figure(gap_runs.passes_figure(results, description),
                      os.path.join(workdir, "gaps_passes.png"))
   print(f"wrote {workdir}/gaps.json ({results['wall_seconds']:.1f} s)", flush=True)
   return results
@@ -286,15 +282,3 @@ def compare_with_refinement(model: Model, config: GapsConfig, functions: Functio
         lambda s, settings: np.mean(refinement_curve(refine_with(settings), vaes[s], test, s),
                                     axis=0).tolist())
   return gap_runs.refinement_comparison(results, shared, configured, tuned)
-
-
-def passes_figure(results: dict, title: str):
-  """Test ELBO against decoder passes per example, on the VAE's decoder: its refinement curves
-  (lines) and every model that shares that decoder (points)."""
-  curves = {f"VAE + {'SA-VAE' if label == 'sa_vae' else 'tuned'} refinement":
-            (curve["decoder_passes"], [e["mean"] for e in curve["elbo"]])
-            for label, curve in results["vae_refinement"].items()}
-  points = {name: (results["decoder_passes_per_example"][name],
-                   results[name]["refinement"]["elbo"][0]["mean"])
-            for name in ["vae", *results["same_decoder_as_vae"]]}
-  return plots.passes_figure(curves, points, title)

@@ -30,7 +30,8 @@ from iavae_jax.errors import ConfigError
 __all__ = ["PHASES", "EncodeChunk", "OnChunk", "measurement_args", "example_keys", "pad",
            "new_record", "measure_examples", "check_convergence", "Progress", "measure_saved",
            "refinement_curve", "FIRST_STEP_SAMPLES", "tune_refinement", "tuned_settings",
-           "tuned_curves", "refinement_comparison", "summarize_model", "summarize"]
+           "tuned_curves", "refinement_comparison", "summarize_model", "summarize",
+           "refinement_figure", "passes_figure"]
 
 # The timed phases of a record's "seconds".
 PHASES = ("encode", "qstar", "elbo", "log_px", "refine", "refine_eval", "qstar_doubled")
@@ -389,3 +390,29 @@ def summarize(records: dict, names: list, seeds: list, measurements: gaps.Measur
                                   results[name]["refinement"]["elbo"], single_pass)
         for name in names if name != "iavae"}
   return results
+
+
+def refinement_figure(results: dict, title: str):
+  """``plots.refinement_figure`` of ``summarize``'s results: each model's refinement curve
+  against steps and wall time."""
+  from iavae_jax import plots  # pylint: disable=g-import-not-at-top  (imports matplotlib)
+  return plots.refinement_figure(
+      {name: (results[name]["refinement"]["steps"],
+              [t["mean"] for t in results[name]["refinement"]["seconds_per_example"]],
+              [e["mean"] for e in results[name]["refinement"]["elbo"]],
+              [e["std"] or 0.0 for e in results[name]["refinement"]["elbo"]])
+       for name in results["models"]}, title)
+
+
+def passes_figure(results: dict, title: str):
+  """``plots.passes_figure`` of ``summarize``'s results with ``refinement_comparison``'s: the
+  VAE's refinement curves on its decoder (lines) and every model on that decoder (points),
+  against decoder passes per example (``results["decoder_passes_per_example"]``)."""
+  from iavae_jax import plots  # pylint: disable=g-import-not-at-top  (imports matplotlib)
+  curves = {f"VAE + {'SA-VAE' if label == 'sa_vae' else 'tuned'} refinement":
+            (curve["decoder_passes"], [e["mean"] for e in curve["elbo"]])
+            for label, curve in results["vae_refinement"].items()}
+  points = {name: (results["decoder_passes_per_example"][name],
+                   results[name]["refinement"]["elbo"][0]["mean"])
+            for name in ["vae", *results["same_decoder_as_vae"]]}
+  return plots.passes_figure(curves, points, title)

@@ -157,3 +157,21 @@ def test_tuned_curves_resume_and_refinement_comparison_reads_steps_off_the_curve
       "model": {"sa_vae": {"per_seed": [None, None], "of_the_means": None},
                 "tuned": {"per_seed": [2.0, 0.75], "of_the_means": 1.0}}}
   assert comparison["same_decoder_as_vae"] == ["model"]
+
+
+def test_the_figures_draw_every_curve_and_model():
+  summary = lambda mean: {"mean": mean, "std": None, "per_seed": [mean]}
+  refinement = lambda elbo: {"steps": [0, 1], "elbo": [summary(e) for e in elbo],
+                             "seconds_per_example": [summary(1e-3), summary(2e-3)]}
+  results = {"models": ["vae", "model"], "seeds": [0],
+             "vae": {"refinement": refinement([-9.0, -8.0])},
+             "model": {"refinement": refinement([-5.0, -4.5])},
+             "decoder_passes_per_example": {"vae": 0, "model": 16}}
+  results.update(gap_runs.refinement_comparison(results, ["model"], gaps.RefineSettings()))
+  by_steps = gap_runs.refinement_figure(results, "title").axes[0]
+  assert len(by_steps.containers) == 2   # an error-bar line per model
+  ax = gap_runs.passes_figure(results, "title").axes[0]
+  assert [line.get_label() for line in ax.get_lines()] == ["VAE + SA-VAE refinement"]
+  np.testing.assert_array_equal(ax.get_lines()[0].get_xdata(), [0, 2])
+  assert [c.get_label() for c in ax.collections] == ["vae", "model"]
+  np.testing.assert_array_equal(ax.collections[1].get_offsets(), [[16, -5.0]])
