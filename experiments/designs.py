@@ -145,8 +145,8 @@ def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
   """One design's models on the VAE's frozen decoder: each one's test ELBO, decoder passes per
   example, share of the VAE's amortization gap closed and the refinement steps from the VAE it
   is worth (from gaps.json, where it covers the seeds), whether its patience was long enough
-  (``patience_check``), and the paired tests of the IA-VAE against the others
-  (configs.FROZEN_OTHERS)."""
+  (``patience_check``) and how many seeds ended at the epoch cap, and the paired tests of the
+  IA-VAE against the others (configs.FROZEN_OTHERS)."""
   per_seed = lambda model: _on_seeds(data["models"][model]["test_elbo"], data["seeds"], seeds)
   passes = data.get("decoder_passes_per_example", {})
   config = data["config"]
@@ -160,10 +160,16 @@ def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
   for model in [configs.FROZEN_IAVAE, *configs.FROZEN_OTHERS.values()]:
     if model not in data["models"]:
       continue
+    # A best epoch within the patience of the last one: the run ended at the epoch cap, its
+    # validation ELBO still rising (an evaluated ablation has no training of its own).
+    capped = (None if configs.ablated(model) else sum(
+        epoch > config["iavae_epochs"] - patience_epochs
+        for epoch in _on_seeds(data["models"][model]["best_epoch"], data["seeds"], seeds)))
     entry = {"test_elbo": stats.summarize_seeds(per_seed(model)),
              "decoder_passes": passes.get(model, 0), "gap_closed": None, "worth_steps": None,
              **checks.get(model, {"longest_wait_steps": None,
-                                  "lost_at_half_patience": None})}
+                                  "lost_at_half_patience": None}),
+             "seeds_at_epoch_cap": capped}
     if covered and model in gaps:
       closed = gaps[model].get("share_of_vae_amortization_gap_closed")
       entry["gap_closed"] = closed and stats.summarize_seeds(

@@ -146,7 +146,9 @@ def _designs_frozen(table: dict) -> list[str]:
                      values["decoder_passes"], format_share(values["gap_closed"]),
                      *(_steps(worth.get(key)) for key in ("sa_vae", "tuned")), *tests,
                      "—" if values["longest_wait_steps"] is None else
-                     f"{values['longest_wait_steps']} / {entry['patience_steps']}",
+                     f"{values['longest_wait_steps']} / {entry['patience_steps']}"
+                     + (f"; {values['seeds_at_epoch_cap']} of {len(row['seeds'])} seeds at the "
+                        "epoch cap" if values.get("seeds_at_epoch_cap") else ""),
                      "—" if values["lost_at_half_patience"] is None else
                      f"{values['lost_at_half_patience']:.2f}",
                      len(row["seeds"])])
@@ -166,7 +168,8 @@ def _designs_frozen(table: dict) -> list[str]:
           "validation ELBO, beside the patience it trained with; lost at half the patience: how "
           "much lower (mean over seeds, nats) the selected validation ELBO would have been with "
           "half that patience. A wait near the patience, or a loss far from 0, says a longer "
-          "patience could still have found better epochs.", ""]
+          "patience could still have found better epochs; a seed at the epoch cap ended its "
+          "training with the patience not yet run out, its validation ELBO still rising.", ""]
 
 
 # The gap decomposition (experiments.gaps).

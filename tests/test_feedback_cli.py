@@ -41,6 +41,23 @@ def test_patience_check(tmp_path):
       "longest_wait_steps"] == 9
 
 
+def test_frozen_entry_counts_the_seeds_that_ended_at_the_epoch_cap(tmp_path):
+  # 30 images of batch 10: 3 steps an epoch, so a patience of 6 steps is 2 epochs; with a cap of
+  # 10 epochs a best epoch of 9 or 10 leaves the patience unspent at the end, 8 does not.
+  model = lambda best: {"test_elbo": [-3.0, -2.0, -1.0], "best_epoch": best}
+  data = {"seeds": [0, 1, 2], "data": {"train": 30},
+          "config": {"batch_size": 10, "stage2_patience_steps": 6, "iavae_epochs": 10},
+          "models": {"iavae_frozen_decoder": model([8, 9, 10]),
+                     "corrector_frozen_decoder": model([8, 8, 8]),
+                     "iavae_frozen_decoder_mean_context": model([8, 9, 10])}}
+  entry = designs.frozen_entry(str(tmp_path / "results.json"), data, None, [0, 1, 2])
+  assert entry["patience_steps"] == 6
+  assert {m: v["seeds_at_epoch_cap"] for m, v in entry["models"].items()} == {
+      "iavae_frozen_decoder": 2, "corrector_frozen_decoder": 0,
+      "iavae_frozen_decoder_mean_context": None}
+  assert entry["vs_corrector"]["mean_difference"] == 0.0
+
+
 @pytest.mark.parametrize("kind, size, passes", [("x", 3, 0), ("gradient", 15, 6),
                                                 ("residual", 10, 3)])
 def test_synthetic_feedback_inputs(kind, size, passes):
