@@ -93,6 +93,7 @@ class ModelSpec(NamedTuple):
   kind: str                     # hparams.KINDS: its step, encoder and optimiser
   key_id: int                   # its keys (initialisation, data order, noise) derive from
                                 # (seed, key_id)
+  label: str                    # its name in the tables
   freeze_decoder: bool = False  # stage 2 with the VAE's decoder fixed
   matched: bool = False         # its encoder widened to the VAE's encoder + hypernetwork size
 
@@ -100,14 +101,16 @@ class ModelSpec(NamedTuple):
 # The models an image run can train (experiments.images_train says what each is); the models
 # with the same key id share their initialisation, data order and noise, for paired tests.
 MODEL_SPECS = {
-    "vae": ModelSpec("vae", 1),
-    "iavae": ModelSpec("iavae", 2),
-    "control": ModelSpec("control", 3),
-    "iavae_frozen_decoder": ModelSpec("iavae", 2, freeze_decoder=True),
-    "control_frozen_decoder": ModelSpec("control", 3, freeze_decoder=True),
-    "vae_matched": ModelSpec("vae", 5, matched=True),
-    "corrector": ModelSpec("corrector", 6),
-    "corrector_frozen_decoder": ModelSpec("corrector", 6, freeze_decoder=True),
+    "vae": ModelSpec("vae", 1, "VAE"),
+    "iavae": ModelSpec("iavae", 2, "IA-VAE"),
+    "control": ModelSpec("control", 3, "control"),
+    "iavae_frozen_decoder": ModelSpec("iavae", 2, "IA-VAE, decoder frozen", freeze_decoder=True),
+    "control_frozen_decoder": ModelSpec("control", 3, "control, decoder frozen",
+                                        freeze_decoder=True),
+    "vae_matched": ModelSpec("vae", 5, "VAE, matched encoder", matched=True),
+    "corrector": ModelSpec("corrector", 6, "corrector"),
+    "corrector_frozen_decoder": ModelSpec("corrector", 6, "corrector, decoder frozen",
+                                          freeze_decoder=True),
 }
 IMAGE_MODELS = tuple(MODEL_SPECS)   # the converged tier's: the first six
 EVAL_KEY_ID = 4                     # the test evaluation's noise derives from (seed, EVAL_KEY_ID)
@@ -117,10 +120,10 @@ MEAN_SUFFIX = "_mean_context"
 ADAPTED = ("iavae", "iavae_frozen_decoder")   # the IA-VAEs whose ablation is evaluated
 
 
-def evaluated_models(config: "ImageConfig") -> tuple[str, ...]:
-  """The models a run reports: those it trains, and the mean-input ablation of each IA-VAE it
-  trains (ADAPTED)."""
-  return config.models + tuple(name + MEAN_SUFFIX for name in ADAPTED if name in config.models)
+def evaluated_models(models: tuple[str, ...]) -> tuple[str, ...]:
+  """The models a run that trains ``models`` reports: those, and the mean-input ablation of each
+  IA-VAE among them (ADAPTED)."""
+  return models + tuple(name + MEAN_SUFFIX for name in ADAPTED if name in models)
 
 
 def ablated(name: str) -> str | None:
@@ -128,14 +131,18 @@ def ablated(name: str) -> str | None:
   return name[:-len(MEAN_SUFFIX)] if name.endswith(MEAN_SUFFIX) else None
 
 
+def label(name: str) -> str:
+  """A model's (or a mean-input ablation's) name in the tables."""
+  return (MODEL_SPECS[ablated(name)].label + ", mean input" if ablated(name)
+          else MODEL_SPECS[name].label)
+
+
 # What the reports compare (experiments.report and experiments.designs, rendered by
 # experiments.tables). Table 4's models, which every image run trains beside the VAE; the others
 # a run may train or evaluate, summarised where present; the paired tests (key, model, other) of
 # H1 "model > other" on test ELBO, made where both are present.
 TABLE4_MODELS = ("vae", "iavae", "control")
-ABLATIONS = ("iavae_mean_context", "iavae_frozen_decoder", "control_frozen_decoder",
-             "vae_matched", "iavae_frozen_decoder_mean_context", "corrector",
-             "corrector_frozen_decoder")
+ABLATIONS = tuple(name for name in evaluated_models(IMAGE_MODELS) if name not in TABLE4_MODELS)
 COMPARISONS = (("iavae_vs_vae", "iavae", "vae"), ("iavae_vs_control", "iavae", "control"))
 ABLATION_COMPARISONS = (
     ("iavae_vs_iavae_mean_context", "iavae", "iavae_mean_context"),

@@ -154,7 +154,7 @@ def evaluate_seed(model: Model, seed: int, selected: dict, train: jax.Array, tes
   reconstructions of the first num_reconstructions test images})."""
   config, rows, recon = model.config, {}, {}
   eval_key = training.derive_key(seed, EVAL_KEY_ID)
-  for name in evaluated_models(config):
+  for name in evaluated_models(config.models):
     run_model, encode, params, frozen = evaluation_inputs(model, name, selected, train)
     metrics = jax.device_get(image_vae.evaluate(
         run_model, encode, params, frozen, test, eval_key, test_samples=config.test_samples,
@@ -228,7 +228,7 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
     print(f"WARNING: this is not the paper's train/test split of {config.dataset} (for OMNIGLOT: "
           "Burda et al.'s chardata.mat in --data_dir); results.json and Table 4 say so.",
           flush=True)
-  names = evaluated_models(config)
+  names = evaluated_models(config.models)
   timings, per_seed, recon, resumed = {}, {name: [] for name in names}, {}, []
   train, test = jnp.asarray(data.train), jnp.asarray(data.test)
   seeds = list(range(config.seed, config.seed + config.num_seeds))

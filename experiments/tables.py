@@ -10,13 +10,6 @@ from iavae_jax import runs, stats
 from iavae_jax.stats import format_p, format_share, format_summary, format_test
 
 DISPLAY_NAMES = {"omniglot": "OMNIGLOT", "mnist": "MNIST", "fashion_mnist": "Fashion MNIST"}
-MODEL_NAMES = {"vae": "VAE", "iavae": "IA-VAE", "control": "control",
-               "iavae_mean_context": "IA-VAE, mean input", "iavae_frozen_decoder":
-               "IA-VAE, decoder frozen", "control_frozen_decoder": "control, decoder frozen",
-               "vae_matched": "VAE, matched encoder", "corrector": "corrector",
-               "corrector_frozen_decoder": "corrector, decoder frozen",
-               "iavae_frozen_decoder_mean_context": "IA-VAE, decoder frozen, mean input"}
-
 
 def _wall_time(seconds) -> str:
   if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
@@ -63,12 +56,12 @@ def table4(table: dict) -> str:
        + [len(row["seeds"]), _wall_time(row["wall_seconds"])] for name, row in table.items()])
   lines += ["", "## Test KL and IWAE bound (mean ± std over seeds)", ""]
   lines += runs.markdown_table(
-      ["Data set"] + [f"KL {MODEL_NAMES[m]}" for m in models]
-      + [f"IWAE {MODEL_NAMES[m]}" for m in models],
+      ["Data set"] + [f"KL {configs.label(m)}" for m in models]
+      + [f"IWAE {configs.label(m)}" for m in models],
       [[_data_set(name, row)] + [format_summary(row[model]["kl"]) for model in models]
        + [format_summary(row[model]["iwae"]) for model in models] for name, row in table.items()])
   lines += _table4_ablations(table)
-  diverged = [f"{DISPLAY_NAMES.get(name, name)} {MODEL_NAMES[m]} seeds "
+  diverged = [f"{DISPLAY_NAMES.get(name, name)} {configs.label(m)} seeds "
               f"{row[m]['diverged_seeds']}" for name, row in table.items()
               for m in models + configs.ABLATIONS if m in row and row[m].get("diverged_seeds")]
   if diverged:
@@ -86,8 +79,8 @@ def table4(table: dict) -> str:
 
 def _table4_ablations(table: dict) -> list[str]:
   """The ablations' test ELBO and their paired tests, for the data sets that ran any."""
-  rows = [[_data_set(name, row), MODEL_NAMES[model], format_summary(row[model]),
-           MODEL_NAMES[other], f"{row[key]['mean_difference']:+.2f}", format_p(row[key]),
+  rows = [[_data_set(name, row), configs.label(model), format_summary(row[model]),
+           configs.label(other), f"{row[key]['mean_difference']:+.2f}", format_p(row[key]),
            format_test(row[key])]
           for name, row in table.items() for key, model, other in configs.ABLATION_COMPARISONS
           if key in row]
@@ -142,7 +135,7 @@ def _designs_frozen(table: dict) -> list[str]:
         tests = ([cell for key in configs.FROZEN_OTHERS for cell in _difference(entry, key)]
                  if model == configs.FROZEN_IAVAE else ["", ""] * 3)
         rows.append([DISPLAY_NAMES.get(name, name), label,
-                     MODEL_NAMES.get(model, model), format_summary(values["test_elbo"]),
+                     configs.label(model), format_summary(values["test_elbo"]),
                      values["decoder_passes"], format_share(values["gap_closed"]),
                      *(_steps(worth.get(key)) for key in ("sa_vae", "tuned")), *tests,
                      "—" if values["longest_wait_steps"] is None else

@@ -151,7 +151,7 @@ def test_converged_tier_trains_every_model_to_early_stopping():
   config = configs.image_config("mnist", "converged")
   assert config.models == configs.IMAGE_MODELS[:6]
   assert min(config.vae_epochs, config.iavae_epochs) >= 50 * config.patience
-  assert configs.evaluated_models(config)[-2:] == (
+  assert configs.evaluated_models(config.models)[-2:] == (
       "iavae" + configs.MEAN_SUFFIX, "iavae_frozen_decoder" + configs.MEAN_SUFFIX)
 
 
