@@ -20,7 +20,7 @@ import numpy as np
 from iavae_jax import checkpoints, gap_runs, gaps, image_vae, runs
 from iavae_jax.data import images
 from iavae_jax.image_vae import Model
-from experiments import common, configs, tables
+from experiments import common, configs
 from experiments.configs import GapsConfig, ImageConfig
 
 GAPS_KEY = 5    # folded into the seed's key: apart from the training stages' keys (1 to 4)
@@ -69,7 +69,7 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
       "settings": runs.as_json(config), "wall_seconds": time.time() - start,
       "environment": runs.environment(None)})
   runs.write_json(os.path.join(workdir, "gaps.json"), results)
-  runs.write_text(os.path.join(workdir, "gaps.md"), tables.gaps(results))
+  runs.write_text(os.path.join(workdir, "gaps.md"), gap_runs.markdown(results))
   description = (f"{image_config.dataset} ({image_config.tier} tier), {num_examples} test images, "
                  f"seeds {seeds}")
   runs.save_figure(gap_runs.refinement_figure(

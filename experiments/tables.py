@@ -1,7 +1,7 @@
 """Every Markdown table the experiments write, each a pure function of the dictionary its
 command writes as JSON beside it: ``table4`` (experiments.report), ``designs``
-(experiments.designs), ``gaps`` (experiments.gaps), ``image_run`` and ``synthetic`` (the
-results.md of experiments.images and experiments.synthetic); and the cells they share."""
+(experiments.designs), ``image_run`` and ``synthetic`` (the results.md of experiments.images and
+experiments.synthetic); and the cells they share. gaps.md is ``gap_runs.markdown``'s."""
 
 import math
 
@@ -163,95 +163,6 @@ def _designs_frozen(table: dict) -> list[str]:
           "half that patience. A wait near the patience, or a loss far from 0, says a longer "
           "patience could still have found better epochs; a seed at the epoch cap ended its "
           "training with the patience not yet run out, its validation ELBO still rising.", ""]
-
-
-# The gap decomposition (experiments.gaps).
-
-def _gaps_vae_refinement(results: dict) -> list[str]:
-  """gaps.md's part on the VAE's decoder: every model on it, with its decoder passes and the
-  refinement steps from the VAE it is worth; the tuned refinement's choice."""
-  if "vae_refinement" not in results:
-    return []
-  curves = results["vae_refinement"]
-  passes = results["decoder_passes_per_example"]
-  samples = {label: curve["settings"]["samples_per_step"] for label, curve in curves.items()}
-  worth = lambda n, label: n if n is None else f"{n:.1f} ({2 * samples[label] * n:.0f} passes)"
-  rows = [[name, passes[name], format_summary(results[name]["refinement"]["elbo"][0]),
-           *(worth(results["refinement_steps_worth"][name][label]["of_the_means"], label)
-             if name != "vae" else "" for label in curves)]
-          for name in ["vae", *results["same_decoder_as_vae"]]]
-  lines = ["", "On the VAE's decoder (the models that share it): each model's ELBO (the "
-           "refinement estimator's, K = 0), its decoder passes per image, and the refinement "
-           "steps from the VAE's encoder at which the VAE reaches it (interpolated between "
-           "the recorded K, from the means over seeds; None: not within the largest K).", "",
-           *runs.markdown_table(["model", "decoder passes", "ELBO",
-                                   *(f"worth, in {label} refinement steps" for label in curves)],
-                                  rows)]
-  if "tuned" in curves:
-    tuning = curves["tuned"]["tuning"]
-    chosen = tuning["chosen"]
-    lines += ["", f"Tuned refinement: {chosen['optimizer']}, learning rate "
-              f"{chosen['learning_rate']:.4g}, {chosen['samples_per_step']} samples per step, "
-              f"chosen among {len(tuning['candidates'])} candidates by the mean ELBO on "
-              f"{tuning['examples']} validation images (seed {tuning['seed']}'s VAE) after "
-              f"{tuning['budget']} decoder passes per image. SA-VAE's first step on them: "
-              + "; ".join(f"{f['samples_per_step']} sample(s) per step: {f['elbo_at_start']:.2f}"
-                          f" -> {f['elbo']:.2f}" for f in tuning["sa_vae_first_step"]) + "."]
-  return lines
-
-
-def gaps(results: dict) -> str:
-  """gaps.md, from the gaps.json dictionary of experiments.gaps: the gap table, the refinement
-  curve and how to read them."""
-  names, seeds, settings = results["models"], results["seeds"], results["settings"]
-  rows = []
-  for name in names:
-    r = results[name]
-    share = (format_summary(r["share_of_vae_amortization_gap_closed"], 3)
-             if "share_of_vae_amortization_gap_closed" in r else "")
-    convergence = r.get("convergence")
-    moved = (f"{format_summary(convergence['delta'], 4)} ({convergence['examples']} images: "
-             f"{'converged' if convergence['converged'] else 'NOT converged'})"
-             if convergence else "not checked")
-    rows.append([name, *(format_summary(r[key]) for key in ("log_px", "elbo_qstar", "elbo")),
-                 *(format_summary(r[key], 3) for key in ("approximation_gap", "amortization_gap")),
-                 share, format_summary(r["qstar_steps"], 0), moved])
-  lines = [
-      f"# {results['dataset']} ({results['tier']} tier): inference gaps on "
-      f"{results['num_examples']} test images, {len(seeds)} seed(s) {seeds}", "",
-      "Mean ± std over seeds of each seed's mean over the images; nats.", "",
-      *runs.markdown_table(
-          ["model", "log p^", "L[q*]", "L[q]", "approximation gap", "amortization gap",
-           "VAE's amortization gap closed", "q* steps", "twice the q* budget moves L[q*] by"],
-          rows)]
-  steps = results[names[0]]["refinement"]["steps"]
-  lines += ["", "Test-time refinement (SA-VAE's SGD on each image's mean and log-variance from "
-            "the encoder's output, decoder fixed): ELBO after K steps, and wall time per image "
-            "(encoder pass + K steps).", "",
-            *runs.markdown_table(
-                ["model", *(f"K = {k}" for k in steps)],
-                [[name, *(f"{format_summary(e)} ({1e3 * t['mean']:.2f} ms)" for e, t in zip(
-                    results[name]["refinement"]["elbo"],
-                    results[name]["refinement"]["seconds_per_example"]))] for name in names])]
-  lines += _gaps_vae_refinement(results)
-  for name, match in results.get("refinement_steps_to_match_iavae", {}).items():
-    found = match["of_the_means"]
-    lines += ["", f"{name} reaches the IA-VAE's single-pass ELBO after "
-              + (f"K = {found} refinement steps" if found is not None else
-                 f"more than {max(steps)} refinement steps")
-              + f" (per seed: {match['per_seed']}; null: not within K = {max(steps)})."]
-  lines += [
-      "", "How to read: L[q] is the encoder's ELBO, L[q*] that of the best diagonal Gaussian "
-      "found per image with the decoder fixed, log p^ an importance-sampled estimate of log "
-      "p(x) with q* as the proposal. approximation gap = log p^ - L[q*] (the diagonal Gaussian "
-      "family's limit), amortization gap = L[q*] - L[q] (what the encoder leaves on the table). "
-      "Each model's gaps are measured with its own decoder, so the share of the VAE's "
-      "amortization gap a model closes is 1 - its gap / the VAE's gap of the same seed. L[q*] "
-      "counts as converged when twice the patience and max_steps move its mean by less than "
-      f"{settings['convergence_tolerance']} nats. Wall times were measured on a shared machine.",
-      "", f"Settings: {settings}. Wall time {results['wall_seconds']:.1f} s (this invocation).",
-      ""]
-  return "\n".join(lines)
 
 
 # The runs' own results.md.

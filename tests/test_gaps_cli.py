@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from iavae_jax import gap_runs, gaps
-from experiments import configs, gaps_eval, tables
+from experiments import configs, gaps_eval
 
 from conftest import SMOKE_GAPS, run_module
 
@@ -79,7 +79,7 @@ def test_summary_over_seeds():
   assert "convergence" not in r["iavae"]
   r["dataset"], r["tier"], r["num_examples"], r["wall_seconds"] = "mnist", "cpu", 2, 1.0
   r["settings"] = configs.GapsConfig().__dict__
-  text = tables.gaps(r)
+  text = gap_runs.markdown(r)
   assert "| vae | -8.00 ± 0.00 | -9.00 ± 0.00 | -12.00 ± 1.41 |" in text
   assert "vae reaches the IA-VAE's single-pass ELBO after K = 5 refinement steps" in text
 
