@@ -138,8 +138,8 @@ def _designs_frozen(table: dict) -> list[str]:
                      configs.label(model), format_summary(values["test_elbo"]),
                      values["decoder_passes"], format_share(values["gap_closed"]),
                      *(_steps(worth.get(key)) for key in ("sa_vae", "tuned")), *tests,
-                     "—" if values["longest_wait_steps"] is None else
-                     f"{values['longest_wait_steps']} / {entry['patience_steps']}"
+                     ("—" if values["longest_wait_steps"] is None else
+                      f"{values['longest_wait_steps']} / {entry['patience_steps']}")
                      + (f"; {values['seeds_at_epoch_cap']} of {len(row['seeds'])} seeds at the "
                         "epoch cap" if values.get("seeds_at_epoch_cap") else ""),
                      "—" if values["lost_at_half_patience"] is None else

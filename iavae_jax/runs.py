@@ -21,7 +21,8 @@ from typing import Any, Iterator
 from iavae_jax.errors import ConfigError
 
 __all__ = ["LOCK_FILE", "prepare_workdir", "record_or_compare", "differences", "workdir_lock",
-           "record_config", "as_json", "read_json", "is_primary", "write_json", "write_text",
+           "record_config", "as_json", "read_json", "is_primary", "write_json", "markdown_table",
+           "write_text",
            "save_figure", "save_learning_curves", "environment", "write_results"]
 
 

@@ -176,7 +176,11 @@ def init_iavaes(config: SyntheticVAEConfig, phi_avi: dict, keys: jax.Array,
   layout = blocks.BlockLayout.from_tree(jax.tree.map(lambda a: a[0], phi_avi))
   hypernet = hypernets.LinearHypernet(layout, config.embed_dim, config.hypernet_init_std)
   psi = jax.vmap(lambda k: hypernet.init(k, jnp.zeros(context_size(config)))["params"])(keys)
-  repeats = keys.shape[0] // jax.tree.leaves(phi_avi)[0].shape[0]
+  num_vaes = jax.tree.leaves(phi_avi)[0].shape[0]
+  if keys.shape[0] % num_vaes:
+    raise ValueError(f"init_iavaes: {keys.shape[0]} keys for {num_vaes} VAEs; give the same "
+                     "number of IA-VAEs (keys) for every VAE.")
+  repeats = keys.shape[0] // num_vaes
   frozen = jax.tree.map(lambda a: jnp.repeat(a, repeats, axis=0), phi_avi)
   context = hypernet_context(config, train_x)
   return IAVAEs(layout, psi, frozen,

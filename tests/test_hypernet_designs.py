@@ -196,8 +196,9 @@ def _check_equations(design, fields, variant):
 
 
 @pytest.mark.extended
-def test_equations_of_ha_with_block_gains():
-  _check_equations("ha", {"block_gains": True}, jax.jit)
+@pytest.mark.parametrize("use_jit", [True, False])
+def test_equations_of_ha_with_block_gains(use_jit):
+  _check_equations("ha", {"block_gains": True}, jax.jit if use_jit else lambda fn: fn)
 
 
 class DesignTest(chex.TestCase, parameterized.TestCase):

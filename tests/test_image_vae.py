@@ -33,6 +33,9 @@ def test_the_defaults_are_valid_and_the_names_match_the_modules():
                     "feedback; use hypernet_input=gradient or residual, or passes=1"),
     ({"warmup_start": 1.5}, "warmup_start is a KL weight in (0, 1]"),
     ({"weight_decay": -1.0}, "weight_decay must be non-negative and finite"),
+    ({"corrector_hidden": -1}, "corrector_hidden must be a non-negative integer, got -1"),
+    ({"hypernet_learning_rate": float("nan")},
+     "hypernet_learning_rate must be positive and finite, got nan"),
 ])
 def test_a_bad_field_is_named_in_a_value_error(overrides, message):
   with pytest.raises(ValueError, match=f"^{re.escape(message)}"):

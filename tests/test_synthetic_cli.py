@@ -127,6 +127,7 @@ def test_bad_flags_exit_2_with_a_clear_message(tmp_path, flag, message):
 @pytest.mark.parametrize("overrides, message", [
     ({"sigma": 0.0}, "--sigma must be positive"),
     ({"sigma": -0.1}, "--sigma must be positive"),
+    ({"sigma": float("inf")}, "--sigma must be positive and finite, got inf"),
     ({"num_vae_seeds": 0}, "--num_vae_seeds must be a positive integer"),
     ({"encoder_width": -2}, "--encoder_width must be a positive integer"),
     ({"sweep_widths": (2, 0)}, "--sweep_widths must be positive"),
@@ -320,3 +321,6 @@ def test_init_vaes_pads_narrower_encoders_to_compute_their_own_function():
   chex.assert_shape(same["Dense_1"]["kernel"], (2, 3, 4))
   with pytest.raises(ValueError, match="3 widths for 2 keys"):
     synthetic_vae.init_vaes(keys, [2, 3, 4], x[0])
+  config = configs.synthetic_plumbing_check()
+  with pytest.raises(ValueError, match="3 keys for 2 VAEs"):
+    synthetic_vae.init_iavaes(config, params, jax.random.split(keys[0], 3), x)
