@@ -17,7 +17,6 @@ with code 2 and writes nothing.
 """
 
 import dataclasses
-import json
 import os
 
 from absl import app, flags
@@ -36,24 +35,12 @@ common.define_config_flags(configs.GapsConfig, exclude=("tier",),
 
 def run_config(workdir: str) -> configs.ImageConfig:
   """The configuration recorded in DIR/config.json by a finished experiments.images run."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(os.path.join(workdir, "results.json")) or not os.path.isfile(path):
+  if not all(os.path.isfile(os.path.join(workdir, f)) for f in ("results.json", "config.json")):
     raise common.ConfigError(
         f"--workdir={workdir} holds no finished experiments.images run (no results.json and "
         "config.json): there are no trained models to measure. Run experiments.images there "
         "first, to the end.")
-  try:
-    with open(path) as f:
-      recorded = json.load(f)
-    fields = {f.name for f in dataclasses.fields(configs.ImageConfig)}
-    unknown = sorted(set(recorded) - fields)
-    if unknown:
-      raise common.ConfigError(f"{path} has fields this version does not know: {unknown}.")
-    return configs.ImageConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in recorded.items()}).validate()
-  except (OSError, json.JSONDecodeError, TypeError, AttributeError) as e:
-    raise common.ConfigError(f"{path} cannot be read as an image configuration ({e}); it is "
-                             "damaged or was not written by experiments.images.") from e
+  return runs.read_config(workdir, configs.ImageConfig, "experiments.images").validate()
 
 
 def config_from_flags(tier: str) -> configs.GapsConfig:

@@ -21,9 +21,9 @@ from typing import Any, Iterator
 from iavae_jax.errors import ConfigError
 
 __all__ = ["LOCK_FILE", "prepare_workdir", "record_or_compare", "differences", "workdir_lock",
-           "record_config", "as_json", "read_json", "is_primary", "write_json", "markdown_table",
-           "write_text",
-           "save_figure", "save_learning_curves", "environment", "write_results"]
+           "record_config", "read_config", "as_json", "read_json", "is_primary", "write_json",
+           "markdown_table", "write_text", "save_figure", "save_learning_curves", "environment",
+           "write_results"]
 
 
 def prepare_workdir(workdir: str, config: Any, may_change: tuple[str, ...] = ()) -> None:
@@ -185,6 +185,24 @@ def record_config(workdir: str, config: Any) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     write_json(path, as_json(config))
+
+
+def read_config(workdir: str, config_type: type, writer: str = "this program") -> Any:
+  """The ``config_type`` dataclass that workdir/config.json records (``record_config``'s; lists
+  read back as tuples). A file that is missing, damaged, or holds fields the dataclass does not
+  have is a ConfigError saying it was not written by ``writer``."""
+  path = os.path.join(workdir, "config.json")
+  recorded = read_json(path, f"restore it, or rerun {writer}")
+  fields = {f.name for f in dataclasses.fields(config_type)}
+  unknown = sorted(set(recorded) - fields) if isinstance(recorded, dict) else None
+  if unknown:
+    raise ConfigError(f"{path} has fields this version does not know: {unknown}.")
+  try:
+    return config_type(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in recorded.items()})
+  except (TypeError, AttributeError) as e:
+    raise ConfigError(f"{path} cannot be read as a configuration ({e}); it is damaged or was "
+                      f"not written by {writer}.") from e
 
 
 def as_json(config: Any) -> dict:

@@ -5,6 +5,7 @@ first one's numbers unchanged, a killed run resumes, a refused multi-process run
 process)."""
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -17,7 +18,8 @@ import pytest
 
 from conftest import ROOT, SMOKE, TINY, run_module, start_distributed
 from experiments import common, report
-from iavae_jax import runs
+from iavae_jax import hparams, runs
+from iavae_jax.errors import ConfigError
 from test_stats_and_report import fake_results, write
 from test_synthetic_cli import _numbers
 
@@ -204,3 +206,16 @@ def test_differences_name_a_key_only_one_side_has():
   assert runs.differences({"a": None}, {}) == "a: recorded None, now absent"
   assert runs.differences({}, {"b": [1]}) == "b: recorded absent, now [1]"
   assert runs.differences({"a": 1}, {"a": 1}) == ""
+
+
+def test_read_config_gives_back_the_recorded_configuration_and_refuses_another(tmp_path):
+  config = hparams.GapSettings(refine_steps=(1, 5), qstar_learning_rate=0.01)
+  runs.record_config(str(tmp_path), config)
+  assert runs.read_config(str(tmp_path), hparams.GapSettings) == config   # tuples, not lists
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps({**runs.as_json(config), "dropout": 0.1}))
+  with pytest.raises(ConfigError, match=r"fields this version does not know: \['dropout'\]"):
+    runs.read_config(str(tmp_path), hparams.GapSettings)
+  path.write_text("[1, 2]")
+  with pytest.raises(ConfigError, match="damaged or was not written by the gaps command"):
+    runs.read_config(str(tmp_path), hparams.GapSettings, "the gaps command")
