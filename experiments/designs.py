@@ -21,6 +21,7 @@ import os
 from absl import app
 
 from experiments import common, configs, report, tables
+from iavae_jax import gaps as gap_lib
 from iavae_jax import progress, runs, stats, training
 
 PAPER = "paper"
@@ -141,6 +142,17 @@ def patience_check(metrics_path: str, data: dict, patience_epochs: int) -> dict:
   return checks
 
 
+def _worth_steps(gaps: dict, model: str, seeds: list) -> dict:
+  """The refinement steps from the VAE at which each refinement curve of gaps.json reaches the
+  model's ELBO, from the means over ``seeds`` (gaps.json's own are over all its seeds)."""
+  over_seeds = lambda summary: stats.summarize_seeds(
+      _on_seeds(summary["per_seed"], gaps["seeds"], seeds))
+  target = over_seeds(gaps[model]["refinement"]["elbo"][0])   # its K = 0
+  return {label: gap_lib.steps_to_reach(curve["steps"], [over_seeds(e) for e in curve["elbo"]],
+                                        target, interpolate=True)["of_the_means"]
+          for label, curve in gaps["vae_refinement"].items()}
+
+
 def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
   """One design's models on the VAE's frozen decoder: each one's test ELBO, decoder passes per
   example, share of the VAE's amortization gap closed and the refinement steps from the VAE it
@@ -174,8 +186,8 @@ def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
       closed = gaps[model].get("share_of_vae_amortization_gap_closed")
       entry["gap_closed"] = closed and stats.summarize_seeds(
           _on_seeds(closed["per_seed"], gaps["seeds"], seeds))
-      entry["worth_steps"] = {label: worth["of_the_means"] for label, worth in
-                              gaps.get("refinement_steps_worth", {}).get(model, {}).items()}
+      if model in gaps.get("refinement_steps_worth", {}):
+        entry["worth_steps"] = _worth_steps(gaps, model, seeds)
     models[model] = entry
   iavae = per_seed(configs.FROZEN_IAVAE)
   tests = {key: stats.paired_comparison(iavae, per_seed(other))

@@ -58,6 +58,25 @@ def test_frozen_entry_counts_the_seeds_that_ended_at_the_epoch_cap(tmp_path):
   assert entry["vs_corrector"]["mean_difference"] == 0.0
 
 
+def test_frozen_entry_reads_the_steps_worth_off_the_seeds_it_compares():
+  # gaps.json over seeds 0 and 1; a designs table on seed 0 alone takes seed 0's curve and
+  # target (-5 is reached at K = 1), not the means over both (-3 between -6 at K = 1 and -2 at
+  # K = 2: 1.75).
+  elbos = lambda *per_seed: [{"per_seed": list(values)} for values in per_seed]
+  gaps = {"seeds": [0, 1],
+          "iavae_frozen_decoder": {"refinement": {"elbo": elbos((-5.0, -1.0))}},
+          "vae_refinement": {"tuned": {"steps": [0, 1, 2],
+                                       "elbo": elbos((-9.0, -9.0), (-5.0, -7.0), (-3.0, -1.0))}},
+          "refinement_steps_worth": {"iavae_frozen_decoder": {}}}
+  data = {"seeds": [0, 1], "data": {"train": 30},
+          "config": {"batch_size": 10, "patience": 2, "iavae_epochs": 10},
+          "models": {"iavae_frozen_decoder": {"test_elbo": [-3.0, -2.0], "best_epoch": [1, 1]}}}
+  worth = lambda seeds: designs.frozen_entry("results.json", data, gaps, seeds)["models"][
+      "iavae_frozen_decoder"]["worth_steps"]
+  assert worth([0]) == {"tuned": 1.0}
+  assert worth([0, 1]) == {"tuned": 1.75}
+
+
 @pytest.mark.parametrize("kind, size, passes", [("x", 3, 0), ("gradient", 15, 6),
                                                 ("residual", 10, 3)])
 def test_synthetic_feedback_inputs(kind, size, passes):
