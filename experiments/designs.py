@@ -21,8 +21,7 @@ import os
 from absl import app
 
 from experiments import common, configs, report, tables
-from iavae_jax import gaps as gap_lib
-from iavae_jax import progress, runs, stats, training
+from iavae_jax import gap_runs, progress, runs, stats, training
 
 PAPER = "paper"
 MEAN_CONTEXT = "iavae" + configs.MEAN_SUFFIX
@@ -147,10 +146,10 @@ def _worth_steps(gaps: dict, model: str, seeds: list) -> dict:
   model's ELBO, from the means over ``seeds`` (gaps.json's own are over all its seeds)."""
   over_seeds = lambda summary: stats.summarize_seeds(
       _on_seeds(summary["per_seed"], gaps["seeds"], seeds))
-  target = over_seeds(gaps[model]["refinement"]["elbo"][0])   # its K = 0
-  return {label: gap_lib.steps_to_reach(curve["steps"], [over_seeds(e) for e in curve["elbo"]],
-                                        target, interpolate=True)["of_the_means"]
-          for label, curve in gaps["vae_refinement"].items()}
+  curves = {label: {"steps": curve["steps"], "elbo": [over_seeds(e) for e in curve["elbo"]]}
+            for label, curve in gaps["vae_refinement"].items()}
+  worth = gap_runs.steps_worth(curves, over_seeds(gaps[model]["refinement"]["elbo"][0]))  # K = 0
+  return {label: steps["of_the_means"] for label, steps in worth.items()}
 
 
 def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:

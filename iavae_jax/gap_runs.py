@@ -30,7 +30,7 @@ from iavae_jax.errors import ConfigError
 __all__ = ["PHASES", "EncodeChunk", "OnChunk", "measurement_args", "example_keys", "pad",
            "new_record", "measure_examples", "check_convergence", "Progress", "measure_saved",
            "refinement_curve", "FIRST_STEP_SAMPLES", "tune_refinement", "tuned_settings",
-           "tuned_curves", "refinement_comparison", "summarize_model", "summarize",
+           "tuned_curves", "steps_worth", "refinement_comparison", "summarize_model", "summarize",
            "markdown", "refinement_figure", "passes_figure"]
 
 # The timed phases of a record's "seconds".
@@ -285,15 +285,23 @@ def tuned_curves(path: str, seeds: list, configured: gaps.RefineSettings,
   return recorded
 
 
+def steps_worth(curves: dict, target: dict) -> dict:
+  """{label: the steps at which the refinement curve ``curves[label]`` (its "steps" and its
+  "elbo" summaries over seeds) reaches ``target`` (a model's ELBO summary), interpolated
+  (``gaps.steps_to_reach``)}."""
+  return {label: gaps.steps_to_reach(curve["steps"], curve["elbo"], target, interpolate=True)
+          for label, curve in curves.items()}
+
+
 def refinement_comparison(results: dict, shared: list, configured: gaps.RefineSettings,
                           tuned: dict | None = None) -> dict:
   """What refinement from the VAE's encoder on its decoder is worth against the amortized models
   on that decoder: {"vae_refinement": {"sa_vae": the configured refinement's curve (``summarize``
   results' "vae"), "tuned": ``tuned_curves``' (if given)}, each with its "settings", "steps",
   "elbo" (summaries over the seeds) and "decoder_passes" (per example, forward and backward
-  counted); "same_decoder_as_vae": shared; "refinement_steps_worth": {model: {curve: the steps at
-  which the refined VAE reaches the model's ELBO, interpolated (``gaps.steps_to_reach``)}} for
-  each model of ``shared``}."""
+  counted); "same_decoder_as_vae": shared; "refinement_steps_worth": {model: ``steps_worth``
+  of the curves, the steps at which the refined VAE reaches the model's ELBO} for each model of
+  ``shared``}."""
   vae = results["vae"]["refinement"]
   steps, seeds = vae["steps"], results["seeds"]
   curves = {"sa_vae": {"settings": dataclasses.asdict(configured), "steps": steps,
@@ -307,10 +315,8 @@ def refinement_comparison(results: dict, shared: list, configured: gaps.RefineSe
         "tuning": tuned["tuning"]}
   for curve in curves.values():
     curve["decoder_passes"] = [2 * curve["settings"]["samples_per_step"] * k for k in steps]
-  worth = {name: {label: gaps.steps_to_reach(steps, curve["elbo"],
-                                             results[name]["refinement"]["elbo"][0],  # its K = 0
-                                             interpolate=True)
-                  for label, curve in curves.items()} for name in shared}
+  worth = {name: steps_worth(curves, results[name]["refinement"]["elbo"][0])   # its K = 0
+           for name in shared}
   return {"vae_refinement": curves, "same_decoder_as_vae": shared,
           "refinement_steps_worth": worth}
 
