@@ -21,7 +21,7 @@ import os
 from absl import app
 
 from experiments import common, configs, report, tables
-from iavae_jax import gap_runs, progress, runs, stats, training
+from iavae_jax import gap_runs, image_runs, runs, stats
 
 PAPER = "paper"
 MEAN_CONTEXT = "iavae" + configs.MEAN_SUFFIX
@@ -43,8 +43,8 @@ def load_runs(workdir: str) -> dict[str, dict[str, tuple[str, dict, dict | None]
   """data set -> design label -> (results.json path, its contents, the gaps.json beside it or
   None); designs in order: "paper" first, then alphabetically."""
   found = {}
-  for path in report.results_under(workdir):
-    data = report.load_results(path, required=("vae",))   # runs on the frozen decoder only too
+  for path in image_runs.results_under(workdir):   # a run on the frozen decoder alone too
+    data = image_runs.read_results(path, ("vae",), configs.ABLATIONS)
     label = design_label(data.get("config") or {})
     by_design = found.setdefault(data["dataset"], {})
     if label in by_design:
@@ -67,9 +67,9 @@ def _on_seeds(values: list, run_seeds: list, seeds: list) -> list:
   return [values[index[seed]] for seed in seeds]
 
 
-def _gap_closed(gaps: dict | None, seeds: list) -> dict | None:
-  """The IA-VAE's share of its VAE's amortization gap closed on the seeds, if gaps.json has it."""
-  entry = (gaps or {}).get("iavae", {}).get("share_of_vae_amortization_gap_closed")
+def _gap_closed(gaps: dict | None, seeds: list, model: str = "iavae") -> dict | None:
+  """The model's share of its VAE's amortization gap closed on the seeds, if gaps.json has it."""
+  entry = (gaps or {}).get(model, {}).get("share_of_vae_amortization_gap_closed")
   if entry is None or not set(seeds) <= set(gaps.get("seeds", [])):
     return None
   return stats.summarize_seeds(_on_seeds(entry["per_seed"], gaps["seeds"], seeds))
@@ -118,29 +118,6 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
   return row
 
 
-def patience_check(metrics_path: str, data: dict, patience_epochs: int) -> dict:
-  """Per trained model of a run, from its validation curves (metrics.jsonl), whether its
-  patience was long enough: {"longest_wait_steps": the longest wait, in optimiser steps, for an
-  improvement of the validation ELBO (from the start where that was a candidate, else the first
-  epoch), over every seed; "lost_at_half_patience": how much lower, in mean over seeds, the
-  selected validation ELBO would have been had training stopped after half the patience without
-  improvement} (``training.patience_check``)."""
-  curves = progress.read_learning_curves(metrics_path)
-  steps_per_epoch = data["data"]["train"] // data["config"]["batch_size"]
-  checks = {}
-  for model, entry in data["models"].items():
-    if model not in curves:
-      continue
-    starts = ((data["config"].get("start_as_candidate", True)
-               and entry.get("valid_elbo_at_start")) or [None] * len(data["seeds"]))
-    waits, lost = zip(*(training.patience_check(curves[model]["epoch"], column,
-                                                patience_epochs, start)
-                        for column, start in zip(curves[model]["valid_elbo"].T, starts)))
-    checks[model] = {"longest_wait_steps": max(waits) * steps_per_epoch,
-                     "lost_at_half_patience": float(sum(lost) / len(lost))}
-  return checks
-
-
 def _worth_steps(gaps: dict, model: str, seeds: list) -> dict:
   """The refinement steps from the VAE at which each refinement curve of gaps.json reaches the
   model's ELBO, from the means over ``seeds`` (gaps.json's own are over all its seeds)."""
@@ -156,42 +133,28 @@ def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
   """One design's models on the VAE's frozen decoder: each one's test ELBO, decoder passes per
   example, share of the VAE's amortization gap closed and the refinement steps from the VAE it
   is worth (from gaps.json, where it covers the seeds), whether its patience was long enough
-  (``patience_check``) and how many seeds ended at the epoch cap, and the paired tests of the
-  IA-VAE against the others (configs.FROZEN_OTHERS)."""
+  and how many seeds ended at the epoch cap (``image_runs.early_stopping``), and the paired
+  tests of the IA-VAE against the others (configs.FROZEN_OTHERS)."""
   per_seed = lambda model: _on_seeds(data["models"][model]["test_elbo"], data["seeds"], seeds)
   passes = data.get("decoder_passes_per_example", {})
-  config = data["config"]
-  steps_per_epoch = data["data"]["train"] // config["batch_size"]
-  patience_epochs = (-(-config["stage2_patience_steps"] // steps_per_epoch)   # as images_train
-                     if config.get("stage2_patience_steps") else config["patience"])
-  metrics = os.path.join(os.path.dirname(path), "metrics.jsonl")
-  checks = patience_check(metrics, data, patience_epochs) if os.path.exists(metrics) else {}
+  present = [model for model in [configs.FROZEN_IAVAE, *configs.FROZEN_OTHERS.values()]
+             if model in data["models"]]
+  stopping = image_runs.early_stopping(os.path.dirname(path), data, seeds,
+                                       [model for model in present if not configs.ablated(model)])
   covered = gaps is not None and set(seeds) <= set(gaps.get("seeds", []))
   models = {}
-  for model in [configs.FROZEN_IAVAE, *configs.FROZEN_OTHERS.values()]:
-    if model not in data["models"]:
-      continue
-    # A best epoch within the patience of the last one: the run ended at the epoch cap, its
-    # validation ELBO still rising (an evaluated ablation has no training of its own).
-    capped = (None if configs.ablated(model) else sum(
-        epoch > config["iavae_epochs"] - patience_epochs
-        for epoch in _on_seeds(data["models"][model]["best_epoch"], data["seeds"], seeds)))
-    entry = {"test_elbo": stats.summarize_seeds(per_seed(model)),
-             "decoder_passes": passes.get(model, 0), "gap_closed": None, "worth_steps": None,
-             **checks.get(model, {"longest_wait_steps": None,
-                                  "lost_at_half_patience": None}),
-             "seeds_at_epoch_cap": capped}
-    if covered and model in gaps:
-      closed = gaps[model].get("share_of_vae_amortization_gap_closed")
-      entry["gap_closed"] = closed and stats.summarize_seeds(
-          _on_seeds(closed["per_seed"], gaps["seeds"], seeds))
-      if model in gaps.get("refinement_steps_worth", {}):
-        entry["worth_steps"] = _worth_steps(gaps, model, seeds)
-    models[model] = entry
+  for model in present:   # an evaluated ablation has no training of its own
+    worth = covered and model in gaps.get("refinement_steps_worth", {})
+    models[model] = {
+        "test_elbo": stats.summarize_seeds(per_seed(model)),
+        "decoder_passes": passes.get(model, 0), "gap_closed": _gap_closed(gaps, seeds, model),
+        "worth_steps": _worth_steps(gaps, model, seeds) if worth else None,
+        **stopping["models"].get(model, dict.fromkeys(
+            ("longest_wait_steps", "lost_at_half_patience", "seeds_at_epoch_cap")))}
   iavae = per_seed(configs.FROZEN_IAVAE)
   tests = {key: stats.paired_comparison(iavae, per_seed(other))
            for key, other in configs.FROZEN_OTHERS.items() if other in data["models"]}
-  return {"models": models, "patience_steps": patience_epochs * steps_per_epoch, **tests}
+  return {"models": models, "patience_steps": stopping["patience_steps"], **tests}
 
 
 def build(workdir: str) -> dict:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iavae_jax import checkpoints, gap_runs, gaps, image_vae, runs
+from iavae_jax import gap_runs, gaps, image_runs, image_vae, runs
 from iavae_jax.data import images
 from iavae_jax.image_vae import Model
 from experiments import common, configs
@@ -31,7 +31,7 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
   """Measures every model and seed of the run in workdir; writes gaps.json and gaps.md."""
   start = time.time()
   model = Model(image_config)
-  seeds, names = run_models(workdir)
+  seeds, names = image_runs.run_models(workdir)
   train, valid, test = run_images(image_config, workdir, data_dir)
   valid, test = valid[..., None], test[..., None]   # as the decoder reads them
   loaded = {(name, seed): load_model(model, workdir, name, seed, train)
@@ -57,7 +57,7 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
 
   results = gap_runs.summarize(per_job, names, seeds, functions.measure,
                                config.convergence_tolerance)
-  results["decoder_passes_per_example"] = run_passes(workdir, names)
+  results["decoder_passes_per_example"] = image_runs.decoder_passes(workdir, names)
   if "vae" in names:
     results.update(compare_with_refinement(
         model, config, functions, results, {seed: loaded["vae", seed] for seed in seeds},
@@ -84,91 +84,25 @@ def measure(image_config: ImageConfig, config: GapsConfig, workdir: str,
 
 # Reading the run (nothing is written here: bad input leaves the workdir as it was).
 
-def run_models(workdir: str) -> tuple[list, list]:
-  """The seeds and model names DIR/results.json reports."""
-  path = os.path.join(workdir, "results.json")
-  run = runs.read_json(path)
-  seeds, models = (run.get(key) if isinstance(run, dict) else None for key in ("seeds", "models"))
-  if not isinstance(seeds, list) or not seeds or not isinstance(models, dict) or not models:
-    raise common.ConfigError(f"{path} lists no seeds or no models: there are no trained models "
-                             "to measure. Run experiments.images there to the end.")
-  return seeds, list(models)
-
-
-def _checkpoint(workdir: str, name: str, seed: int) -> str:
-  directory = os.path.join(workdir, "checkpoints", f"{name}_seed{seed}")
-  if not os.path.isdir(directory):
-    raise common.ConfigError(f"{directory} is missing: results.json lists model {name!r} for "
-                             f"seed {seed}, but its checkpoint is gone. Rerun experiments.images "
-                             "in this workdir to restore it.")
-  return directory
-
-
-def _vae_frozen(workdir: str, seed: int, kind: str) -> dict:
-  """What a stage-2 model of this kind trained with but a checkpoint written before training
-  states held their frozen inputs lacks: the seed's VAE's encoder (phi_AVI) and batch-norm
-  statistics."""
-  directory = _checkpoint(workdir, "vae", seed)
-  state = checkpoints.read_latest(directory)[0]
-  vae = state.get("best_params") if isinstance(state, dict) else None
-  if not isinstance(vae, dict) or not {"encoder", "batch_stats"} <= set(vae):
-    raise common.ConfigError(f"{directory} does not hold a VAE's training state with "
-                             "best_params.")
-  return ({"batch_stats": vae["batch_stats"]} if kind == "control"
-          else {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]})
-
-
 def load_model(model: Model, workdir: str, name: str, seed: int,
                train: np.ndarray) -> image_vae.Trained:
-  """Model ``name`` of ``seed`` (``image_vae.load_trained`` from
-  DIR/checkpoints/{name}_seed{seed}; a checkpoint without frozen inputs takes the seed's VAE's,
-  which it trained with). The mean-context IA-VAE is the seed's IA-VAE with the hypernetwork's
-  input averaged over ``train`` (the run's training split, as images_train evaluated it);
+  """Model ``name`` of ``seed`` (``image_runs.load``); the mean-context IA-VAE is the seed's
+  IA-VAE with the hypernetwork's input averaged over ``train`` (the run's training split);
   ``vae_matched`` has its widened encoder."""
   if configs.ablated(name):
-    iavae = load_model(model, workdir, configs.ablated(name), seed, train)
-    frozen = {**iavae.frozen, **image_vae.mean_inputs(model, iavae.params, iavae.frozen,
-                                                      jnp.asarray(train),
-                                                      model.config.eval_batch_size)}
-    return iavae._replace(frozen=frozen, source=f"{iavae.source} (mean input)")
+    return image_runs.with_mean_input(
+        model, load_model(model, workdir, configs.ablated(name), seed, train), train)
   spec = configs.MODEL_SPECS.get(name)
-  if spec is not None and spec.matched:
-    model = image_vae.matched_model(model)
-  return image_vae.load_trained(
-      model, _checkpoint(workdir, name, seed), functools.partial(_vae_frozen, workdir, seed),
-      f"was {workdir}/config.json edited? Restore it, or rerun experiments.images in a new "
-      "workdir")
-
-
-def run_passes(workdir: str, names: list) -> dict:
-  """Each model's decoder passes per example, as DIR/results.json records them (0 for a run
-  written before it did: no model then had feedback)."""
-  recorded = runs.read_json(os.path.join(workdir, "results.json")).get(
-      "decoder_passes_per_example", {})
-  return {name: int(recorded.get(name, 0)) for name in names}
+  return image_runs.load(image_vae.matched_model(model) if spec and spec.matched else model,
+                         workdir, name, seed)
 
 
 def run_images(config: ImageConfig, workdir: str, data_dir: str | None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The run's training images [n, 28, 28] (grey, capped by max_train as the run used them), its
   validation images (in {0, 1}, capped by max_valid) and its test split [N, 28, 28] in {0, 1}
-  (not capped), read where DIR/data.json says (or data_dir), refused if they are not the data
-  the run recorded."""
-  recorded = runs.read_json(os.path.join(workdir, "data.json"))
-  source = recorded.get("source", "auto")
-  if data_dir is None:
-    files = recorded.get("files") or []
-    data_dir = os.path.dirname(files[0]) if files else recorded.get("data_dir")
-  try:
-    data = images.load(config.dataset, data_dir=data_dir, source=source,
-                       split_seed=config.split_seed)
-  except images.DataError as e:
-    raise common.ConfigError(f"{e} (the run's data, as {workdir}/data.json records them; if "
-                             "they moved, pass --data_dir)") from e
-  if data.info != recorded:
-    raise common.ConfigError(f"the data read from {data_dir} are not those of the run in "
-                             f"{workdir} (recorded {recorded}, read {data.info}); pass the run's "
-                             "--data_dir.")
+  (not capped), ``image_runs.run_data``."""
+  data = image_runs.run_data(workdir, config.dataset, config.split_seed, data_dir)
   used = images.subset(data, config.max_train, config.max_valid, config.max_test)
   return used.train, used.valid, data.test
 

@@ -10,7 +10,6 @@ paired tests, and how table4.md marks runs off the paper's split: docs/cli.md. B
 results, two results for one data set, a malformed results file) exits with code 2.
 """
 
-import glob
 import math
 import os
 from typing import Callable
@@ -18,80 +17,16 @@ from typing import Callable
 from absl import app, flags
 
 from experiments import common, configs, tables
-from iavae_jax import runs, stats
+from iavae_jax import image_runs, runs, stats
 
 FLAGS = flags.FLAGS
 
-EXPERIMENT = "images"
-METRICS = ("test_elbo", "test_kl", "test_iwae")
 PAPER_ORDER = ("omniglot", "mnist", "fashion_mnist")
 
 
-def find_results(workdir: str) -> list[str]:
-  """Paths of every results.json under workdir written by experiments.images, sorted."""
-  found = []
-  for path in sorted(glob.glob(os.path.join(workdir, "**", "results.json"), recursive=True)):
-    data = runs.read_json(path)
-    if isinstance(data, dict) and data.get("experiment") == EXPERIMENT:
-      found.append(path)
-  return found
-
-
-def results_under(workdir: str) -> list[str]:
-  """find_results(workdir), refusing a missing workdir and one that holds no image results."""
-  if not os.path.isdir(workdir):
-    raise common.ConfigError(f"--workdir={workdir} is not a directory.")
-  paths = find_results(workdir)
-  if not paths:
-    raise common.ConfigError(f"no results.json from experiments.images under {workdir}; run "
-                             f"python -m experiments.images --workdir={workdir}/<dataset> ... "
-                             "first.")
-  return paths
-
-
-def load_results(path: str, required: tuple[str, ...] = configs.TABLE4_MODELS) -> dict:
-  """Reads one images results.json and checks the fields Table 4 needs (of the ``required``
-  models, and of the ablations it holds)."""
-  data = runs.read_json(path)
-  for key in ("dataset", "seeds", "models"):
-    if key not in data:
-      raise common.ConfigError(f"{path} has no {key!r}; it is not a complete results.json of "
-                               "experiments.images (rerun it).")
-  if not isinstance(data["dataset"], str) or not isinstance(data["models"], dict):
-    raise common.ConfigError(f"{path}: 'dataset' must be a name and 'models' a mapping of model "
-                             "to per-seed metrics.")
-  seeds = data["seeds"]
-  if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds):
-    raise common.ConfigError(f"{path}: 'seeds' must be a non-empty list of distinct seeds, got "
-                             f"{seeds!r}.")
-  for model in present_models(data, required):
-    entry = data["models"].get(model)
-    if not isinstance(entry, dict):
-      raise common.ConfigError(f"{path} has no results for model {model!r} under 'models'.")
-    if "seeds" in entry and entry["seeds"] != seeds:
-      raise common.ConfigError(f"{path}: model {model!r} was run with seeds {entry['seeds']}, "
-                               f"but the file's seeds are {seeds}; the paired test needs the "
-                               "same seeds for every model.")
-    for metric in METRICS:
-      values = entry.get(metric)
-      if not isinstance(values, list):
-        raise common.ConfigError(f"{path}: models.{model}.{metric} is missing or not a list.")
-      if len(values) != len(seeds):
-        raise common.ConfigError(f"{path}: models.{model}.{metric} has {len(values)} values "
-                                 f"but the file has {len(seeds)} seeds {seeds}; the seeds "
-                                 "differ between models.")
-    # The tests run on test ELBO: a missing or diverged seed there would make them meaningless.
-    for seed, value in zip(seeds, entry["test_elbo"]):
-      if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise common.ConfigError(f"{path}: models.{model}.test_elbo is {value!r} for seed "
-                                 f"{seed}; Table 4 needs a finite test ELBO for every seed.")
-  return data
-
-
-def present_models(data: dict, required: tuple[str, ...] = configs.TABLE4_MODELS
-                   ) -> tuple[str, ...]:
-  """The models a results file must hold (``required``) and the ablations it holds."""
-  return required + tuple(m for m in configs.ABLATIONS if m in data["models"] and m not in required)
+def present_models(data: dict) -> tuple[str, ...]:
+  """The models of Table 4 and the ablations a results file holds."""
+  return configs.TABLE4_MODELS + tuple(m for m in configs.ABLATIONS if m in data["models"])
 
 
 def dataset_order(names) -> list[str]:
@@ -104,7 +39,7 @@ def build_table4(workdir: str, paths: list[str]) -> dict:
   """The table4.json dictionary from the given results files (see the module docstring)."""
   by_dataset = {}
   for path in paths:
-    data = load_results(path)
+    data = image_runs.read_results(path, configs.TABLE4_MODELS, configs.ABLATIONS)
     name = data["dataset"]
     if name in by_dataset:
       raise common.ConfigError(f"two results for data set {name!r}: {by_dataset[name][0]} and "
@@ -154,7 +89,7 @@ def write_summary(workdir: str, table: dict, stem: str, render: Callable[[dict],
 
 def write_report(workdir: str) -> dict:
   """Writes workdir/table4.json and workdir/table4.md; returns the table."""
-  return write_summary(workdir, build_table4(workdir, results_under(workdir)), "table4",
+  return write_summary(workdir, build_table4(workdir, image_runs.results_under(workdir)), "table4",
                        tables.table4)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SMOKE, run_module
 from experiments import common, configs, designs
-from iavae_jax import gaps, progress, synthetic_vae
+from iavae_jax import gaps, image_runs, progress, synthetic_vae
 
 # A dense smoke run: the feedback's decoder passes are cheap with a dense decoder.
 DENSE = ["--encoder=mlp", "--encoder_hidden=16", "--decoder=mlp", "--decoder_hidden=16,16",
@@ -20,25 +20,31 @@ DENSE = ["--encoder=mlp", "--encoder_hidden=16", "--decoder=mlp", "--decoder_hid
 FROZEN = ["vae", "iavae_frozen_decoder", "control_frozen_decoder", "corrector_frozen_decoder"]
 
 
-def test_patience_check(tmp_path):
+def test_early_stopping_reads_the_waits_off_the_validation_curves(tmp_path):
   lines = [{"stage": f"iavae_frozen_decoder_seed{seed}", "epoch": epoch, "valid_elbo": [value]}
            for seed, values in enumerate(([-5, -4, -4, -4, -3], [-1, -2, -2, -2, float("nan")]))
            for epoch, value in enumerate(values, start=1)]
-  metrics = tmp_path / "metrics.jsonl"
-  metrics.write_text("\n".join(json.dumps(
+  (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(
       {**line, **{k: [0.0] for k in progress.METRICS if k != "valid_elbo"}}) for line in lines))
-  data = {"seeds": [0, 1], "data": {"train": 30}, "config": {"batch_size": 10},
-          "models": {"iavae_frozen_decoder": {"valid_elbo_at_start": [-6.0, -1.5]}}}
+  data = {"seeds": [0, 1], "data": {"train": 30},
+          "config": {"batch_size": 10, "patience": 4, "iavae_epochs": 10},
+          "models": {"iavae_frozen_decoder": {"valid_elbo_at_start": [-6.0, -1.5],
+                                              "best_epoch": [5, 1]}}}
+  check = lambda: image_runs.early_stopping(str(tmp_path), data, [0, 1],
+                                            ["iavae_frozen_decoder"])
   # Seed 0 improves at epochs 1, 2, 5 (a wait of 3 epochs of 3 steps); with half of a patience
   # of 4 epochs it stops at epoch 4 and keeps -4, one nat below -3. Seed 1 improves at epoch 1.
-  check = designs.patience_check(str(metrics), data, 4)["iavae_frozen_decoder"]
-  assert check == {"longest_wait_steps": 9, "lost_at_half_patience": 0.5}
-  assert designs.patience_check(str(metrics), data, 6)["iavae_frozen_decoder"] == {
-      "longest_wait_steps": 9, "lost_at_half_patience": 0.0}
+  assert check() == {"patience_steps": 12, "models": {"iavae_frozen_decoder": {
+      "longest_wait_steps": 9, "lost_at_half_patience": 0.5, "seeds_at_epoch_cap": 0}}}
+  data["config"]["patience"] = 6
+  assert check()["models"]["iavae_frozen_decoder"]["lost_at_half_patience"] == 0.0
   # A start that was not a candidate is not a baseline: seed 1 then improves at epoch 1 too.
-  data["config"]["start_as_candidate"] = False
-  assert designs.patience_check(str(metrics), data, 4)["iavae_frozen_decoder"][
-      "longest_wait_steps"] == 9
+  data["config"].update(patience=4, start_as_candidate=False)
+  assert check()["models"]["iavae_frozen_decoder"]["longest_wait_steps"] == 9
+  # Without metrics.jsonl the waits are unknown; the epoch cap is read off results.json.
+  (tmp_path / "metrics.jsonl").unlink()
+  assert check()["models"]["iavae_frozen_decoder"] == {
+      "longest_wait_steps": None, "lost_at_half_patience": None, "seeds_at_epoch_cap": 0}
 
 
 def test_frozen_entry_counts_the_seeds_that_ended_at_the_epoch_cap(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from scipy import stats as sp_stats
 
 from experiments import common, designs, report, tables
-from iavae_jax import stats
+from iavae_jax import image_runs, stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -349,6 +349,23 @@ def test_nan_test_elbo_is_an_error(workdir):
   write(path, data)
   with pytest.raises(common.ConfigError, match="vae.test_elbo is nan for seed 2"):
     report.write_report(workdir)
+
+
+def test_read_results_checks_the_required_models_and_the_optional_ones_present(tmp_path):
+  data = fake_results("mnist", range(3), -100.0, np.random.default_rng(0))
+  path = str(tmp_path / "results.json")
+  write(path, data)
+  assert image_runs.read_results(path, ("vae",), ("iavae_mean_context",)) == data  # absent: fine
+  with pytest.raises(common.ConfigError, match="no results for model 'corrector'"):
+    image_runs.read_results(path, ("vae", "corrector"))
+  data["models"]["iavae_mean_context"] = {**data["models"]["iavae"], "test_kl": [1.0]}
+  write(path, data)
+  with pytest.raises(common.ConfigError, match="iavae_mean_context.test_kl has 1 values"):
+    image_runs.read_results(path, ("vae",), ("iavae_mean_context",))
+  assert image_runs.read_results(path, ("vae",))["seeds"] == [0, 1, 2]   # not asked: not read
+  assert image_runs.find_results(str(tmp_path)) == [path]
+  write(path, {**data, "experiment": "synthetic"})
+  assert image_runs.find_results(str(tmp_path)) == []
 
 
 def test_ablations_are_summarised_and_compared_where_present(tmp_path):
