@@ -49,7 +49,7 @@ def main(argv):
   x = synthetic.generate(jax.random.PRNGKey(0), config.num_examples, config.sigma).x
   indices = [(v,) for v in range(config.num_vae_seeds)]
   init_keys, train_keys, order_seeds = training.population_keys(
-      [(config.seed, configs.SYNTHETIC_KEY_IDS["vae"]) + index for index in indices])
+      indices, prefix=(config.seed, configs.SYNTHETIC_POPULATIONS["vae"].key_id))
   encoder = encoders.MLPEncoder(config.encoder_width)
   params = jax.vmap(lambda k: encoder.init(k, x[0])["params"])(init_keys)
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
@@ -60,7 +60,8 @@ def main(argv):
   seconds, finals = {}, {}
   for mode in parallel.MODES:
     par = parallel.Parallel.create(mode)
-    epoch_fn, optimizer = synthetic_vae.make_epoch_fn(config, synthetic_vae.vae_train_encode, par)
+    epoch_fn, optimizer = synthetic_vae.population_epoch_fn(config,
+                                                            synthetic_vae.vae_train_encode, par)
     states = jax.vmap(lambda p, k: training.init_state(p, optimizer, k))(params, train_keys)
     train = lambda schedule: jax.block_until_ready(training.train_population(
         epoch_fn, states, x, order_seeds, schedule, config.epochs_per_call, parallel=par))

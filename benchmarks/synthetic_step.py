@@ -50,9 +50,9 @@ def _populations(config, x):
   from iavae_jax import blocks, hypernets, synthetic_vae, training
   from iavae_jax.models import encoders
 
-  def keys(stage, indices):   # as the protocol keys its populations
+  def keys(population, indices):   # as the protocol keys its populations
     return training.population_keys(
-        [(config.seed, configs.SYNTHETIC_KEY_IDS[stage]) + index for index in indices])
+        indices, prefix=(config.seed, configs.SYNTHETIC_POPULATIONS[population].key_id))
 
   def vae_params(indices, widths, stage):
     init_keys, train_keys, order_seeds = keys(stage, indices)
@@ -94,7 +94,7 @@ def _compiled_calls(config, x, populations) -> dict:
     orders = training.data_orders(seeds, 0, FLAGS.epochs, config.num_examples,
                                   config.batch_size)
     for variant, (examples_last, options) in VARIANTS.items():
-      epoch_fn, optimizer = synthetic_vae.make_epoch_fn(
+      epoch_fn, optimizer = synthetic_vae.population_epoch_fn(
           config, train_encode if examples_last else encode, examples_last=examples_last)
       population_epoch = jax.vmap(epoch_fn, in_axes=(0, None, 0))
       run = jax.jit(lambda s, d, o, population_epoch=population_epoch: jax.lax.scan(

@@ -15,7 +15,7 @@ import sys
 import time
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 from iavae_jax import image_vae, training
 from iavae_jax.data import images
@@ -24,38 +24,37 @@ from iavae_jax.hparams import ImageVAEConfig
 STEPS, BATCH = 300, 100
 
 
-def load(argv: list) -> tuple[np.ndarray, np.ndarray]:
+def load(argv: list) -> tuple[jax.Array, jax.Array]:
   """Training images [N, 28, 28] (grey, binarised afresh at every step) and test images (binary)."""
   if len(argv) > 1:
     data = images.subset(images.load("mnist", data_dir=argv[1], source="local"), 3000, 0, 500)
-    return data.train, data.test
-  rng = np.random.default_rng(0)
-  rows, cols = rng.random((2, 3500, 28)) < 0.1
-  toy = (rows[:, :, None] | cols[:, None, :]).astype(np.float32)
+    return jnp.asarray(data.train), jnp.asarray(data.test)
+  rows, cols = jax.random.bernoulli(jax.random.PRNGKey(0), 0.1, (2, 3500, 28))
+  toy = (rows[:, :, None] | cols[:, None, :]).astype(jnp.float32)
   return toy[:3000], toy[3000:]
 
 
-def train(model: image_vae.Model, kind: str, params, frozen, data: np.ndarray, seed: int):
+def train(model: image_vae.Model, kind: str, params, frozen, data: jax.Array, seed: int):
   """STEPS optimiser steps of a model of this kind on random batches of data; its parameters."""
   optimizer = image_vae.stage_optimizer(model.config, kind)
   state = training.init_state(params, optimizer, jax.random.PRNGKey(seed), frozen)
   step = jax.jit(lambda state, batch: image_vae.train_step(
       state, batch, model=model, kind=kind, steps_per_epoch=len(data) // BATCH))
-  rng = np.random.default_rng(seed)
   for i in range(STEPS):
-    batch = image_vae.Batch(data[rng.choice(len(data), BATCH, replace=False)],
-                            jax.random.fold_in(state.key, i))
+    key = jax.random.fold_in(state.key, i)
+    picked = jax.random.choice(jax.random.fold_in(key, seed), len(data), (BATCH,), replace=False)
+    batch = image_vae.Batch(data[picked], key)
     state, metrics = step(state, batch)
   print(f"{kind}: {STEPS} steps, last loss {float(metrics.loss):.2f}", flush=True)
   return state.params
 
 
-def test_metrics(model: image_vae.Model, kind: str, params, frozen, test: np.ndarray) -> str:
+def test_metrics(model: image_vae.Model, kind: str, params, frozen, test: jax.Array) -> str:
   metrics = image_vae.evaluate(model, image_vae.encode_fn(model, kind, frozen), params, frozen,
                                test, jax.random.PRNGKey(9), test_samples=10, iwae_samples=100,
                                iwae_chunk=100, chunk_size=100)
-  return (f"test ELBO {float(np.mean(metrics['elbo'])):.2f} nats, "
-          f"IWAE (K=100) {float(np.mean(metrics['iwae'])):.2f} nats")
+  return (f"test ELBO {float(jnp.mean(metrics['elbo'])):.2f} nats, "
+          f"IWAE (K=100) {float(jnp.mean(metrics['iwae'])):.2f} nats")
 
 
 def main(argv: list) -> None:

@@ -60,8 +60,17 @@ class SyntheticConfig(hparams.SyntheticVAEConfig):
     return self
 
 
-# The synthetic populations' key ids: a model's keys derive from (seed, key id, *its index).
-SYNTHETIC_KEY_IDS = {"vae": 1, "iavae": 2, "sweep": 3}
+class SyntheticPopulation(NamedTuple):
+  """One population the synthetic protocol trains."""
+  key_id: int        # its models' keys derive from (seed, key_id, *their index tuple)
+  kind: str          # what its models are: a key of synthetic_vae.LOOP_EMITTERS
+  model_name: str    # how errors name one of its models, from its index tuple
+
+
+SYNTHETIC_POPULATIONS = {
+    "vae": SyntheticPopulation(1, "vae", "VAE seed {}"),
+    "iavae": SyntheticPopulation(2, "iavae", "IA-VAE seed {1} on VAE seed {0}"),
+    "sweep": SyntheticPopulation(3, "vae", "sweep VAE of width {} (seed {})")}
 
 
 def synthetic_full() -> SyntheticConfig:
@@ -180,7 +189,7 @@ class ImageConfig(hparams.ImageVAEConfig):
   max_test: int = 0                 # cap on test examples (0: all)
   seed: int = 0                     # model seeds are seed, seed + 1, ...
   num_seeds: int = 10
-  models: tuple[str, ...] = ("vae", "iavae", "control")   # IMAGE_MODELS to train, per seed
+  models: tuple[str, ...] = TABLE4_MODELS   # IMAGE_MODELS to train, per seed
   # Stage 2's and the control's starting point (the stage-1 VAE) is a model-selection candidate
   # (epoch 0), so a run never selects something worse on validation than where it started.
   start_as_candidate: bool = True
@@ -222,9 +231,10 @@ def paper_tier(base: ImageConfig) -> ImageConfig:
 
     python -m experiments.images --dataset=mnist --workdir=runs/paper/mnist
 
-  Not run on the 2 CPU cores (one epoch of full MNIST would take ~35 min there); on one NVIDIA
-  H200, 2 seeds x 5 epochs of the 5,000-image MNIST subset (docs/results.md). The paper reports
-  IA-VAE -84.08, VAE -85.56 on MNIST, not reproduced here."""
+  Not run on the 2 CPU cores (one epoch of full MNIST would take ~35 min there). On one NVIDIA
+  H200, one seed of 20 + 20 epochs on the 5,000-image MNIST subset took 209 s: VAE -82.89,
+  IA-VAE -81.53, control -81.50 (docs/results.md, "The paper architecture on a GPU"). The paper
+  reports IA-VAE -84.08, VAE -85.56 on full MNIST, not reproduced here."""
   return base
 
 
@@ -257,9 +267,10 @@ def converged_tier(base: ImageConfig) -> ImageConfig:
         --workdir=runs/converged/mnist
     python -m experiments.gaps --workdir=runs/converged/mnist
 
-  Measured with the patience of 150 steps (--stage2_patience_steps=0): 14.5-18.1 min of
-  training per data set on 2 CPU cores; MNIST VAE -118.26, IA-VAE -117.68, control -117.02.
-  With 1,500 steps, four frozen-decoder models of 3 seeds took 44-47 min per data set."""
+  Measured with the earlier patience of 150 steps (--stage2_patience_steps=0), seeds 0-2
+  (docs/results.md, "Hypernetwork designs"): MNIST VAE -118.07, IA-VAE -116.54, control
+  -116.89, 12% of the VAE's amortization gap closed; 13-55 min per data set on 2 CPU cores. With
+  1,500 steps, four frozen-decoder models of 3 seeds took 44-47 min per data set."""
   return dataclasses.replace(
       base, num_seeds=5, models=IMAGE_MODELS[:6], encoder="mlp", encoder_hidden=(64,),
       decoder="mlp", decoder_hidden=(100, 100), max_train=1500, max_valid=500, max_test=500,
@@ -290,12 +301,11 @@ IMAGE_TIERS = tuple(IMAGE_TIER_CONFIGS)
 
 
 def image_config(dataset: str, tier: str) -> ImageConfig:
-  """The configuration of a tier for a data set (validated; flags override fields after)."""
-  if tier not in IMAGE_TIER_CONFIGS:
-    raise ConfigError(f"--tier={tier} is not known; choose one of {', '.join(IMAGE_TIERS)}.")
+  """The configuration of a tier for a data set (validated: an unknown tier or data set is a
+  ConfigError; flags override fields after)."""
   base = ImageConfig(dataset=dataset, tier=tier,
                      weight_decay=WEIGHT_DECAY.get(dataset, WEIGHT_DECAY["mnist"]))
-  return IMAGE_TIER_CONFIGS[tier](base).validate()
+  return IMAGE_TIER_CONFIGS.get(tier, lambda config: config)(base).validate()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,8 +317,7 @@ class GapsConfig(hparams.GapSettings):
   def validate(self) -> "GapsConfig":
     """Returns self, or raises ConfigError naming the first flag that is wrong."""
     if self.tier not in IMAGE_TIERS:
-      raise ConfigError(f"tier {self.tier!r} is not known; choose one of "
-                        f"{', '.join(IMAGE_TIERS)}.")
+      raise ConfigError(f"--tier={self.tier} is not known; choose one of {', '.join(IMAGE_TIERS)}.")
     _as_flags(super().validate, hparams.GapSettings)
     return self
 
@@ -317,20 +326,15 @@ class GapsConfig(hparams.GapSettings):
 # test split, Cremer et al.'s settings).
 GAPS_TIERS = {
     "paper": {},
-    # Cremer et al.'s settings cost ~6 CPU-minutes per image and model with the cpu tier's
-    # decoder (~3,000 Adam steps of 50 samples at ~500 forward+backward passes per CPU-second;
-    # benchmarks/gaps_cost.py). On a cpu-tier MNIST VAE, Adam 1e-2 with 4 samples per step came
-    # within 0.03 nats of Adam 1e-3 with 10 samples in ~550 steps rather than ~2,900; the
-    # convergence check says whether it did on each run.
+    # A faster q* search than Cremer et al.'s (Adam 1e-2, 4 samples per step), chosen for the
+    # cpu tier's convolutional decoder (docs/results.md, "Cost"; benchmarks/gaps_cost.py).
     "cpu": dict(num_examples=50, batch_size=10, qstar_learning_rate=1e-2, qstar_samples=4,
                 qstar_check_every=50, qstar_check_samples=50, qstar_patience=5,
                 qstar_max_steps=2000, final_samples=500, iwae_samples=1000,
                 refine_eval_samples=100, convergence_examples=10),
-    # The dense decoder makes ~60,000 forward+backward passes per CPU-second here, so Cremer et
-    # al.'s K = 5,000 for log p^ fits; q* by the cpu tier's faster search (Adam 1e-2) with 10
-    # samples per step (~700 steps). Measured on a trained converged-tier MNIST model: ~0.45 s
-    # per image and model, ~0.85 s per image for the doubled-budget check; so 50 images per
-    # model and seed, 10 of them checked, for the 35 models and seeds of each data set.
+    # The dense decoder is cheap enough for Cremer et al.'s K = 5,000 for log p^; q* by the cpu
+    # tier's faster search with 10 samples per step; 50 images per model and seed, 10 of them
+    # checked (docs/results.md, "Cost").
     "converged": dict(num_examples=50, batch_size=50, qstar_learning_rate=1e-2, qstar_samples=10,
                       qstar_check_every=50, qstar_check_samples=100, qstar_patience=5,
                       qstar_max_steps=5000, final_samples=500, iwae_samples=5000,

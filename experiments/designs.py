@@ -21,7 +21,7 @@ import os
 from absl import app
 
 from experiments import common, configs, report, tables
-from iavae_jax import gap_runs, image_runs, runs, stats
+from iavae_jax import gap_runs, image_runs, stats
 
 PAPER = "paper"
 MEAN_CONTEXT = "iavae" + configs.MEAN_SUFFIX
@@ -51,15 +51,9 @@ def load_runs(workdir: str) -> dict[str, dict[str, tuple[str, dict, dict | None]
       raise common.ConfigError(
           f"two runs of design {label!r} on {data['dataset']}: {by_design[label][0]} and {path}; "
           f"move one of them out of --workdir={workdir}.")
-    by_design[label] = (path, data, _read_gaps(os.path.join(os.path.dirname(path), "gaps.json")))
+    by_design[label] = (path, data, image_runs.read_gaps(os.path.dirname(path)))
   return {name: dict(sorted(by_design.items(), key=lambda item: (item[0] != PAPER, item[0])))
           for name, by_design in found.items()}
-
-
-def _read_gaps(path: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  return runs.read_json(path, "rerun experiments.gaps on that run or remove the file")
 
 
 def _on_seeds(values: list, run_seeds: list, seeds: list) -> list:

@@ -31,6 +31,7 @@ flags.DEFINE_string("data_dir", None, "Where the run's data are now, if they mov
 
 common.define_config_flags(configs.GapsConfig, exclude=("tier",),
                            tiers={tier: configs.gaps_config(tier) for tier in configs.IMAGE_TIERS})
+flags.adopt_module_key_flags(common)   # --help lists the flags common defines
 
 
 def run_config(workdir: str) -> configs.ImageConfig:

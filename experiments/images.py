@@ -5,8 +5,10 @@ r"""The image experiments (paper section 4.2, Table 4, Figure 8) from the comman
   python -m experiments.images --dataset=omniglot --tier=paper --workdir=runs/paper/omniglot
   python -m experiments.report --workdir=runs/cpu        # Table 4 over every data set
 
-Tiers: ``paper`` (the paper's architecture and protocol, 10 seeds: for GPU/TPU), ``cpu`` (same
-families, smaller, 5 seeds: the whole comparison on a 2-core CPU), ``smoke`` (seconds, for tests).
+Tiers (experiments/configs.py gives each one's command, wall time and measured numbers):
+``paper`` (the paper's architecture and protocol, 10 seeds: for GPU/TPU), ``cpu`` (same families,
+smaller, 5 seeds: the whole comparison on a 2-core CPU), ``converged`` (dense models, every one
+trained to early stopping, every ablation), ``smoke`` (a plumbing check of minutes, for tests).
 Writes DIR/results.json (per-seed test metrics of vae, iavae and control), DIR/results.md,
 DIR/figure8_reconstructions.png, DIR/metrics.jsonl (every model's per-epoch metrics),
 DIR/learning_curves.png and Orbax checkpoints under DIR/checkpoints (with --tensorboard,
@@ -38,6 +40,7 @@ common.define_run_flags()
 common.define_config_flags(configs.ImageConfig, exclude=("dataset", "tier"),
                            tiers={tier: configs.image_config("mnist", tier)
                                   for tier in configs.IMAGE_TIERS})
+flags.adopt_module_key_flags(common)   # --help lists the flags common defines
 
 
 def config_from_flags() -> configs.ImageConfig:

@@ -3,7 +3,7 @@ evaluation.
 
 The models, their optimisers and their train steps are iavae_jax.image_vae's; this module trains
 the models of ``config.models`` (``MODEL_SPECS``) for each seed, one after the other, each alone:
-``image_vae.make_epoch_fn`` loops ``image_vae.train_step`` over an epoch's batches in Python
+``image_vae.stage_epoch_fn`` loops ``image_vae.train_step`` over an epoch's batches in Python
 (XLA:CPU is slow on convolution gradients inside lax.scan), and ``training`` and ``stages``
 add early stopping, Orbax checkpoints, resume and the learning curves:
   vae     : the VAE (``image_vae.Model``), KL warm-up;
@@ -63,7 +63,7 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
                timings: dict, resumed: list, parallel: parallel_lib.Parallel | None = None,
                tensorboard: bool = False) -> dict:
   """Trains the models ``config.models`` of one seed (resuming what is in workdir); returns
-  them, {name: Selected}. Each model is trained alone (``image_vae.make_epoch_fn``). The
+  them, {name: Selected}. Each model is trained alone (``image_vae.stage_epoch_fn``). The
   stage-2 models (IA-VAEs and controls) start from the VAE, scored before their first step
   (``image_vae.validation_score``): with config.start_as_candidate that start is selected
   unless an epoch scores higher. Stages that start from a checkpoint are appended to
@@ -88,7 +88,7 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
              else float(image_vae.validation_score(run_model, spec.kind)(params, frozen, valid)))
     state = stages.run_stage(
         stage_name, workdir,
-        image_vae.make_epoch_fn(run_model, spec.kind, stage_name, valid, train.shape[0],
+        image_vae.stage_epoch_fn(run_model, spec.kind, stage_name, valid, train.shape[0],
                                 parallel, spec.freeze_decoder),
         training.init_state(params,
                             image_vae.stage_optimizer(config, spec.kind, spec.freeze_decoder),

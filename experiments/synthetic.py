@@ -35,6 +35,7 @@ common.define_run_flags()
 common.define_config_flags(configs.SyntheticConfig,
                            tiers={"full": configs.synthetic_full(),
                                   "plumbing_check": configs.synthetic_plumbing_check()})
+flags.adopt_module_key_flags(common)   # --help lists the flags common defines
 
 
 def config_from_flags() -> configs.SyntheticConfig:

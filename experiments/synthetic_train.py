@@ -29,18 +29,13 @@ from iavae_jax.data import synthetic
 from experiments import configs, tables
 from experiments.configs import SyntheticConfig
 
-# How errors name a model of a stage, from its index tuple (see model_keys).
-MODEL_NAMES = {"vae": "VAE seed {}", "iavae": "IA-VAE seed {1} on VAE seed {0}",
-               "sweep": "sweep VAE of width {} (seed {})"}
-# What each population is (a key of synthetic_vae.LOOP_EMITTERS): the sweep's are VAEs.
-_POPULATION_KIND = {"vae": "vae", "iavae": "iavae", "sweep": "vae"}
 
 
-def model_keys(config: SyntheticConfig, stage: str, indices: list[tuple[int, ...]]):
-  """Init and training keys [M, 2], and data-order seeds [M, K], for models named by index
-  tuples (``training.model_keys`` of (seed, stage id, *index))."""
+def model_keys(config: SyntheticConfig, population: str, indices: list[tuple[int, ...]]):
+  """Init and training keys [M, 2], and data-order seeds [M, K], for the population's models
+  named by index tuples (``training.population_keys`` under (seed, its key id))."""
   return training.population_keys(
-      [(config.seed, configs.SYNTHETIC_KEY_IDS[stage]) + tuple(index) for index in indices])
+      indices, prefix=(config.seed, configs.SYNTHETIC_POPULATIONS[population].key_id))
 
 
 def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: Callable,
@@ -51,15 +46,16 @@ def train_stage(name: str, workdir: str, config: SyntheticConfig, encode: Callab
   """Trains (or resumes, or just loads) one population; returns its final states. frozen: the
   models' frozen encoders, stacked (None for VAEs). With ``start_as_candidate``, every model's
   starting point is scored on the data and is a model-selection candidate (epoch 0)."""
-  loop_emitters = synthetic_vae.LOOP_EMITTERS[_POPULATION_KIND[name]]
-  epoch_fn, optimizer = synthetic_vae.make_epoch_fn(
+  population = configs.SYNTHETIC_POPULATIONS[name]
+  loop_emitters = synthetic_vae.LOOP_EMITTERS[population.kind]
+  epoch_fn, optimizer = synthetic_vae.population_epoch_fn(
       config, encode, parallel, compiler_options=training.cpu_compiler_options(loop_emitters))
   schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   scores = (jax.jit(jax.vmap(synthetic_vae.exact_score(config, encode), in_axes=(0, 0, None)))(
       params, frozen, data.T) if start_as_candidate else None)
   states = jax.vmap(lambda p, k, f, s: training.init_state(p, optimizer, k, f, s))(
       params, train_keys, frozen, scores)
-  names = [MODEL_NAMES[name].format(*map(int, row[2:])) for row in order_seeds]
+  names = [population.model_name.format(*map(int, row[2:])) for row in order_seeds]
   return stages.run_stage(name, workdir, epoch_fn, states, data, order_seeds, schedule,
                           config.checkpoint_every, config.epochs_per_call, names, parallel,
                           tensorboard, cancelled)
@@ -213,7 +209,7 @@ def train_and_evaluate(config: SyntheticConfig, workdir: str,
   print(f"config: {config}", flush=True)
   timings = {}
   trained, truth = train_all(config, workdir, data.x, parallel, tensorboard, timings)
-  timings = {k: timings[k] for k in ("vae", "iavae", "sweep", "posterior")}
+  timings = {k: timings[k] for k in (*configs.SYNTHETIC_POPULATIONS, "posterior")}
   evaluated = evaluate_all(config, data.x, trained, truth, timings)
   vae, iavae = evaluated["vae"], evaluated["iavae"]
   efficiency_entry = {  # Figure 7's numbers

@@ -7,4 +7,6 @@ and its results files) and ``data`` (the data sets).
 Every module lists its public names in ``__all__``; CHANGELOG.md records their changes.
 """
 
-__version__ = "0.2.0"
+__all__ = ["__version__"]
+
+__version__ = "0.3.0"

@@ -16,7 +16,7 @@ parameters). vmap over examples and jit at the call site; the settings are stati
 come as keys; large sample counts are drawn ``sample_chunk`` samples per decoder call. The two
 optimisations (q*, refinement) are also given as a state and its step functions, with Python
 drivers (``drive_search``, ``drive_refinement``) that give the same iterates: XLA:CPU runs
-convolution gradients inside lax loops ~4x slower (in CPU time) than as separate jitted calls.
+convolution gradients inside lax loops slower than as separate jitted calls (docs/devices.md).
 
 ``Measurements`` puts these together for a batch of examples of any decoder: compiled once,
 each example's noise from its own key, the optimisations driven from Python.
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from iavae_jax import objectives
-from iavae_jax.hparams import REFINE_TUNE_SAMPLES
+from iavae_jax.hparams import REFINE_TUNE_SAMPLES, SA_VAE_BATCH_SIZE, GapSettings
 
 __all__ = ["CONVERGENCE_TOLERANCE", "QStarSettings", "SA_VAE_BATCH_SIZE", "RefineSettings",
            "elbo_estimate", "log_px_estimate", "QStarSearch", "start_search", "search_step",
@@ -45,7 +45,7 @@ __all__ = ["CONVERGENCE_TOLERANCE", "QStarSettings", "SA_VAE_BATCH_SIZE", "Refin
            "drive_refinement", "TUNE_SGD_FACTORS", "TUNE_ADAM_RATES", "refinement_candidates",
            "tune_refinement", "steps_to_reach", "Compiled", "Measurements"]
 
-CONVERGENCE_TOLERANCE = 0.05   # nats, on the mean of L[q*] over the examples
+CONVERGENCE_TOLERANCE = GapSettings.convergence_tolerance   # nats, on the mean of L[q*]
 
 
 def _positive(owner: str, **values) -> None:
@@ -60,13 +60,13 @@ class QStarSettings:
   every 100 steps, stop after 10 checks without improvement), with two differences: a check is a
   fixed-noise ELBO estimate of the current (mean, log_var) (theirs: the mean training loss of the
   last 100 steps), and max_steps caps the run (theirs ran until the patience ran out)."""
-  learning_rate: float = 1e-3   # Adam
-  samples_per_step: int = 50    # reparameterised samples in each step's ELBO
-  check_every: int = 100        # steps between checks
-  check_samples: int = 100      # samples of the check's ELBO estimate (the same at every check)
-  patience: int = 10            # checks without improvement before stopping
-  max_steps: int = 100_000      # at most this many steps (rounded up to a whole check)
-  sample_chunk: int = 100       # samples per decoder call in the check
+  learning_rate: float = GapSettings.qstar_learning_rate   # Adam
+  samples_per_step: int = GapSettings.qstar_samples    # reparameterised samples in a step's ELBO
+  check_every: int = GapSettings.qstar_check_every     # steps between checks
+  check_samples: int = GapSettings.qstar_check_samples  # samples of the check's ELBO estimate
+  patience: int = GapSettings.qstar_patience     # checks without improvement before stopping
+  max_steps: int = GapSettings.qstar_max_steps   # at most this many (rounded up to a whole check)
+  sample_chunk: int = GapSettings.sample_chunk   # samples per decoder call in the check
 
   def validate(self) -> "QStarSettings":
     _positive("QStarSettings", learning_rate=self.learning_rate,
@@ -81,24 +81,17 @@ class QStarSettings:
     return dataclasses.replace(self, patience=2 * self.patience, max_steps=2 * self.max_steps)
 
 
-# SA-VAE's refinement (harvardnlp/sa-vae, train_img.py and optim_n2n.py at test time): SGD with
-# momentum 0.5 and learning rate 1 on the mean negative ELBO of a batch of 50 examples, one
-# sample per step, each of the batch's two [50, k] gradients (mean, log-variance) clipped to norm
-# 5. Per example, independent of any batch, that is learning rate 1/50 on the example's own
-# negative ELBO, and (for a batch whose examples' gradients have equal norms) a clip at 5 sqrt(50)
-# of each of the example's two gradients.
-SA_VAE_BATCH_SIZE = 50
 
 
 @dataclasses.dataclass(frozen=True)
 class RefineSettings:
   """Test-time refinement of (mean, log_var) by gradient ascent on the ELBO (defaults: SA-VAE's
-  settings per example, see SA_VAE_BATCH_SIZE)."""
-  learning_rate: float = 1.0 / SA_VAE_BATCH_SIZE
-  momentum: float = 0.5                                  # heavy ball, as optax.sgd
-  max_grad_norm: float = 5.0 * math.sqrt(SA_VAE_BATCH_SIZE)  # each of the two gradients
-  samples_per_step: int = 1
-  optimizer: str = "sgd"      # "sgd" (with momentum) or "adam" (momentum unused)
+  settings per example, see hparams.SA_VAE_BATCH_SIZE)."""
+  learning_rate: float = GapSettings.refine_learning_rate
+  momentum: float = GapSettings.refine_momentum              # heavy ball, as optax.sgd
+  max_grad_norm: float = GapSettings.refine_max_grad_norm    # each of the two gradients
+  samples_per_step: int = GapSettings.refine_samples
+  optimizer: str = GapSettings.refine_optimizer   # "sgd" (with momentum) or "adam" (no momentum)
 
   def validate(self) -> "RefineSettings":
     _positive("RefineSettings", learning_rate=self.learning_rate,

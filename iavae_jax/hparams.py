@@ -199,12 +199,22 @@ class SyntheticVAEConfig:
     return self
 
 
+# SA-VAE's refinement (harvardnlp/sa-vae, train_img.py and optim_n2n.py at test time): SGD with
+# momentum 0.5 and learning rate 1 on the mean negative ELBO of a batch of 50 examples, one
+# sample per step, each of the batch's two [50, k] gradients (mean, log-variance) clipped to norm
+# 5. Per example, independent of any batch, that is learning rate 1/50 on the example's own
+# negative ELBO, and (for a batch whose examples' gradients have equal norms) a clip at 5 sqrt(50)
+# of each of the example's two gradients.
+SA_VAE_BATCH_SIZE = 50
+
+
 @dataclasses.dataclass(frozen=True)
 class GapSettings:
   """The gap decomposition of a trained model over a data set (``iavae_jax.gap_runs``) and the
-  refinement curve measured beside it. The defaults are ``iavae_jax.gaps``': Cremer et al.'s
-  for q* (Adam 1e-3, 50 samples per step, a check every 100 steps, patience 10, 5,000 samples
-  for the final values and for log p^) and SA-VAE's test-time refinement, per example.
+  refinement curve measured beside it. The defaults, which ``iavae_jax.gaps``' settings take
+  from here: Cremer et al.'s for q* (Adam 1e-3, 50 samples per step, a check every 100 steps,
+  patience 10, 5,000 samples for the final values and for log p^) and SA-VAE's test-time
+  refinement, per example (see SA_VAE_BATCH_SIZE).
   ``validate`` checks every field and names the one that is wrong."""
   num_examples: int = 0               # the first N images of the test split (0: all of it)
   batch_size: int = 50                # examples per jitted call
@@ -218,9 +228,9 @@ class GapSettings:
   iwae_samples: int = 5000            # K of log p^ (q* as the proposal)
   sample_chunk: int = 100             # samples per decoder call
   refine_steps: tuple[int, ...] = (1, 5, 20, 100)   # K recorded on the refinement curve
-  refine_learning_rate: float = 1 / 50               # SGD with momentum (SA-VAE per example)
+  refine_learning_rate: float = 1 / SA_VAE_BATCH_SIZE   # SGD with momentum, heavy ball
   refine_momentum: float = 0.5
-  refine_max_grad_norm: float = 5 * 50**0.5
+  refine_max_grad_norm: float = 5 * SA_VAE_BATCH_SIZE**0.5   # each of the two gradients
   refine_samples: int = 1             # samples per refinement step
   refine_optimizer: str = "sgd"       # "sgd" (heavy ball, refine_momentum) or "adam"
   # > 0: the VAE's refinement is also tuned, its optimiser, step size and samples per step chosen

@@ -20,7 +20,7 @@ from iavae_jax.data import images
 from iavae_jax.errors import ConfigError
 
 __all__ = ["find_results", "results_under", "read_results", "run_models", "checkpoint_dir",
-           "load", "with_mean_input", "decoder_passes", "run_data", "early_stopping"]
+           "load", "with_mean_input", "decoder_passes", "run_data", "read_gaps", "early_stopping"]
 
 
 def find_results(workdir: str) -> list[str]:
@@ -164,6 +164,14 @@ def run_data(workdir: str, dataset: str, split_seed: int,
     raise ConfigError(f"the data read from {data_dir} are not those of the run in {workdir} "
                       f"(recorded {recorded}, read {data.info}); pass the run's data_dir.")
   return data
+
+
+def read_gaps(workdir: str) -> dict | None:
+  """DIR/gaps.json, experiments.gaps' measurements of the run, or None where there is none."""
+  path = os.path.join(workdir, "gaps.json")
+  if not os.path.exists(path):
+    return None
+  return runs.read_json(path, "rerun experiments.gaps on that run or remove the file")
 
 
 def early_stopping(workdir: str, run: dict, seeds: Sequence[int], models: Sequence[str]) -> dict:

@@ -44,7 +44,7 @@ from iavae_jax.models import decoders, encoders, pixelcnn
 
 __all__ = ["ImageVAEConfig", "Model", "Batch", "encode_fn", "stage_start", "kind_of",
            "check_params", "stage_optimizer", "kl_weight", "train_step", "stage_schedule",
-           "validation_elbo", "validation_score", "make_epoch_fn", "Trained", "load_trained",
+           "validation_elbo", "validation_score", "stage_epoch_fn", "Trained", "load_trained",
            "dataset_elbo", "evaluate", "reconstruct", "gap_measurements", "matched_model",
            "mean_inputs", "param_counts"]
 
@@ -81,8 +81,9 @@ class Model:
   @property
   def compiler_options(self) -> dict:
     """XLA options for the training steps and validation: on CPU, a dense encoder and decoder
-    train 2-3x faster without XLA's YNNPACK reductions and with its loop emitters
-    (benchmarks/step_cost.py); the convolutional models gain nothing, so they keep the defaults."""
+    train faster without XLA's YNNPACK reductions and with its loop emitters
+    (benchmarks/step_cost.py; docs/devices.md); the convolutional models gain nothing, so they
+    keep the defaults."""
     dense = self.config.encoder == "mlp" and self.config.decoder == "mlp"
     return training.cpu_compiler_options(loop_emitters=True) if dense else {}
 
@@ -489,7 +490,7 @@ def stage_schedule(config: ImageVAEConfig, kind: str, steps_per_epoch: int) -> t
 def _epoch_functions(model: Model, kind: str, steps_per_epoch: int,
                      parallel: parallel_lib.Parallel | None, freeze_decoder: bool = False):
   """The jitted pieces of an epoch of a model of this kind: start, train_step and finish (see
-  make_epoch_fn)."""
+  stage_epoch_fn)."""
   config, schedule = model.config, stage_schedule(model.config, kind, steps_per_epoch)
 
   def start(key, train, order):
@@ -530,13 +531,13 @@ def validation_elbo(model: Model, kind: str, params, frozen, valid: jax.Array) -
                       model.config.eval_batch_size)
 
 
-def make_epoch_fn(model: Model, kind: str, name: str, valid: jax.Array, train_size: int,
-                  parallel: parallel_lib.Parallel | None = None, freeze_decoder: bool = False):
+def stage_epoch_fn(model: Model, kind: str, name: str, valid: jax.Array, train_size: int,
+                   parallel: parallel_lib.Parallel | None = None, freeze_decoder: bool = False):
   """An epoch of a model of this kind for ``training.train_model`` (or ``stages.run_stage``):
   epoch(state, train [N, 28, 28], order) -> (state, EpochMetrics). A Python loop of the jitted
   ``train_step`` over the shuffled batches (XLA:CPU runs convolution gradients inside a loop
-  ~8x slower than outside one), a progress line named ``name`` at most every 30 s of a long
-  epoch, then the validation ELBO on ``valid`` [n, 28, 28] as the monitored score."""
+  slower than outside one: docs/devices.md), a progress line named ``name`` at most every 30 s
+  of a long epoch, then the validation ELBO on ``valid`` [n, 28, 28] as the monitored score."""
   steps_per_epoch = train_size // model.config.batch_size
   schedule = stage_schedule(model.config, kind, steps_per_epoch)
   start, step, finish = _epoch_functions(model, kind, steps_per_epoch, parallel,

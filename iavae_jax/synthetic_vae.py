@@ -9,7 +9,8 @@ vmapped; evaluation uses these) and examples along the last axis (``TrainEncodeF
 populations train, several times faster on CPU).
 
     config = hparams.SyntheticVAEConfig().validate()
-    epoch_fn, optimizer = synthetic_vae.make_epoch_fn(config, synthetic_vae.vae_train_encode)
+    epoch_fn, optimizer = synthetic_vae.population_epoch_fn(config,
+                                                            synthetic_vae.vae_train_encode)
     # one model's epoch: epoch_fn(state, x [3, N], order); training.train_population for many
 """
 
@@ -28,11 +29,11 @@ from iavae_jax.models import encoders, oracle
 __all__ = ["LOOP_EMITTERS", "vae_encode", "vae_train_encode", "hypernet_context",
            "feedback_context", "context_size", "decoder_passes", "iavae_encode",
            "iavae_train_encode", "init_vaes", "IAVAEs", "init_iavaes", "param_counts",
-           "exact_score", "make_epoch_fn"]
+           "exact_score", "population_epoch_fn"]
 
 # Whether a population's epoch compiles with XLA:CPU's loop emitters
-# (training.cpu_compiler_options): the IA-VAEs' epochs ran 1.3x faster with them, the VAEs' 1.3x
-# slower (benchmarks/synthetic_step.py).
+# (training.cpu_compiler_options): faster for the IA-VAEs' epochs, slower for the VAEs'
+# (benchmarks/synthetic_step.py; docs/devices.md).
 LOOP_EMITTERS = {"vae": False, "iavae": True}
 # encode(params, frozen, x [B, 3]) -> (mean [B, 2], log_var [B, 2]): the models as the paper
 # defines them, one example at a time (Flax modules, vmapped); evaluation uses these.
@@ -215,9 +216,9 @@ def exact_score(config: SyntheticVAEConfig, encode: TrainEncodeFn,
   return score_fn
 
 
-def make_epoch_fn(config: SyntheticVAEConfig, encode: TrainEncodeFn,
-                  parallel: parallel_lib.Parallel | None = None, examples_last: bool = True,
-                  compiler_options: dict | None = None):
+def population_epoch_fn(config: SyntheticVAEConfig, encode: TrainEncodeFn,
+                        parallel: parallel_lib.Parallel | None = None, examples_last: bool = True,
+                        compiler_options: dict | None = None):
   """The training epoch: S-sample Monte Carlo ELBO for the gradient, exact ELBO monitored.
 
   ``encode`` is a TrainEncodeFn, or an EncodeFn with ``examples_last=False`` (benchmarks and

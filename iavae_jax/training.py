@@ -8,7 +8,7 @@ early stopping. Once a model has stopped, its epochs pass its state through unch
 Two drivers:
   ``train_model`` runs one model's epochs, given any epoch function: the image experiments loop
       over a jitted ``train_step(state, batch)`` in Python (XLA:CPU runs convolution gradients
-      inside a loop ~8x slower than outside one);
+      inside a loop several times slower than outside one: docs/devices.md);
   ``train_population`` runs a population (VAE seeds, IA-VAE seeds, encoder widths), stacked
       along a leading model axis, with the epoch of ``make_epoch_fn``: steps under lax.scan,
       models under vmap, several epochs per jitted call. The fast form for small models.
@@ -26,8 +26,8 @@ A population's model is described by functions of (params, frozen, ...), ``froze
 Data order: epoch e of a model whose order seed is the integer tuple s visits the examples in
 the order of ``numpy.random.default_rng([*s, e]).permutation(N)`` (the last N mod B are
 dropped). It is drawn on the host, while the device runs the previous chunk: XLA's sort on CPU is
-~25x slower than NumPy's shuffle, and a pure function of (s, e) makes a resumed run see exactly
-the batches an uninterrupted one would.
+much slower than NumPy's shuffle (docs/devices.md), and a pure function of (s, e) makes a resumed
+run see exactly the batches an uninterrupted one would.
 """
 import dataclasses
 import functools
@@ -134,12 +134,16 @@ def model_keys(seed: int, *path: int) -> tuple[jax.Array, jax.Array]:
   return init_key, train_key
 
 
-def population_keys(paths: list[tuple[int, ...]]) -> tuple[jax.Array, jax.Array, np.ndarray]:
-  """For a population of models named by integer tuples (seed, *path), their stacked
+def population_keys(paths: list[tuple[int, ...]], prefix: tuple[int, ...] = ()
+                    ) -> tuple[jax.Array, jax.Array, np.ndarray]:
+  """For a population of models named by integer tuples (seed, *path), or by prefix + each of
+  ``paths`` (e.g. prefix (seed, population id) and paths the models' indices), their stacked
   ``model_keys``, initialisation [M, 2] and training [M, 2], and their data-order seeds [M, K]
   (``train_population``'s order_seeds)."""
-  if not paths or len({len(p) for p in paths}) != 1:
-    raise ValueError("population_keys: give one or more paths, all of the same length.")
+  paths = [tuple(prefix) + tuple(path) for path in paths]
+  if not paths or len({len(p) for p in paths}) != 1 or not paths[0]:
+    raise ValueError("population_keys: give one or more paths, all of the same length, that "
+                     "with the prefix name a seed.")
   init_keys, train_keys = zip(*(model_keys(*path) for path in paths))
   return jnp.stack(init_keys), jnp.stack(train_keys), np.array(paths)
 

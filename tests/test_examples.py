@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, optimized_env
+from conftest import REAL_DATA, ROOT, optimized_env
 
 
 def test_readme_example_trains_an_iavae_above_its_vae():
@@ -19,12 +19,12 @@ def test_readme_example_trains_an_iavae_above_its_vae():
   assert namespace["after"] > namespace["before"] + 1.0, (namespace["before"], namespace["after"])
 
 
-def _run_example(name: str) -> str:
-  """examples/NAME's standard output, run as after `pip install -e .` (the library importable,
-  the script run by path), optimised: the script's time is training, not compiling."""
+def _run_example(name: str, *args: str) -> str:
+  """examples/NAME's standard output (given args), run as after `pip install -e .` (the library
+  importable, the script run by path), optimised: the script's time is training, not compiling."""
   env = dict(optimized_env(),
              PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-  result = subprocess.run([sys.executable, os.path.join("examples", name)], cwd=ROOT,
+  result = subprocess.run([sys.executable, os.path.join("examples", name), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
@@ -41,7 +41,9 @@ def test_own_encoder_example_prints_the_elbo_before_and_after_stage_2():
 
 @pytest.mark.slow   # a whole script in a subprocess
 def test_image_vae_example_trains_both_stages_and_the_control_from_the_library():
-  stdout = _run_example("image_vae.py")
+  # On the MNIST subset where IAVAE_TEST_DATA holds it, else on the example's toy images.
+  mnist = os.path.join(REAL_DATA or "", "mnist-5k")
+  stdout = _run_example("image_vae.py", *([mnist] if REAL_DATA and os.path.isdir(mnist) else []))
   found = re.findall(r"(VAE|IA-VAE|control): +test ELBO (-?\d+\.\d+) nats, IWAE \(K=100\) "
                      r"(-?\d+\.\d+)", stdout)
   assert [name for name, _, _ in found] == ["VAE", "IA-VAE", "control"], stdout

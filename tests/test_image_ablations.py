@@ -163,7 +163,7 @@ def test_dense_models_train_an_epoch_with_their_compiler_options():
   assert _model().compiler_options == {}   # the convolutional models keep XLA's defaults
   state, _ = _stage_2(model, "iavae", freeze_decoder=False)
   valid = (X_GREY[:8] > 0.5).astype(jnp.float32)
-  epoch = image_vae.make_epoch_fn(model, "iavae", "test", valid, X_GREY.shape[0])
+  epoch = image_vae.stage_epoch_fn(model, "iavae", "test", valid, X_GREY.shape[0])
   new, _ = epoch(state, X_GREY, jnp.arange(X_GREY.shape[0]))
   assert int(new.epoch) == 1 and np.isfinite(float(new.best_score))
   score = image_vae.validation_score(model, "iavae")(new.params, new.frozen, valid)

@@ -483,8 +483,9 @@ def test_paper_tier_steps_on_cpu():
     ckpt.close()
 
 
-def test_help_gives_every_tiers_value_of_a_flag():
-  result = run("experiments.images", "--helpfull")   # absl's help exits with 1
+@pytest.mark.parametrize("help_flag", ["--help", "--helpfull"])
+def test_help_gives_every_tiers_value_of_a_flag(help_flag):
+  result = run("experiments.images", help_flag)   # absl's help exits with 1
   text = " ".join(result.stdout.split())
   values = "; ".join(f"{tier}: {configs.image_config('mnist', tier).latent_dim}"
                      for tier in configs.IMAGE_TIERS)

@@ -81,6 +81,20 @@ def test_bad_shapes_are_named(eps_shape, mean_shape, log_var_shape, message):
     objectives.elbo(jnp.zeros(eps_shape), jnp.zeros(mean_shape), jnp.zeros(log_var_shape), ll)
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda: oracle.exact_elbo(jnp.zeros((5, 2)), jnp.zeros((5, 2)), jnp.zeros((5, 2)), SIGMA),
+     r"exact_elbo: x must have shape \[..., 3\], got \(5, 2\)"),
+    (lambda: oracle.exact_elbo(jnp.zeros((5, 3)), jnp.zeros((5, 3)), jnp.zeros((5, 2)), SIGMA),
+     r"exact_elbo: mean must have shape \[..., 2\], got \(5, 3\)"),
+    (lambda: oracle.log_likelihood(jnp.zeros((5, 3)), jnp.zeros(5), SIGMA),
+     r"log_likelihood: z must have shape \[..., 2\], got \(5,\)"),
+    (lambda: oracle.decoder(jnp.zeros(())), r"decoder: z must have shape \[..., 2\], got \(\)"),
+])
+def test_the_oracle_names_an_argument_of_the_wrong_size(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
 def test_noise_shared_across_the_batch_broadcasts():
   # eps [S, 1, k] for mean [B, k]: the same draws for every example (common random numbers).
   x = _data().x

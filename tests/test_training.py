@@ -199,6 +199,17 @@ class TrainingTest(chex.TestCase):
     chex.assert_trees_all_equal((init_key, train_key), tuple(jax.random.split(key)))
     self.assertFalse(np.array_equal(training.model_keys(3, 2, 8)[0], init_key))
 
+  def test_population_keys_stack_each_models_keys_under_the_prefix(self):
+    init_keys, train_keys, order_seeds = training.population_keys([(7,), (8,)], prefix=(3, 2))
+    chex.assert_shape((init_keys, train_keys), (2, 2))
+    np.testing.assert_array_equal(order_seeds, [[3, 2, 7], [3, 2, 8]])
+    chex.assert_trees_all_equal((init_keys[1], train_keys[1]), training.model_keys(3, 2, 8))
+    chex.assert_trees_all_equal((init_keys, train_keys, order_seeds),
+                                training.population_keys([(3, 2, 7), (3, 2, 8)]))
+    for paths, prefix in (([], (3,)), ([(1,), (1, 2)], (3,)), ([()], ())):
+      with self.assertRaises(ValueError):
+        training.population_keys(paths, prefix)
+
   def test_checkpointer_errors_and_round_trip(self):
     ckpt = checkpoints.Checkpointer(tempfile.mkdtemp())
     self.assertIsNone(ckpt.latest_step())

@@ -5,5 +5,7 @@ The names ``images.load`` accepts live here, free of JAX, so that command lines 
 before importing it.
 """
 
+__all__ = ["DATASETS", "SOURCES"]
+
 DATASETS = ("mnist", "fashion_mnist", "omniglot", "binarized_mnist")   # images.load's data sets
 SOURCES = ("auto", "local", "tfds")   # where images.load reads them (see images.load)

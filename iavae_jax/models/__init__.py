@@ -1,1 +1,3 @@
 """Encoders and decoders. Modules return distribution parameters; losses live in objectives."""
+
+__all__ = []   # the modules: decoders, encoders, oracle, pixelcnn

@@ -74,10 +74,10 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   """The convolution of x [N, H, W, C_in] with kernel [kh, kw, C_in, C_out], as patches @ kernel.
 
   Same result as ``lax.conv_general_dilated`` (NHWC/HWIO), but vmapping it over a batch of
-  kernels gives a batched matmul rather than a grouped convolution, whose backward pass is ~80x
-  slower on CPU (docs/results.md). The patches are strided slices of the padded input, so their
+  kernels gives a batched matmul rather than a grouped convolution, whose backward pass is far
+  slower on CPU (docs/devices.md). The patches are strided slices of the padded input, so their
   gradient is slicing and padding too (``lax.conv_general_dilated_patches`` has a convolution
-  as its gradient, and made the vmapped encoder's backward pass ~15x slower). The
+  as its gradient, and made the vmapped encoder's backward pass slower too). The
   instance-adaptive encoder uses this form.
   """
   kh, kw, c_in, c_out = kernel.shape

@@ -18,14 +18,24 @@ LATENT_DIM = 2
 DATA_DIM = 3
 
 
+def _check_last_axes(fn: str, **arrays) -> None:
+  """Each array's last axis is DATA_DIM (x) or LATENT_DIM (the others)."""
+  for name, value in arrays.items():
+    size = DATA_DIM if name == "x" else LATENT_DIM
+    if jnp.ndim(value) < 1 or jnp.shape(value)[-1] != size:
+      raise ValueError(f"{fn}: {name} must have shape [..., {size}], got {jnp.shape(value)}.")
+
+
 def decoder(z: jax.Array) -> jax.Array:
   """f(z) = A z + g(z). z: [..., 2] -> [..., 3]."""
+  _check_last_axes("decoder", z=z)
   z1, z2 = z[..., 0], z[..., 1]
   return jnp.stack([z1, z2, z1 + z2 + z1 * z2], axis=-1)
 
 
 def log_likelihood(x: jax.Array, z: jax.Array, sigma: float) -> jax.Array:
   """log p(x | z) = log N(x; f(z), sigma^2 I). x: [..., 3], z: [..., 2] -> [...]."""
+  _check_last_axes("log_likelihood", x=x, z=z)
   return distributions.gaussian_log_likelihood(x, decoder(z), sigma)
 
 
@@ -44,6 +54,7 @@ def expected_log_likelihood(x: jax.Array, mean: jax.Array, log_var: jax.Array,
   expanding the square, to avoid cancellation in float32).
   x: [..., 3], mean, log_var: [..., 2] -> [...].
   """
+  _check_last_axes("expected_log_likelihood", x=x, mean=mean, log_var=log_var)
   v = jnp.exp(log_var)
   m1, m2, v1, v2 = mean[..., 0], mean[..., 1], v[..., 0], v[..., 1]
   a, b = 1.0 + m1, 1.0 + m2
@@ -54,6 +65,8 @@ def expected_log_likelihood(x: jax.Array, mean: jax.Array, log_var: jax.Array,
 
 
 def exact_elbo(x: jax.Array, mean: jax.Array, log_var: jax.Array, sigma: float) -> jax.Array:
-  """The ELBO of q = N(mean, diag(exp(log_var))) for the oracle decoder, exactly. [...]."""
+  """The ELBO of q = N(mean, diag(exp(log_var))) for the oracle decoder, exactly.
+  x: [..., 3], mean, log_var: [..., 2] -> [...]."""
+  _check_last_axes("exact_elbo", x=x, mean=mean, log_var=log_var)
   return (expected_log_likelihood(x, mean, log_var, sigma)
           - distributions.kl_to_standard_normal(mean, log_var))
