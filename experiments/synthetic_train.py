@@ -1,7 +1,8 @@
 """The synthetic oracle experiment: train, evaluate, report (paper section 4.1, Tables 2-3,
 Figures 6-7), plus an exact decomposition of the inference gap.
 
-Three populations are trained, each as one vmapped, scanned computation:
+Three populations are trained, each as one vmapped, scanned computation
+(``synthetic_vae.population_epoch_fn`` scans ``synthetic_vae.train_step`` over the batches):
   vae   : num_vae_seeds VAEs (encoder width ``encoder_width``; the decoder is the fixed truth);
   iavae : for each VAE, num_iavae_seeds IA-VAEs on its frozen encoder (hypernetwork and block
           embeddings trained, nothing else);

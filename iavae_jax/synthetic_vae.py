@@ -29,7 +29,7 @@ from iavae_jax.models import encoders, oracle
 __all__ = ["LOOP_EMITTERS", "vae_encode", "vae_train_encode", "hypernet_context",
            "feedback_context", "context_size", "decoder_passes", "iavae_encode",
            "iavae_train_encode", "init_vaes", "IAVAEs", "init_iavaes", "param_counts",
-           "exact_score", "population_epoch_fn"]
+           "exact_score", "train_step", "population_epoch_fn"]
 
 # Whether a population's epoch compiles with XLA:CPU's loop emitters
 # (training.cpu_compiler_options): faster for the IA-VAEs' epochs, slower for the VAEs'
@@ -216,28 +216,36 @@ def exact_score(config: SyntheticVAEConfig, encode: TrainEncodeFn,
   return score_fn
 
 
-def population_epoch_fn(config: SyntheticVAEConfig, encode: TrainEncodeFn,
-                        parallel: parallel_lib.Parallel | None = None, examples_last: bool = True,
-                        compiler_options: dict | None = None):
-  """The training epoch: S-sample Monte Carlo ELBO for the gradient, exact ELBO monitored.
-
-  ``encode`` is a TrainEncodeFn, or an EncodeFn with ``examples_last=False`` (benchmarks and
-  tests compare the two). ``compiler_options``: see ``training.make_epoch_fn``."""
+def train_step(config: SyntheticVAEConfig, encode: TrainEncodeFn, examples_last: bool = True):
+  """A synthetic model's optimiser step and its optimiser, (step, optimizer): Adam at
+  config.learning_rate on the negative ELBO of a batch, config.num_samples reparameterised
+  samples under the true decoder. step(frozen, (params, opt_state), (x [3, B], eps [S, B, 2]))
+  -> ((params, opt_state), training.StepMetrics) (``training.make_step_fn``; an EncodeFn and
+  x [B, 3] with ``examples_last=False``)."""
   to_rows = _rows(examples_last)
-
-  def noise_fn(key, num_steps, unused_epoch):
-    return jax.random.normal(
-        key, (num_steps, config.num_samples, config.batch_size, oracle.LATENT_DIM))
 
   def loss_fn(params, frozen, x, eps):
     mean, log_var = encode(params, frozen, x)
     terms = objectives.elbo(eps, to_rows(mean), to_rows(log_var),
                             lambda z: oracle.log_likelihood(to_rows(x), z, config.sigma))
     return -jnp.mean(terms.elbo), jnp.mean(terms.kl)
-
-  schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
   optimizer = optax.adam(config.learning_rate)
-  return training.make_epoch_fn(noise_fn, loss_fn, exact_score(config, encode, examples_last),
-                                optimizer, schedule, parallel=parallel,
-                                examples_last=examples_last,
-                                compiler_options=compiler_options), optimizer
+  return training.make_step_fn(loss_fn, optimizer), optimizer
+
+
+def population_epoch_fn(config: SyntheticVAEConfig, encode: TrainEncodeFn,
+                        parallel: parallel_lib.Parallel | None = None, examples_last: bool = True,
+                        compiler_options: dict | None = None):
+  """The training epoch and its optimiser, (epoch, optimizer): ``train_step`` scanned over the
+  batches (``training.scan_epoch_fn``), the exact ELBO monitored (``exact_score``).
+
+  ``encode`` is a TrainEncodeFn, or an EncodeFn with ``examples_last=False`` (benchmarks and
+  tests compare the two). ``compiler_options``: see ``training.scan_epoch_fn``."""
+  def noise_fn(key, num_steps, unused_epoch):
+    return jax.random.normal(
+        key, (num_steps, config.num_samples, config.batch_size, oracle.LATENT_DIM))
+
+  step, optimizer = train_step(config, encode, examples_last)
+  schedule = training.Schedule(config.batch_size, config.max_epochs, config.patience)
+  return training.scan_epoch_fn(noise_fn, step, exact_score(config, encode, examples_last),
+                                schedule, parallel, examples_last, compiler_options), optimizer

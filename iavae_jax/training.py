@@ -43,10 +43,9 @@ from iavae_jax import parallel as parallel_lib
 from iavae_jax.blocks import PyTree
 
 __all__ = ["NoiseFn", "LossFn", "ScoreFn", "TrainState", "StepMetrics", "EpochMetrics", "diverged",
-           "patience_check",
-           "Schedule", "init_state", "derive_key", "model_keys", "population_keys",
-           "is_done", "idle_metrics",
-           "end_epoch", "make_step_fn", "make_epoch_fn", "train_model", "cpu_compiler_options",
+           "patience_check", "Schedule", "init_state", "derive_key", "model_keys",
+           "population_keys", "is_done", "idle_metrics", "end_epoch", "make_step_fn",
+           "make_epoch_fn", "scan_epoch_fn", "train_model", "cpu_compiler_options",
            "make_population_step", "data_orders", "train_population"]
 
 NoiseFn = Callable[[jax.Array, int, jax.Array], PyTree]
@@ -225,22 +224,30 @@ def make_epoch_fn(noise_fn: NoiseFn, loss_fn: LossFn, score_fn: ScoreFn,
                   parallel: Optional[parallel_lib.Parallel] = None,
                   examples_last: bool = False, compiler_options: Optional[dict] = None):
   """Returns epoch(state, data, order) -> (state, EpochMetrics) for one model of a population:
-  one pure function (steps under lax.scan) to be jitted, vmapped over a population and scanned
-  over epochs (``train_population``).
+  ``scan_epoch_fn`` of the step ``make_step_fn(loss_fn, optimizer)``."""
+  return scan_epoch_fn(noise_fn, make_step_fn(loss_fn, optimizer), score_fn, schedule, parallel,
+                       examples_last, compiler_options)
+
+
+def scan_epoch_fn(noise_fn: NoiseFn, step: Callable, score_fn: ScoreFn, schedule: Schedule,
+                  parallel: Optional[parallel_lib.Parallel] = None,
+                  examples_last: bool = False, compiler_options: Optional[dict] = None):
+  """Returns epoch(state, data, order) -> (state, EpochMetrics) for one model of a population:
+  one pure function, the optimiser ``step`` (``make_step_fn``'s form) scanned over the epoch's
+  batches, to be jitted, vmapped over a population and scanned over epochs
+  (``train_population``).
 
   order: [num_steps * batch_size] example indices for this epoch. A model that is done passes
   through unchanged. With a ``parallel`` in ``data`` mode, every batch is split over its devices
   (the caller places states and data with ``parallel.shared``; ``train_population`` does).
 
-  With ``examples_last``, loss_fn and score_fn see their examples along the last axis: x_batch
+  With ``examples_last``, the step and score_fn see their examples along the last axis: x_batch
   [..., B] and data [..., N] (``data`` is still passed as [N, ...]; it is transposed once per
   epoch). For models written to vectorise over a trailing example axis on CPU.
 
   ``compiler_options`` (default ``cpu_compiler_options()``) go to XLA with the
   population's epochs; the returned function carries them as its ``compiler_options``.
   """
-  step = make_step_fn(loss_fn, optimizer)
-
   def epoch(state: TrainState, data: jax.Array, order: jax.Array):
     num_steps = order.shape[0] // schedule.batch_size
     key, noise_key = jax.random.split(state.key)

@@ -10,13 +10,14 @@ import shutil
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import common, configs, synthetic_train
-from iavae_jax import blocks, hypernets, synthetic_vae
+from iavae_jax import blocks, hypernets, objectives, synthetic_vae
 from iavae_jax.data import synthetic
-from iavae_jax.models import encoders
+from iavae_jax.models import encoders, oracle
 from conftest import TINY, run_module
 
 
@@ -104,6 +105,31 @@ def test_second_run_resumes_instead_of_retraining(tiny_run):
     second = json.load(f)
   assert second["table2"] == first["table2"]
   assert second["table3"] == first["table3"]
+
+
+@pytest.mark.parametrize("examples_last", [True, False])
+def test_train_step_is_adam_on_the_negative_monte_carlo_elbo(examples_last):
+  config = dataclasses.replace(configs.synthetic_full(), num_samples=3).validate()
+  x = synthetic.generate(jax.random.PRNGKey(0), 5, config.sigma).x             # [5, 3]
+  phi = encoders.MLPEncoder(config.encoder_width).init(jax.random.PRNGKey(1), x[0])["params"]
+  eps = jax.random.normal(jax.random.PRNGKey(2), (3, 5, 2))
+  encode = (synthetic_vae.vae_train_encode if examples_last
+            else synthetic_vae.vae_encode(config.encoder_width))
+  step, optimizer = synthetic_vae.train_step(config, encode, examples_last)
+  (params, _), metrics = jax.jit(step)(None, (phi, optimizer.init(phi)),
+                                       (x.T if examples_last else x, eps))
+
+  def negative_elbo(phi):
+    mean, log_var = synthetic_vae.vae_encode(config.encoder_width)(phi, None, x)
+    terms = objectives.elbo(eps, mean, log_var,
+                            lambda z: oracle.log_likelihood(x, z, config.sigma))
+    return -jnp.mean(terms.elbo), jnp.mean(terms.kl)
+  (loss, kl), grads = jax.value_and_grad(negative_elbo, has_aux=True)(phi)
+  chex.assert_trees_all_close((metrics.loss, metrics.kl), (loss, kl), rtol=1e-5)
+  # Adam's first step: every parameter moves by learning_rate * g / (|g| + 1e-8).
+  chex.assert_trees_all_close(params, jax.tree.map(
+      lambda p, g: p - config.learning_rate * g / (jnp.abs(g) + 1e-8), phi, grads),
+      rtol=1e-4, atol=1e-7)
 
 
 # Bad input: the command line's own check, and one of the configuration's, in a subprocess (its
