@@ -8,9 +8,10 @@ their flags before importing it.
 
 import dataclasses
 
-__all__ = ["DESIGNS", "FEEDBACKS", "KINDS", "ENCODERS", "DECODERS", "HYPERNET_INPUTS",
-           "WEIGHT_DECAY_MODES", "SYNTHETIC_INPUTS", "REFINE_TUNE_SAMPLES", "ImageVAEConfig",
-           "SyntheticVAEConfig", "GapSettings", "check_fields"]
+__all__ = ["DESIGNS", "FEEDBACKS", "KINDS", "INFERRING_KINDS", "ENCODERS", "DECODERS",
+           "HYPERNET_INPUTS", "WEIGHT_DECAY_MODES", "SYNTHETIC_INPUTS", "REFINE_TUNE_SAMPLES",
+           "SA_VAE_BATCH_SIZE", "ImageVAEConfig", "SyntheticVAEConfig", "GapSettings",
+           "check_fields"]
 
 # The hypernetwork designs (iavae_jax.hypernets.HYPERNETS): the paper's structured one, Ha et
 # al.'s static hypernetwork, a one-hidden-layer generator.
@@ -19,6 +20,7 @@ DESIGNS = ("paper", "ha", "mlp")
 # gradient, or the image minus the decoder's mean.
 FEEDBACKS = ("gradient", "residual")
 KINDS = ("vae", "iavae", "control", "corrector")   # what a model's step, encoder and optimiser are
+INFERRING_KINDS = ("iavae", "corrector")   # the kinds whose inference may see the feedback
 ENCODERS = ("resnet", "mlp")
 # pixelcnn: the gated PixelCNN without a blind spot; pixelcnn_kim: Kim et al.'s masking exactly;
 # mlp: a dense decoder of independent pixels given z.

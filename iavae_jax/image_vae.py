@@ -38,7 +38,7 @@ from iavae_jax import (adaptive, blocks, checkpoints, distributions, gaps, hyper
 from iavae_jax import feedback as feedback_lib
 from iavae_jax import parallel as parallel_lib, progress, training
 from iavae_jax.errors import ConfigError
-from iavae_jax.hparams import KINDS, ImageVAEConfig
+from iavae_jax.hparams import INFERRING_KINDS, KINDS, ImageVAEConfig
 from iavae_jax.data import images
 from iavae_jax.models import decoders, encoders, pixelcnn
 
@@ -178,7 +178,7 @@ class Model:
     """Decoder passes per example (a forward or backward pass of one sample counting one) that
     the inference of a model of this kind costs: the feedback's, for an IA-VAE or a corrector
     on a feedback input; none otherwise."""
-    if kind not in ("iavae", "corrector"):
+    if kind not in INFERRING_KINDS:
       return 0
     return feedback_lib.decoder_passes(self.feedback, self.config.passes,
                                        self.config.feedback_samples)
@@ -284,7 +284,7 @@ class Model:
   def _encode_fn(self, kind: str, layout: blocks.BlockLayout | None) -> EncodeFn:
     def encode(params, frozen, x):
       _check_images("encode", "x", x, channels=True)
-      if kind in ("iavae", "corrector"):
+      if kind in INFERRING_KINDS:
         return self.infer(kind, layout, params, frozen, x, self.context_fn(params, frozen, x))
       stats = params["batch_stats"] if kind == "vae" else frozen["batch_stats"]
       return self.encoder.apply({"params": params["encoder"], "batch_stats": stats}, x,
