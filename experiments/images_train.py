@@ -89,7 +89,7 @@ def train_seed(model: Model, workdir: str, seed: int, data: images.ImageSplits,
     state = stages.run_stage(
         stage_name, workdir,
         image_vae.stage_epoch_fn(run_model, spec.kind, stage_name, valid, train.shape[0],
-                                parallel, spec.freeze_decoder),
+                                 parallel, spec.freeze_decoder),
         training.init_state(params,
                             image_vae.stage_optimizer(config, spec.kind, spec.freeze_decoder),
                             train_key, frozen, start if config.start_as_candidate else None),

@@ -31,7 +31,6 @@ from experiments import configs, tables
 from experiments.configs import SyntheticConfig
 
 
-
 def model_keys(config: SyntheticConfig, population: str, indices: list[tuple[int, ...]]):
   """Init and training keys [M, 2], and data-order seeds [M, K], for the population's models
   named by index tuples (``training.population_keys`` under (seed, its key id))."""
