@@ -28,7 +28,7 @@ MEAN_CONTEXT = "iavae" + configs.MEAN_SUFFIX
 # The flags that change a design, shown in its label where they differ from their defaults.
 DESIGN_FLAGS = {"hypernet_input": "input", "hypernet_hidden": "hidden",
                 "ha_block_gains": "block_gains", "hypernet_projection": "projection",
-                "passes": "passes", "feedback_samples": "samples"}
+                "passes": "passes", "feedback_samples": "samples", "adapted_blocks": "blocks"}
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(configs.ImageConfig)}
 
 

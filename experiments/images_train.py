@@ -216,11 +216,15 @@ def train_and_evaluate(config: ImageConfig, workdir: str, data_dir: str | None =
   split over its devices (the image seeds train one after another, so ``seeds`` mode does not
   apply: ``training.train_model`` refuses it)."""
   config.validate()
+  model = Model(config)
+  try:
+    model.adapted_layout()
+  except ValueError as e:
+    raise common.ConfigError(f"--{e}") from None
   data = load_data(config, data_dir, source)
   runs.prepare_workdir(workdir, config, may_change=("num_seeds",))   # seeds added or left
   check_data(workdir, data.info)
   start = time.time()
-  model = Model(config)
   print(f"config: {config}", flush=True)
   print(f"data: {data.info}; train {data.train.shape[0]}, valid {data.valid.shape[0]}, "
         f"test {data.test.shape[0]}", flush=True)

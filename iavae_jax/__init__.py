@@ -9,4 +9,4 @@ Every module lists its public names in ``__all__``; CHANGELOG.md records their c
 
 __all__ = ["__version__"]
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -6,17 +6,21 @@ leaf's shape, are that block's delta (paper: ``h(x, e_l; psi)_{1:d_l}``).
 
 The image hypernetworks emit a block slice by slice instead, one slice per input feature
 (paper section 4.2, after Ha et al.): ``Slicing`` and ``slicings``.
+
+A hypernetwork may adapt some blocks only: laid out over ``select(params, pattern)``, the
+sub-tree of the blocks whose paths match, it leaves every other block at phi_AVI's value.
 """
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["PyTree", "BlockLayout", "input_feature_axes", "Slicing", "slicings"]
+__all__ = ["PyTree", "BlockLayout", "select", "input_feature_axes", "Slicing", "slicings"]
 
 PyTree = Any
 
@@ -66,10 +70,57 @@ class BlockLayout:
               for l, (size, shape) in enumerate(zip(self.sizes, self.shapes))]
     return jax.tree.unflatten(self.treedef, leaves)
 
+  def check_within(self, owner: str, params: PyTree) -> "BlockLayout":
+    """params' layout, which must hold every block of this one at its path with its shape (this
+    layout is params' or a ``select`` of it); raises ValueError, naming the first block that
+    differs, otherwise."""
+    full = BlockLayout.from_tree(params)
+    shapes = dict(zip(full.paths, full.shapes))
+    for path, shape in zip(self.paths, self.shapes):
+      if shapes.get(path) != shape:
+        raise ValueError(
+            f"{owner}: the hypernetwork's block {path!r} {shape} is "
+            f"{'not in' if path not in shapes else f'{shapes[path]} in'} the encoder's "
+            f"parameters (blocks {', '.join(full.paths)}); lay it out over "
+            "BlockLayout.from_tree(phi_avi), or over blocks.select(phi_avi, pattern).")
+    return full
+
   def flatten(self, params: PyTree) -> jax.Array:
     """The inverse of ``unflatten``: [num_blocks, d_max], each row zero-padded after d_l."""
     leaves = jax.tree.leaves(params)
     return jnp.stack([jnp.pad(jnp.ravel(leaf), (0, self.d_max - leaf.size)) for leaf in leaves])
+
+
+def _key(entry) -> Any:
+  """A path entry's key (DictKey, SequenceKey or GetAttrKey) as a dict key."""
+  for name in ("key", "idx", "name"):
+    if hasattr(entry, name):
+      return getattr(entry, name)
+  raise ValueError(f"select: cannot rebuild a tree with the path entry {entry!r}.")
+
+
+def select(params: PyTree, pattern: str) -> PyTree:
+  """The blocks of params whose paths (``BlockLayout.paths``, e.g. "mean/kernel") match the
+  regular expression ``pattern`` (``re.search``), as nested dicts holding only them: the layout
+  for a hypernetwork that adapts those blocks alone. "" selects every block (params itself).
+  Raises ValueError for a pattern that is not a regular expression or matches no block."""
+  if not pattern:
+    return params
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"select: {pattern!r} is not a regular expression ({e}).") from None
+  chosen = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if regex.search(jax.tree_util.keystr(path, simple=True, separator="/")):
+      node = chosen
+      for entry in path[:-1]:
+        node = node.setdefault(_key(entry), {})
+      node[_key(path[-1])] = leaf
+  if not chosen:
+    raise ValueError(f"select: no block path matches {pattern!r}; the paths are "
+                     f"{', '.join(BlockLayout.from_tree(params).paths)}.")
+  return chosen
 
 
 def input_feature_axes(shape: tuple[int, ...]) -> tuple[int, ...]:

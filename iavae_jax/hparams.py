@@ -7,6 +7,7 @@ their flags before importing it.
 """
 
 import dataclasses
+import re
 
 __all__ = ["DESIGNS", "FEEDBACKS", "KINDS", "INFERRING_KINDS", "ENCODERS", "DECODERS",
            "HYPERNET_INPUTS", "WEIGHT_DECAY_MODES", "SYNTHETIC_INPUTS", "REFINE_TUNE_SAMPLES",
@@ -81,6 +82,10 @@ class ImageVAEConfig:
   ha_block_gains: bool = False      # ha: a per-block gain on the x-part of the code
   hypernet_projection: int = 0      # > 0: the design sees a learned projection of the context to
                                     # this many numbers (ha's first layers grow with its size)
+  # The encoder blocks the hypernetwork adapts: a regular expression over their paths
+  # (blocks.select; e.g. "^(mean|log_var)/" for the dense encoder's output layers), "" for every
+  # block; the others keep phi_AVI's value.
+  adapted_blocks: str = ""
   # What the hypernetwork sees of x (HYPERNET_INPUTS). The paper's raw image diverged on
   # Fashion-MNIST: Adam's first step moves every delta by ~lr x (ink pixels), coherently; over
   # the image's Euclidean norm by ~lr x sqrt(ink pixels).
@@ -143,6 +148,11 @@ class ImageVAEConfig:
     if self.hypernet_hidden and self.hypernet == "paper":
       raise ValueError("hypernet_hidden sets the hidden width of hypernet=ha or mlp; the paper "
                        "design has no hidden layer.")
+    try:
+      re.compile(self.adapted_blocks)
+    except re.error as e:
+      raise ValueError(f"adapted_blocks={self.adapted_blocks!r} is not a regular expression "
+                       f"({e}).") from None
     if self.ha_block_gains and self.hypernet != "ha":
       raise ValueError(f"ha_block_gains applies to hypernet=ha only, not {self.hypernet}.")
     check_fields(self, positive=(

@@ -154,6 +154,17 @@ class Model:
     size = jax.eval_shape(self.hypernet_context, frozen, x0).shape[-1]
     return size + (2 * self.config.latent_dim + self.feedback_size if self.feedback else 0)
 
+  def adapted_layout(self, phi_avi=None) -> blocks.BlockLayout:
+    """The blocks of the encoder's parameters phi_avi (by default their shapes at
+    initialisation) that the hypernetwork adapts: those ``config.adapted_blocks`` selects
+    (``blocks.select``; every block for ""). Raises ValueError where it selects none."""
+    phi_avi = _encoder_shapes(self)["params"] if phi_avi is None else phi_avi
+    try:
+      return blocks.BlockLayout.from_tree(blocks.select(phi_avi, self.config.adapted_blocks))
+    except ValueError as e:
+      raise ValueError(f"adapted_blocks={self.config.adapted_blocks!r}: "
+                       f"{str(e).removeprefix('select: ')}") from None
+
   def init_hypernet(self, key: jax.Array, layout: blocks.BlockLayout):
     return self.hypernet(layout).init(key, jnp.zeros(self.context_size))["params"]
 
@@ -164,8 +175,7 @@ class Model:
     many parameters as the hypernetwork."""
     width = self.config.corrector_hidden
     if not width:
-      layout = blocks.BlockLayout.from_tree(_encoder_shapes(self)["params"])
-      target = hypernets.num_params(self.hypernet(layout), self.context_size)
+      target = hypernets.num_params(self.hypernet(self.adapted_layout()), self.context_size)
       # (m + 1) w + (w + 1) w + (w + 1) 2k parameters = target, for w.
       k2, b = 2 * self.config.latent_dim, self.context_size + 2 + 2 * self.config.latent_dim
       width = max(1, round((-b + math.sqrt(b * b + 4 * (target - k2))) / 2))
@@ -323,7 +333,7 @@ def encode_fn(model: Model, kind: str, frozen) -> EncodeFn:
   callers compile once."""
   if kind not in KINDS:
     raise ValueError(f"encode_fn: kind={kind!r} is not one of {', '.join(KINDS)}.")
-  layout = blocks.BlockLayout.from_tree(frozen["phi_avi"]) if kind == "iavae" else None
+  layout = model.adapted_layout(frozen["phi_avi"]) if kind == "iavae" else None
   return model._encode_fn(kind, layout)  # pylint: disable=protected-access
 
 
@@ -342,7 +352,7 @@ def stage_start(model: Model, kind: str, vae: dict, key: jax.Array) -> tuple[dic
                      "parameters as Model.init_vae returns them.")
   frozen = {"phi_avi": vae["encoder"], "batch_stats": vae["batch_stats"]}
   if kind == "iavae":
-    psi = model.init_hypernet(key, blocks.BlockLayout.from_tree(vae["encoder"]))
+    psi = model.init_hypernet(key, model.adapted_layout(vae["encoder"]))
     return {"hypernet": psi, "decoder": vae["decoder"]}, frozen
   if kind == "corrector":
     return {"corrector": model.init_corrector(key), "decoder": vae["decoder"]}, frozen
@@ -729,7 +739,7 @@ def mean_inputs(model: Model, params: dict, frozen: dict, train: jax.Array,
   if model.feedback is None:
     contexts = jax.lax.map(lambda chunk: model.hypernet_context(frozen, chunk), chunks)
     return {"mean_context": jnp.einsum("cb,cbm->m", weights, contexts) / jnp.sum(weights)}
-  layout = blocks.BlockLayout.from_tree(frozen["phi_avi"])
+  layout = model.adapted_layout(frozen["phi_avi"])
 
   def chunk_feedback(chunk):   # [passes, B, feedback_size] along the IA-VAE's own passes
     seen, context_fn = [], model.context_fn(params, frozen, chunk)
@@ -753,16 +763,19 @@ def _encoder_shapes(model: Model):
 
 
 def param_counts(model: Model) -> dict:
-  """Parameter counts of the encoder, decoder and hypernetwork, and the encoder's blocks."""
+  """Parameter counts of the encoder, decoder, corrector and hypernetwork, the encoder's blocks
+  and how many of them the hypernetwork adapts."""
   x0 = jnp.zeros((1, 28, 28, 1))
   enc = _encoder_shapes(model)
   dec = jax.eval_shape(model.decoder.init, jax.random.PRNGKey(0), x0,
                        jnp.zeros((1, model.config.latent_dim)))
-  layout = blocks.BlockLayout.from_tree(enc["params"])
+  layout = model.adapted_layout(enc["params"])
   psi = jax.eval_shape(lambda key: model.init_hypernet(key, layout), jax.random.PRNGKey(0))
   omega = jax.eval_shape(model.init_corrector, jax.random.PRNGKey(0))
   return {"encoder": _count(enc["params"]), "decoder": _count(dec["params"]),
           "corrector": _count(omega),
-          "hypernetwork": _count(psi), "encoder_blocks": layout.num_blocks}
+          "hypernetwork": _count(psi),
+          "encoder_blocks": blocks.BlockLayout.from_tree(enc["params"]).num_blocks,
+          "adapted_blocks": layout.num_blocks}
 
 

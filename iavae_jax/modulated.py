@@ -288,7 +288,7 @@ def _rule_for(module: nn.Module, rules: dict[type, Rule]) -> Rule | None:
 @dataclasses.dataclass
 class _Interceptor:
   """Applies every example's deltas to the modules of one encoder call (see modulated_encode)."""
-  blocks_by_path: dict[str, _Block]   # every block, by its path in the parameter tree
+  blocks_by_path: dict[str, _Block]   # every adapted block, by its path in the parameter tree
   batch: int
   rules: dict[type, Rule]
   busy: bool = False                   # inside a module already being handled
@@ -328,9 +328,11 @@ class _Interceptor:
     (its first argument's leading axis; the other arguments are the same for every example)."""
     variables = dict(module.variables)
 
-    def per_example(path, shared):
-      block = self.blocks_by_path[_join(prefix, jax.tree_util.keystr(path, simple=True,
-                                                                      separator="/"))]
+    def per_example(path, shared):   # a block the hypernetwork does not adapt stays shared
+      block = self.blocks_by_path.get(_join(prefix, jax.tree_util.keystr(path, simple=True,
+                                                                          separator="/")))
+      if block is None:
+        return jnp.broadcast_to(shared, (self.batch, *shared.shape))
       return shared + jax.vmap(block.cut.assemble)(block.factors.per_example())
     params = jax.tree_util.tree_map_with_path(per_example, variables.pop("params"))
     layer = module.clone(parent=None)
@@ -367,22 +369,25 @@ def concat_factors(first: Factors, second: Factors) -> Factors:
 
 def apply_factors(encoder_apply: Callable[[PyTree, jax.Array], Any], phi_avi: PyTree,
                   factors: Sequence[Factors], cuts: Sequence[blocks.Slicing], x: jax.Array,
-                  rules: dict[type, Rule] | None = None):
+                  rules: dict[type, Rule] | None = None, layout: BlockLayout | None = None):
   """encoder_apply on x [B, ...] with every example's parameters phi_AVI + (its deltas, given
-  as ``factors``, one per block of phi_avi in the order of its leaves, cut as ``cuts``), none
-  of them formed. See ``modulated_encode``."""
-  layout = BlockLayout.from_tree(phi_avi)
+  as ``factors``, one per block of ``layout`` in its order, cut as ``cuts``), none of them
+  formed. layout: the blocks adapted, phi_avi's or a ``blocks.select`` of it (None: every block
+  of phi_avi); the others keep phi_AVI's value. See ``modulated_encode``."""
+  full = BlockLayout.from_tree(phi_avi)
+  layout = full if layout is None else layout
+  layout.check_within("apply_factors", phi_avi)
   if len(factors) != layout.num_blocks or len(cuts) != layout.num_blocks:
-    raise ValueError(f"apply_factors: phi_avi has {layout.num_blocks} blocks, but "
+    raise ValueError(f"apply_factors: {layout.num_blocks} blocks are adapted, but "
                      f"{len(factors)} factors and {len(cuts)} cuts were given; give one of each "
-                     "per block, in the order of jax.tree.leaves(phi_avi).")
-  shared = [leaf + cut.assemble(f.offset)
-            for leaf, f, cut in zip(jax.tree.leaves(phi_avi), factors, cuts)]
-  interceptor = _Interceptor(
-      {path: _Block(f, cut) for path, f, cut in zip(layout.paths, factors, cuts)},
-      x.shape[0], RULES if rules is None else rules)
+                     "per block, in the order of the layout's paths.")
+  adapted = {path: _Block(f, cut) for path, f, cut in zip(layout.paths, factors, cuts)}
+  shared = [leaf + adapted[path].cut.assemble(adapted[path].factors.offset)
+            if path in adapted else leaf
+            for path, leaf in zip(full.paths, jax.tree.leaves(phi_avi))]
+  interceptor = _Interceptor(adapted, x.shape[0], RULES if rules is None else rules)
   with nn.intercept_methods(interceptor):
-    return encoder_apply(jax.tree.unflatten(layout.treedef, shared), x)
+    return encoder_apply(jax.tree.unflatten(full.treedef, shared), x)
 
 
 def _check_hypernet(owner: str, hypernet: nn.Module, phi_avi: PyTree):
@@ -390,11 +395,7 @@ def _check_hypernet(owner: str, hypernet: nn.Module, phi_avi: PyTree):
     raise ValueError(f"{owner}: the hypernet ({type(hypernet).__name__}) gives no factored "
                      "deltas (a `factors` method: the image designs of hypernets.make_hypernet "
                      "do); apply it with adaptive.instance_adaptive_encode instead.")
-  layout = BlockLayout.from_tree(phi_avi)
-  if layout != hypernet.layout:
-    raise ValueError(f"{owner}: phi_avi's blocks {layout.shapes} are not those the hypernet was "
-                     f"built for ({hypernet.layout.shapes}); build it on "
-                     "BlockLayout.from_tree(phi_avi).")
+  hypernet.layout.check_within(owner, phi_avi)
 
 
 def _check_context(owner: str, contexts: jax.Array, batch: int, name: str = "context"):
@@ -414,7 +415,8 @@ def modulated_encode(encoder_apply: Callable[[PyTree, jax.Array], Any], hypernet
   ``lambda phi, x: encoder.apply({"params": phi, "batch_stats": stats}, x, train=False)``; its
   modules must take the examples along their input's leading axis, and no collection may be
   mutable. hypernet: a design with ``factors`` (``hypernets.make_hypernet``, or a
-  ``hypernets.ProjectedContext`` of one) over phi_avi's layout; psi its parameters. context
+  ``hypernets.ProjectedContext`` of one) over phi_avi's layout, or over a ``blocks.select`` of
+  it to adapt those blocks alone; psi its parameters. context
   [B, m]: what the hypernetwork sees of each example (x itself, flattened, when None). rules:
   module class -> ``Rule`` (default ``RULES``).
   Returns what encoder_apply returns: the same, to float rounding, as
@@ -424,7 +426,7 @@ def modulated_encode(encoder_apply: Callable[[PyTree, jax.Array], Any], hypernet
   contexts = x.reshape(x.shape[0], -1) if context is None else context
   _check_context("modulated_encode", contexts, x.shape[0])
   factors = hypernet.apply({"params": psi}, contexts, method="factors")
-  return apply_factors(encoder_apply, phi_avi, factors, hypernet.cuts, x, rules)
+  return apply_factors(encoder_apply, phi_avi, factors, hypernet.cuts, x, rules, hypernet.layout)
 
 
 def iterative_encode(encoder_apply: Callable[[PyTree, jax.Array], tuple[jax.Array, jax.Array]],
@@ -453,5 +455,6 @@ def iterative_encode(encoder_apply: Callable[[PyTree, jax.Array], tuple[jax.Arra
     _check_context("iterative_encode", contexts, x.shape[0], f"context_fn({t}, mean, log_var)")
     new = hypernet.apply({"params": psi}, contexts, method="factors")
     factors = new if factors is None else tuple(map(concat_factors, factors, new))
-    mean, log_var = apply_factors(encoder_apply, phi_avi, factors, hypernet.cuts, x, rules)
+    mean, log_var = apply_factors(encoder_apply, phi_avi, factors, hypernet.cuts, x, rules,
+                                  hypernet.layout)
   return mean, log_var

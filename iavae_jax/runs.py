@@ -32,7 +32,8 @@ def prepare_workdir(workdir: str, config: Any, may_change: tuple[str, ...] = ())
   A workdir holds the checkpoints of one configuration; resuming it with another would mix runs,
   so that is refused before anything is written. Only the fields ``may_change`` (e.g. how many
   seeds a run holds: each seed's models are checkpointed apart) may differ: config.json then
-  records the new values, and the run resumes what the workdir holds.
+  records the new values, and the run resumes what the workdir holds. A field that config.json
+  lacks (one added to the configuration after the run began) counts as its default.
   """
   _require_workdir(workdir)
   try:
@@ -48,7 +49,7 @@ def prepare_workdir(workdir: str, config: Any, may_change: tuple[str, ...] = ())
     if not isinstance(recorded, dict):
       raise ConfigError(f"{path} does not hold a JSON object; restore it, or use a new workdir.")
     fixed = lambda fields: {k: v for k, v in fields.items() if k not in may_change}
-    details = differences(fixed(recorded), fixed(wanted))
+    details = differences(fixed({**_defaults(config), **recorded}), fixed(wanted))
     if details:
       raise ConfigError(f"workdir {workdir} holds a run with a different configuration "
                         f"({details}). Use a new workdir, or the same configuration to resume.")
@@ -60,6 +61,12 @@ def prepare_workdir(workdir: str, config: Any, may_change: tuple[str, ...] = ())
     write_json(path, wanted)
   # Checkpoints without a config.json: restoring them checks their structure and shapes, and the
   # run records its config only once it has finished (see record_config).
+
+
+def _defaults(config: Any) -> dict:
+  """The config's fields that have defaults, at their defaults, as they read back from JSON."""
+  return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(config)
+                                if f.default is not dataclasses.MISSING}))
 
 
 def record_or_compare(path: str, wanted: dict, remedy: str) -> str:

@@ -46,6 +46,25 @@ class BlocksTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, r"expected rows of shape \[4, >=8\]"):
       layout.unflatten(jnp.zeros((3, 8)))
 
+  def test_select_keeps_the_matching_blocks_at_their_paths(self):
+    params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+              "mean": {"kernel": jnp.ones((2, 4)), "bias": jnp.zeros(4)}}
+    self.assertIs(blocks.select(params, ""), params)
+    chosen = blocks.select(params, "^mean/|bias$")
+    self.assertEqual(blocks.BlockLayout.from_tree(chosen).paths,
+                     ("Dense_0/bias", "mean/bias", "mean/kernel"))
+    self.assertIs(chosen["mean"]["kernel"], params["mean"]["kernel"])
+    layout = blocks.BlockLayout.from_tree(chosen)
+    self.assertEqual(layout.check_within("t", params), blocks.BlockLayout.from_tree(params))
+    with self.assertRaisesRegex(ValueError, r"no block path matches 'log_var'; the paths are "
+                                            r"Dense_0/bias, Dense_0/kernel, mean/bias"):
+      blocks.select(params, "log_var")
+    with self.assertRaisesRegex(ValueError, r"'\(' is not a regular expression"):
+      blocks.select(params, "(")
+    with self.assertRaisesRegex(ValueError, r"t: the hypernetwork's block 'mean/bias' \(4,\) is "
+                                            r"not in the encoder's parameters"):
+      layout.check_within("t", {"Dense_0": params["Dense_0"]})
+
   def test_hypernet_rejects_a_batch(self):
     x, _, psi, _, _, hypernet_apply = _setup()
     with self.assertRaisesRegex(ValueError, "one example"):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iavae_jax import blocks, checkpoints, hypernets, hparams, image_vae, training
+from iavae_jax import adaptive, blocks, checkpoints, hypernets, hparams, image_vae, training
 from iavae_jax.errors import ConfigError
 from iavae_jax.data import images
 
@@ -34,6 +34,7 @@ def test_the_defaults_are_valid_and_the_names_match_the_modules():
     ({"warmup_start": 1.5}, "warmup_start is a KL weight in (0, 1]"),
     ({"weight_decay": -1.0}, "weight_decay must be non-negative and finite"),
     ({"corrector_hidden": -1}, "corrector_hidden must be a non-negative integer, got -1"),
+    ({"adapted_blocks": "mean("}, "adapted_blocks='mean(' is not a regular expression"),
     ({"hypernet_learning_rate": float("nan")},
      "hypernet_learning_rate must be positive and finite, got nan"),
 ])
@@ -84,6 +85,41 @@ def test_the_iavae_at_zero_output_layers_is_the_vae_on_the_library_path():
   got = image_vae.encode_fn(model, "iavae", frozen)({"hypernet": psi}, frozen, x)
   want = image_vae.encode_fn(model, "vae", {})(vae, {}, x)
   chex.assert_trees_all_close(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("feedback", ["image_l2", "residual"])
+def test_adapted_blocks_leave_the_other_blocks_at_the_vaes(feedback):
+  # The output layers alone: the hidden layer's parameters never move; trained output layers
+  # differ per example; the parameter counts and a pattern that selects nothing.
+  model = image_vae.Model(dataclasses.replace(DENSE, adapted_blocks="^(mean|log_var)/",
+                                              hypernet_input=feedback, hypernet_init_std=0.3))
+  vae = model.init_vae(jax.random.PRNGKey(0))
+  params, frozen = image_vae.stage_start(model, "iavae", vae, jax.random.PRNGKey(1))
+  assert model.adapted_layout().paths == ("log_var/bias", "log_var/kernel", "mean/bias",
+                                          "mean/kernel")
+  counts = image_vae.param_counts(model)
+  assert (counts["encoder_blocks"], counts["adapted_blocks"]) == (6, 4)
+  x = (jax.random.uniform(jax.random.PRNGKey(2), (6, 28, 28, 1)) < 0.3).astype(jnp.float32)
+  encode = image_vae.encode_fn(model, "iavae", frozen)
+  mean, log_var = encode(params, frozen, x)
+  chex.assert_shape([mean, log_var], (6, 4))
+  hidden = jax.nn.relu(x.reshape(6, -1) @ vae["encoder"]["Dense_0"]["kernel"]
+                       + vae["encoder"]["Dense_0"]["bias"])
+  base_mean = hidden @ vae["encoder"]["mean"]["kernel"] + vae["encoder"]["mean"]["bias"]
+  assert float(jnp.abs(mean - base_mean).min()) > 1e-4
+  # mean_i = relu(x_i W_0 + b_0) (W + dW_i) + b + db_i with the VAE's W_0 and b_0.
+  if feedback == "image_l2":
+    hypernet = model.hypernet(model.adapted_layout())
+    for i, c in enumerate(adaptive.normalized_context(x)):
+      deltas = hypernet.apply({"params": params["hypernet"]}, c)
+      want = hidden[i] @ (vae["encoder"]["mean"]["kernel"] + deltas["mean"]["kernel"]) + (
+          vae["encoder"]["mean"]["bias"] + deltas["mean"]["bias"])
+      chex.assert_trees_all_close(mean[i], want, rtol=1e-4, atol=1e-5)
+  full = image_vae.Model(dataclasses.replace(model.config, adapted_blocks=""))
+  assert image_vae.param_counts(full)["hypernetwork"] > counts["hypernetwork"]
+  nothing = image_vae.Model(dataclasses.replace(DENSE, adapted_blocks="^decoder/"))
+  with pytest.raises(ValueError, match=r"adapted_blocks='\^decoder/': no block path matches"):
+    image_vae.stage_start(nothing, "iavae", vae, jax.random.PRNGKey(1))
 
 
 def test_subset_caps_each_split_and_refuses_negative_sizes():

@@ -170,6 +170,7 @@ def test_bad_flags_exit_2_and_write_nothing(flags, message):
      "--hypernet_hidden sets the hidden width of --hypernet=ha or mlp"),
     ({"hypernet": "mlp", "ha_block_gains": True}, "--ha_block_gains applies to --hypernet=ha"),
     ({"hypernet_projection": -1}, "--hypernet_projection must be a non-negative integer"),
+    ({"adapted_blocks": "mean("}, "--adapted_blocks='mean(' is not a regular expression"),
 ])
 def test_bad_settings_are_refused(overrides, message):
   with pytest.raises(common.ConfigError, match=re.escape(message)):
@@ -179,6 +180,8 @@ def test_bad_settings_are_refused(overrides, message):
 @pytest.mark.parametrize("overrides, data_dir, message", [
     ({"batch_size": 500}, None, "no full batch"),
     ({}, "/nonexistent/mnist", "/nonexistent/mnist"),
+    ({"adapted_blocks": "^decoder/"}, None,
+     "--adapted_blocks='^decoder/': no block path matches '^decoder/'; the paths are "),
 ])
 def test_bad_data_is_refused_before_anything_is_written(tmp_path, smoke_data_dir, overrides,
                                                        data_dir, message):

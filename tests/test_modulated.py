@@ -194,6 +194,31 @@ def _resnet_proposition_1_case(design):
   chex.assert_trees_all_close(got, encoder.apply(variables, x, train=False), atol=1e-5)
 
 
+def _selected_case(pattern, design):
+  """A hypernetwork over blocks.select(phi, pattern) of the user's encoder: the modulated path
+  matches the reference path (outputs and gradients), each example's encoder differs from the
+  base one, and the deltas touch the selected blocks only."""
+  encoder = UserEncoder()
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 6, 6, 2))
+  variables = jax.jit(encoder.init)(jax.random.PRNGKey(1), x)
+  selected = blocks.select(variables["params"], pattern)
+  hypernet = hypernets.make_hypernet(design, blocks.BlockLayout.from_tree(selected), init_std=0.3)
+  contexts = x.reshape(3, -1)
+  psi = jax.jit(hypernet.init)(jax.random.PRNGKey(3), contexts[0])["params"]
+  reference, modulated_ = _paths(encoder, variables, hypernet, x, contexts)
+  (_, want), want_grad = jax.jit(jax.value_and_grad(_loss(reference), has_aux=True))(psi)
+  (_, got), got_grad = jax.jit(jax.value_and_grad(_loss(modulated_), has_aux=True))(psi)
+  assert float(jnp.abs(want[0] - encoder.apply(variables, x)[0]).min()) > 1e-4
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(got_grad, want_grad, rtol=1e-3, atol=1e-4)
+  deltas = hypernet.apply({"params": psi}, contexts[0])
+  phi_0 = adaptive.modulate(variables["params"], deltas)
+  paths = blocks.BlockLayout.from_tree(selected).paths
+  for path, old, new in zip(blocks.BlockLayout.from_tree(variables["params"]).paths,
+                            jax.tree.leaves(variables["params"]), jax.tree.leaves(phi_0)):
+    assert (path in paths) == bool(jnp.any(old != new)), path
+
+
 # The checks that hold for every design: one design each in the fast tier (FAST_DESIGN), the
 # others in the extended tier.
 FAST_DESIGN = {_user_encoder_case: "paper", _projected_context_case: "ha",
@@ -256,13 +281,21 @@ class ModulatedTest(chex.TestCase, parameterized.TestCase):
   def test_proposition_1_on_the_resnet_encoder(self):
     _resnet_proposition_1_case(FAST_DESIGN[_resnet_proposition_1_case])
 
+  # The output layer (its rule), biases alone (the Conv and Dense rules decline a layer whose
+  # kernel is not adapted: the reference path for that call), a rule layer beside a layer
+  # without one.
+  @parameterized.parameters(("^Dense_0/", "mlp"), ("bias$", "paper"), ("^(Conv_0|Scale_0)/", "ha"))
+  def test_a_hypernetwork_over_some_blocks(self, pattern, design):
+    _selected_case(pattern, design)
+
   def test_errors_name_the_argument(self):
     encoder, variables, x, contexts, hypernet, psi = _setup("dense", "mlp")
     apply = lambda params, x: encoder.apply({"params": params}, x)
     with self.assertRaisesRegex(ValueError, r"context must be \[B, m\] with B = 3"):
       modulated.modulated_encode(apply, hypernet, variables["params"], psi, x, contexts[:2])
     other = Encoder(nn.Dense(2, name="layer")).init(jax.random.PRNGKey(0), x)["params"]
-    with self.assertRaisesRegex(ValueError, "phi_avi's blocks .* are not those the hypernet"):
+    with self.assertRaisesRegex(ValueError, r"block 'head/kernel' \(5, 4\) is \(2, 4\) in the "
+                                            "encoder's parameters"):
       modulated.modulated_encode(apply, hypernet, other, psi, x, contexts)
     # An encoder that folds the examples into another axis cannot take this path.
     folded = lambda params, x: encoder.apply({"params": params}, x.reshape(1, -1))

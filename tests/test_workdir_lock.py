@@ -202,6 +202,20 @@ def test_record_or_compare_writes_once_then_names_what_differs(tmp_path):
     runs.record_or_compare(path, {"a": 1}, "remove it")
 
 
+def test_a_field_added_since_the_run_began_resumes_at_its_default_only(tmp_path):
+  config = hparams.ImageVAEConfig()
+  runs.prepare_workdir(str(tmp_path), config)
+  path = tmp_path / "config.json"
+  older = {k: v for k, v in runs.read_json(str(path)).items() if k != "adapted_blocks"}
+  runs.write_json(str(path), older)
+  runs.prepare_workdir(str(tmp_path), config)   # resumes: the absent field is at its default
+  runs.write_json(str(path), older)
+  other = hparams.ImageVAEConfig(adapted_blocks="^mean/")
+  with pytest.raises(ConfigError, match="adapted_blocks: recorded '', now '\\^mean/'"):
+    runs.prepare_workdir(str(tmp_path), other)
+  assert runs.read_json(str(path)) == older
+
+
 def test_differences_name_a_key_only_one_side_has():
   assert runs.differences({"a": None}, {}) == "a: recorded None, now absent"
   assert runs.differences({}, {"b": [1]}) == "b: recorded absent, now [1]"
