@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from iavae_jax.blocks import PyTree
+from iavae_jax.blocks import BlockLayout, PyTree
 
 __all__ = ["ApplyFn", "modulate", "modulate_examples_last", "adaptive_encoder_params",
            "instance_adaptive_encode", "submodule_input", "normalized_context"]
@@ -20,16 +20,9 @@ def modulate(phi_avi: PyTree, deltas: PyTree) -> PyTree:
   or like a ``blocks.select`` of it, whose other blocks keep phi_AVI's value."""
   if jax.tree.structure(deltas) == jax.tree.structure(phi_avi):
     return jax.tree.map(jnp.add, phi_avi, deltas)
-  path_of = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")
-  added = {path_of(path): delta for path, delta in jax.tree_util.tree_flatten_with_path(deltas)[0]}
-  keyed, treedef = jax.tree_util.tree_flatten_with_path(phi_avi)
-  unknown = set(added) - {path_of(path) for path, _ in keyed}
-  if unknown:
-    raise ValueError(f"modulate: the deltas' blocks {', '.join(sorted(unknown))} are not in "
-                     "phi_avi; give deltas shaped like phi_avi or like blocks.select(phi_avi, "
-                     "pattern).")
-  return jax.tree.unflatten(treedef, [leaf + added[path_of(path)] if path_of(path) in added
-                                      else leaf for path, leaf in keyed])
+  selection = BlockLayout.from_tree(deltas)
+  selection.check_within("modulate", phi_avi)
+  return selection.add_to(phi_avi, jax.tree.leaves(deltas))
 
 
 def modulate_examples_last(phi_avi: PyTree, deltas: PyTree) -> PyTree:

@@ -85,6 +85,15 @@ class BlockLayout:
             "BlockLayout.from_tree(phi_avi), or over blocks.select(phi_avi, pattern).")
     return full
 
+  def add_to(self, params: PyTree, values: Sequence[jax.Array]) -> PyTree:
+    """params with values[l] added to the block at this layout's path l (this layout params'
+    or a ``select`` of it: ``check_within``), every other block as it is."""
+    full = BlockLayout.from_tree(params)
+    added = dict(zip(self.paths, values))
+    return jax.tree.unflatten(full.treedef, [leaf + added[path] if path in added else leaf
+                                             for path, leaf in zip(full.paths,
+                                                                   jax.tree.leaves(params))])
+
   def flatten(self, params: PyTree) -> jax.Array:
     """The inverse of ``unflatten``: [num_blocks, d_max], each row zero-padded after d_l."""
     leaves = jax.tree.leaves(params)

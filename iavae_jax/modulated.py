@@ -374,20 +374,17 @@ def apply_factors(encoder_apply: Callable[[PyTree, jax.Array], Any], phi_avi: Py
   as ``factors``, one per block of ``layout`` in its order, cut as ``cuts``), none of them
   formed. layout: the blocks adapted, phi_avi's or a ``blocks.select`` of it (None: every block
   of phi_avi); the others keep phi_AVI's value. See ``modulated_encode``."""
-  full = BlockLayout.from_tree(phi_avi)
-  layout = full if layout is None else layout
+  layout = BlockLayout.from_tree(phi_avi) if layout is None else layout
   layout.check_within("apply_factors", phi_avi)
   if len(factors) != layout.num_blocks or len(cuts) != layout.num_blocks:
     raise ValueError(f"apply_factors: {layout.num_blocks} blocks are adapted, but "
                      f"{len(factors)} factors and {len(cuts)} cuts were given; give one of each "
                      "per block, in the order of the layout's paths.")
   adapted = {path: _Block(f, cut) for path, f, cut in zip(layout.paths, factors, cuts)}
-  shared = [leaf + adapted[path].cut.assemble(adapted[path].factors.offset)
-            if path in adapted else leaf
-            for path, leaf in zip(full.paths, jax.tree.leaves(phi_avi))]
+  shared = layout.add_to(phi_avi, [cut.assemble(f.offset) for f, cut in zip(factors, cuts)])
   interceptor = _Interceptor(adapted, x.shape[0], RULES if rules is None else rules)
   with nn.intercept_methods(interceptor):
-    return encoder_apply(jax.tree.unflatten(full.treedef, shared), x)
+    return encoder_apply(shared, x)
 
 
 def _check_hypernet(owner: str, hypernet: nn.Module, phi_avi: PyTree):

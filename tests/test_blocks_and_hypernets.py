@@ -64,6 +64,11 @@ class BlocksTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, r"t: the hypernetwork's block 'mean/bias' \(4,\) is "
                                             r"not in the encoder's parameters"):
       layout.check_within("t", {"Dense_0": params["Dense_0"]})
+    moved = adaptive.modulate(params, {"mean": {"bias": jnp.ones(4)}})
+    chex.assert_trees_all_equal(moved["mean"]["bias"], jnp.ones(4))
+    chex.assert_trees_all_equal({**moved, "mean": {**moved["mean"], "bias": jnp.zeros(4)}}, params)
+    with self.assertRaisesRegex(ValueError, r"modulate: the hypernetwork's block 'log_var/bias' "):
+      adaptive.modulate(params, {"log_var": {"bias": jnp.ones(4)}})
 
   def test_hypernet_rejects_a_batch(self):
     x, _, psi, _, _, hypernet_apply = _setup()
