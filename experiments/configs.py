@@ -261,7 +261,7 @@ def converged_tier(base: ImageConfig) -> ImageConfig:
   decoders (the kind Cremer et al. measured the gaps of), 1,500 / 500 / 500 images, stage 2 at
   the paper's rates (at ten times them the IA-VAE's validation ELBO fell from -120 to -196 in
   its first epoch), 5 seeds. Stage 2's patience counts 1,500 optimiser steps: 150 stopped models
-  whose validation ELBO was still rising (docs/results.md, "The stage-2 patience").
+  whose validation ELBO was still rising (docs/feedback.md, "The stage-2 patience").
 
     python -m experiments.images --dataset=mnist --tier=converged --data_dir=data/mnist-5k \
         --workdir=runs/converged/mnist
