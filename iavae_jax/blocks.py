@@ -108,17 +108,18 @@ def _key(entry) -> Any:
   raise ValueError(f"select: cannot rebuild a tree with the path entry {entry!r}.")
 
 
-def select(params: PyTree, pattern: str) -> PyTree:
+def select(params: PyTree, pattern: str, owner: str = "select") -> PyTree:
   """The blocks of params whose paths (``BlockLayout.paths``, e.g. "mean/kernel") match the
   regular expression ``pattern`` (``re.search``), as nested dicts holding only them: the layout
   for a hypernetwork that adapts those blocks alone. "" selects every block (params itself).
-  Raises ValueError for a pattern that is not a regular expression or matches no block."""
+  Raises ValueError, its message starting with ``owner`` (e.g. the flag that set the pattern),
+  for a pattern that is not a regular expression or matches no block."""
   if not pattern:
     return params
   try:
     regex = re.compile(pattern)
   except re.error as e:
-    raise ValueError(f"select: {pattern!r} is not a regular expression ({e}).") from None
+    raise ValueError(f"{owner}: {pattern!r} is not a regular expression ({e}).") from None
   chosen = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     if regex.search(jax.tree_util.keystr(path, simple=True, separator="/")):
@@ -127,7 +128,7 @@ def select(params: PyTree, pattern: str) -> PyTree:
         node = node.setdefault(_key(entry), {})
       node[_key(path[-1])] = leaf
   if not chosen:
-    raise ValueError(f"select: no block path matches {pattern!r}; the paths are "
+    raise ValueError(f"{owner}: no block path matches {pattern!r}; the paths are "
                      f"{', '.join(BlockLayout.from_tree(params).paths)}.")
   return chosen
 

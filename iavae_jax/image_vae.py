@@ -159,11 +159,9 @@ class Model:
     initialisation) that the hypernetwork adapts: those ``config.adapted_blocks`` selects
     (``blocks.select``; every block for ""). Raises ValueError where it selects none."""
     phi_avi = _encoder_shapes(self)["params"] if phi_avi is None else phi_avi
-    try:
-      return blocks.BlockLayout.from_tree(blocks.select(phi_avi, self.config.adapted_blocks))
-    except ValueError as e:
-      raise ValueError(f"adapted_blocks={self.config.adapted_blocks!r}: "
-                       f"{str(e).removeprefix('select: ')}") from None
+    pattern = self.config.adapted_blocks
+    return blocks.BlockLayout.from_tree(
+        blocks.select(phi_avi, pattern, owner=f"adapted_blocks={pattern!r}"))
 
   def init_hypernet(self, key: jax.Array, layout: blocks.BlockLayout):
     return self.hypernet(layout).init(key, jnp.zeros(self.context_size))["params"]

@@ -56,11 +56,11 @@ class BlocksTest(chex.TestCase):
     self.assertIs(chosen["mean"]["kernel"], params["mean"]["kernel"])
     layout = blocks.BlockLayout.from_tree(chosen)
     self.assertEqual(layout.check_within("t", params), blocks.BlockLayout.from_tree(params))
-    with self.assertRaisesRegex(ValueError, r"no block path matches 'log_var'; the paths are "
-                                            r"Dense_0/bias, Dense_0/kernel, mean/bias"):
+    with self.assertRaisesRegex(ValueError, r"^select: no block path matches 'log_var'; the paths "
+                                            r"are Dense_0/bias, Dense_0/kernel, mean/bias"):
       blocks.select(params, "log_var")
-    with self.assertRaisesRegex(ValueError, r"'\(' is not a regular expression"):
-      blocks.select(params, "(")
+    with self.assertRaisesRegex(ValueError, r"^--only: '\(' is not a regular expression"):
+      blocks.select(params, "(", owner="--only")
     with self.assertRaisesRegex(ValueError, r"t: the hypernetwork's block 'mean/bias' \(4,\) is "
                                             r"not in the encoder's parameters"):
       layout.check_within("t", {"Dense_0": params["Dense_0"]})
