@@ -56,17 +56,18 @@ def load_runs(workdir: str) -> dict[str, dict[str, tuple[str, dict, dict | None]
           for name, by_design in found.items()}
 
 
-def _on_seeds(values: list, run_seeds: list, seeds: list) -> list:
+def on_seeds(values: list, run_seeds: list, seeds: list) -> list:
+  """A run's per-seed values (in the order of its run_seeds) on seeds, a subset of them."""
   index = {seed: i for i, seed in enumerate(run_seeds)}
   return [values[index[seed]] for seed in seeds]
 
 
-def _gap_closed(gaps: dict | None, seeds: list, model: str = "iavae") -> dict | None:
+def gap_closed(gaps: dict | None, seeds: list, model: str = "iavae") -> dict | None:
   """The model's share of its VAE's amortization gap closed on the seeds, if gaps.json has it."""
   entry = (gaps or {}).get(model, {}).get("share_of_vae_amortization_gap_closed")
   if entry is None or not set(seeds) <= set(gaps.get("seeds", [])):
     return None
-  return stats.summarize_seeds(_on_seeds(entry["per_seed"], gaps["seeds"], seeds))
+  return stats.summarize_seeds(on_seeds(entry["per_seed"], gaps["seeds"], seeds))
 
 
 def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
@@ -77,7 +78,7 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
                              "every design with the same --seed and --num_seeds.")
 
   def per_seed(data: dict, model: str, key: str = "test_elbo") -> list:
-    return _on_seeds(data["models"][model][key], data["seeds"], seeds)
+    return on_seeds(data["models"][model][key], data["seeds"], seeds)
 
   first = next(iter(by_design.values()))[1]
   vae = per_seed(first, "vae")
@@ -96,7 +97,7 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
     iavae = per_seed(data, "iavae")
     entry = {"source": os.path.relpath(path, workdir), "iavae": stats.summarize_seeds(iavae),
              "valid_elbo": stats.summarize_seeds(per_seed(data, "iavae", "valid_elbo")),
-             "gap_closed": _gap_closed(gaps, seeds),
+             "gap_closed": gap_closed(gaps, seeds),
              "vs_control": stats.paired_comparison(iavae, per_seed(data, "control"))}
     if MEAN_CONTEXT in data["models"]:
       mean_context = per_seed(data, MEAN_CONTEXT)
@@ -112,11 +113,15 @@ def compare_dataset(workdir: str, name: str, by_design: dict) -> dict:
   return row
 
 
-def _worth_steps(gaps: dict, model: str, seeds: list) -> dict:
+def worth_steps(gaps: dict | None, model: str, seeds: list) -> dict | None:
   """The refinement steps from the VAE at which each refinement curve of gaps.json reaches the
-  model's ELBO, from the means over ``seeds`` (gaps.json's own are over all its seeds)."""
+  model's ELBO, from the means over ``seeds`` (gaps.json's own are over all its seeds); None
+  where gaps.json does not cover the model on those seeds."""
+  if (gaps is None or not set(seeds) <= set(gaps.get("seeds", []))
+      or model not in gaps.get("refinement_steps_worth", {})):
+    return None
   over_seeds = lambda summary: stats.summarize_seeds(
-      _on_seeds(summary["per_seed"], gaps["seeds"], seeds))
+      on_seeds(summary["per_seed"], gaps["seeds"], seeds))
   curves = {label: {"steps": curve["steps"], "elbo": [over_seeds(e) for e in curve["elbo"]]}
             for label, curve in gaps["vae_refinement"].items()}
   worth = gap_runs.steps_worth(curves, over_seeds(gaps[model]["refinement"]["elbo"][0]))  # K = 0
@@ -129,20 +134,18 @@ def frozen_entry(path: str, data: dict, gaps: dict | None, seeds: list) -> dict:
   is worth (from gaps.json, where it covers the seeds), whether its patience was long enough
   and how many seeds ended at the epoch cap (``image_runs.early_stopping``), and the paired
   tests of the IA-VAE against the others (configs.FROZEN_OTHERS)."""
-  per_seed = lambda model: _on_seeds(data["models"][model]["test_elbo"], data["seeds"], seeds)
+  per_seed = lambda model: on_seeds(data["models"][model]["test_elbo"], data["seeds"], seeds)
   passes = data.get("decoder_passes_per_example", {})
   present = [model for model in [configs.FROZEN_IAVAE, *configs.FROZEN_OTHERS.values()]
              if model in data["models"]]
   stopping = image_runs.early_stopping(os.path.dirname(path), data, seeds,
                                        [model for model in present if not configs.ablated(model)])
-  covered = gaps is not None and set(seeds) <= set(gaps.get("seeds", []))
   models = {}
   for model in present:   # an evaluated ablation has no training of its own
-    worth = covered and model in gaps.get("refinement_steps_worth", {})
     models[model] = {
         "test_elbo": stats.summarize_seeds(per_seed(model)),
-        "decoder_passes": passes.get(model, 0), "gap_closed": _gap_closed(gaps, seeds, model),
-        "worth_steps": _worth_steps(gaps, model, seeds) if worth else None,
+        "decoder_passes": passes.get(model, 0), "gap_closed": gap_closed(gaps, seeds, model),
+        "worth_steps": worth_steps(gaps, model, seeds),
         **stopping["models"].get(model, dict.fromkeys(
             ("longest_wait_steps", "lost_at_half_patience", "seeds_at_epoch_cap")))}
   iavae = per_seed(configs.FROZEN_IAVAE)

@@ -1,7 +1,8 @@
 """Every Markdown table the experiments write, each a pure function of the dictionary its
 command writes as JSON beside it: ``table4`` (experiments.report), ``designs``
 (experiments.designs), ``image_run`` and ``synthetic`` (the results.md of experiments.images and
-experiments.synthetic); and the cells they share. gaps.md is ``gap_runs.markdown``'s."""
+experiments.synthetic), ``comparison`` (experiments.compare, which prints it or its dictionary);
+and the cells they share. gaps.md is ``gap_runs.markdown``'s."""
 
 import math
 
@@ -163,6 +164,32 @@ def _designs_frozen(table: dict) -> list[str]:
           "half that patience. A wait near the patience, or a loss far from 0, says a longer "
           "patience could still have found better epochs; a seed at the epoch cap ended its "
           "training with the patience not yet run out, its validation ELBO still rising.", ""]
+
+
+def comparison(table: dict) -> str:
+  """experiments.compare's table, from its dictionary."""
+  first, seeds = table["rows"][0], len(table["seeds"])
+
+  def versus(row: dict) -> list[str]:   # the first row's model against this one
+    if "difference" not in row:
+      return ["", "", ""]
+    difference, p = _difference(row, "difference")
+    return [difference, f"{row['ahead_in_seeds']} of {seeds}", p]
+
+  lines = [f"# {first['model']} of {first['workdir']} against models on the same VAEs", "",
+           f"{DISPLAY_NAMES.get(table['dataset'], table['dataset'])}, seeds {table['seeds']}; "
+           f"the VAE: {format_summary(table['vae'])} in every run.", ""]
+  lines += runs.markdown_table(
+      ["run", "model", "test ELBO", "VAE gap closed", "worth tuned steps", "difference",
+       "ahead in", "p"],
+      [[row["workdir"], row["model"], format_summary(row["test_elbo"]),
+        format_share(row["gap_closed"]), _steps(row["worth_tuned_steps"]), *versus(row)]
+       for row in table["rows"]])
+  lines += ["", f"difference: the mean per-seed difference of {first['model']}'s test ELBO from "
+            "the row's; ahead in: the seeds in which it is higher; p: the one-sided paired test "
+            f"of H1: it is higher. {stats.TESTS_NOTE} VAE gap closed and worth tuned steps: "
+            "from the run's gaps.json (experiments.gaps), where it covers the seeds.", ""]
+  return "\n".join(lines)
 
 
 # The runs' own results.md.

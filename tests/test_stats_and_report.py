@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp_stats
 
-from experiments import common, designs, report, tables
+from experiments import common, compare, designs, report, tables
 from iavae_jax import image_runs, stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -480,3 +480,75 @@ def test_designs_command_line(tmp_path):
   assert json.loads((tmp_path / "designs.json").read_text())["mnist"]["best_on_validation"] == "mlp"
   result = run_cli(f"--workdir={tmp_path / 'missing'}", module="experiments.designs")
   assert result.returncode == 2 and "is not a directory" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments.compare
+
+
+def test_compare_pairs_a_model_with_other_runs_models_on_their_shared_seeds(tmp_path):
+  rng = np.random.default_rng(5)
+  ours, run = design_run(tmp_path, "mnist", "mlp", range(5), 0.5, rng)
+  theirs, other = design_run(tmp_path, "mnist", "paper", range(4), 0.0, rng)
+  write(str(run / "gaps.json"), {"seeds": [0, 1, 2, 3, 4], "iavae": {
+      "share_of_vae_amortization_gap_closed": {"per_seed": [0.1, 0.2, 0.3, 0.4, 0.5]}}})
+  table = compare.compare(f"{run}:iavae", [f"{other}:iavae,control"])
+  assert table["dataset"] == "mnist" and table["seeds"] == [0, 1, 2, 3]
+  assert [(row["workdir"], row["model"]) for row in table["rows"]] == [
+      (str(run), "iavae"), (str(other), "iavae"), (str(other), "control")]
+  subject, versus_iavae, versus_control = table["rows"]
+  assert subject["test_elbo"]["per_seed"] == ours["models"]["iavae"]["test_elbo"][:4]
+  assert subject["gap_closed"]["mean"] == pytest.approx(0.25)   # seeds 0-3 of gaps.json
+  assert "difference" not in subject and versus_iavae["gap_closed"] is None
+  for row, model in ((versus_iavae, "iavae"), (versus_control, "control")):
+    expected = stats.paired_one_sided(ours["models"]["iavae"]["test_elbo"][:4],
+                                      theirs["models"][model]["test_elbo"])
+    assert row["difference"]["p_value"] == expected.p_value < 0.05
+    assert row["difference"]["mean_difference"] == pytest.approx(expected.mean_difference)
+    assert row["ahead_in_seeds"] == 4 and row["worth_tuned_steps"] is None
+  md = tables.comparison(table)
+  assert f"| {other} | iavae | " in md and "| 4 of 4 |" in md
+  assert "25.0 ± 12.9%" in md and "MNIST, seeds [0, 1, 2, 3]; the VAE: " in md
+
+
+def test_compare_refuses_what_it_cannot_pair(tmp_path):
+  rng = np.random.default_rng(6)
+  _, run = design_run(tmp_path, "mnist", "mlp", range(3), 0.5, rng)
+  data, other = design_run(tmp_path, "mnist", "paper", range(3), 0.0, rng)
+  _, elsewhere = design_run(tmp_path, "omniglot", "paper", range(3), 0.0, rng)
+  _, later = design_run(tmp_path / "later", "mnist", "paper", range(3, 5), 0.0, rng)
+  for model, against, message in [
+      (f"{run}", [f"{other}:iavae"], r"--model='.*mlp_mnist' is not WORKDIR:MODEL; e.g."),
+      (f"{run}:iavae,control", [f"{other}:iavae"], r"is not WORKDIR:MODEL; e.g. --model=runs/"),
+      (f"{run}:iavae", [], "--against is required"),
+      (f"{run}:iavae", [f"{other}:iavae,"], r"is not WORKDIR:MODEL\[,MODEL...\]"),
+      (f"{run}:corrector", [f"{other}:iavae"], "has no model 'corrector'; it has vae, iavae, "
+                                               "control, iavae_mean_context"),
+      (f"{tmp_path}/missing:iavae", [f"{other}:iavae"], "there is no .*missing/results.json"),
+      (f"{run}:iavae", [f"{elsewhere}:iavae"], r"different data sets \(mnist, omniglot\)"),
+      (f"{run}:iavae", [f"{later}:iavae"], "the runs share no seed")]:
+    with pytest.raises(common.ConfigError, match=message):
+      compare.compare(model, against)
+  data["models"]["vae"]["test_elbo"][2] += 0.01
+  write(str(other / "results.json"), data)
+  with pytest.raises(common.ConfigError, match=r"the VAEs differ: .*paper_mnist's VAE has test "
+                                               r"ELBO \[.*\] on seeds \[0, 1, 2\]"):
+    compare.compare(f"{run}:iavae", [f"{other}:iavae"])
+
+
+def test_compare_command_line(tmp_path):
+  rng = np.random.default_rng(7)
+  _, run = design_run(tmp_path, "mnist", "mlp", range(3), 0.5, rng)
+  _, other = design_run(tmp_path, "mnist", "paper", range(3), 0.0, rng)
+  before = sorted(os.listdir(tmp_path))
+  result = run_cli(f"--model={run}:iavae", f"--against={other}:iavae",
+                   f"--against={run}:iavae_mean_context", module="experiments.compare")
+  assert result.returncode == 0, result.stderr
+  assert f"| {other} | iavae | " in result.stdout and "| 3 of 3 |" in result.stdout
+  result = run_cli(f"--model={run}:iavae", f"--against={other}:control", "--json",
+                   module="experiments.compare")
+  assert result.returncode == 0, result.stderr
+  assert json.loads(result.stdout)["rows"][1]["model"] == "control"
+  result = run_cli(f"--against={other}:control", module="experiments.compare")
+  assert result.returncode == 2 and "--model is required" in result.stderr
+  assert sorted(os.listdir(tmp_path)) == before   # nothing written
