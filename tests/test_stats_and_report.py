@@ -492,6 +492,11 @@ def test_compare_pairs_a_model_with_other_runs_models_on_their_shared_seeds(tmp_
   theirs, other = design_run(tmp_path, "mnist", "paper", range(4), 0.0, rng)
   write(str(run / "gaps.json"), {"seeds": [0, 1, 2, 3, 4], "iavae": {
       "share_of_vae_amortization_gap_closed": {"per_seed": [0.1, 0.2, 0.3, 0.4, 0.5]}}})
+  summary = lambda value: {"per_seed": [value] * 4}   # the tuned refinement reaches the
+  write(str(other / "gaps.json"), {                   # control's -97 at 3 of its 10 steps
+      "seeds": [0, 1, 2, 3], "refinement_steps_worth": {"control": {}},
+      "vae_refinement": {"tuned": {"steps": [0, 10], "elbo": [summary(-100), summary(-90)]}},
+      "control": {"refinement": {"elbo": [summary(-97)]}}})
   table = compare.compare(f"{run}:iavae", [f"{other}:iavae,control"])
   assert table["dataset"] == "mnist" and table["seeds"] == [0, 1, 2, 3]
   assert [(row["workdir"], row["model"]) for row in table["rows"]] == [
@@ -505,7 +510,9 @@ def test_compare_pairs_a_model_with_other_runs_models_on_their_shared_seeds(tmp_
                                       theirs["models"][model]["test_elbo"])
     assert row["difference"]["p_value"] == expected.p_value < 0.05
     assert row["difference"]["mean_difference"] == pytest.approx(expected.mean_difference)
-    assert row["ahead_in_seeds"] == 4 and row["worth_tuned_steps"] is None
+    assert row["ahead_in_seeds"] == 4
+  assert versus_iavae["worth_tuned_steps"] is None   # not in its gaps.json
+  assert versus_control["worth_tuned_steps"] == pytest.approx(3.0)
   md = tables.comparison(table)
   assert f"| {other} | iavae | " in md and "| 4 of 4 |" in md
   assert "25.0 ± 12.9%" in md and "MNIST, seeds [0, 1, 2, 3]; the VAE: " in md
