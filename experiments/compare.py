@@ -28,6 +28,12 @@ from iavae_jax import image_runs, stats
 FLAGS = flags.FLAGS
 EXAMPLE = "runs/feedback/residual_T1/fashion_mnist:iavae_frozen_decoder"
 
+flags.DEFINE_string("model", None, "WORKDIR:MODEL, the model under test: a directory of "
+                    "experiments.images and a model of its results.json.")
+flags.DEFINE_multi_string("against", [], "WORKDIR:MODEL[,MODEL...], models to compare --model "
+                          "with (repeatable); their runs must share --model's VAEs.")
+flags.DEFINE_bool("json", False, "Print the table's dictionary as JSON instead of Markdown.")
+
 
 @dataclasses.dataclass(frozen=True)
 class Named:
@@ -38,15 +44,18 @@ class Named:
   gaps: dict | None
 
   def on(self, seeds: list, model: str | None = None) -> list:
+    """The test ELBO of this model (or of ``model``, e.g. "vae", of the same run) on seeds."""
     return designs.on_seeds(self.results["models"][model or self.model]["test_elbo"],
                             self.results["seeds"], seeds)
 
 
 def parse(spec: str, flag: str) -> list[Named]:
-  """The models WORKDIR:MODEL[,MODEL...] names (one only for --model), their run checked."""
+  """The models WORKDIR:MODEL[,MODEL...] names (one only for --model; WORKDIR ends at the last
+  ':'), their run checked."""
   workdir, sep, names = spec.rpartition(":")
   models = names.split(",")
-  if not sep or not workdir or not all(models) or (flag == "model" and len(models) != 1):
+  malformed = not all(models) or any(os.sep in model or "/" in model for model in models)
+  if not sep or not workdir or malformed or (flag == "model" and len(models) != 1):
     form = "WORKDIR:MODEL" + ("" if flag == "model" else "[,MODEL...]")
     raise common.ConfigError(f"--{flag}={spec!r} is not {form}; e.g. --{flag}={EXAMPLE}.")
   path = os.path.join(workdir, "results.json")
@@ -69,6 +78,13 @@ def compare(model: str, against: list[str]) -> dict:
     raise common.ConfigError(f"--against is required: the models to compare --model with, e.g. "
                              f"--against={EXAMPLE}.")
   named = [subject, *(other for spec in against for other in parse(spec, "against"))]
+  seen = set()
+  for entry in named:
+    key = (os.path.realpath(entry.workdir), entry.model)
+    if key in seen:
+      raise common.ConfigError(f"{entry.model} of {entry.workdir} is named twice; name each model "
+                               "once (--model is not compared with itself).")
+    seen.add(key)
   datasets = sorted({entry.results["dataset"] for entry in named})
   if len(datasets) > 1:
     raise common.ConfigError(f"the runs are on different data sets ({', '.join(datasets)}); a "
@@ -101,19 +117,12 @@ def compare(model: str, against: list[str]) -> dict:
           "rows": rows}
 
 
-flags.DEFINE_string("model", None, "WORKDIR:MODEL, the model under test: a directory of "
-                    "experiments.images and a model of its results.json.")
-flags.DEFINE_multi_string("against", [], "WORKDIR:MODEL[,MODEL...], models to compare --model "
-                          "with (repeatable); their runs must share --model's VAEs.")
-flags.DEFINE_bool("json", False, "Print the table's dictionary as JSON instead of Markdown.")
-
-
 def main(argv: list[str]) -> None:
   def body():
     if not FLAGS.model:
       raise common.ConfigError(f"--model is required, e.g. --model={EXAMPLE}.")
     table = compare(FLAGS.model, FLAGS.against)
-    print(json.dumps(table, indent=1) if FLAGS.json else tables.comparison(table), end="\n")
+    print(json.dumps(table, indent=1) if FLAGS.json else tables.comparison(table))
   common.run_command(argv, body)
 
 

@@ -177,7 +177,8 @@ def comparison(table: dict) -> str:
     return [difference, f"{row['ahead_in_seeds']} of {seeds}", p]
 
   lines = [f"# {first['model']} of {first['workdir']} against models on the same VAEs", "",
-           f"{DISPLAY_NAMES.get(table['dataset'], table['dataset'])}, seeds {table['seeds']}; "
+           f"{DISPLAY_NAMES.get(table['dataset'], table['dataset'])}, seeds "
+           f"{', '.join(map(str, table['seeds']))}; "
            f"the VAE: {format_summary(table['vae'])} in every run.", ""]
   lines += runs.markdown_table(
       ["run", "model", "test ELBO", "VAE gap closed", "worth tuned steps", "difference",
@@ -187,8 +188,10 @@ def comparison(table: dict) -> str:
        for row in table["rows"]])
   lines += ["", f"difference: the mean per-seed difference of {first['model']}'s test ELBO from "
             "the row's; ahead in: the seeds in which it is higher; p: the one-sided paired test "
-            f"of H1: it is higher. {stats.TESTS_NOTE} VAE gap closed and worth tuned steps: "
-            "from the run's gaps.json (experiments.gaps), where it covers the seeds.", ""]
+            f"of H1: it is higher. {stats.TESTS_NOTE} VAE gap closed and worth tuned steps (the "
+            "steps of the VAE's tuned refinement at which it reaches the model's ELBO): from the "
+            "run's gaps.json (experiments.gaps); —: not measured there on these seeds, or (worth) "
+            "not reached within the refinement's largest step count (its gaps.md says which)."]
   return "\n".join(lines)
 
 

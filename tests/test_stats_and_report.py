@@ -515,7 +515,35 @@ def test_compare_pairs_a_model_with_other_runs_models_on_their_shared_seeds(tmp_
   assert versus_control["worth_tuned_steps"] == pytest.approx(3.0)
   md = tables.comparison(table)
   assert f"| {other} | iavae | " in md and "| 4 of 4 |" in md
-  assert "25.0 ± 12.9%" in md and "MNIST, seeds [0, 1, 2, 3]; the VAE: " in md
+  assert "25.0 ± 12.9%" in md and "MNIST, seeds 0, 1, 2, 3; the VAE: " in md
+
+
+def _in_seed_order(data: dict, seeds: list) -> dict:
+  """data with every model's per-seed lists rearranged to ``seeds`` (a subset, in any order)."""
+  index = [data["seeds"].index(seed) for seed in seeds]
+  models = {name: {key: [values[i] for i in index] if isinstance(values, list) else values
+                   for key, values in entry.items()} for name, entry in data["models"].items()}
+  return {**data, "seeds": list(seeds), "models": models}
+
+
+def test_compare_pairs_by_seed_whatever_each_runs_order(tmp_path):
+  rng = np.random.default_rng(8)
+  ours, run = design_run(tmp_path, "mnist", "mlp", range(4), 0.5, rng)
+  theirs, other = design_run(tmp_path, "mnist", "paper", range(4), 0.0, rng)
+  write(str(run / "results.json"), _in_seed_order(ours, [3, 0, 2]))
+  write(str(other / "results.json"), _in_seed_order(theirs, [2, 3, 1, 0]))
+  table = compare.compare(f"{run}:iavae", [f"{other}/:control"])   # a trailing slash is a path
+  assert table["seeds"] == [0, 2, 3]
+  on = lambda data, model: [data["models"][model]["test_elbo"][seed] for seed in (0, 2, 3)]
+  assert table["rows"][0]["test_elbo"]["per_seed"] == on(ours, "iavae")
+  assert table["rows"][1]["test_elbo"]["per_seed"] == on(theirs, "control")
+  expected = stats.paired_one_sided(on(ours, "iavae"), on(theirs, "control"))
+  assert table["rows"][1]["difference"]["p_value"] == expected.p_value
+  one_seed = tmp_path / "one:seed"   # a ':' inside WORKDIR: the model follows the last one
+  write(str(one_seed / "results.json"), _in_seed_order(theirs, [2]))
+  table = compare.compare(f"{run}:iavae", [f"{one_seed}:iavae"])
+  assert table["seeds"] == [2] and table["rows"][1]["difference"]["p_value"] is None
+  assert "| 1 of 1 | — |" in tables.comparison(table)
 
 
 def test_compare_refuses_what_it_cannot_pair(tmp_path):
@@ -529,6 +557,9 @@ def test_compare_refuses_what_it_cannot_pair(tmp_path):
       (f"{run}:iavae,control", [f"{other}:iavae"], r"is not WORKDIR:MODEL; e.g. --model=runs/"),
       (f"{run}:iavae", [], "--against is required"),
       (f"{run}:iavae", [f"{other}:iavae,"], r"is not WORKDIR:MODEL\[,MODEL...\]"),
+      (f"{tmp_path}:mlp_mnist/results.json", [f"{other}:iavae"], "is not WORKDIR:MODEL"),
+      (f"{run}:iavae", [f"{other}:iavae", f"{run}/:iavae"], "iavae of .*mlp_mnist/ is named "
+                                                            "twice"),
       (f"{run}:corrector", [f"{other}:iavae"], "has no model 'corrector'; it has vae, iavae, "
                                                "control, iavae_mean_context"),
       (f"{tmp_path}/missing:iavae", [f"{other}:iavae"], "there is no .*missing/results.json"),
@@ -547,7 +578,8 @@ def test_compare_command_line(tmp_path):
   rng = np.random.default_rng(7)
   _, run = design_run(tmp_path, "mnist", "mlp", range(3), 0.5, rng)
   _, other = design_run(tmp_path, "mnist", "paper", range(3), 0.0, rng)
-  before = sorted(os.listdir(tmp_path))
+  listing = lambda: sorted((root, sorted(files)) for root, _, files in os.walk(tmp_path))
+  before = listing()
   result = run_cli(f"--model={run}:iavae", f"--against={other}:iavae",
                    f"--against={run}:iavae_mean_context", module="experiments.compare")
   assert result.returncode == 0, result.stderr
@@ -558,4 +590,4 @@ def test_compare_command_line(tmp_path):
   assert json.loads(result.stdout)["rows"][1]["model"] == "control"
   result = run_cli(f"--against={other}:control", module="experiments.compare")
   assert result.returncode == 2 and "--model is required" in result.stderr
-  assert sorted(os.listdir(tmp_path)) == before   # nothing written
+  assert listing() == before   # nothing written
