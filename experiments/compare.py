@@ -67,7 +67,8 @@ def parse(spec: str, flag: str) -> list[Named]:
     if model not in results["models"]:
       raise common.ConfigError(f"--{flag}={spec!r}: {path} has no model {model!r}; it has "
                                f"{', '.join(results['models'])}.")
-  return [Named(workdir, model, results, image_runs.read_gaps(workdir)) for model in models]
+  gaps = image_runs.read_gaps(workdir)
+  return [Named(workdir, model, results, gaps) for model in models]
 
 
 def compare(model: str, against: list[str]) -> dict:
