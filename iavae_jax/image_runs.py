@@ -167,11 +167,55 @@ def run_data(workdir: str, dataset: str, split_seed: int,
 
 
 def read_gaps(workdir: str) -> dict | None:
-  """DIR/gaps.json, experiments.gaps' measurements of the run, or None where there is none."""
+  """DIR/gaps.json, experiments.gaps' measurements of the run, or None where there is none;
+  checked where the tables read it: its seeds, each model's share of the VAE's amortization gap
+  closed, and for each model it says refinement steps are worth, that model's ELBO and the
+  VAE's refinement curves, every summary with a value per seed."""
   path = os.path.join(workdir, "gaps.json")
   if not os.path.exists(path):
     return None
-  return runs.read_json(path, "rerun experiments.gaps on that run or remove the file")
+  remedy = "rerun experiments.gaps on that run or remove the file"
+  gaps = runs.read_json(path, remedy)
+  seeds = gaps.get("seeds") if isinstance(gaps, dict) else None
+  if not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds):
+    raise ConfigError(f"{path} lists no distinct seeds under 'seeds'; {remedy}.")
+
+  def per_seed(summary, where: str) -> None:
+    values = summary.get("per_seed") if isinstance(summary, dict) else None
+    if (not isinstance(values, list) or len(values) != len(seeds)
+        or not all(isinstance(v, (int, float)) for v in values)):
+      raise ConfigError(f"{path}: {where} is not a summary with a number for each of its "
+                        f"{len(seeds)} seeds under 'per_seed'; {remedy}.")
+
+  def entry(key: str, *inner: str):
+    value, where = gaps.get(key), key
+    for name in inner:
+      value, where = value.get(name) if isinstance(value, dict) else None, f"{where}.{name}"
+    if value is None:
+      raise ConfigError(f"{path} has no {where}; {remedy}.")
+    return value
+
+  for key, value in gaps.items():
+    if isinstance(value, dict) and "share_of_vae_amortization_gap_closed" in value:
+      per_seed(value["share_of_vae_amortization_gap_closed"],
+               f"{key}.share_of_vae_amortization_gap_closed")
+  worth = gaps.get("refinement_steps_worth", {})
+  if not isinstance(worth, dict):
+    raise ConfigError(f"{path}: refinement_steps_worth is not a mapping of model; {remedy}.")
+  for model in worth:
+    elbo = entry(model, "refinement", "elbo")
+    if not isinstance(elbo, list) or not elbo:
+      raise ConfigError(f"{path}: {model}.refinement.elbo is not a non-empty list; {remedy}.")
+    per_seed(elbo[0], f"{model}.refinement.elbo[0]")
+  curves = entry("vae_refinement") if worth else {}
+  for label, curve in (curves.items() if isinstance(curves, dict) else [(None, curves)]):
+    steps, elbo = (curve.get(key) if isinstance(curve, dict) else None for key in ("steps", "elbo"))
+    if not isinstance(steps, list) or not isinstance(elbo, list) or len(steps) != len(elbo):
+      raise ConfigError(f"{path}: vae_refinement.{label} does not hold lists 'steps' and 'elbo' "
+                        f"of the same length; {remedy}.")
+    for i, summary in enumerate(elbo):
+      per_seed(summary, f"vae_refinement.{label}.elbo[{i}]")
+  return gaps
 
 
 def early_stopping(workdir: str, run: dict, seeds: Sequence[int], models: Sequence[str]) -> dict:

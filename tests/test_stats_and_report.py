@@ -591,3 +591,44 @@ def test_compare_command_line(tmp_path):
   result = run_cli(f"--against={other}:control", module="experiments.compare")
   assert result.returncode == 2 and "--model is required" in result.stderr
   assert listing() == before   # nothing written
+
+
+def test_a_malformed_gaps_json_is_refused_by_name_with_exit_code_2(tmp_path):
+  rng = np.random.default_rng(9)
+  _, run = design_run(tmp_path, "mnist", "mlp", range(2), 0.5, rng)
+  _, other = design_run(tmp_path, "mnist", "paper", range(2), 0.0, rng)
+  summary = lambda value: {"per_seed": [value] * 2}
+  good = {"seeds": [0, 1], "refinement_steps_worth": {"iavae": {}},
+          "vae_refinement": {"tuned": {"steps": [0, 10], "elbo": [summary(-100), summary(-90)]}},
+          "iavae": {"refinement": {"elbo": [summary(-97)]},
+                    "share_of_vae_amortization_gap_closed": summary(0.3)}}
+  write(str(run / "gaps.json"), good)
+  assert image_runs.read_gaps(str(run)) == good
+  broken = lambda **changes: {**good, **changes}
+  for gaps, message in [
+      ([1, 2], "lists no distinct seeds"),
+      (broken(seeds=[0, 0]), "lists no distinct seeds"),
+      (broken(iavae={**good["iavae"], "share_of_vae_amortization_gap_closed": summary(None)}),
+       r"iavae.share_of_vae_amortization_gap_closed is not a summary with a number for each of "
+       r"its 2 seeds"),
+      (broken(iavae={"share_of_vae_amortization_gap_closed": {"per_seed": [0.3]}}),
+       "iavae.share_of_vae_amortization_gap_closed is not a summary"),
+      (broken(iavae={}), "has no iavae.refinement.elbo"),
+      (broken(iavae={"refinement": {"elbo": []}}), "iavae.refinement.elbo is not a non-empty"),
+      (broken(refinement_steps_worth=["iavae"]), "refinement_steps_worth is not a mapping"),
+      ({k: v for k, v in good.items() if k != "vae_refinement"}, "has no vae_refinement"),
+      (broken(vae_refinement={"tuned": {"steps": [0], "elbo": [summary(-100), summary(-90)]}}),
+       "vae_refinement.tuned does not hold lists 'steps' and 'elbo' of the same length"),
+      (broken(vae_refinement={"tuned": {"steps": [0, 1], "elbo": [summary(-100), {}]}}),
+       r"vae_refinement.tuned.elbo\[1\] is not a summary")]:
+    write(str(run / "gaps.json"), gaps)
+    with pytest.raises(common.ConfigError, match=message + ".*rerun experiments.gaps"):
+      image_runs.read_gaps(str(run))
+  for module, flags in [("experiments.compare", [f"--model={run}:iavae",
+                                                 f"--against={other}:iavae"]),
+                        ("experiments.designs", [f"--workdir={tmp_path}"])]:
+    result = run_cli(*flags, module=module)
+    assert result.returncode == 2, result.stderr
+    assert "vae_refinement.tuned.elbo[1] is not a summary" in result.stderr
+    assert "Traceback" not in result.stderr
+  assert not (tmp_path / "designs.json").exists()
