@@ -187,14 +187,6 @@ def read_gaps(workdir: str) -> dict | None:
       raise ConfigError(f"{path}: {where} is not a summary with a number for each of its "
                         f"{len(seeds)} seeds under 'per_seed'; {remedy}.")
 
-  def entry(key: str, *inner: str):
-    value, where = gaps.get(key), key
-    for name in inner:
-      value, where = value.get(name) if isinstance(value, dict) else None, f"{where}.{name}"
-    if value is None:
-      raise ConfigError(f"{path} has no {where}; {remedy}.")
-    return value
-
   for key, value in gaps.items():
     if isinstance(value, dict) and "share_of_vae_amortization_gap_closed" in value:
       per_seed(value["share_of_vae_amortization_gap_closed"],
@@ -203,12 +195,19 @@ def read_gaps(workdir: str) -> dict | None:
   if not isinstance(worth, dict):
     raise ConfigError(f"{path}: refinement_steps_worth is not a mapping of model; {remedy}.")
   for model in worth:
-    elbo = entry(model, "refinement", "elbo")
+    elbo = gaps.get(model)
+    for name in ("refinement", "elbo"):
+      elbo = elbo.get(name) if isinstance(elbo, dict) else None
+    if elbo is None:
+      raise ConfigError(f"{path} has no {model}.refinement.elbo; {remedy}.")
     if not isinstance(elbo, list) or not elbo:
       raise ConfigError(f"{path}: {model}.refinement.elbo is not a non-empty list; {remedy}.")
     per_seed(elbo[0], f"{model}.refinement.elbo[0]")
-  curves = entry("vae_refinement") if worth else {}
-  for label, curve in (curves.items() if isinstance(curves, dict) else [(None, curves)]):
+  curves = gaps.get("vae_refinement") if worth else {}
+  if not isinstance(curves, dict):
+    raise ConfigError(f"{path} has no vae_refinement mapping of the VAE's refinement curves, "
+                      f"which its refinement_steps_worth needs; {remedy}.")
+  for label, curve in curves.items():
     steps, elbo = (curve.get(key) if isinstance(curve, dict) else None for key in ("steps", "elbo"))
     if not isinstance(steps, list) or not isinstance(elbo, list) or len(steps) != len(elbo):
       raise ConfigError(f"{path}: vae_refinement.{label} does not hold lists 'steps' and 'elbo' "
